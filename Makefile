@@ -1,0 +1,32 @@
+# Set-up and checks. `make test` and `make serve` create .venv when missing.
+PYTHON ?= python3
+VENV ?= .venv
+# Installed before the project so that pip never resolves a (multi-GB) CUDA
+# build of torch. Override for a GPU machine, e.g.
+#   make TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128' test
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= serve,dev
+BIN := $(VENV)/bin
+
+.PHONY: install test lint serve bench clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	touch $@
+
+install: $(BIN)/.installed
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench-model: install
+	$(BIN)/python benchmarks/model_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,213 @@
+"""``python -m model {export,predict,info,train,eval,sheet}``: the model package from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+from PIL import Image, ImageOps
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="TorchScript artifact (default: the bundled model)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+
+
+def _load(args):
+    from .predictor import load
+
+    return load(args.model, device=args.device, precision=args.precision)
+
+
+def cmd_export(args) -> int:
+    from safetensors.torch import load_file
+
+    from .export import build_network, export_torchscript
+    from .network import ModelConfig
+
+    config = ModelConfig.from_json(Path(args.config).read_text())
+    net = build_network(config, load_file(args.weights))
+    path = export_torchscript(net, args.out, config, version=args.version)
+    print(path)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .export import read_artifact
+    from .pretrained import default_artifact_path
+
+    path = Path(args.model) if args.model else default_artifact_path()
+    artifact = read_artifact(path)
+    params = sum(p.numel() for p in artifact.module.parameters())
+    info = {"path": str(path), **artifact.meta, "parameters": params, "config": artifact.config.to_dict()}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .visualize import mask_to_image, overlay
+
+    seg = _load(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = [ImageOps.exif_transpose(Image.open(p)) for p in args.images]
+    masks = seg.predict(images)
+    n = seg.config.num_classes
+    for path, image, mask in zip(args.images, images, masks):
+        stem = Path(path).stem
+        mask_to_image(mask, n).save(out / f"{stem}.mask.png")
+        overlay(image, mask, n).save(out / f"{stem}.overlay.png")
+        fractions = np.bincount(mask.ravel(), minlength=n) / mask.size
+        summary = ", ".join(f"{c} {f:.3f}" for c, f in zip(seg.class_names, fractions))
+        print(f"{path}: {out / (stem + '.mask.png')} ({summary})")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .network import ModelConfig
+    from .train import TrainOptions, train
+
+    fields = {f.name for f in dataclasses.fields(TrainOptions)}
+    opts = TrainOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    config = ModelConfig.from_json(Path(args.config).read_text()) if args.config else None
+    summary = train(opts, config)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from .data import FolderDataset, SyntheticShapes
+    from .metrics import confusion_matrix, scores
+
+    seg = _load(args)
+    cfg = seg.config
+    if args.data == "synthetic":
+        dataset = SyntheticShapes(args.count, seed=args.seed, size=tuple(cfg.input_size))
+    else:
+        dataset = FolderDataset(args.data, cfg.num_classes)
+    started = time.perf_counter()
+    confusion = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.int64)
+    for start in range(0, len(dataset), args.batch_size):
+        items = [dataset[i] for i in range(start, min(len(dataset), start + args.batch_size))]
+        masks = seg.predict([image for image, _ in items], batch_size=args.batch_size)
+        for pred, (_, target) in zip(masks, items):
+            confusion += confusion_matrix(torch.from_numpy(pred), target, cfg.num_classes)
+    result = scores(confusion, cfg.class_names)
+    result.update(images=len(dataset), seconds=round(time.perf_counter() - started, 2), data=args.data)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for name, iou in result["iou"].items():
+            print(f"IoU {name:<12} {'-' if iou is None else f'{iou:.4f}'}")
+        print(f"mIoU           {result['miou']:.4f}")
+        print(f"pixel accuracy {result['pixel_accuracy']:.4f}")
+        print(f"({result['images']} images, {result['seconds']} s)")
+    return 0
+
+
+def cmd_sheet(args) -> int:
+    """A contact sheet: synthetic images, their predicted overlays, the true masks."""
+    from .data import synthetic_sample
+    from .visualize import mask_to_image, overlay
+
+    seg = _load(args)
+    n = seg.config.num_classes
+    samples = [synthetic_sample(args.seed, i, tuple(seg.config.input_size)) for i in range(args.count)]
+    masks = seg.predict([s.image for s in samples])
+    rows = []
+    for sample, mask in zip(samples, masks):
+        tiles = [
+            Image.fromarray(sample.image),
+            overlay(sample.image, mask, n),
+            mask_to_image(mask, n).convert("RGB"),
+            mask_to_image(sample.mask, n).convert("RGB"),
+        ]
+        rows.append(np.concatenate([np.asarray(t) for t in tiles], axis=1))
+    Image.fromarray(np.concatenate(rows, axis=0)).save(args.out)
+    print(f"{args.out}: columns = image, overlay, predicted mask, true mask")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m model", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="safetensors weights + config JSON -> TorchScript artifact")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--config", required=True, help="ModelConfig JSON")
+    p.add_argument("--out", required=True)
+    p.add_argument("--version", default="1")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("info", help="print an artifact's metadata")
+    p.add_argument("--model", help="artifact (default: the bundled model)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("predict", help="write mask and overlay PNGs for images")
+    _add_model_args(p)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", default=".", help="output directory")
+    p.set_defaults(func=cmd_predict)
+
+    from .train import TrainOptions
+
+    d = TrainOptions()
+    p = sub.add_parser("train", help="train the network (synthetic shapes or DIR/images + DIR/masks)")
+    p.add_argument("--data", default=d.data, help="'synthetic' or a folder with images/ and masks/")
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--config", help="ModelConfig JSON (default: the default network)")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=d.warmup_steps)
+    p.add_argument("--crop", type=int, default=d.crop, help="train on random square crops (0: off)")
+    p.add_argument("--val-size", dest="val_size", type=int, default=d.val_size)
+    p.add_argument("--val-every", dest="val_every", type=int, default=d.val_every)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--num-workers", dest="num_workers", type=int, default=d.num_workers)
+    p.add_argument("--init", help="safetensors weights to start from")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="per-class IoU, mIoU and pixel accuracy")
+    _add_model_args(p)
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a folder with images/ and masks/")
+    p.add_argument("--count", type=int, default=500, help="synthetic images")
+    p.add_argument("--seed", type=int, default=2, help="synthetic seed (0 and 1 are training and validation)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sheet", help="PNG of synthetic images beside predicted and true masks")
+    _add_model_args(p)
+    p.add_argument("--count", type=int, default=4)
+    p.add_argument("--seed", type=int, default=2)
+    p.add_argument("--out", default="predictions.png")
+    p.set_defaults(func=cmd_sheet)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .export import ModelLoadError
+
+    try:
+        return args.func(args)
+    except (ModelLoadError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

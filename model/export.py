@@ -1,0 +1,152 @@
+"""TorchScript artifacts: scripted networks saved with their config and metadata.
+
+An artifact is a ``torch.jit.save`` file with two extra files: ``config.json``
+(the :class:`ModelConfig`: classes, normalisation, input size) and
+``meta.json`` (format, model name and version, chanseg and torch versions).
+It is self-describing: :func:`read_artifact` needs nothing but the path.
+Export is device-neutral (CPU, fp32, not frozen); device-specific passes
+happen when :func:`model.load` puts it on its target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+from .network import ChannelAttentionUNet, ModelConfig
+
+__all__ = ["ARTIFACT_FORMAT", "ModelLoadError", "Artifact", "export_torchscript", "read_artifact"]
+
+ARTIFACT_FORMAT = 1
+_CONFIG_FILE, _META_FILE = "config.json", "meta.json"
+
+
+class ModelLoadError(RuntimeError):
+    """The artifact is missing, unreadable or not a chanseg TorchScript file."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A loaded (not yet device-placed) artifact."""
+
+    module: torch.jit.ScriptModule
+    config: ModelConfig
+    meta: Dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name", self.config.name))
+
+    @property
+    def version(self) -> str:
+        return str(self.meta.get("version", "0"))
+
+
+def export_torchscript(
+    net: nn.Module,
+    path: str | os.PathLike,
+    config: ModelConfig | None = None,
+    version: str = "1",
+    extra_meta: Dict[str, Any] | None = None,
+) -> Path:
+    """Script ``net`` and save it with its config and metadata, atomically.
+
+    Args:
+        net: a :class:`ChannelAttentionUNet` (or any scriptable module).
+        path: the file to write; it appears complete or not at all.
+        config: defaults to ``net.config``.
+        version: the model's version string, reported by servers.
+        extra_meta: more JSON-serialisable metadata for ``meta.json``.
+
+    Returns:
+        The path written.
+    """
+    from . import __version__
+
+    config = config or getattr(net, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise ValueError("export_torchscript needs a ModelConfig (pass config=)")
+    was_training = net.training
+    net = net.eval()
+    try:
+        scripted = torch.jit.script(net.cpu())
+    finally:
+        net.train(was_training)
+    meta = {
+        "format": ARTIFACT_FORMAT,
+        "name": config.name,
+        "version": str(version),
+        "chanseg_version": __version__,
+        "torch_version": torch.__version__,
+        **(extra_meta or {}),
+    }
+    files = {_CONFIG_FILE: config.to_json(), _META_FILE: json.dumps(meta, indent=2)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.jit.save(scripted, f, _extra_files=files)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_artifact(path: str | os.PathLike) -> Artifact:
+    """Load an artifact on the CPU, in fp32, with its config and metadata.
+
+    Raises:
+        ModelLoadError: the file is missing, truncated, not TorchScript, or
+            lacks chanseg's metadata.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: no such model file")
+    if not zipfile.is_zipfile(path):
+        raise ModelLoadError(f"{path}: not a TorchScript file (not a zip archive; truncated?)")
+    files = {_CONFIG_FILE: "", _META_FILE: ""}
+    try:
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    except Exception as exc:  # torch raises RuntimeError, ValueError, ... from deep inside
+        raise ModelLoadError(f"{path}: not a loadable TorchScript file: {_first_line(exc)}") from exc
+    if not files[_CONFIG_FILE]:
+        raise ModelLoadError(f"{path}: TorchScript file without chanseg metadata ({_CONFIG_FILE})")
+    try:
+        config = ModelConfig.from_json(_text(files[_CONFIG_FILE]))
+        meta = json.loads(_text(files[_META_FILE]) or "{}")
+    except (ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{path}: invalid chanseg metadata: {exc}") from exc
+    if int(meta.get("format", 0)) > ARTIFACT_FORMAT:
+        raise ModelLoadError(f"{path}: artifact format {meta['format']} is newer than this chanseg supports")
+    return Artifact(module, config, meta)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def build_network(
+    config: ModelConfig, state_dict: Dict[str, torch.Tensor] | None = None
+) -> ChannelAttentionUNet:
+    """A network for ``config``, with ``state_dict`` loaded strictly when given."""
+    net = ChannelAttentionUNet(config)
+    if state_dict is not None:
+        net.load_state_dict(state_dict, strict=True)
+    return net.eval()

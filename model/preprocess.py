@@ -1,0 +1,103 @@
+"""Image conversion and normalisation shared by training and inference.
+
+One code path turns user images into network input, so what the network saw
+in training is what it sees when serving.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.nn import functional as F
+
+from .network import ModelConfig
+
+__all__ = ["ImageLike", "to_rgb_array", "to_rgb_tensor", "normalize", "resize_batch"]
+
+ImageLike = Union[Image.Image, np.ndarray, Tensor]
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit and 32-bit grey: scale to 8 bits by the value range of the mode,
+        # rather than PIL's convert(), which clips everything above 255 to white.
+        data = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(data.max()), 1.0)
+        grey = np.clip(data * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite on black: the colour under a transparent pixel is arbitrary.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def to_rgb_array(image: ImageLike) -> np.ndarray:
+    """Any supported image as an ``(H, W, 3)`` uint8 array.
+
+    Accepts PIL images of any mode (grey, 16-bit, RGBA, palette, CMYK, ...),
+    and uint8 arrays or tensors shaped ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)``
+    or ``(H, W, 4)`` (alpha dropped).
+    """
+    if isinstance(image, Image.Image):
+        return np.asarray(_pil_to_rgb(image))
+    if isinstance(image, Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"expected a PIL image, numpy array or tensor, got {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise TypeError(f"expected uint8 pixels, got {image.dtype}")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ValueError(f"expected an (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) image, got {image.shape}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image has no pixels: {image.shape}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    elif image.shape[2] == 4:
+        image = image[..., :3]
+    return image
+
+
+def to_rgb_tensor(image: ImageLike) -> Tensor:
+    """Like :func:`to_rgb_array`, as an ``(H, W, 3)`` uint8 tensor; tensors stay on their device."""
+    if isinstance(image, Tensor) and image.dtype == torch.uint8 and image.dim() == 3 and image.shape[2] == 3:
+        return image
+    array = np.ascontiguousarray(to_rgb_array(image))
+    if not array.flags.writeable:  # PIL hands out read-only buffers; torch wants to own them
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+def normalize(images: Tensor, config: ModelConfig, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(N, H, W, C)`` uint8 -> ``(N, C, H, W)`` normalised floats of ``dtype``."""
+    x = images.permute(0, 3, 1, 2).to(torch.float32)
+    mean = torch.tensor(config.mean, device=x.device).view(1, -1, 1, 1) * 255.0
+    std = torch.tensor(config.std, device=x.device).view(1, -1, 1, 1) * 255.0
+    return ((x - mean) / std).to(dtype).contiguous()
+
+
+def resize_batch(images: Sequence[Tensor], size: Sequence[int], device: torch.device) -> Tensor:
+    """Resize ``(H, W, 3)`` uint8 tensors to one ``(N, h, w, 3)`` uint8 batch on ``device``.
+
+    Bilinear with antialiasing (as PIL does when shrinking); images already at
+    ``size`` are copied unchanged.
+    """
+    h, w = int(size[0]), int(size[1])
+    out: List[Tensor] = []
+    for image in images:
+        image = image.to(device, non_blocking=True)
+        if image.shape[0] != h or image.shape[1] != w:
+            x = image.permute(2, 0, 1).unsqueeze(0).to(torch.float32)
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+            image = x.round_().clamp_(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
+        out.append(image)
+    return torch.stack(out)

@@ -1,0 +1,1 @@
+"""chanseg's model server (FastAPI, dynamic batching, Prometheus metrics)."""

@@ -1,0 +1,55 @@
+"""Shared fixtures: one tiny model, built and exported once per test run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model
+from model import ChannelAttentionUNet, ModelConfig
+
+TINY = ModelConfig(widths=(4, 8, 16), input_size=(64, 64), name="tiny")
+
+
+def _randomize_batchnorm(net: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial running statistics, so eval-mode BatchNorm is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+
+
+def make_net(config: ModelConfig = TINY, seed: int = 0) -> ChannelAttentionUNet:
+    torch.manual_seed(seed)
+    net = ChannelAttentionUNet(config)
+    _randomize_batchnorm(net, seed)
+    return net.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_net() -> ChannelAttentionUNet:
+    return make_net()
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, tiny_net) -> str:
+    path = tmp_path_factory.mktemp("artifacts") / "tiny.pt"
+    model.export_torchscript(tiny_net, path, version="7")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_segmenter(tiny_artifact) -> model.Segmenter:
+    return model.load(tiny_artifact, device="cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none found)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,112 @@
+"""Segmenter.predict / predict_proba on images of any size and mode."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+
+def _images():
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (80, 100, 3), dtype=np.uint8))
+    grey = Image.fromarray(rng.integers(0, 256, (48, 64), dtype=np.uint8), "L")
+    rgba = Image.fromarray(rng.integers(0, 256, (57, 33, 4), dtype=np.uint8), "RGBA")
+    palette = rgb.resize((31, 29)).convert("P")
+    grey16 = Image.fromarray(rng.integers(0, 65536, (20, 70), dtype=np.uint16))
+    array = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    tensor = torch.from_numpy(rng.integers(0, 256, (200, 150, 3), dtype=np.uint8))
+    return [rgb, grey, rgba, palette, grey16, array, tensor]
+
+
+SIZES = [(80, 100), (48, 64), (57, 33), (29, 31), (20, 70), (64, 64), (200, 150)]
+
+
+def test_masks_have_each_images_size(tiny_segmenter):
+    masks = tiny_segmenter.predict(_images())
+    assert [m.shape for m in masks] == SIZES
+    assert all(m.dtype == np.uint8 and m.max() < 4 for m in masks)
+
+
+def test_batched_equals_one_at_a_time(tiny_segmenter):
+    images = _images()
+    batched = tiny_segmenter.predict(images)
+    for image, mask in zip(images, batched):
+        np.testing.assert_array_equal(tiny_segmenter.predict(image), mask)
+
+
+def test_single_image_gives_single_mask_and_4d_array_gives_list(tiny_segmenter):
+    image = np.zeros((10, 12, 3), np.uint8)
+    assert tiny_segmenter.predict(image).shape == (10, 12)
+    assert len(tiny_segmenter.predict(np.zeros((3, 10, 12, 3), np.uint8))) == 3
+
+
+def test_predict_proba_shapes_and_agrees_with_predict(tiny_segmenter):
+    images = _images()[:3]
+    probs = tiny_segmenter.predict_proba(images)
+    masks = tiny_segmenter.predict(images)
+    for p, m, size in zip(probs, masks, SIZES):
+        assert p.shape == (4, *size) and p.dtype == np.float32
+        np.testing.assert_allclose(p.sum(0), 1.0, atol=1e-5)
+        assert (p.argmax(0) == m).mean() > 0.999
+
+
+def test_one_batched_forward_for_a_list(tiny_segmenter, monkeypatch):
+    calls = []
+    original = tiny_segmenter.infer
+    monkeypatch.setattr(tiny_segmenter, "infer", lambda batch: calls.append(len(batch)) or original(batch))
+    tiny_segmenter.predict(_images())
+    assert calls == [7]
+
+
+def test_masks_follow_nearest_upsampling_of_model_resolution(tiny_segmenter):
+    """A 2x upscaled image's mask is the input-size mask with each label doubled."""
+    image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    small = tiny_segmenter.predict(image)
+    labels = tiny_segmenter.infer([tiny_segmenter.prepare(image)])[0]
+    big = tiny_segmenter.restore(labels, (128, 128))
+    np.testing.assert_array_equal(big, np.kron(small, np.ones((2, 2), np.uint8)))
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (np.zeros((10, 10, 3), np.float32), TypeError),
+        (np.zeros((10, 10, 2), np.uint8), ValueError),
+        (np.zeros((0, 10, 3), np.uint8), ValueError),
+        ("image.png", TypeError),
+    ],
+)
+def test_bad_images_raise_clear_errors(tiny_segmenter, bad, error):
+    with pytest.raises(error):
+        tiny_segmenter.predict([bad])
+
+
+def test_import_model_without_web_stack(tiny_artifact):
+    code = f"""
+import sys
+BLOCKED = {{"fastapi", "uvicorn", "starlette", "service", "prometheus_client", "pydantic_settings"}}
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+import numpy as np
+import model
+seg = model.load({tiny_artifact!r}, device="cpu")
+print(seg.predict(np.zeros((9, 7, 3), np.uint8)).shape)
+for name in BLOCKED:
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(name + " was importable")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(9, 7)"
