@@ -1,0 +1,233 @@
+"""Dynamic batching: one bounded FIFO queue of images from all requests.
+
+Lifecycle of an image: the request ``submit``s it (refused at once with
+``QueueFull`` when ``max_queue`` images already wait) -> ``collect_batch`` fills
+a batch until it holds ``max_batch_size`` images or its first image has waited
+``max_delay_s`` -> images whose request expired or went away are dropped ->
+one ``infer`` call runs the rest on a dedicated thread, so the event loop
+never blocks and the next batch queues up meanwhile -> each image's future
+gets its own result. A failure inside ``infer`` is logged once and fails only
+that batch's images (``BatchFailed``); the worker goes on.
+
+No web framework here: the batcher is tested with a plain function as model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Deque, List, Optional, Sequence
+
+__all__ = ["Job", "QueueFull", "DeadlineExpired", "BatchFailed", "collect_batch", "DynamicBatcher"]
+
+log = logging.getLogger("chanseg.batching")
+
+
+class QueueFull(Exception):
+    """The queue cannot take the images (it is full, or the batcher is stopping)."""
+
+
+class DeadlineExpired(Exception):
+    """The image's deadline passed before its batch started."""
+
+
+class BatchFailed(Exception):
+    """The batch holding this image raised; the message is the batch's error."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One image in the queue."""
+
+    payload: Any
+    deadline: float  # time.monotonic() after which the result is worthless
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+    started: float = 0.0  # when its batch began inference
+    inference_s: float = 0.0  # its batch's inference time
+    batch_size: int = 0
+
+    @property
+    def abandoned(self) -> bool:
+        return self.future.done()  # cancelled by its request, or already failed
+
+    @property
+    def queue_s(self) -> float:
+        return self.started - self.enqueued if self.started else 0.0
+
+
+async def collect_batch(
+    queue: Deque[Job],
+    wakeup: asyncio.Event,
+    max_size: int,
+    max_delay_s: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> List[Job]:
+    """Take up to ``max_size`` jobs: wait for one, then fill until full or until
+    the first has waited ``max_delay_s``. Returns ``[]`` when woken with an empty
+    queue (how ``stop`` interrupts the wait)."""
+    if not queue:
+        wakeup.clear()
+        await wakeup.wait()
+        if not queue:
+            return []
+    close_at = queue[0].enqueued + max_delay_s
+    batch: List[Job] = []
+    while True:
+        while queue and len(batch) < max_size:
+            batch.append(queue.popleft())
+        remaining = close_at - clock()
+        if len(batch) >= max_size or remaining <= 0:
+            return batch
+        wakeup.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(wakeup.wait(), remaining)
+
+
+class DynamicBatcher:
+    """Runs ``infer(payloads) -> results`` (one result per payload) on batches.
+
+    Args:
+        infer: called on the inference thread with a list of payloads.
+        max_batch_size: most images per ``infer`` call.
+        max_delay_s: longest the first image of a batch waits for company.
+        max_queue: most images waiting (not yet in a running batch).
+        metrics: optional object with ``queue_wait``, ``inference``,
+            ``batch_size`` histograms and a ``queue_depth`` gauge.
+    """
+
+    def __init__(
+        self,
+        infer: Callable[[List[Any]], Sequence[Any]],
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+        metrics: Any = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_delay_s < 0:
+            raise ValueError("max_batch_size and max_queue must be >= 1, max_delay_s >= 0")
+        self.infer = infer
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._queue: Deque[Job] = deque()
+        self._wakeup = asyncio.Event()
+        self._waiting = 0  # in the queue or in the batch being collected
+        self._running = 0  # in the batch being computed
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._task: Optional[asyncio.Task] = None
+        self._accepting = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def depth(self) -> int:
+        """Images accepted and not yet computed."""
+        return self._waiting + self._running
+
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chanseg-infer")
+        self._accepting = True
+        self._task = asyncio.create_task(self._loop(), name="chanseg-batcher")
+
+    def submit(self, payloads: Sequence[Any], deadline: float) -> List[Job]:
+        """Queue all payloads or none; raises :class:`QueueFull` when they do not fit."""
+        if not self._accepting:
+            raise QueueFull("the server is shutting down")
+        if self._waiting + len(payloads) > self.max_queue:
+            raise QueueFull(f"queue full ({self._waiting} of {self.max_queue} images waiting)")
+        loop = asyncio.get_running_loop()
+        jobs = [Job(p, deadline, loop.create_future()) for p in payloads]
+        self._queue.extend(jobs)
+        self._waiting += len(jobs)
+        self._idle.clear()
+        self._set_depth()
+        self._wakeup.set()
+        return jobs
+
+    @staticmethod
+    def cancel(jobs: Sequence[Job]) -> None:
+        """Abandon jobs (request timed out or went away): they are skipped, not computed."""
+        for job in jobs:
+            if not job.future.done():
+                job.future.cancel()
+
+    async def stop(self, timeout: float) -> bool:
+        """Stop accepting, finish what was accepted (at most ``timeout`` s), end the worker.
+
+        Returns True when everything accepted was finished."""
+        self._accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            drained = True
+        except asyncio.TimeoutError:
+            drained = False
+            log.warning("drain timeout: %d image(s) not computed", self.depth)
+            for job in list(self._queue):
+                job.future.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._executor is not None:
+            self._executor.shutdown(wait=drained, cancel_futures=True)
+        return drained
+
+    def _set_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.depth)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await collect_batch(self._queue, self._wakeup, self.max_batch_size, self.max_delay_s)
+            if not batch:
+                continue
+            now = time.monotonic()
+            self._waiting -= len(batch)
+            live = []
+            for job in batch:
+                if job.abandoned:
+                    continue
+                if now >= job.deadline:
+                    job.future.set_exception(DeadlineExpired("deadline passed while queued"))
+                    continue
+                job.started = now
+                live.append(job)
+            self._running = len(live)
+            self._set_depth()
+            if live:
+                await self._run(loop, live)
+            self._running = 0
+            self._set_depth()
+            if not self._queue and self._waiting == 0:
+                self._idle.set()
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, jobs: List[Job]) -> None:
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self.infer, [j.payload for j in jobs])
+            if len(results) != len(jobs):
+                raise RuntimeError(f"infer returned {len(results)} results for {len(jobs)} inputs")
+        except Exception as exc:  # one failed batch must not stop the worker
+            log.error("batch of %d image(s) failed: %s", len(jobs), exc, exc_info=exc)
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(BatchFailed(f"{type(exc).__name__}: {exc}"))
+            return
+        elapsed = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.inference.observe(elapsed)
+            self.metrics.batch_size.observe(len(jobs))
+            for job in jobs:
+                self.metrics.queue_wait.observe(job.queue_s)
+        for job, result in zip(jobs, results):
+            job.inference_s, job.batch_size = elapsed, len(jobs)
+            if not job.future.done():
+                job.future.set_result(result)

@@ -1,0 +1,42 @@
+"""Dependencies shared by the routers, as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from .errors import NotReady, Unauthorized
+
+__all__ = ["State", "Authorized", "get_state", "require_api_key"]
+
+
+def get_state(request: Request):
+    return request.app.state.chanseg
+
+
+def require_api_key(request: Request) -> None:
+    """401 unless the request carries the API key (when one is set)."""
+    key = request.app.state.chanseg.settings.api_key
+    if key is None:
+        return
+    given = request.headers.get("x-api-key")
+    auth = request.headers.get("authorization", "")
+    if given is None and auth[:7].lower() == "bearer ":
+        given = auth[7:].strip()
+    if not given or not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise Unauthorized()
+
+
+def require_ready(request: Request) -> None:
+    state = request.app.state.chanseg
+    if state.draining:
+        raise NotReady("the server is shutting down", retry_after_s=5)
+    if not state.ready:
+        raise NotReady("the model is not ready yet", retry_after_s=5)
+
+
+State = Annotated[object, Depends(get_state)]
+Authorized = Depends(require_api_key)
+Ready = Depends(require_ready)

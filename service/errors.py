@@ -1,0 +1,132 @@
+"""Exception types, each with its HTTP status, and all handlers in one place.
+
+Every error body is JSON ``{"detail": "..."}`` (the v2 protocol's routes use
+``{"error": "..."}``). The catch-all for unexpected exceptions is in
+``RequestMiddleware`` (a handler for ``Exception`` would make Starlette re-raise
+to the server, logging every failure twice): a generic 500 without internals,
+logged once with the request id.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+__all__ = [
+    "ApiError",
+    "BadImage",
+    "Unauthorized",
+    "PayloadTooLarge",
+    "UnsupportedMediaType",
+    "NoImage",
+    "Overloaded",
+    "NotReady",
+    "DeadlineExceeded",
+    "InferenceFailed",
+    "ClientGone",
+    "register_handlers",
+]
+
+
+class ApiError(Exception):
+    """Base class: ``status`` and a message safe to show to clients."""
+
+    status: int = 500
+
+    def __init__(self, detail: str, headers: Optional[Dict[str, str]] = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class BadImage(ApiError):
+    """400: undecodable, corrupt or unusable image."""
+
+    status = 400
+
+
+class Unauthorized(ApiError):
+    """401: missing or wrong API key."""
+
+    status = 401
+
+    def __init__(self, detail: str = "missing or invalid API key") -> None:
+        super().__init__(detail, {"WWW-Authenticate": "Bearer"})
+
+
+class PayloadTooLarge(ApiError):
+    """413: body, pixel count or number of images over the limit."""
+
+    status = 413
+
+
+class UnsupportedMediaType(ApiError):
+    """415: a content type the endpoint does not take."""
+
+    status = 415
+
+
+class NoImage(ApiError):
+    """422: the request holds no image."""
+
+    status = 422
+
+
+class Overloaded(ApiError):
+    """503 + Retry-After: the queue is full, or the server is draining or not ready."""
+
+    status = 503
+
+    def __init__(self, detail: str, retry_after_s: int = 1) -> None:
+        super().__init__(detail, {"Retry-After": str(retry_after_s)})
+
+
+class NotReady(Overloaded):
+    """503: the model is not loaded yet, or the server is shutting down."""
+
+
+class DeadlineExceeded(ApiError):
+    """504: the request's deadline passed before its result."""
+
+    status = 504
+
+
+class InferenceFailed(ApiError):
+    """500: the batch this request was part of failed (logged once per batch)."""
+
+    status = 500
+
+
+def error_body(path: str, detail: str) -> dict:
+    """``{"detail": ...}``, or ``{"error": ...}`` on the v2 protocol's paths."""
+    return {"error" if path.startswith("/v2") else "detail": detail}
+
+
+def _body(request: Request, detail: str) -> dict:
+    return error_body(request.url.path, detail)
+
+
+def register_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(_body(request, exc.detail), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        status = 400 if request.url.path.startswith("/v2") else 422
+        return JSONResponse(_body(request, errors or "invalid request"), status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(_body(request, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+
+class ClientGone(ApiError):
+    """499 (nginx's code): the client disconnected before its result; nothing is sent."""
+
+    status = 499

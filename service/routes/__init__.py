@@ -1,0 +1,1 @@
+"""One router per resource: health, predict, model metadata, metrics (and v2)."""

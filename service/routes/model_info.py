@@ -1,0 +1,54 @@
+"""``GET /v1/model``: what is being served and how it is batched."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+from fastapi import APIRouter
+from pydantic import BaseModel
+
+from ..deps import Authorized, Ready, State
+
+router = APIRouter(tags=["model"])
+
+
+class Batching(BaseModel):
+    max_batch_size: int
+    max_batch_size_setting: str
+    max_batch_delay_ms: float
+    max_queue: int
+    measured_images_per_s: Optional[Dict[int, float]] = None
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    version: str
+    classes: List[str]
+    input_size: Tuple[int, int]
+    mean: List[float]
+    std: List[float]
+    device: str
+    precision: str
+    batching: Batching
+
+
+@router.get("/v1/model", name="model", response_model=ModelMetadata, dependencies=[Authorized, Ready])
+async def model_metadata(state: State) -> ModelMetadata:
+    seg, s = state.segmenter, state.settings
+    return ModelMetadata(
+        name=seg.name,
+        version=seg.version,
+        classes=list(seg.config.class_names),
+        input_size=tuple(seg.config.input_size),
+        mean=list(seg.config.mean),
+        std=list(seg.config.std),
+        device=str(seg.device),
+        precision=seg.precision,
+        batching=Batching(
+            max_batch_size=state.max_batch_size,
+            max_batch_size_setting=str(s.max_batch_size),
+            max_batch_delay_ms=s.max_batch_delay_ms,
+            max_queue=s.max_queue,
+            measured_images_per_s={b: round(v, 2) for b, v in state.batch_throughput.items()} or None,
+        ),
+    )

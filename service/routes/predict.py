@@ -1,0 +1,137 @@
+"""``POST /predict``: images in (multipart ``file`` parts or a raw ``image/*`` body),
+masks out (JSON with base64 PNGs, or one PNG)."""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import List, Literal, Optional, Tuple
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..deps import Authorized, Ready, State
+from ..errors import BadImage, NoImage, PayloadTooLarge, UnsupportedMediaType
+from ..pipeline import deadline_of, postprocess, preprocess, segment
+
+router = APIRouter(tags=["predict"])
+
+_ERRORS = {
+    400: {"description": "undecodable or corrupt image"},
+    401: {"description": "missing or wrong API key"},
+    413: {"description": "body, pixel count or number of images over the limit"},
+    415: {"description": "unsupported content type"},
+    422: {"description": "no image in the request"},
+    503: {"description": "queue full, not ready or draining (see Retry-After)"},
+    504: {"description": "deadline passed before the result"},
+}
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                    "required": ["file"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_FILENAME = re.compile(r'filename="?([^";]+)"?')
+
+
+async def read_images(request: Request, max_images: int) -> List[Tuple[str, bytes]]:
+    """(filename, bytes) for each image in the request body."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type == "multipart/form-data":
+        try:
+            form = await request.form(max_files=max_images, max_fields=max_images + 16)
+        except StarletteHTTPException as exc:
+            if "Too many files" in str(exc.detail):
+                raise PayloadTooLarge(f"more than {max_images} images in one request") from None
+            raise BadImage(f"malformed multipart body: {exc.detail}") from None
+        parts = form.getlist("file")
+        if not parts:
+            raise NoImage("no 'file' part in the multipart body")
+        images = []
+        for i, part in enumerate(parts):
+            if isinstance(part, str):
+                raise NoImage(f"'file' part {i + 1} is a text field, not a file")
+            images.append((part.filename or f"file{i + 1}", await part.read()))
+            await part.close()
+        return images
+    if media_type.startswith("image/"):
+        body = await request.body()
+        if not body:
+            raise NoImage("empty request body")
+        match = _FILENAME.search(request.headers.get("content-disposition", ""))
+        return [(match.group(1) if match else "image", body)]
+    shown = media_type or "none"
+    raise UnsupportedMediaType(
+        f"content type {shown}: send multipart/form-data with 'file' parts, or an image/* body"
+    )
+
+
+def _wants_png(request: Request, fmt: Optional[str]) -> bool:
+    if fmt is not None:
+        return fmt == "png"
+    accept = request.headers.get("accept", "")
+    return "image/png" in accept and "application/json" not in accept
+
+
+@router.post(
+    "/predict",
+    name="predict",
+    dependencies=[Authorized, Ready],
+    responses={200: {"content": {"image/png": {}}}, **_ERRORS},
+    openapi_extra=_BODY,
+)
+async def predict(
+    request: Request,
+    state: State,
+    format: Optional[Literal["json", "png"]] = Query(
+        None, description="png: the mask PNG itself (one image)"
+    ),
+) -> Response:
+    """Segment one or more images. JSON: per image its filename, size, per-class
+    pixel fractions and the mask as a base64 palette PNG (pixel value = class id)."""
+    s = state.settings
+    deadline = deadline_of(request, s.request_timeout_s)
+    blobs = await read_images(request, s.max_images_per_request)
+    as_png = _wants_png(request, format)
+    if as_png and len(blobs) != 1:
+        raise BadImage(f"a PNG response holds one mask; this request has {len(blobs)} images (use JSON)")
+    prepared = await preprocess(state, blobs)
+    labels, timing = await segment(state, request, prepared, deadline)
+    results = await postprocess(state, labels, prepared)
+    headers = {
+        "X-Queue-Time-Ms": f"{timing.queue_ms:.1f}",
+        "X-Inference-Time-Ms": f"{timing.inference_ms:.1f}",
+        "X-Batch-Size": ",".join(map(str, timing.batch_sizes)),
+    }
+    if as_png:
+        return Response(results[0].png, media_type="image/png", headers=headers)
+    classes = state.segmenter.config.class_names
+    return JSONResponse(
+        {
+            "model": {"name": state.segmenter.name, "version": state.segmenter.version},
+            "request_id": request.scope["chanseg"]["request_id"],
+            "predictions": [
+                {
+                    "filename": name,
+                    "width": image.size[1],
+                    "height": image.size[0],
+                    "class_fractions": dict(zip(classes, result.fractions)),
+                    "mask_png": base64.b64encode(result.png).decode("ascii"),
+                }
+                for (name, _), image, result in zip(blobs, prepared, results)
+            ],
+        },
+        headers=headers,
+    )

@@ -1,0 +1,221 @@
+"""The HTTP contract, in-process (httpx ASGITransport with the app's lifespan)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.service.conftest import decode_mask, make_settings, png_bytes, random_image, serve
+
+pytestmark = pytest.mark.anyio
+
+DESIGN_METRICS = {
+    "chanseg_requests": "counter",
+    "chanseg_request_duration_seconds": "histogram",
+    "chanseg_images": "counter",
+    "chanseg_queue_wait_seconds": "histogram",
+    "chanseg_inference_duration_seconds": "histogram",
+    "chanseg_batch_size": "histogram",
+    "chanseg_queue_depth": "gauge",
+    "chanseg_preprocess_duration_seconds": "histogram",
+    "chanseg_postprocess_duration_seconds": "histogram",
+    "chanseg_model_info": "gauge",  # an Info metric, exposed as a gauge of 1
+}
+
+
+def files(*arrays, names=None):
+    names = names or [f"img{i}.png" for i in range(len(arrays))]
+    return [("file", (n, png_bytes(a), "image/png")) for n, a in zip(names, arrays)]
+
+
+def metric_samples(text: str) -> dict:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+async def test_predict_multipart_json(tiny_artifact, tiny_segmenter):
+    images = [random_image(1, 48, 40), random_image(2, 100, 70)]
+    async with serve(make_settings(tiny_artifact)) as client:
+        r = await client.post("/predict", files=files(*images, names=["a.png", "b.png"]))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == {"name": "tiny", "version": "7"}
+    preds = body["predictions"]
+    assert [(p["filename"], p["width"], p["height"]) for p in preds] == [
+        ("a.png", 40, 48),
+        ("b.png", 70, 100),
+    ]
+    for p, image in zip(preds, images):
+        mask = decode_mask(base64.b64decode(p["mask_png"]))
+        np.testing.assert_array_equal(mask, tiny_segmenter.predict(image))
+        assert set(p["class_fractions"]) == {"background", "circle", "rectangle", "triangle"}
+        assert abs(sum(p["class_fractions"].values()) - 1) < 1e-9
+        counts = np.bincount(mask.ravel(), minlength=4) / mask.size
+        assert p["class_fractions"]["circle"] == pytest.approx(counts[1])
+    for header in ("x-request-id", "x-queue-time-ms", "x-inference-time-ms", "x-total-time-ms"):
+        assert header in r.headers
+
+
+async def test_raw_body_and_png_responses(tiny_artifact, tiny_segmenter):
+    image = random_image(3, 33, 65)
+    expected = tiny_segmenter.predict(image)
+    async with serve(make_settings(tiny_artifact)) as client:
+        raw = await client.post("/predict", content=png_bytes(image), headers={"content-type": "image/png"})
+        by_accept = await client.post(
+            "/predict", content=png_bytes(image), headers={"content-type": "image/png", "accept": "image/png"}
+        )
+        by_query = await client.post("/predict?format=png", files=files(image))
+        two_as_png = await client.post("/predict?format=png", files=files(image, image))
+    assert raw.status_code == 200 and raw.json()["predictions"][0]["filename"] == "image"
+    for r in (by_accept, by_query):
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        np.testing.assert_array_equal(decode_mask(r.content), expected)
+    assert two_as_png.status_code == 400 and "one" in two_as_png.json()["detail"]
+
+
+async def test_request_id_echoed_or_made(tiny_artifact):
+    async with serve(make_settings(tiny_artifact)) as client:
+        echoed = await client.get("/healthz", headers={"x-request-id": "abc-123"})
+        made = await client.get("/healthz", headers={"x-request-id": "bad id with spaces"})
+    assert echoed.headers["x-request-id"] == "abc-123"
+    assert len(made.headers["x-request-id"]) == 32
+
+
+async def test_health_model_and_metrics(tiny_artifact):
+    async with serve(make_settings(tiny_artifact, max_batch_size="auto", auto_batch_limit=4)) as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        assert (await client.get("/readyz")).status_code == 200
+        meta = (await client.get("/v1/model")).json()
+        before = metric_samples((await client.get("/metrics")).text)
+        await client.post("/predict", files=files(random_image(4), random_image(5)))
+        await client.post("/predict", content=b"junk", headers={"content-type": "image/png"})
+        r = await client.get("/metrics")
+    assert meta["name"] == "tiny" and meta["device"] == "cpu" and meta["precision"] == "fp32"
+    assert meta["classes"] == ["background", "circle", "rectangle", "triangle"] and meta["input_size"] == [
+        64,
+        64,
+    ]
+    assert meta["batching"]["max_batch_size_setting"] == "auto"
+    assert 1 <= meta["batching"]["max_batch_size"] <= 4 and meta["batching"]["measured_images_per_s"]
+    assert r.headers["content-type"].startswith("text/plain")
+    families = {f.name: f.type for f in text_string_to_metric_families(r.text)}
+    for name, kind in DESIGN_METRICS.items():
+        assert families.get(name) == kind, name
+    assert "process_resident_memory_bytes" in families
+    after = metric_samples(r.text)
+    assert after[("chanseg_images_total", ())] - before.get(("chanseg_images_total", ()), 0) == 2
+    assert after[("chanseg_requests_total", (("endpoint", "predict"), ("status", "200")))] == 1
+    assert after[("chanseg_requests_total", (("endpoint", "predict"), ("status", "400")))] == 1
+    for hist in ("preprocess_duration", "postprocess_duration", "queue_wait", "inference_duration"):
+        assert after[(f"chanseg_{hist}_seconds_count", ())] >= 1, hist
+    assert after[("chanseg_request_duration_seconds_count", (("endpoint", "predict"),))] == 2
+    info = [k for k in after if k[0] == "chanseg_model_info"]
+    assert dict(info[0][1]) == {"name": "tiny", "version": "7", "device": "cpu", "precision": "fp32"}
+    labels = {v for k in after for n, v in k[1] if k[0].startswith("chanseg_request") and n != "le"}
+    assert labels <= {"predict", "model", "metrics", "healthz", "readyz", "200", "400"}
+
+
+async def test_concurrent_requests_get_their_own_masks_in_shared_batches(tiny_artifact, tiny_segmenter):
+    images = [random_image(100 + i, 40 + i, 60 - i) for i in range(32)]
+    async with serve(make_settings(tiny_artifact, max_batch_size=8, max_batch_delay_ms=50)) as client:
+        responses = await asyncio.gather(
+            *(client.post("/predict", files=files(im), headers={"accept": "image/png"}) for im in images)
+        )
+        samples = metric_samples((await client.get("/metrics")).text)
+    for image, r in zip(images, responses):
+        assert r.status_code == 200
+        np.testing.assert_array_equal(decode_mask(r.content), tiny_segmenter.predict(image))
+    assert samples[("chanseg_batch_size_count", ())] < 32  # batches held more than one image
+    assert samples[("chanseg_batch_size_sum", ())] == 32
+
+
+BAD_REQUESTS = {
+    "empty raw body": (dict(content=b"", headers={"content-type": "image/png"}), 422),
+    "truncated png": (
+        dict(content=png_bytes(random_image(6))[:70], headers={"content-type": "image/png"}),
+        400,
+    ),
+    "text as image/png": (dict(content=b"just some text", headers={"content-type": "image/png"}), 400),
+    "wrong content type": (dict(content=b"{}", headers={"content-type": "application/json"}), 415),
+    "no content type": (dict(content=b"abc"), 415),
+    "zero-byte file part": (dict(files=[("file", ("x.png", b"", "image/png"))]), 400),
+    "no file part": (dict(files=[("other", ("x.png", png_bytes(random_image(7)), "image/png"))]), 422),
+    "text field named file": (dict(data={"file": "hello"}, files=[("x", ("x", b"1", "text/plain"))]), 422),
+    "1x1 image": (dict(content=png_bytes(random_image(8, 1, 1)), headers={"content-type": "image/png"}), 400),
+    "too many files": (dict(files=files(*[random_image(9, 8, 8)] * 5)), 413),
+    "unknown format value": (
+        dict(params={"format": "gif"}, content=b"x", headers={"content-type": "image/png"}),
+        422,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+async def test_bad_input_is_a_clear_4xx_and_the_next_request_works(tiny_artifact, case):
+    kwargs, status = BAD_REQUESTS[case]
+    async with serve(make_settings(tiny_artifact, max_images_per_request=4)) as client:
+        r = await client.post("/predict", **kwargs)
+        good = await client.post("/predict", files=files(random_image(10)))
+    assert r.status_code == status, r.text
+    assert r.json()["detail"]
+    assert good.status_code == 200
+
+
+async def test_decompression_bomb_and_body_limits(tiny_artifact):
+    from tests.service.test_imaging import _png_claiming
+
+    async with serve(make_settings(tiny_artifact, max_upload_bytes=50_000)) as client:
+        bomb = await client.post(
+            "/predict", content=_png_claiming(50000, 50000), headers={"content-type": "image/png"}
+        )
+        declared = await client.post(
+            "/predict", content=b"\0" * 60_000, headers={"content-type": "image/png"}
+        )
+
+        async def chunks():  # no Content-Length: the limit applies while reading
+            for _ in range(100):
+                yield b"\0" * 1000
+
+        streamed = await client.post("/predict", content=chunks(), headers={"content-type": "image/png"})
+        good = await client.post("/predict", files=files(random_image(11)))
+    assert bomb.status_code == 413 and "50000x50000" in bomb.json()["detail"]
+    assert declared.status_code == 413 and streamed.status_code == 413
+    assert good.status_code == 200
+
+
+async def test_api_key(tiny_artifact):
+    async with serve(make_settings(tiny_artifact, api_key="k3y")) as client:
+        missing = await client.post("/predict", files=files(random_image(12)))
+        wrong = await client.post("/predict", files=files(random_image(12)), headers={"x-api-key": "nope"})
+        bearer = await client.post(
+            "/predict", files=files(random_image(12)), headers={"authorization": "Bearer k3y"}
+        )
+        header = await client.get("/v1/model", headers={"x-api-key": "k3y"})
+        model_without = await client.get("/v1/model")
+        open_paths = [await client.get(p) for p in ("/healthz", "/readyz", "/metrics")]
+    assert missing.status_code == 401 and wrong.status_code == 401 and model_without.status_code == 401
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert bearer.status_code == 200 and header.status_code == 200
+    assert all(r.status_code == 200 for r in open_paths)
+
+
+async def test_unexpected_errors_are_generic_500(tiny_artifact, monkeypatch):
+    from service import pipeline
+
+    async def broken(*args, **kwargs):
+        raise KeyError("internal detail")
+
+    async with serve(make_settings(tiny_artifact)) as client:
+        monkeypatch.setattr("service.routes.predict.postprocess", broken)
+        r = await client.post("/predict", files=files(random_image(13)))
+        monkeypatch.setattr("service.routes.predict.postprocess", pipeline.postprocess)
+        good = await client.post("/predict", files=files(random_image(13)))
+    assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
+    assert good.status_code == 200

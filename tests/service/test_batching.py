@@ -1,0 +1,200 @@
+"""DynamicBatcher and collect_batch with plain queues and a fake model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.batching import BatchFailed, DeadlineExpired, DynamicBatcher, Job, QueueFull, collect_batch
+
+pytestmark = pytest.mark.anyio
+FAR = 1e12  # a deadline that never passes
+
+
+def _job(loop, payload, enqueued=None):
+    return Job(payload, FAR, loop.create_future(), enqueued=enqueued or time.monotonic())
+
+
+async def test_collect_closes_when_full():
+    loop = asyncio.get_running_loop()
+    queue = deque(_job(loop, i) for i in range(5))
+    batch = await collect_batch(queue, asyncio.Event(), max_size=3, max_delay_s=10)
+    assert [j.payload for j in batch] == [0, 1, 2] and len(queue) == 2
+
+
+async def test_collect_closes_when_first_has_waited_max_delay():
+    loop = asyncio.get_running_loop()
+    queue, wakeup = deque([_job(loop, "a")]), asyncio.Event()
+    started = time.monotonic()
+    batch = await collect_batch(queue, wakeup, max_size=8, max_delay_s=0.1)
+    assert [j.payload for j in batch] == ["a"]
+    assert 0.08 <= time.monotonic() - started < 1.0
+
+
+async def test_collect_takes_late_arrivals_until_the_delay():
+    loop = asyncio.get_running_loop()
+    queue, wakeup = deque([_job(loop, 0)]), asyncio.Event()
+
+    async def arrive():
+        for i in (1, 2):
+            await asyncio.sleep(0.02)
+            queue.append(_job(loop, i))
+            wakeup.set()
+
+    task = asyncio.create_task(arrive())
+    batch = await collect_batch(queue, wakeup, max_size=8, max_delay_s=0.2)
+    await task
+    assert [j.payload for j in batch] == [0, 1, 2]
+
+
+async def test_an_old_first_job_closes_the_batch_at_once():
+    loop = asyncio.get_running_loop()
+    queue = deque([_job(loop, 0, enqueued=time.monotonic() - 5)])
+    started = time.monotonic()
+    await collect_batch(queue, asyncio.Event(), max_size=8, max_delay_s=1.0)
+    assert time.monotonic() - started < 0.05
+
+
+class FakeModel:
+    def __init__(self, delay=0.0):
+        self.delay, self.batches, self.threads = delay, [], set()
+        self.fail_on = None
+
+    def __call__(self, payloads):
+        self.batches.append(list(payloads))
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay)
+        if self.fail_on is not None and self.fail_on in payloads:
+            raise RuntimeError("boom")
+        return [p * 10 for p in payloads]
+
+
+async def _batcher(model, **kw):
+    args = dict(max_batch_size=4, max_delay_s=0.01, max_queue=16)
+    args.update(kw)
+    b = DynamicBatcher(model, **args)
+    await b.start()
+    return b
+
+
+async def test_results_go_to_their_own_images_and_batches_form():
+    model = FakeModel(delay=0.05)
+    b = await _batcher(model)
+    jobs = [b.submit([i], FAR)[0] for i in range(10)]
+    results = await asyncio.gather(*(j.future for j in jobs))
+    assert results == [i * 10 for i in range(10)]
+    assert max(len(batch) for batch in model.batches) > 1
+    assert all(len(batch) <= 4 for batch in model.batches)
+    assert model.threads == {next(iter(model.threads))} and "chanseg-infer" in next(iter(model.threads))
+    assert await b.stop(5)
+
+
+async def test_event_loop_stays_free_during_inference():
+    b = await _batcher(FakeModel(delay=0.3))
+    job = b.submit([1], FAR)[0]
+    ticks = 0
+    while not job.future.done():
+        await asyncio.sleep(0.01)
+        ticks += 1
+    assert ticks >= 10  # the loop kept running while the model "computed"
+    await b.stop(5)
+
+
+async def test_queue_full_refuses_all_or_nothing():
+    b = await _batcher(FakeModel(delay=0.2), max_queue=4)
+    first = b.submit([1, 2, 3], FAR)
+    with pytest.raises(QueueFull):
+        b.submit([4, 5], FAR)
+    assert b.depth == 3
+    assert await asyncio.gather(*(j.future for j in first)) == [10, 20, 30]
+    await b.stop(5)
+
+
+async def test_failed_batch_fails_only_its_images_and_worker_goes_on():
+    model = FakeModel(delay=0.05)
+    model.fail_on = 666
+    b = await _batcher(model, max_batch_size=2, max_delay_s=0.0)
+    bad = b.submit([1, 666], FAR)
+    await asyncio.sleep(0.01)
+    good = b.submit([2, 3], FAR)
+    for job in bad:
+        with pytest.raises(BatchFailed, match="boom"):
+            await job.future
+    assert await asyncio.gather(*(j.future for j in good)) == [20, 30]
+    assert b.submit([4], FAR)[0].future is not None
+    await b.stop(5)
+
+
+async def test_expired_and_cancelled_images_are_not_computed():
+    model = FakeModel(delay=0.2)
+    b = await _batcher(model, max_batch_size=1, max_delay_s=0.0)
+    blocker = b.submit([1], FAR)[0]
+    await asyncio.sleep(0.02)  # the blocker is computing
+    expired = b.submit([2], time.monotonic() + 0.05)[0]
+    cancelled = b.submit([3], FAR)[0]
+    b.cancel([cancelled])
+    await blocker.future
+    with pytest.raises(DeadlineExpired):
+        await expired.future
+    await b.stop(5)
+    computed = [p for batch in model.batches for p in batch]
+    assert computed == [1]
+
+
+async def test_stop_finishes_accepted_work_and_refuses_new():
+    model = FakeModel(delay=0.05)
+    b = await _batcher(model, max_batch_size=2)
+    jobs = b.submit([1, 2, 3, 4, 5], FAR)
+    stopping = asyncio.create_task(b.stop(10))
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull):
+        b.submit([6], FAR)
+    assert await stopping is True
+    assert [j.future.result() for j in jobs] == [10, 20, 30, 40, 50]
+
+
+async def test_metrics_hooks_observe(tiny_segmenter):
+    from service.metrics import Metrics
+
+    metrics = Metrics(4)
+    b = await _batcher(FakeModel(), metrics=metrics)
+    await asyncio.gather(*(j.future for j in b.submit([1, 2, 3], FAR)))
+    await b.stop(5)
+    reg = metrics.registry
+    assert reg.get_sample_value("chanseg_batch_size_sum") == 3
+    assert reg.get_sample_value("chanseg_queue_wait_seconds_count") == 3
+    assert reg.get_sample_value("chanseg_inference_duration_seconds_count") >= 1
+    assert reg.get_sample_value("chanseg_queue_depth") == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    requests=st.lists(st.integers(min_value=1, max_value=5), min_size=1, max_size=12),
+    gaps=st.lists(st.floats(min_value=0, max_value=0.004), min_size=12, max_size=12),
+    max_batch=st.integers(min_value=1, max_value=6),
+)
+def test_every_image_gets_exactly_its_own_result(requests, gaps, max_batch):
+    async def scenario():
+        model = FakeModel()
+        b = DynamicBatcher(model, max_batch_size=max_batch, max_delay_s=0.002, max_queue=64)
+        await b.start()
+        submitted, next_id = [], 0
+        for n, gap in zip(requests, gaps):
+            payloads = list(range(next_id, next_id + n))
+            next_id += n
+            submitted.append((payloads, b.submit(payloads, FAR)))
+            await asyncio.sleep(gap)
+        for payloads, jobs in submitted:
+            assert await asyncio.gather(*(j.future for j in jobs)) == [p * 10 for p in payloads]
+        await b.stop(5)
+        computed = sorted(p for batch in model.batches for p in batch)
+        assert computed == list(range(next_id))  # each exactly once
+        assert all(len(batch) <= max_batch for batch in model.batches)
+
+    asyncio.run(scenario())
