@@ -84,8 +84,8 @@ async def segment(
 ) -> Tuple[List, Timing]:
     """Queue images on the batcher; their labels, or the right ApiError."""
     batcher: DynamicBatcher = state.batcher
-    if state.draining or batcher is None:
-        raise NotReady("the server is shutting down", retry_after_s=5)
+    if batcher is None:  # requests that got in before a drain still finish: no draining check here
+        raise NotReady("the model is not ready yet", retry_after_s=5)
     try:
         jobs = batcher.submit([im.tensor for im in images], deadline)
     except QueueFull as exc:

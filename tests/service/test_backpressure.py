@@ -1,0 +1,106 @@
+"""Overload and deadlines: fast 503s with Retry-After, 504 past the deadline,
+failed batches fail only their own requests, disconnected clients cost nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.service.conftest import SlowSegmenter, make_settings, random_image, serve
+from tests.service.test_app import files, metric_samples
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_full_queue_gets_fast_503_and_accepted_requests_succeed(tiny_artifact, tiny_segmenter):
+    slow = SlowSegmenter(tiny_segmenter, delay=0.4)
+    settings = make_settings(
+        tiny_artifact, max_queue=2, max_images_per_request=2, max_batch_size=1, max_batch_delay_ms=0
+    )
+    async with serve(settings, segmenter=slow) as client:
+
+        async def timed_post(i):
+            t = time.perf_counter()
+            r = await client.post("/predict", files=files(random_image(i)))
+            return r, time.perf_counter() - t
+
+        results = await asyncio.gather(*(timed_post(i) for i in range(8)))
+        depth = metric_samples((await client.get("/metrics")).text)[("chanseg_queue_depth", ())]
+    ok = [r for r, _ in results if r.status_code == 200]
+    refused = [(r, dt) for r, dt in results if r.status_code == 503]
+    assert len(ok) + len(refused) == 8
+    assert 2 <= len(ok) <= 3 and refused
+    for r, seconds in refused:
+        assert r.headers["retry-after"] == "1" and "busy" in r.json()["detail"]
+        assert seconds < 0.35  # refused at once, not after waiting for the model
+    assert depth == 0
+
+
+async def test_one_ms_deadline_gives_504(tiny_artifact):
+    async with serve(make_settings(tiny_artifact, request_timeout_s=0.001)) as client:
+        r = await client.post("/predict", files=files(random_image(1)))
+        live = await client.get("/healthz")
+    assert r.status_code == 504 and "deadline" in r.json()["detail"]
+    assert live.status_code == 200
+
+
+async def test_expired_images_are_not_computed(tiny_artifact, tiny_segmenter):
+    slow = SlowSegmenter(tiny_segmenter, delay=0.3)
+    settings = make_settings(tiny_artifact, max_batch_size=1, max_batch_delay_ms=0, request_timeout_s=0.15)
+    async with serve(settings, segmenter=slow) as client:
+        slow.batches.clear()
+        results = await asyncio.gather(
+            *(client.post("/predict", files=files(random_image(i))) for i in range(3))
+        )
+        await asyncio.sleep(0.4)  # let the computing batch end
+    assert [r.status_code for r in results] == [504, 504, 504]
+    assert slow.batches == [1]  # only the first started before its deadline; the others were dropped
+
+
+async def test_failed_batch_fails_only_its_requests(tiny_artifact, tiny_segmenter):
+    slow = SlowSegmenter(tiny_segmenter, delay=0.2)
+    async with serve(
+        make_settings(tiny_artifact, max_batch_size=2, max_batch_delay_ms=50), segmenter=slow
+    ) as client:
+        slow.fail_next = True
+        first = await asyncio.gather(
+            *(client.post("/predict", files=files(random_image(i))) for i in range(2))
+        )
+        second = await asyncio.gather(
+            *(client.post("/predict", files=files(random_image(i))) for i in range(2))
+        )
+    assert [r.status_code for r in first] == [500, 500]
+    assert (
+        "inference failed" in first[0].json()["detail"]
+        and "simulated CUDA error" in first[0].json()["detail"]
+    )
+    assert [r.status_code for r in second] == [200, 200]
+
+
+async def test_one_bad_image_fails_only_its_own_request(tiny_artifact, tiny_segmenter):
+    slow = SlowSegmenter(tiny_segmenter, delay=0.1)
+    async with serve(
+        make_settings(tiny_artifact, max_batch_size=8, max_batch_delay_ms=100), segmenter=slow
+    ) as client:
+        bad_files = files(random_image(1)) + [("file", ("bad.png", b"not an image", "image/png"))]
+        results = await asyncio.gather(
+            client.post("/predict", files=files(random_image(2))),
+            client.post("/predict", files=bad_files),
+            client.post("/predict", files=files(random_image(3), random_image(4))),
+        )
+    assert [r.status_code for r in results] == [200, 400, 200]
+    assert "bad.png" in results[1].json()["detail"]
+
+
+async def test_not_ready_and_draining_refuse_work(tiny_artifact):
+    async with serve(make_settings(tiny_artifact)) as client:
+        state = client.app.state.chanseg
+        state.start_draining()
+        ready = await client.get("/readyz")
+        r = await client.post("/predict", files=files(random_image(1)))
+        live = await client.get("/healthz")
+    assert ready.status_code == 503 and ready.json()["status"] == "draining"
+    assert r.status_code == 503 and "Retry-After" in r.headers
+    assert live.status_code == 200

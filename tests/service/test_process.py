@@ -1,0 +1,191 @@
+"""Against a real server process (python -m service, uvicorn) on a loopback port:
+a real HTTP client, SIGTERM draining, and a real Prometheus scraping it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import model
+from model import ModelConfig
+from tests.conftest import make_net
+from tests.service.conftest import decode_mask, png_bytes, random_image
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, artifact: str, tmp: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"server-{self.port}.log"
+        environ = dict(os.environ)
+        environ.update(
+            CHANSEG_MODEL_PATH=artifact,
+            CHANSEG_DEVICE="cpu",
+            CHANSEG_HOST="127.0.0.1",
+            CHANSEG_PORT=str(self.port),
+            CHANSEG_MAX_BATCH_SIZE="4",
+            CHANSEG_LOG_LEVEL="info",
+            PYTHONPATH=str(ROOT),
+        )
+        environ.update(env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service"],
+            env=environ,
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def medium_artifact(tmp_path_factory) -> str:
+    """Big enough (~30 ms per image here) that requests are in flight when SIGTERM comes."""
+    path = tmp_path_factory.mktemp("medium") / "medium.pt"
+    model.export_torchscript(
+        make_net(ModelConfig(widths=(8, 16, 32), input_size=(256, 256), name="medium")), path
+    )
+    return str(path)
+
+
+@pytest.fixture
+def server(tiny_artifact, tmp_path):
+    proc = ServerProcess(tiny_artifact, tmp_path)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_real_http_predict(server, tiny_segmenter):
+    image = random_image(1, 70, 50)
+    r = httpx.post(
+        server.url + "/predict?format=png", files={"file": ("a.png", png_bytes(image), "image/png")}
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    np.testing.assert_array_equal(decode_mask(r.content), tiny_segmenter.predict(image))
+    assert httpx.get(server.url + "/metrics").status_code == 200
+
+
+def test_sigterm_drains_then_exits_zero(medium_artifact, tmp_path):
+    server = ServerProcess(medium_artifact, tmp_path, CHANSEG_MAX_BATCH_DELAY_MS="5")
+    try:
+        server.wait_ready()
+        body = png_bytes(random_image(2, 256, 256))
+        with httpx.Client(base_url=server.url, timeout=60) as client, ThreadPoolExecutor(20) as pool:
+
+            def post(i):
+                return client.post("/predict", files={"file": (f"{i}.png", body, "image/png")})
+
+            futures = [pool.submit(post, i) for i in range(20)]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # SIGTERM once all 20 are in the server and work is queued
+                lines = client.get("/metrics").text.splitlines()
+                decoded = [ln for ln in lines if ln.startswith("chanseg_preprocess_duration_seconds_count")]
+                depth = [ln for ln in lines if ln.startswith("chanseg_queue_depth")]
+                if float(decoded[0].split()[-1]) >= 20 and float(depth[0].split()[-1]) >= 1:
+                    break
+                time.sleep(0.005)
+            assert time.monotonic() < deadline, "the 20 requests never queued together"
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+            try:
+                after = client.post("/predict", files={"file": ("late.png", body, "image/png")})
+                refused = after.status_code == 503
+                ready = client.get("/readyz").status_code
+            except httpx.TransportError:
+                refused, ready = True, None  # already closed: refused too
+            statuses = [f.result().status_code for f in futures]
+        code = server.proc.wait(60)
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert statuses == [200] * 20, log
+    assert refused, log
+    assert ready in (503, None)
+    assert code == 0, log
+    assert "draining" in log
+
+
+def test_prometheus_scrapes_and_computes_p99(server, tmp_path):
+    prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
+    if not prometheus or not promtool:
+        pytest.skip("prometheus/promtool not installed (apt-get install prometheus; .ci/run does)")
+    exposition = httpx.get(server.url + "/metrics").text
+    lint = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: chanseg\n    static_configs:\n      - targets: ['127.0.0.1:{server.port}']\n"
+    )
+    prom = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],  # fmt: skip
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    query = 'histogram_quantile(0.99, sum by (le) (rate(chanseg_request_duration_seconds_bucket{endpoint="predict"}[30s])))'
+    try:
+        body = png_bytes(random_image(3))
+        p99 = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and p99 is None:
+            for _ in range(5):
+                httpx.post(server.url + "/predict", files={"file": ("x.png", body, "image/png")})
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}, timeout=5)
+                result = r.json()["data"]["result"]
+                if result and result[0]["value"][1] not in ("NaN", "+Inf"):
+                    p99 = float(result[0]["value"][1])
+            except (httpx.TransportError, KeyError, ValueError):
+                pass
+            time.sleep(0.5)
+        up = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": "up"}).json()
+    finally:
+        prom.terminate()
+        prom.wait(10)
+    assert up["data"]["result"][0]["value"][1] == "1"
+    assert p99 is not None and 0 < p99 < 30
