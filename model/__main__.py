@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=d.warmup_steps)
     p.add_argument("--crop", type=int, default=d.crop, help="train on random square crops (0: off)")
     p.add_argument("--val-size", dest="val_size", type=int, default=d.val_size)
+    p.add_argument(
+        "--train-size",
+        dest="train_size",
+        type=int,
+        default=d.train_size,
+        help="distinct synthetic training images (0: fresh ones throughout)",
+    )
     p.add_argument("--val-every", dest="val_every", type=int, default=d.val_every)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)

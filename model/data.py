@@ -169,7 +169,7 @@ def synthetic_sample(seed: int, index: int, size: Tuple[int, int] = (256, 256)) 
 
 
 def _to_tensors(image: np.ndarray, mask: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(mask.astype(np.int64))
+    return torch.from_numpy(np.array(image, dtype=np.uint8)), torch.from_numpy(mask.astype(np.int64))
 
 
 class SyntheticShapes(Dataset):

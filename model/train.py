@@ -48,6 +48,7 @@ class TrainOptions:
     warmup_steps: int = 100
     crop: int = 0  # train on random crops of this side (0: whole images)
     val_size: int = 64  # synthetic validation images (folder data: 10% of the images)
+    train_size: int = 0  # distinct synthetic training images (0: a fresh image for every sample)
     val_every: int = 250
     seed: int = 0
     device: str = "auto"
@@ -70,7 +71,7 @@ def make_datasets(opts: TrainOptions, config: ModelConfig) -> Tuple[Dataset, Dat
     if opts.data == SYNTHETIC:
         size = tuple(config.input_size)
         return (
-            SyntheticShapes(opts.steps * opts.batch_size, seed=TRAIN_SEED, size=size),
+            SyntheticShapes(opts.train_size or opts.steps * opts.batch_size, seed=TRAIN_SEED, size=size),
             SyntheticShapes(opts.val_size, seed=VAL_SEED, size=size),
         )
     full = FolderDataset(opts.data, config.num_classes, size=tuple(config.input_size))
@@ -200,13 +201,14 @@ def train(
         optimizer.step()
         scheduler.step()
         step += 1
-        window.append(loss.item())
+        losses.append((step, loss.item()))
+        window.append(losses[-1][1])
         if step % 10 == 0 or step == opts.steps:
-            losses.append((step, sum(window) / len(window)))
+            mean_loss = sum(window) / len(window)
             window = []
             rate = step / max(1e-9, time.perf_counter() - started) if state is None else 0.0
             log(
-                f"step {step}/{opts.steps} loss {losses[-1][1]:.4f} "
+                f"step {step}/{opts.steps} loss {mean_loss:.4f} "
                 f"lr {scheduler.get_last_lr()[0]:.2e}"
                 + (f" {rate:.2f} steps/s" if rate else "")
                 + (f" val mIoU {last_scores['miou']:.4f}" if last_scores else "")
@@ -243,8 +245,7 @@ def train(
         "steps": step,
         "best_val_miou": best_miou,
         "last_val": last_scores,
-        "first_loss": losses[0][1] if losses else None,
-        "last_loss": losses[-1][1] if losses else None,
+        "losses": losses,  # (step, loss) for every step
         "seconds": time.perf_counter() - started,
         "artifact": str(artifact),
         "weights": str(out / "best.safetensors"),
