@@ -8,11 +8,13 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= serve,dev
 BIN := $(VENV)/bin
 
-.PHONY: install test lint serve bench clean
+# jemalloc when installed (apt-get install libjemalloc2): see README, "Allocator".
+JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2))
+
+.PHONY: install test lint serve bench-model bench-serve clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
@@ -24,6 +26,12 @@ lint: install
 
 test: install lint
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+serve: install
+	LD_PRELOAD=$(JEMALLOC) $(BIN)/python -m service
+
+bench-serve: install
+	$(BIN)/python -m benchmarks.serve_bench
 
 bench-model: install
 	$(BIN)/python benchmarks/model_speed.py

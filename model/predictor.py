@@ -153,8 +153,23 @@ class Segmenter:
     @torch.inference_mode()
     def infer(self, prepared: Sequence[Tensor]) -> Tensor:
         """Prepared images -> ``(N, h, w)`` uint8 class ids at the input size, on the CPU."""
+        return self.labels(self.logits(prepared))
+
+    @staticmethod
+    @torch.inference_mode()
+    def labels(logits: Tensor) -> Tensor:
+        """Logits ``(N, C, h, w)`` -> ``(N, h, w)`` uint8 class ids on the CPU."""
         # max(1).indices measured ~10x faster than argmax(1) on CPU.
-        return self.logits(prepared).max(1).indices.to(torch.uint8).cpu()
+        return logits.max(1).indices.to(torch.uint8).cpu()
+
+    @staticmethod
+    @torch.inference_mode()
+    def probabilities(logits: Tensor, size: Tuple[int, int]) -> Tensor:
+        """One image's logits ``(C, h, w)`` -> float32 softmax ``(C, H, W)`` on the CPU (nearest)."""
+        probs = logits.float().softmax(0)
+        if tuple(probs.shape[1:]) != tuple(size):
+            probs = F.interpolate(probs[None], size=tuple(size), mode="nearest-exact")[0]
+        return probs.cpu()
 
     @staticmethod
     def restore(labels: Tensor, size: Tuple[int, int]) -> np.ndarray:
@@ -196,13 +211,8 @@ class Segmenter:
         out: List[np.ndarray] = []
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
-            with torch.inference_mode():
-                probs = self.logits([self.prepare(im) for im in chunk]).float().softmax(1)
-                for p, im in zip(probs, chunk):
-                    size = _size(im)
-                    if tuple(p.shape[1:]) != size:
-                        p = F.interpolate(p[None], size=size, mode="nearest-exact")[0]
-                    out.append(p.cpu().numpy())
+            logits = self.logits([self.prepare(im) for im in chunk])
+            out += [self.probabilities(lg, _size(im)).numpy() for lg, im in zip(logits, chunk)]
         return out[0] if single else out
 
     @torch.inference_mode()

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 from fastapi import FastAPI
@@ -36,6 +36,7 @@ from .errors import register_handlers
 from .logs import configure_logging
 from .metrics import Metrics
 from .middleware import RequestMiddleware
+from .pipeline import InferItem
 from .routes import health, metrics, model_info, predict
 from .settings import Settings
 from .warmup import choose_batch_size, measure_throughput, warm_up
@@ -60,9 +61,16 @@ class ServerState:
     draining: bool = False
     started_at: float = field(default_factory=time.time)
 
-    def infer(self, prepared: List[torch.Tensor]) -> List[torch.Tensor]:
-        """Batcher callback, on the inference thread: prepared images -> labels."""
-        return list(self.segmenter.infer(prepared))
+    def infer(self, items: List[InferItem]) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Batcher callback, on the inference thread: one forward pass for the batch;
+        per image its labels, and its logits when the request wants probabilities."""
+        with torch.inference_mode():
+            logits = self.segmenter.logits([item.tensor for item in items])
+            labels = self.segmenter.labels(logits)
+            return [
+                (labels[i], logits[i].float().cpu() if item.want_probabilities else None)
+                for i, item in enumerate(items)
+            ]
 
     def start_draining(self) -> None:
         if not self.draining:

@@ -24,13 +24,21 @@ from .batching import BatchFailed, DeadlineExpired, DynamicBatcher, QueueFull
 from .errors import ClientGone, DeadlineExceeded, InferenceFailed, NotReady, Overloaded
 from .imaging import decode_image
 
-__all__ = ["Prepared", "Segmented", "preprocess", "segment", "postprocess", "deadline_of"]
+__all__ = ["InferItem", "Prepared", "Segmented", "preprocess", "segment", "postprocess", "deadline_of"]
 
 
 @dataclass
 class Prepared:
     size: Tuple[int, int]  # (height, width) of the image as decoded
-    tensor: torch.Tensor  # what the segmenter's infer() takes
+    tensor: torch.Tensor  # what the segmenter's logits() takes
+
+
+@dataclass
+class InferItem:
+    """What the batcher carries per image."""
+
+    tensor: torch.Tensor
+    want_probabilities: bool = False
 
 
 @dataclass
@@ -38,6 +46,7 @@ class Segmented:
     mask: np.ndarray  # (H, W) uint8 at the image's size
     fractions: List[float]  # per class, summing to 1
     png: Optional[bytes]
+    probabilities: Optional[np.ndarray] = None  # (C, H, W) float32, when asked for
 
 
 @dataclass
@@ -80,14 +89,14 @@ async def _disconnected(request: Request) -> None:
 
 
 async def segment(
-    state, request: Request, images: Sequence[Prepared], deadline: float
+    state, request: Request, images: Sequence[Prepared], deadline: float, probabilities: bool = False
 ) -> Tuple[List, Timing]:
-    """Queue images on the batcher; their labels, or the right ApiError."""
+    """Queue images on the batcher; per image (labels, logits or None), or the right ApiError."""
     batcher: DynamicBatcher = state.batcher
     if batcher is None:  # requests that got in before a drain still finish: no draining check here
         raise NotReady("the model is not ready yet", retry_after_s=5)
     try:
-        jobs = batcher.submit([im.tensor for im in images], deadline)
+        jobs = batcher.submit([InferItem(im.tensor, probabilities) for im in images], deadline)
     except QueueFull as exc:
         raise Overloaded(f"server busy: {exc}; retry later", retry_after_s=1) from None
     gathered = asyncio.gather(*(job.future for job in jobs))
@@ -126,20 +135,21 @@ async def segment(
 
 
 async def postprocess(
-    state, labels: Sequence, images: Sequence[Prepared], png: bool = True
+    state, results: Sequence, images: Sequence[Prepared], png: bool = True
 ) -> List[Segmented]:
-    """Labels at the input size -> masks at each image's size (+ PNG) on the I/O pool."""
+    """(labels, logits) at the input size -> masks (+ PNG, + probabilities) at each
+    image's size, on the I/O pool."""
     segmenter, hist = state.segmenter, state.metrics.postprocess
     num_classes = segmenter.config.num_classes
 
-    def one(lab, size) -> Segmented:
+    def one(result, size) -> Segmented:
         t = time.perf_counter()
-        mask = segmenter.restore(lab, size)
+        labels, logits = result
+        mask = segmenter.restore(labels, size)
         counts = np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]
         encoded = mask_png_bytes(mask, num_classes) if png else None
+        probs = segmenter.probabilities(logits, size).numpy() if logits is not None else None
         hist.observe(time.perf_counter() - t)
-        return Segmented(mask, (counts / max(1, mask.size)).tolist(), encoded)
+        return Segmented(mask, (counts / max(1, mask.size)).tolist(), encoded, probs)
 
-    return list(
-        await asyncio.gather(*(_pool_call(state, one, lab, im.size) for lab, im in zip(labels, images)))
-    )
+    return list(await asyncio.gather(*(_pool_call(state, one, r, im.size) for r, im in zip(results, images))))

@@ -108,8 +108,8 @@ async def predict(
     if as_png and len(blobs) != 1:
         raise BadImage(f"a PNG response holds one mask; this request has {len(blobs)} images (use JSON)")
     prepared = await preprocess(state, blobs)
-    labels, timing = await segment(state, request, prepared, deadline)
-    results = await postprocess(state, labels, prepared)
+    outputs, timing = await segment(state, request, prepared, deadline)
+    results = await postprocess(state, outputs, prepared)
     headers = {
         "X-Queue-Time-Ms": f"{timing.queue_ms:.1f}",
         "X-Inference-Time-Ms": f"{timing.inference_ms:.1f}",

@@ -68,10 +68,10 @@ class SlowSegmenter:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def infer(self, prepared):
+    def logits(self, prepared):
         self.batches.append(len(prepared))
         time.sleep(self.delay)
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("simulated CUDA error")
-        return self.inner.infer(prepared)
+        return self.inner.logits(prepared)
