@@ -37,7 +37,7 @@ from .logs import configure_logging
 from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .pipeline import InferItem
-from .routes import health, metrics, model_info, predict
+from .routes import health, metrics, model_info, predict, v2
 from .settings import Settings
 from .warmup import choose_batch_size, measure_throughput, warm_up
 
@@ -110,7 +110,7 @@ def create_app(settings: Optional[Settings] = None, segmenter: Any = None) -> Fa
     )
     app.state.chanseg = state
     register_handlers(app)
-    for router in (health.router, predict.router, model_info.router, metrics.router):
+    for router in (health.router, predict.router, model_info.router, metrics.router, v2.router):
         app.include_router(router)
     app.add_middleware(RequestMiddleware, metrics=state.metrics, max_upload_bytes=settings.max_upload_bytes)
     return app

@@ -28,6 +28,8 @@ __all__ = [
     "DeadlineExceeded",
     "InferenceFailed",
     "ClientGone",
+    "InvalidRequest",
+    "NotFound",
     "register_handlers",
 ]
 
@@ -130,3 +132,15 @@ class ClientGone(ApiError):
     """499 (nginx's code): the client disconnected before its result; nothing is sent."""
 
     status = 499
+
+
+class InvalidRequest(ApiError):
+    """400: a request the protocol does not allow (wrong datatype, shape, name, byte count)."""
+
+    status = 400
+
+
+class NotFound(ApiError):
+    """404: unknown model name or version."""
+
+    status = 404

@@ -1,0 +1,205 @@
+"""Open Inference Protocol v2: tritonclient against a real server, raw malformed requests in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from tests.service.conftest import make_settings, png_bytes, random_image, serve
+from tests.service.test_app import files, metric_samples
+from tests.service.test_process import server  # noqa: F401  (fixture: a real server process)
+
+httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a dev dependency")
+
+
+def test_tritonclient_metadata_and_health(server):  # noqa: F811
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("tiny") and client.is_model_ready("tiny", "7")
+    assert not client.is_model_ready("other")
+    meta = client.get_model_metadata("tiny")
+    assert meta["name"] == "tiny" and meta["versions"] == ["7"]
+    assert {(i["name"], i["datatype"]) for i in meta["inputs"]} == {
+        ("IMAGE", "UINT8"),
+        ("IMAGE_BYTES", "BYTES"),
+    }
+    assert [o["shape"] for o in meta["outputs"]] == [[-1, -1, -1], [-1, 4, -1, -1]]
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_uint8_infer(server, tiny_segmenter, binary):  # noqa: F811
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    images = np.stack([random_image(1, 40, 30), random_image(2, 40, 30)])
+    inp = httpclient.InferInput("IMAGE", list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images, binary_data=binary)
+    outputs = [httpclient.InferRequestedOutput("MASK", binary_data=binary)]
+    result = client.infer("tiny", [inp], outputs=outputs, request_id="req-1")
+    masks = result.as_numpy("MASK")
+    assert masks.shape == (2, 40, 30) and masks.dtype == np.uint8
+    for mask, image in zip(masks, images):
+        np.testing.assert_array_equal(mask, tiny_segmenter.predict(image))
+    assert result.get_response()["id"] == "req-1"
+    assert result.as_numpy("PROBABILITIES") is None  # only when asked for
+
+
+def test_tritonclient_bytes_input_and_both_outputs(server, tiny_segmenter):  # noqa: F811
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    image = random_image(3, 50, 50)
+    inp = httpclient.InferInput("IMAGE_BYTES", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([png_bytes(image)], dtype=np.object_), binary_data=True)
+    outputs = [httpclient.InferRequestedOutput("MASK"), httpclient.InferRequestedOutput("PROBABILITIES")]
+    result = client.infer("tiny", [inp], outputs=outputs, model_version="7")
+    mask, probs = result.as_numpy("MASK"), result.as_numpy("PROBABILITIES")
+    np.testing.assert_array_equal(mask[0], tiny_segmenter.predict(image))
+    assert probs.shape == (1, 4, 50, 50) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(probs[0], tiny_segmenter.predict_proba(image), atol=1e-5)
+
+
+def test_tritonclient_defaults_binary_on(server, tiny_segmenter):  # noqa: F811
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    image = random_image(4, 24, 24)[None]
+    inp = httpclient.InferInput("IMAGE", list(image.shape), "UINT8")
+    inp.set_data_from_numpy(image)
+    result = client.infer("tiny", [inp])
+    np.testing.assert_array_equal(result.as_numpy("MASK")[0], tiny_segmenter.predict(image[0]))
+
+
+def _json(inputs, **extra):
+    return json.dumps({"inputs": inputs, **extra}).encode()
+
+
+IMG = random_image(5, 16, 16)
+GOOD_INPUT = {"name": "IMAGE", "datatype": "UINT8", "shape": [1, 16, 16, 3], "data": IMG.ravel().tolist()}
+MALFORMED = {
+    "not json": (b"{nope", {}, 400, "JSON"),
+    "no inputs": (b'{"inputs": []}', {}, 400, "inputs"),
+    "wrong datatype": (_json([{**GOOD_INPUT, "datatype": "FP32"}]), {}, 400, "UINT8"),
+    "wrong shape": (_json([{**GOOD_INPUT, "shape": [1, 16, 16]}]), {}, 400, "shape"),
+    "shape/data mismatch": (_json([{**GOOD_INPUT, "shape": [1, 16, 17, 3]}]), {}, 400, "values"),
+    "wrong input name": (_json([{**GOOD_INPUT, "name": "PIXELS"}]), {}, 400, "unknown input"),
+    "wrong output name": (_json([GOOD_INPUT], outputs=[{"name": "LOGITS"}]), {}, 400, "unknown output"),
+    "value out of range": (_json([{**GOOD_INPUT, "data": [300] * IMG.size}]), {}, 400, "range"),
+    "two inputs": (_json([GOOD_INPUT, GOOD_INPUT]), {}, 400, "exactly one"),
+    "byte count": (
+        _json(
+            [
+                {
+                    "name": "IMAGE",
+                    "datatype": "UINT8",
+                    "shape": [1, 16, 16, 3],
+                    "parameters": {"binary_data_size": 10},
+                }
+            ]
+        )
+        + b"\0" * 10,
+        "header",
+        400,
+        "bytes",
+    ),
+    "header overruns body": (b'{"inputs": []}', {"inference-header-content-length": "500"}, 400, "overruns"),
+    "bad base64": (
+        _json([{"name": "IMAGE_BYTES", "datatype": "BYTES", "shape": [1], "data": ["%%%"]}]),
+        {},
+        400,
+        "base64",
+    ),
+    "undecodable image bytes": (
+        _json(
+            [
+                {
+                    "name": "IMAGE_BYTES",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "data": [base64.b64encode(b"hi").decode()],
+                }
+            ]
+        ),
+        {},
+        400,
+        "decodable",
+    ),
+}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("case", list(MALFORMED))
+async def test_malformed_v2_requests_are_400_with_error(tiny_artifact, case):
+    body, headers, status, words = MALFORMED[case]
+    if headers == "header":
+        headers = {"inference-header-content-length": str(len(body) - 10)}
+    async with serve(make_settings(tiny_artifact)) as client:
+        r = await client.post("/v2/models/tiny/infer", content=body, headers=headers)
+        good = await client.post("/v2/models/tiny/infer", content=_json([GOOD_INPUT]))
+    assert r.status_code == status, r.text
+    assert words.lower() in r.json()["error"].lower()
+    assert good.status_code == 200 and good.json()["outputs"][0]["shape"] == [1, 16, 16]
+
+
+@pytest.mark.anyio
+async def test_unknown_model_or_version_is_404(tiny_artifact):
+    async with serve(make_settings(tiny_artifact)) as client:
+        results = [
+            await client.post("/v2/models/nope/infer", content=_json([GOOD_INPUT])),
+            await client.post("/v2/models/tiny/versions/8/infer", content=_json([GOOD_INPUT])),
+            await client.get("/v2/models/nope"),
+            await client.get("/v2/models/tiny/versions/8/ready"),
+        ]
+    assert [r.status_code for r in results] == [404] * 4
+    assert all("error" in r.json() for r in results)
+
+
+@pytest.mark.anyio
+async def test_json_nested_data_binary_output_and_api_key(tiny_artifact, tiny_segmenter):
+    nested = {"name": "IMAGE", "datatype": "UINT8", "shape": [1, 16, 16, 3], "data": IMG[None].tolist()}
+    body = _json([nested], id="n1", parameters={"binary_data_output": True})
+    async with serve(make_settings(tiny_artifact, api_key="k")) as client:
+        denied = await client.post("/v2/models/tiny/infer", content=body)
+        r = await client.post("/v2/models/tiny/infer", content=body, headers={"authorization": "Bearer k"})
+        live = await client.get("/v2/health/live")
+    assert denied.status_code == 401 and "error" in denied.json()
+    assert live.status_code == 200
+    n = int(r.headers["inference-header-content-length"])
+    header = json.loads(r.content[:n])
+    assert header["id"] == "n1" and header["outputs"][0]["parameters"]["binary_data_size"] == 256
+    mask = np.frombuffer(r.content[n:], np.uint8).reshape(16, 16)
+    np.testing.assert_array_equal(mask, tiny_segmenter.predict(IMG))
+
+
+@pytest.mark.anyio
+async def test_v2_and_predict_share_batches(tiny_artifact):
+    async with serve(make_settings(tiny_artifact, max_batch_size=8, max_batch_delay_ms=100)) as client:
+        v2 = [client.post("/v2/models/tiny/infer", content=_json([GOOD_INPUT])) for _ in range(4)]
+        predict = [client.post("/predict", files=files(random_image(i))) for i in range(4)]
+        responses = await asyncio.gather(*v2, *predict)
+        samples = metric_samples((await client.get("/metrics")).text)
+    assert all(r.status_code == 200 for r in responses)
+    assert samples[("chanseg_batch_size_sum", ())] == 8
+    assert samples[("chanseg_batch_size_count", ())] <= 2  # both endpoints' images in the same batch(es)
+    assert samples[("chanseg_requests_total", (("endpoint", "v2_infer"), ("status", "200")))] == 4
+    assert samples[("chanseg_requests_total", (("endpoint", "predict"), ("status", "200")))] == 4
+
+
+def test_binary_bytes_codec_round_trip():
+    from service.v2_codec import parse_infer_request
+
+    blobs = [b"abc", b"", b"\x00\xff"]
+    data = b"".join(struct.pack("<I", len(b)) + b for b in blobs)
+    header = _json(
+        [
+            {
+                "name": "IMAGE_BYTES",
+                "datatype": "BYTES",
+                "shape": [3],
+                "parameters": {"binary_data_size": len(data)},
+            }
+        ]
+    )
+    req = parse_infer_request(header + data, str(len(header)))
+    assert req.inputs[0].value == blobs
