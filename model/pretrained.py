@@ -79,16 +79,18 @@ def _cached(directory: str | os.PathLike | None) -> tuple[Path, Artifact]:
     digest = hashlib.sha256(weights.read_bytes() + config_text.encode()).hexdigest()
     key = f"{digest[:16]}-torch{torch.__version__.replace('+', '_')}-chanseg{__version__}"
     root = Path(directory) if directory is not None else cache_dir()
+    name = f"default-{key}.pt"
+    if (root / name).is_file():  # a read-only cache (a container's) is fine when it holds the file
+        try:
+            return root / name, read_artifact(root / name)
+        except ModelLoadError as exc:
+            log.warning("rebuilding corrupt cached artifact %s: %s", root / name, exc)
     if not _writable(root):
         fallback = Path(tempfile.gettempdir()) / "chanseg-cache"
         log.warning("cache directory %s is not writable; using %s", root, fallback)
         root = fallback
-    path = root / f"default-{key}.pt"
-    if path.is_file():
-        try:
-            return path, read_artifact(path)
-        except ModelLoadError as exc:
-            log.warning("rebuilding corrupt cached artifact %s: %s", path, exc)
+        _writable(root)
+    path = root / name
     config = ModelConfig.from_json(config_text)
     net = build_network(config, load_file(str(weights)))
     export_torchscript(net, path, config, version=digest[:12], extra_meta={"weights_sha256": digest})
