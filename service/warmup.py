@@ -39,7 +39,7 @@ def _sync(segmenter) -> None:
         torch.cuda.synchronize(segmenter.device)
 
 
-def measure_throughput(segmenter, limit: int, budget_s: float = 20.0, runs: int = 3) -> Dict[int, float]:
+def measure_throughput(segmenter, limit: int, budget_s: float = 15.0, runs: int = 2) -> Dict[int, float]:
     """Images/s per batch size 1, 2, 4, ... up to ``limit`` (median of ``runs``).
 
     Stops early when throughput falls 10% below the best so far, or when the
