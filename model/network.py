@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, List, Tuple
 
 import torch
@@ -47,7 +47,6 @@ class ModelConfig:
     negative_slope: float = 0.01
     complementary: bool = False
     name: str = "chanseg"
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         for name in ("class_names", "widths", "input_size", "mean", "std"):
