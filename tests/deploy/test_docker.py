@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -35,10 +36,13 @@ def sh(*args: str, timeout: float = 600, check: bool = True) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def engine():
+    os.environ["DOCKER_HOST"] = sh(str(SCRIPT), "env").stdout.split("=", 1)[1].strip()
+    already_running = shutil.which("docker") is not None and (
+        subprocess.run(["docker", "version"], capture_output=True).returncode == 0
+    )
     started = subprocess.run([str(SCRIPT), "start"], capture_output=True, text=True, timeout=900)
     if started.returncode != 0:
         pytest.skip(f"no Docker engine could start here: {started.stderr.strip()[-500:]}")
-    os.environ["DOCKER_HOST"] = sh(str(SCRIPT), "env").stdout.split("=", 1)[1].strip()
     t = time.perf_counter()
     sh(str(SCRIPT), "build", TAG, timeout=1800)
     build_s = time.perf_counter() - t
@@ -46,6 +50,8 @@ def engine():
     print(f"\nimage {TAG}: {size / 1e6:.0f} MB, built in {build_s:.0f} s")
     yield {"build_s": build_s, "size": size}
     sh("docker", "image", "rm", "-f", TAG, check=False)
+    if not already_running:
+        sh(str(SCRIPT), "stop", check=False)
 
 
 @pytest.fixture
