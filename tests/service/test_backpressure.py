@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.service.conftest import SlowSegmenter, make_settings, random_image, serve
+from tests.service.conftest import SlowSegmenter, make_settings, png_bytes, random_image, serve
 from tests.service.test_app import files, metric_samples
 
 pytestmark = pytest.mark.anyio
@@ -104,3 +104,43 @@ async def test_not_ready_and_draining_refuse_work(tiny_artifact):
     assert ready.status_code == 503 and ready.json()["status"] == "draining"
     assert r.status_code == 503 and "Retry-After" in r.headers
     assert live.status_code == 200
+
+
+async def test_disconnected_client_is_not_computed(tiny_artifact, tiny_segmenter):
+    """A client that goes away while its image is queued costs no inference."""
+    slow = SlowSegmenter(tiny_segmenter, delay=0.4)
+    async with serve(
+        make_settings(tiny_artifact, max_batch_size=1, max_batch_delay_ms=0), segmenter=slow
+    ) as client:
+        app = client._transport.app
+        slow.batches.clear()
+        blocker = asyncio.create_task(client.post("/predict", files=files(random_image(1))))
+        await asyncio.sleep(0.05)  # the blocker's image is computing
+        body = png_bytes(random_image(2))
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent = []
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(0.05)  # then the client hangs up, while its image waits
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/predict", "raw_path": b"/predict", "query_string": b"",
+            "root_path": "", "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 1234), "server": ("chanseg", 80),
+        }  # fmt: skip
+        await app(scope, receive, send)
+        assert (await blocker).status_code == 200
+        await asyncio.sleep(0.5)
+        after = await client.post("/predict", files=files(random_image(3)))
+        samples = metric_samples((await client.get("/metrics")).text)
+    assert sent[0]["status"] == 499  # logged as "client closed request"; nobody reads it
+    assert after.status_code == 200
+    assert slow.batches == [1, 1]  # the blocker and the request after: never the disconnected one
+    assert samples[("chanseg_requests_total", (("endpoint", "predict"), ("status", "499")))] == 1

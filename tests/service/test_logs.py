@@ -1,0 +1,46 @@
+"""One access line per request; JSON logs are one object per line."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+
+from service.logs import JsonFormatter, TextFormatter
+from tests.service.conftest import make_settings, random_image, serve
+from tests.service.test_app import files
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_access_line_as_json(tiny_artifact):
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    access = logging.getLogger("chanseg.access")
+    access.addHandler(handler)
+    level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        async with serve(make_settings(tiny_artifact)) as client:
+            r = await client.post(
+                "/predict", files=files(random_image(1), random_image(2)), headers={"x-request-id": "r-42"}
+            )
+            await client.get("/metrics")  # scrapes are not logged
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert r.status_code == 200 and len(lines) == 1
+    line = lines[0]
+    assert line["request_id"] == "r-42" and line["status"] == 200 and line["images"] == 2
+    assert line["endpoint"] == "predict" and line["message"] == "POST /predict 200"
+    assert line["total_ms"] >= line["inference_ms"] > 0 and line["queue_ms"] >= 0
+    assert line["level"] == "info" and line["time"].endswith("Z")
+
+
+def test_text_formatter_appends_fields():
+    record = logging.makeLogRecord({"msg": "hello", "levelname": "INFO", "name": "x", "request_id": "abc"})
+    assert TextFormatter().format(record).endswith("hello request_id=abc")
