@@ -8,8 +8,8 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= serve,dev
 BIN := $(VENV)/bin
 
-# jemalloc when installed (apt-get install libjemalloc2): see README, "Allocator".
-JEMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2))
+# tcmalloc when installed (apt-get install libtcmalloc-minimal4): see README, "Allocator".
+TCMALLOC := $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4))
 
 .PHONY: install test lint serve bench-model bench-serve clean
 
@@ -28,7 +28,7 @@ test: install lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 serve: install
-	LD_PRELOAD=$(JEMALLOC) $(BIN)/python -m service
+	LD_PRELOAD=$(TCMALLOC) $(BIN)/python -m service
 
 bench-serve: install
 	$(BIN)/python -m benchmarks.serve_bench

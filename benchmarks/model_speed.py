@@ -28,7 +28,7 @@ ALLOCATORS = {
     "jemalloc": ["libjemalloc.so.2"],
     "tcmalloc": ["libtcmalloc_minimal.so.4", "libtcmalloc.so.4"],
 }
-VARIANTS = ["eager", "scripted", "frozen", "frozen+ofi", "channels_last"]
+VARIANTS = ["eager", "scripted", "frozen", "frozen+ofi", "frozen+channels_last", "load()"]
 
 
 def find_library(names):
@@ -74,12 +74,15 @@ def build_variant(name: str, artifact_path: str | None):
         return net, artifact.config, False
     if name == "scripted":
         return artifact.module.eval(), artifact.config, False
-    if name == "frozen":  # exactly what model.load() returns on CPU
-        return model.load(artifact_path, device="cpu").module, artifact.config, False
+    if name == "load()":  # exactly what model.load() returns on CPU
+        seg = model.load(artifact_path, device="cpu")
+        return seg.module, artifact.config, seg.memory_format == torch.channels_last
     frozen = torch.jit.freeze(artifact.module.eval())
+    if name == "frozen":
+        return frozen, artifact.config, False
     if name == "frozen+ofi":
         return torch.jit.optimize_for_inference(frozen), artifact.config, False
-    if name == "channels_last":
+    if name == "frozen+channels_last":
         net = torch.jit.freeze(artifact.module.eval().to(memory_format=torch.channels_last))
         return net, artifact.config, True
     raise ValueError(name)
@@ -124,7 +127,7 @@ def measure(args) -> dict:
     seg = model.load(args.model, device="cpu")
     h, w = seg.config.input_size
     image = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
-    x = torch.randn(1, 3, h, w)
+    x = torch.randn(1, 3, h, w).contiguous(memory_format=seg.memory_format)
     with torch.inference_mode():
         for _ in range(3):
             seg.predict(image)
@@ -191,7 +194,7 @@ def print_table(report: dict) -> None:
             cells = " | ".join(f"{rows[b]['images_per_s']:.2f}" for b in batches)
             print(f"| {variant} | {cells} | {b1['latency_ms']:.1f} | {100 * b1['peak_fraction']:.0f}% |")
         eager = res["variants"]["eager"][batches[0]]["images_per_s"]
-        frozen = res["variants"]["frozen"][batches[0]]["images_per_s"]
+        frozen = res["variants"]["load()"][batches[0]]["images_per_s"]
         overhead = res["predict_batch1_ms"] / res["forward_batch1_ms"] - 1
         print(
             f"load() variant vs eager at batch 1: {frozen / eager:.2f}x; "

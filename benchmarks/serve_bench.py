@@ -7,7 +7,7 @@
 
 Prints a table and the issue's target ratios, writes JSON.
 
-    python -m benchmarks.serve_bench [--allocator jemalloc] [--model PATH] [--env KEY=VALUE ...]
+    python -m benchmarks.serve_bench [--allocator tcmalloc] [--model PATH] [--env KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", help="artifact (default: the bundled model)")
-    parser.add_argument("--allocator", choices=list(ALLOCATORS), default="jemalloc")
+    parser.add_argument("--allocator", choices=list(ALLOCATORS), default="tcmalloc")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=3.0)

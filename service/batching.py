@@ -3,7 +3,8 @@
 Lifecycle of an image: the request ``submit``s it (refused at once with
 ``QueueFull`` when ``max_queue`` images already wait) -> ``collect_batch`` fills
 a batch until it holds ``max_batch_size`` images or its first image has waited
-``max_delay_s`` -> images whose request expired or went away are dropped ->
+``max_delay_s`` (or nothing else is on its way: no image queued, none being
+decoded) -> images whose request expired or went away are dropped ->
 one ``infer`` call runs the rest on a dedicated thread, so the event loop
 never blocks and the next batch queues up meanwhile -> each image's future
 gets its own result. A failure inside ``infer`` is logged once and fails only
@@ -21,7 +22,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, List, Optional, Sequence
+from typing import Any, Callable, Deque, Iterator, List, Optional, Sequence
 
 __all__ = ["Job", "QueueFull", "DeadlineExpired", "BatchFailed", "collect_batch", "DynamicBatcher"]
 
@@ -67,10 +68,13 @@ async def collect_batch(
     max_size: int,
     max_delay_s: float,
     clock: Callable[[], float] = time.monotonic,
+    incoming: Optional[Callable[[], int]] = None,
 ) -> List[Job]:
     """Take up to ``max_size`` jobs: wait for one, then fill until full or until
-    the first has waited ``max_delay_s``. Returns ``[]`` when woken with an empty
-    queue (how ``stop`` interrupts the wait)."""
+    the first has waited ``max_delay_s``, or, when ``incoming`` is given, until
+    the queue is empty and ``incoming()`` says no more images are on their way
+    (waiting then would only add latency). Returns ``[]`` when woken with an
+    empty queue (how ``stop`` interrupts the wait)."""
     if not queue:
         wakeup.clear()
         await wakeup.wait()
@@ -82,7 +86,11 @@ async def collect_batch(
         while queue and len(batch) < max_size:
             batch.append(queue.popleft())
         remaining = close_at - clock()
-        if len(batch) >= max_size or remaining <= 0:
+        if (
+            len(batch) >= max_size
+            or remaining <= 0
+            or (incoming is not None and not queue and incoming() == 0)
+        ):
             return batch
         wakeup.clear()
         with contextlib.suppress(asyncio.TimeoutError):
@@ -120,6 +128,7 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._waiting = 0  # in the queue or in the batch being collected
         self._running = 0  # in the batch being computed
+        self._incoming = 0  # announced by requests still decoding, not yet submitted
         self._executor: Optional[ThreadPoolExecutor] = None
         self._task: Optional[asyncio.Task] = None
         self._accepting = False
@@ -135,6 +144,16 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chanseg-infer")
         self._accepting = True
         self._task = asyncio.create_task(self._loop(), name="chanseg-batcher")
+
+    @contextlib.contextmanager
+    def incoming(self, count: int) -> Iterator[None]:
+        """Announce ``count`` images being prepared, so that a forming batch waits
+        for them (up to ``max_delay_s``) instead of closing early."""
+        self._incoming += count
+        try:
+            yield
+        finally:
+            self._incoming -= count
 
     def submit(self, payloads: Sequence[Any], deadline: float) -> List[Job]:
         """Queue all payloads or none; raises :class:`QueueFull` when they do not fit."""
@@ -186,7 +205,13 @@ class DynamicBatcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = await collect_batch(self._queue, self._wakeup, self.max_batch_size, self.max_delay_s)
+            batch = await collect_batch(
+                self._queue,
+                self._wakeup,
+                self.max_batch_size,
+                self.max_delay_s,
+                incoming=lambda: self._incoming,
+            )
             if not batch:
                 continue
             now = time.monotonic()

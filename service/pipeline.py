@@ -10,6 +10,7 @@ masks, class fractions and PNGs on the I/O pool. Per-image times go to the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
@@ -80,7 +81,9 @@ async def preprocess(state, sources: Sequence[Tuple[str, Union[bytes, np.ndarray
         hist.observe(time.perf_counter() - t)
         return prepared
 
-    return list(await asyncio.gather(*(_pool_call(state, one, name, src) for name, src in sources)))
+    announce = state.batcher.incoming(len(sources)) if state.batcher is not None else contextlib.nullcontext()
+    with announce:  # a forming batch waits for these rather than closing early
+        return list(await asyncio.gather(*(_pool_call(state, one, name, src) for name, src in sources)))
 
 
 async def _disconnected(request: Request) -> None:

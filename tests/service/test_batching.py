@@ -198,3 +198,24 @@ def test_every_image_gets_exactly_its_own_result(requests, gaps, max_batch):
         assert all(len(batch) <= max_batch for batch in model.batches)
 
     asyncio.run(scenario())
+
+
+async def test_batch_closes_at_once_when_nothing_else_is_coming():
+    loop = asyncio.get_running_loop()
+    queue, wakeup = deque([_job(loop, 0)]), asyncio.Event()
+    started = time.monotonic()
+    batch = await collect_batch(queue, wakeup, max_size=8, max_delay_s=1.0, incoming=lambda: 0)
+    assert len(batch) == 1 and time.monotonic() - started < 0.05
+
+
+async def test_announced_images_are_waited_for():
+    model = FakeModel()
+    b = await _batcher(model, max_batch_size=4, max_delay_s=0.5)
+    with b.incoming(1):
+        first = b.submit([1], FAR)[0]
+        await asyncio.sleep(0.05)  # the other image is still "decoding"
+        assert not first.future.done()
+    second = b.submit([2], FAR)[0]
+    assert await asyncio.gather(first.future, second.future) == [10, 20]
+    assert model.batches == [[1, 2]]
+    await b.stop(5)
