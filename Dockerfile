@@ -5,8 +5,8 @@
 #                   docker run --gpus all -e CHANSEG_PRECISION=fp16 -p 8000:8000 chanseg:cuda
 #
 # Build arguments: TORCH_SPEC (the torch requirement), TORCH_INDEX_URL (where
-# pip looks for it: the CPU or a CUDA wheel index), TORCH_FIND_LINKS (a local
-# wheel folder or page instead of an index, for offline builds).
+# pip looks for it: the CPU or a CUDA wheel index), TORCH_FIND_LINKS (a page
+# or folder of wheels searched for torch first, e.g. a local mirror).
 
 ARG BASE_IMAGE=debian:bookworm-slim
 
@@ -25,7 +25,7 @@ RUN apt-get update \
 
 # torch alone first: the biggest layer, changed only by its build arguments.
 # hadolint ignore=DL3013,SC2086
-RUN if [ -n "$TORCH_FIND_LINKS" ]; then src="--no-index --find-links $TORCH_FIND_LINKS"; \
+RUN if [ -n "$TORCH_FIND_LINKS" ]; then src="--find-links $TORCH_FIND_LINKS"; \
     else src="--index-url $TORCH_INDEX_URL"; fi; \
     pip install $src "$TORCH_SPEC"
 
@@ -35,7 +35,7 @@ COPY pyproject.toml README.md ./
 # Versions come from pyproject.toml's ranges (and the torch pinned above).
 # hadolint ignore=DL3013
 RUN mkdir model service && touch model/__init__.py service/__init__.py \
-    && pip install ".[serve]" && pip uninstall -y chanseg && rm -rf model service
+    && pip install ".[serve]" && pip uninstall -y chanseg && rm -rf model service build ./*.egg-info
 
 # Then the code, and the default model compiled to TorchScript at build time.
 COPY model ./model
