@@ -55,7 +55,7 @@ def test_held_out_miou(default_segmenter):
     confusion = torch.zeros(4, 4, dtype=torch.int64)
     samples = [synthetic_sample(2, i) for i in range(32)]  # seed 2: never used in training
     for sample, mask in zip(samples, default_segmenter.predict([s.image for s in samples])):
-        confusion += confusion_matrix(torch.from_numpy(mask), torch.from_numpy(sample.mask), 4)
+        confusion += confusion_matrix(torch.from_numpy(mask), torch.from_numpy(np.array(sample.mask)), 4)
     result = scores(confusion, model.ModelConfig().class_names)
     assert result["miou"] >= 0.85, result
 
