@@ -33,6 +33,9 @@ install_tools() {
 start_engine() {
   mkdir -p "$W"
   if docker version >/dev/null 2>&1; then return; fi
+  if [ -f "$W/dockerd.pid" ] && ! kill -0 "$(cat "$W/dockerd.pid")" 2>/dev/null; then
+    rm -f "$W/dockerd.pid" "$SOCK"  # left by an engine that was killed
+  fi
   log "starting dockerd"
   nohup dockerd --host "$DOCKER_HOST" --data-root "$W/data" --exec-root "$W/exec" \
     --pidfile "$W/dockerd.pid" >"$W/dockerd.log" 2>&1 &
