@@ -9,7 +9,7 @@ from fastapi import Depends, Request
 
 from .errors import NotReady, Unauthorized
 
-__all__ = ["State", "Authorized", "get_state", "require_api_key"]
+__all__ = ["State", "Authorized", "Ready", "get_state", "require_api_key", "require_ready"]
 
 
 def get_state(request: Request):

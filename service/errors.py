@@ -103,6 +103,24 @@ class InferenceFailed(ApiError):
     status = 500
 
 
+class ClientGone(ApiError):
+    """499 (nginx's code): the client disconnected before its result; nothing is sent."""
+
+    status = 499
+
+
+class InvalidRequest(ApiError):
+    """400: a request the protocol does not allow (wrong datatype, shape, name, byte count)."""
+
+    status = 400
+
+
+class NotFound(ApiError):
+    """404: unknown model name or version."""
+
+    status = 404
+
+
 def error_body(path: str, detail: str) -> dict:
     """``{"detail": ...}``, or ``{"error": ...}`` on the v2 protocol's paths."""
     return {"error" if path.startswith("/v2") else "detail": detail}
@@ -126,21 +144,3 @@ def register_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(_body(request, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
-
-
-class ClientGone(ApiError):
-    """499 (nginx's code): the client disconnected before its result; nothing is sent."""
-
-    status = 499
-
-
-class InvalidRequest(ApiError):
-    """400: a request the protocol does not allow (wrong datatype, shape, name, byte count)."""
-
-    status = 400
-
-
-class NotFound(ApiError):
-    """404: unknown model name or version."""
-
-    status = 404
