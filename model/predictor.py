@@ -13,7 +13,10 @@ Prediction runs in three stages that a server can schedule apart
    of the logits followed by argmax; never invents classes at edges).
 
 Each stage is deterministic and batch-independent: an image's mask is the same
-alone or in any batch.
+alone or in any batch. ``prepare``, ``restore`` and ``probabilities`` use PIL
+and numpy, never torch's CPU kernels: a server calls them from many threads,
+and each thread that runs a parallel torch kernel keeps an OpenMP thread team
+that slows the forward pass everywhere else (see ``preprocess.resize_image``).
 """
 
 from __future__ import annotations
@@ -25,11 +28,18 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.nn import functional as F
 
 from .export import Artifact, ModelLoadError, read_artifact
 from .network import ModelConfig
-from .preprocess import ImageLike, normalize, resize_batch, to_rgb_tensor
+from .preprocess import (
+    ImageLike,
+    nearest_indices,
+    normalize,
+    resize_batch,
+    resize_image,
+    to_rgb_array,
+    to_rgb_tensor,
+)
 
 __all__ = ["PRECISIONS", "Segmenter", "load", "resolve_device"]
 
@@ -152,10 +162,9 @@ class Segmenter:
 
     def prepare(self, image: ImageLike) -> Tensor:
         """One image -> ``(h, w, 3)`` uint8 tensor, resized here when the model runs on CPU."""
-        rgb = to_rgb_tensor(image)
         if self.device.type == "cpu":
-            return resize_batch([rgb], self.config.input_size, self.device)[0]
-        return rgb
+            return to_rgb_tensor(resize_image(to_rgb_array(image), self.config.input_size))
+        return to_rgb_tensor(image)
 
     @torch.inference_mode()
     def logits(self, prepared: Sequence[Tensor]) -> Tensor:
@@ -177,20 +186,17 @@ class Segmenter:
         return logits.max(1).indices.to(torch.uint8).cpu()
 
     @staticmethod
-    @torch.inference_mode()
     def probabilities(logits: Tensor, size: Tuple[int, int]) -> Tensor:
         """One image's logits ``(C, h, w)`` -> float32 softmax ``(C, H, W)`` on the CPU (nearest)."""
-        probs = logits.float().softmax(0)
-        if tuple(probs.shape[1:]) != tuple(size):
-            probs = F.interpolate(probs[None], size=tuple(size), mode="nearest-exact")[0]
-        return probs.cpu()
+        x = logits.detach().float().cpu().numpy()
+        x = np.exp(x - x.max(axis=0, keepdims=True))
+        x /= x.sum(axis=0, keepdims=True)
+        return torch.from_numpy(_upsample(x, size, axes=(1, 2)))
 
     @staticmethod
     def restore(labels: Tensor, size: Tuple[int, int]) -> np.ndarray:
         """``(h, w)`` uint8 labels -> ``(H, W)`` uint8 mask for ``size = (H, W)`` (nearest)."""
-        if tuple(labels.shape) != tuple(size):
-            labels = F.interpolate(labels[None, None], size=tuple(size), mode="nearest-exact")[0, 0]
-        return labels.numpy()
+        return _upsample(labels.numpy(), size, axes=(0, 1))
 
     # -- one call ---------------------------------------------------------------
 
@@ -235,6 +241,15 @@ class Segmenter:
         h, w = self.config.input_size
         dummy = torch.zeros(batch_size, h, w, 3, dtype=torch.uint8)
         self.infer(list(dummy))
+
+
+def _upsample(array: np.ndarray, size: Tuple[int, int], axes: Tuple[int, int]) -> np.ndarray:
+    """Nearest-exact resize of ``array`` along ``axes`` to ``size`` (torch's indices)."""
+    h, w = array.shape[axes[0]], array.shape[axes[1]]
+    if (h, w) == tuple(size):
+        return array
+    rows, cols = nearest_indices(h, int(size[0])), nearest_indices(w, int(size[1]))
+    return np.ascontiguousarray(np.take(np.take(array, rows, axis=axes[0]), cols, axis=axes[1]))
 
 
 def _as_list(images) -> Tuple[list, bool]:

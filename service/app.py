@@ -8,7 +8,10 @@ Request lifecycle (``POST /predict`` and v2 infer):
 
 Start-up (lifespan): load the model on the chosen device and precision, choose
 ``MAX_BATCH_SIZE=auto`` by measuring, warm up each batch size, start the
-batcher; only then does ``/readyz`` answer 200. Shutdown: ``/readyz`` and new
+batcher; only then does ``/readyz`` answer 200. All torch work (loading,
+warm-up, every batch) runs on the one inference thread: each thread that runs
+torch's parallel CPU kernels keeps its own OpenMP team, and more teams than
+cores made every forward pass ~25% slower here. Shutdown: ``/readyz`` and new
 work get 503, accepted work finishes (bounded by ``DRAIN_TIMEOUT_S``).
 
 ``uvicorn service.app:app`` works too: ``app`` is built on first access, not
@@ -54,7 +57,8 @@ class ServerState:
     metrics: Metrics
     segmenter: Any = None
     batcher: Optional[DynamicBatcher] = None
-    pool: Optional[ThreadPoolExecutor] = None
+    pool: Optional[ThreadPoolExecutor] = None  # decoding, encoding: PIL and numpy only
+    inference: Optional[ThreadPoolExecutor] = None  # the one thread that runs torch
     max_batch_size: int = 0
     batch_throughput: dict = field(default_factory=dict)
     ready: bool = False
@@ -121,8 +125,14 @@ async def _start(state: ServerState, segmenter: Any) -> None:
     if s.num_threads:
         torch.set_num_threads(s.num_threads)
     started = time.perf_counter()
+    state.inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chanseg-infer")
+    loop = asyncio.get_running_loop()
+
+    def on_inference_thread(fn, *args):
+        return loop.run_in_executor(state.inference, fn, *args)
+
     if segmenter is None:
-        segmenter = await asyncio.to_thread(model.load, s.model_path, s.device, s.precision)
+        segmenter = await on_inference_thread(model.load, s.model_path, s.device, s.precision)
     state.segmenter = segmenter
     log.info(
         "model %s %s loaded on %s (%s)",
@@ -133,7 +143,7 @@ async def _start(state: ServerState, segmenter: Any) -> None:
     )
     if s.max_batch_size == "auto":
         limit = min(s.auto_batch_limit, s.max_queue)
-        state.batch_throughput = await asyncio.to_thread(measure_throughput, segmenter, limit)
+        state.batch_throughput = await on_inference_thread(measure_throughput, segmenter, limit)
         state.max_batch_size = choose_batch_size(state.batch_throughput)
         log.info(
             "MAX_BATCH_SIZE=auto chose %d from images/s %s",
@@ -142,10 +152,15 @@ async def _start(state: ServerState, segmenter: Any) -> None:
         )
     else:
         state.max_batch_size = s.max_batch_size
-    await asyncio.to_thread(warm_up, segmenter, state.max_batch_size)
+    await on_inference_thread(warm_up, segmenter, state.max_batch_size)
     state.pool = ThreadPoolExecutor(max_workers=_io_threads(), thread_name_prefix="chanseg-io")
     state.batcher = DynamicBatcher(
-        state.infer, state.max_batch_size, s.max_batch_delay_ms / 1000, s.max_queue, metrics=state.metrics
+        state.infer,
+        state.max_batch_size,
+        s.max_batch_delay_ms / 1000,
+        s.max_queue,
+        metrics=state.metrics,
+        executor=state.inference,
     )
     await state.batcher.start()
     state.metrics.set_model(segmenter.name, segmenter.version, str(segmenter.device), segmenter.precision)
@@ -160,6 +175,8 @@ async def _stop(state: ServerState) -> None:
         log.info("batcher stopped (%s)", "drained" if drained else "drain timeout")
     if state.pool is not None:
         state.pool.shutdown(wait=False, cancel_futures=True)
+    if state.inference is not None:
+        state.inference.shutdown(wait=False, cancel_futures=True)
 
 
 def __getattr__(name: str):

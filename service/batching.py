@@ -107,6 +107,10 @@ class DynamicBatcher:
         max_queue: most images waiting (not yet in a running batch).
         metrics: optional object with ``queue_wait``, ``inference``,
             ``batch_size`` histograms and a ``queue_depth`` gauge.
+        executor: the one-thread executor ``infer`` runs on; the caller's
+            (kept open by ``stop``) when given, else the batcher's own. The
+            server passes its inference thread, which also loaded and warmed
+            up the model: all torch work then runs on one thread.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class DynamicBatcher:
         max_delay_s: float,
         max_queue: int,
         metrics: Any = None,
+        executor: Optional[ThreadPoolExecutor] = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_delay_s < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1, max_delay_s >= 0")
@@ -129,7 +134,8 @@ class DynamicBatcher:
         self._waiting = 0  # in the queue or in the batch being collected
         self._running = 0  # in the batch being computed
         self._incoming = 0  # announced by requests still decoding, not yet submitted
-        self._executor: Optional[ThreadPoolExecutor] = None
+        self._executor: Optional[ThreadPoolExecutor] = executor
+        self._owns_executor = executor is None
         self._task: Optional[asyncio.Task] = None
         self._accepting = False
         self._idle = asyncio.Event()
@@ -141,7 +147,8 @@ class DynamicBatcher:
         return self._waiting + self._running
 
     async def start(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chanseg-infer")
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chanseg-infer")
         self._accepting = True
         self._task = asyncio.create_task(self._loop(), name="chanseg-batcher")
 
@@ -194,7 +201,7 @@ class DynamicBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._executor is not None:
+        if self._executor is not None and self._owns_executor:
             self._executor.shutdown(wait=drained, cancel_futures=True)
         return drained
 

@@ -72,6 +72,31 @@ def test_masks_follow_nearest_upsampling_of_model_resolution(tiny_segmenter):
     np.testing.assert_array_equal(big, np.kron(small, np.ones((2, 2), np.uint8)))
 
 
+@pytest.mark.parametrize("src", [1, 3, 64, 100, 255, 257])
+@pytest.mark.parametrize("dst", [1, 5, 64, 99, 256, 1000, 4001])
+def test_host_stages_match_torch_kernels(src, dst):
+    """restore/probabilities (numpy) and prepare's resize (PIL) agree with torch's
+    nearest-exact and antialiased bilinear, which they replace on the host."""
+    from torch.nn import functional as F
+
+    from model import Segmenter
+    from model.preprocess import resize_batch, resize_image
+
+    rng = np.random.default_rng(src * 10_000 + dst)
+    labels = torch.from_numpy(rng.integers(0, 4, (src, src + 1), dtype=np.uint8))
+    expected = F.interpolate(labels[None, None], size=(dst, dst + 2), mode="nearest-exact")[0, 0]
+    np.testing.assert_array_equal(Segmenter.restore(labels, (dst, dst + 2)), expected.numpy())
+
+    logits = torch.randn(4, src, src + 1, generator=torch.Generator().manual_seed(dst))
+    expected = F.interpolate(logits.softmax(0)[None], size=(dst, dst + 2), mode="nearest-exact")[0]
+    torch.testing.assert_close(Segmenter.probabilities(logits, (dst, dst + 2)), expected)
+
+    image = rng.integers(0, 256, (src, src + 1, 3), dtype=np.uint8)
+    ours = resize_image(image, (min(dst, 300), 64)).astype(int)
+    theirs = resize_batch([torch.from_numpy(image)], (min(dst, 300), 64), torch.device("cpu"))[0]
+    assert np.abs(ours - theirs.numpy().astype(int)).max() <= 1
+
+
 @pytest.mark.parametrize(
     "bad, error",
     [
