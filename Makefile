@@ -5,7 +5,7 @@ VENV ?= .venv
 # build of torch. Override for a GPU machine, e.g.
 #   make TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128' test
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= serve,dev
+EXTRAS ?= serve,dev,bench
 BIN := $(VENV)/bin
 
 # tcmalloc when installed (apt-get install libtcmalloc-minimal4): see README, "Allocator".
@@ -31,7 +31,7 @@ serve: install
 	LD_PRELOAD=$(TCMALLOC) $(BIN)/python -m service
 
 bench-serve: install
-	$(BIN)/python -m benchmarks.serve_bench
+	$(BIN)/python -m benchmarks run
 
 bench-model: install
 	$(BIN)/python benchmarks/model_speed.py

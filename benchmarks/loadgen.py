@@ -1,37 +1,65 @@
-"""A bounded HTTP load generator for chanseg (closed loop, loopback only).
+"""A bounded HTTP load generator that follows perf_analyzer's method.
 
-Each of ``concurrency`` workers sends a request, waits for the answer, sends
-the next, for ``duration_s`` after ``warmup_s`` (warm-up answers are not
-counted). Every run is bounded in time and in request count, and refuses any
-host that is not a loopback address.
+Load: closed loop (``concurrency`` clients, each sends its next request when
+the last one is answered) or open loop (requests start at a fixed rate,
+evenly spaced or as Poisson arrivals, whether or not earlier ones finished).
 
-    python -m benchmarks.loadgen --url http://127.0.0.1:8000 --concurrency 1 4 16 64
+Measurement: after ``warmup_s``, windows of ``window_s``; a request counts in
+the window in which its answer arrived. Windows repeat until the last
+``stable_windows`` agree within ``stability`` (max - min over mean) on
+throughput and p95, or until ``max_windows``: then the result says
+"unstable". Figures are over those last windows. When the server exposes
+chanseg's ``/metrics``, the server-side split (queue wait, inference time per
+batch, batch size) is read before and after them.
+
+Bounds: at most ``max_requests`` requests and ``warmup_s + max_windows *
+window_s`` seconds per measurement; only loopback addresses.
+
+    python -m benchmarks.loadgen --url http://127.0.0.1:8000 --concurrency 1 4 16
+    python -m benchmarks.loadgen --url http://127.0.0.1:8000 --rate 10 --poisson
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import ipaddress
 import json
+import random
+import resource
 import socket
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 from urllib.parse import urlparse
 
 import httpx
 import numpy as np
 
-__all__ = ["RunResult", "closed_loop", "make_png_bodies", "require_loopback", "percentile"]
+__all__ = [
+    "Measurement",
+    "Payload",
+    "measure",
+    "make_images",
+    "multipart",
+    "base64_json",
+    "percentile",
+    "require_loopback",
+    "server_split",
+]
+
+BOUNDARY = "chanseg-bench-boundary"
 
 
 def require_loopback(url: str) -> None:
     """Raise unless ``url``'s host resolves to loopback addresses only."""
     host = urlparse(url).hostname or ""
-    addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except socket.gaierror as exc:
+        raise ValueError(f"{url}: cannot resolve {host!r}") from exc
     if not addresses or not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
         raise ValueError(
             f"{url}: the load generator only talks to loopback addresses, not {sorted(addresses)}"
@@ -39,13 +67,11 @@ def require_loopback(url: str) -> None:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
+    return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
-def make_png_bodies(count: int = 16, size: int = 256, seed: int = 0, fmt: str = "PNG") -> List[bytes]:
-    """Synthetic-shapes images (what the default model knows), encoded."""
-    import io
-
+def make_images(count: int = 16, size: int = 256, fmt: str = "PNG", seed: int = 0) -> List[bytes]:
+    """Synthetic-shapes images (what the default model knows), encoded as PNG or JPEG."""
     from PIL import Image
 
     from model.data import synthetic_sample
@@ -59,10 +85,61 @@ def make_png_bodies(count: int = 16, size: int = 256, seed: int = 0, fmt: str = 
     return bodies
 
 
+@dataclass(frozen=True)
+class Payload:
+    """One request as bytes, built once: the client spends its CPU on sending."""
+
+    body: bytes
+    content_type: str
+
+
+def multipart(image: bytes, filename: str = "image.png") -> Payload:
+    """``image`` as the single ``file`` part of a multipart/form-data body."""
+    kind = "image/jpeg" if image[:3] == b"\xff\xd8\xff" else "image/png"
+    head = (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+        f"Content-Type: {kind}\r\n\r\n"
+    ).encode()
+    return Payload(head + image + f"\r\n--{BOUNDARY}--\r\n".encode(), f"multipart/form-data; boundary={BOUNDARY}")
+
+
+def base64_json(image: bytes) -> Payload:
+    """``image`` as ``{"image": "<base64>"}`` (how LitServe examples send images)."""
+    import base64
+
+    return Payload(json.dumps({"image": base64.b64encode(image).decode()}).encode(), "application/json")
+
+
 @dataclass
-class RunResult:
-    concurrency: int
-    duration_s: float
+class Sample:
+    sent: float
+    done: float
+    status: str  # HTTP status, or "error" (transport error or client timeout)
+    retry_after: bool = False  # the answer carried Retry-After
+
+    @property
+    def ms(self) -> float:
+        return (self.done - self.sent) * 1000
+
+
+@dataclass
+class Window:
+    start: float
+    seconds: float
+    ok: int
+    images_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+
+
+@dataclass
+class Measurement:
+    mode: str  # "concurrency" or "rate"
+    load: float  # the concurrency, or the request rate (1/s)
+    status: str  # "stable" or "unstable"
+    windows: List[Window]
+    seconds: float  # length of the windows the figures come from
     requests: int
     ok: int
     statuses: Dict[str, int]
@@ -72,8 +149,13 @@ class RunResult:
     p95_ms: float
     p99_ms: float
     mean_ms: float
-    rejected_p99_ms: float  # latency of non-200 answers (503s should be fast)
-    errors: int  # transport errors / client timeouts
+    rejected_p99_ms: float  # non-200 answers (a 503 should be fast)
+    rejected_max_ms: float
+    rejected_without_retry_after: int
+    errors: int  # transport errors and client-side timeouts
+    skipped: int  # open loop: arrivals not sent because max_inflight were pending
+    client_cpu_ms_per_request: float
+    server: Optional[dict] = None  # queue/inference split from /metrics
     latencies_ms: List[float] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict:
@@ -82,73 +164,236 @@ class RunResult:
         return data
 
 
-async def closed_loop(
-    url: str,
-    bodies: Sequence[bytes],
-    concurrency: int,
-    duration_s: float = 10.0,
-    warmup_s: float = 2.0,
-    max_requests: int = 100_000,
-    timeout_s: float = 60.0,
-    content_type: str = "image/png",
-    path: str = "/predict?format=png",
-) -> RunResult:
-    """``concurrency`` clients in a closed loop; counts answers after the warm-up."""
-    require_loopback(url)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    latencies: List[float] = []
-    rejected: List[float] = []
-    statuses: Dict[str, int] = {}
-    errors = 0
-    sent = 0
-    start = time.perf_counter()
-    measure_from = start + warmup_s
-    stop_at = measure_from + duration_s
+_SERVER_METRICS = {
+    "chanseg_queue_wait_seconds": "queue",
+    "chanseg_inference_duration_seconds": "inference",
+    "chanseg_batch_size": "batch",
+}
 
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s) as client:
 
-        async def worker(index: int) -> None:
-            nonlocal errors, sent
-            i = index
-            while time.perf_counter() < stop_at and sent < max_requests:
-                sent += 1
-                body = bodies[i % len(bodies)]
-                i += concurrency
-                t = time.perf_counter()
-                try:
-                    r = await client.post(path, content=body, headers={"content-type": content_type})
-                    status = str(r.status_code)
-                except httpx.HTTPError:
-                    status = "error"
-                done = time.perf_counter()
-                if t < measure_from or done > stop_at:
-                    continue
-                statuses[status] = statuses.get(status, 0) + 1
-                if status == "200":
-                    latencies.append((done - t) * 1000)
-                elif status == "error":
-                    errors += 1
-                else:
-                    rejected.append((done - t) * 1000)
+async def _scrape(client: httpx.AsyncClient) -> Optional[Dict[str, float]]:
+    """Sums and counts of chanseg's batching histograms, or None (not chanseg)."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-        await asyncio.gather(*(worker(i) for i in range(concurrency)))
-    ok = len(latencies)
-    return RunResult(
-        concurrency=concurrency,
-        duration_s=duration_s,
-        requests=sum(statuses.values()),
-        ok=ok,
-        statuses=statuses,
-        images_per_s=ok / duration_s,
-        p50_ms=percentile(latencies, 50),
-        p90_ms=percentile(latencies, 90),
-        p95_ms=percentile(latencies, 95),
-        p99_ms=percentile(latencies, 99),
-        mean_ms=statistics.fmean(latencies) if latencies else float("nan"),
-        rejected_p99_ms=percentile(rejected, 99),
-        errors=errors,
-        latencies_ms=latencies,
+    try:
+        r = await client.get("/metrics", timeout=10)
+    except httpx.HTTPError:
+        return None
+    if r.status_code != 200:
+        return None
+    values: Dict[str, float] = {}
+    for family in text_string_to_metric_families(r.text):
+        key = _SERVER_METRICS.get(family.name)
+        if key is None:
+            continue
+        for s in family.samples:
+            if s.name.endswith("_sum"):
+                values[key + "_sum"] = values.get(key + "_sum", 0.0) + s.value
+            elif s.name.endswith("_count"):
+                values[key + "_count"] = values.get(key + "_count", 0.0) + s.value
+    return values or None
+
+
+def server_split(before: Optional[dict], after: Optional[dict]) -> Optional[dict]:
+    """Mean queue wait per image, inference per batch and batch size between two scrapes."""
+    if not before or not after:
+        return None
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    batches = delta("inference_count")
+    images = delta("queue_count")
+    if batches <= 0 or images <= 0:
+        return None
+    return {
+        "queue_ms": 1000 * delta("queue_sum") / images,
+        "inference_ms_per_batch": 1000 * delta("inference_sum") / batches,
+        "batch_size": delta("batch_sum") / max(1.0, delta("batch_count")),
+        "batches": int(batches),
+    }
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _window(samples: List[Sample], start: float, seconds: float) -> Window:
+    ok = [s.ms for s in samples if s.status == "200"]
+    return Window(
+        start=start,
+        seconds=seconds,
+        ok=len(ok),
+        images_per_s=len(ok) / seconds,
+        p50_ms=percentile(ok, 50),
+        p95_ms=percentile(ok, 95),
+        p99_ms=percentile(ok, 99),
     )
+
+
+def _spread(values: Sequence[float]) -> float:
+    if any(np.isnan(v) for v in values):
+        return float("inf")
+    mean = float(np.mean(values))
+    return (max(values) - min(values)) / mean if mean > 0 else float("inf")
+
+
+def is_stable(windows: Sequence[Window], count: int = 3, tolerance: float = 0.10) -> bool:
+    """The last ``count`` windows agree within ``tolerance`` on throughput and p95."""
+    if len(windows) < count:
+        return False
+    last = windows[-count:]
+    return (
+        _spread([w.images_per_s for w in last]) <= tolerance and _spread([w.p95_ms for w in last]) <= tolerance
+    )
+
+
+async def measure(
+    url: str,
+    payloads: Sequence[Payload],
+    concurrency: Optional[int] = None,
+    rate: Optional[float] = None,
+    poisson: bool = False,
+    path: str = "/predict?format=png",
+    window_s: float = 5.0,
+    warmup_s: float = 2.0,
+    stable_windows: int = 3,
+    stability: float = 0.10,
+    max_windows: int = 8,
+    max_requests: int = 200_000,
+    max_inflight: int = 1024,
+    timeout_s: float = 60.0,
+    seed: int = 0,
+) -> Measurement:
+    """One load level (``concurrency`` or ``rate``), measured in windows until stable."""
+    if (concurrency is None) == (rate is None):
+        raise ValueError("give either concurrency or rate")
+    if (concurrency is not None and concurrency < 1) or (rate is not None and rate <= 0):
+        raise ValueError("concurrency must be >= 1 and rate > 0")
+    require_loopback(url)
+    connections = concurrency if concurrency is not None else max_inflight
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    samples: List[Sample] = []
+    sent = skipped = 0
+    stop = asyncio.Event()
+
+    async with (
+        httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout_s) as client,
+        httpx.AsyncClient(base_url=url, timeout=10) as scraper,
+    ):
+
+        async def one(index: int) -> None:
+            payload = payloads[index % len(payloads)]
+            t = time.perf_counter()
+            retry_after = False
+            try:
+                r = await client.post(path, content=payload.body, headers={"content-type": payload.content_type})
+                status, retry_after = str(r.status_code), "retry-after" in r.headers
+            except httpx.HTTPError:
+                status = "error"
+            samples.append(Sample(t, time.perf_counter(), status, retry_after))
+
+        async def closed_worker(index: int) -> None:
+            nonlocal sent
+            while not stop.is_set() and sent < max_requests:
+                sent += 1
+                await one(index)
+                index += concurrency
+
+        async def open_arrivals() -> None:
+            nonlocal sent, skipped
+            rng = random.Random(seed)
+            inflight: set = set()
+            next_at = time.perf_counter()
+            while not stop.is_set() and sent < max_requests:
+                next_at += rng.expovariate(rate) if poisson else 1.0 / rate
+                await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+                if len(inflight) >= max_inflight:
+                    skipped += 1
+                    continue
+                task = asyncio.create_task(one(sent))
+                sent += 1
+                inflight.add(task)
+                task.add_done_callback(inflight.discard)
+            for task in list(inflight):
+                task.cancel()
+
+        if concurrency is not None:
+            tasks = [asyncio.create_task(closed_worker(i)) for i in range(concurrency)]
+        else:
+            tasks = [asyncio.create_task(open_arrivals())]
+        windows: List[Window] = []
+        scrapes: List[Optional[dict]] = []
+        cpu_marks: List[float] = []
+        counts: List[int] = []
+        try:
+            await asyncio.sleep(warmup_s)
+            marks = [time.perf_counter()]
+            scrapes.append(await _scrape(scraper))
+            cpu_marks.append(_cpu_seconds())
+            counts.append(len(samples))
+            while len(windows) < max_windows and sent < max_requests:
+                await asyncio.sleep(max(0.0, marks[-1] + window_s - time.perf_counter()))
+                marks.append(time.perf_counter())
+                scrapes.append(await _scrape(scraper))
+                cpu_marks.append(_cpu_seconds())
+                counts.append(len(samples))
+                start, end = marks[-2], marks[-1]
+                windows.append(_window([s for s in samples if start <= s.done < end], start, end - start))
+                if is_stable(windows, stable_windows, stability):
+                    break
+        finally:
+            stop.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    used = min(stable_windows, len(windows))
+    first, last = marks[-used - 1], marks[-1]
+    chosen = [s for s in samples if first <= s.done < last]
+    ok = [s.ms for s in chosen if s.status == "200"]
+    rejected = [s.ms for s in chosen if s.status not in ("200", "error")]
+    statuses: Dict[str, int] = {}
+    for s in chosen:
+        statuses[s.status] = statuses.get(s.status, 0) + 1
+    seconds = last - first
+    finished = counts[-1] - counts[-used - 1]
+    return Measurement(
+        mode="concurrency" if concurrency is not None else "rate",
+        load=float(concurrency if concurrency is not None else rate),
+        status="stable" if is_stable(windows, stable_windows, stability) else "unstable",
+        windows=windows,
+        seconds=seconds,
+        requests=len(chosen),
+        ok=len(ok),
+        statuses=statuses,
+        images_per_s=len(ok) / seconds,
+        p50_ms=percentile(ok, 50),
+        p90_ms=percentile(ok, 90),
+        p95_ms=percentile(ok, 95),
+        p99_ms=percentile(ok, 99),
+        mean_ms=float(np.mean(ok)) if ok else float("nan"),
+        rejected_p99_ms=percentile(rejected, 99),
+        rejected_max_ms=max(rejected, default=float("nan")),
+        rejected_without_retry_after=sum(
+            1 for s in chosen if s.status not in ("200", "error") and not s.retry_after
+        ),
+        errors=statuses.get("error", 0),
+        skipped=skipped,
+        client_cpu_ms_per_request=1000 * (cpu_marks[-1] - cpu_marks[-used - 1]) / max(1, finished),
+        server=server_split(scrapes[-used - 1], scrapes[-1]),
+        latencies_ms=ok,
+    )
+
+
+def run(coro):
+    """Run ``coro`` on uvloop when installed (less client CPU per request), else asyncio."""
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        return uvloop.run(coro)
+    return asyncio.run(coro)
 
 
 def main() -> int:
@@ -156,20 +401,42 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--duration", type=float, default=10.0)
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, nargs="+")
+    load.add_argument("--rate", type=float, nargs="+", help="open loop: requests per second")
+    parser.add_argument("--poisson", action="store_true", help="open loop: Poisson arrivals")
+    parser.add_argument("--images", choices=["png256", "jpeg1024"], default="png256")
+    parser.add_argument("--window", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--max-windows", type=int, default=8)
     parser.add_argument("--out", help="write results as JSON here")
     args = parser.parse_args()
-    bodies = make_png_bodies(size=args.size)
+    images = make_images(16, 256) if args.images == "png256" else make_images(8, 1024, "JPEG")
+    payloads = [multipart(b) for b in images]
+    levels = [("concurrency", c) for c in (args.concurrency or [])] + [("rate", r) for r in (args.rate or [])]
     results = []
-    for c in args.concurrency:
-        result = asyncio.run(closed_loop(args.url, bodies, c, args.duration, args.warmup))
-        results.append(result.summary())
-        print(json.dumps(result.summary()))
+    for kind, value in levels or [("concurrency", 1), ("concurrency", 4), ("concurrency", 16)]:
+        options = {kind: value}
+        m = run(
+            measure(
+                args.url,
+                payloads,
+                poisson=args.poisson,
+                window_s=args.window,
+                warmup_s=args.warmup,
+                max_windows=args.max_windows,
+                **options,
+            )
+        )
+        results.append(m.summary())
+        print(
+            f"{kind} {value:g}: {m.images_per_s:.2f} img/s, p50 {m.p50_ms:.0f} p95 {m.p95_ms:.0f} "
+            f"p99 {m.p99_ms:.0f} ms, {m.statuses}, {m.status}",
+            flush=True,
+        )
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
     return 0
 
 

@@ -1,4 +1,8 @@
-"""Dependencies shared by the routers, as ``Annotated`` aliases."""
+"""Dependencies shared by the routers, as ``Annotated`` aliases.
+
+All ``async def``: FastAPI runs a plain ``def`` dependency on AnyIO's thread
+pool, a thread hop (and a thread woken) per dependency per request.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,11 @@ from .errors import NotReady, Unauthorized
 __all__ = ["State", "Authorized", "Ready", "get_state", "require_api_key", "require_ready"]
 
 
-def get_state(request: Request):
+async def get_state(request: Request):
     return request.app.state.chanseg
 
 
-def require_api_key(request: Request) -> None:
+async def require_api_key(request: Request) -> None:
     """401 unless the request carries the API key (when one is set)."""
     key = request.app.state.chanseg.settings.api_key
     if key is None:
@@ -29,7 +33,7 @@ def require_api_key(request: Request) -> None:
         raise Unauthorized()
 
 
-def require_ready(request: Request) -> None:
+async def require_ready(request: Request) -> None:
     state = request.app.state.chanseg
     if state.draining:
         raise NotReady("the server is shutting down", retry_after_s=5)

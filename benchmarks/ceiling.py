@@ -1,0 +1,59 @@
+"""The raw ceiling: ``Segmenter.predict`` on decoded images, no HTTP.
+
+Reads the encoded images as a JSON list of hex strings on stdin, decodes them
+once, then times ``predict`` at batch sizes 1, 2, 4 and 8 (median of repeated
+calls for ``--seconds`` each) and prints JSON: images/s per batch size, the
+best, and the batch-1 latency. What no server on this machine can beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+import model
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", help="artifact (default: the bundled model)")
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    args = parser.parse_args()
+    encoded = [bytes.fromhex(h) for h in json.load(sys.stdin)]
+    images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in encoded]
+    segmenter = model.load(args.model)
+    per_batch = {}
+    for batch in args.batches:
+        chunk = (images * batch)[:batch]
+        segmenter.predict(chunk)
+        times, start = [], time.perf_counter()
+        while time.perf_counter() - start < args.seconds or len(times) < 3:
+            t = time.perf_counter()
+            segmenter.predict(chunk)
+            times.append(time.perf_counter() - t)
+        median = statistics.median(times)
+        per_batch[batch] = {"images_per_s": batch / median, "ms": median * 1000}
+    best = max(per_batch, key=lambda b: per_batch[b]["images_per_s"])
+    json.dump(
+        {
+            "device": str(segmenter.device),
+            "per_batch": per_batch,
+            "best_batch": best,
+            "images_per_s": per_batch[best]["images_per_s"],
+            "predict_batch1_ms": per_batch[1]["ms"] if 1 in per_batch else None,
+        },
+        sys.stdout,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,298 @@
+"""``python -m benchmarks run``: every scenario, one machine, one run.
+
+Scenarios, each a fresh process with the same allocator, driven by the same
+client (``benchmarks.loadgen``) with the same images:
+
+- raw ceiling: ``Segmenter.predict`` on decoded images at its best batch size,
+  no HTTP; measured before and after the servers, the mean is the reference
+- chanseg with its default batching, and with ``MAX_BATCH_SIZE=1``
+- naive: FastAPI with the model inside the request handler
+- litserve: LitServe serving the same artifact with its own batching, at the
+  batch size chanseg's auto measurement chose (``bench`` extra; skipped with a
+  note when not installed)
+
+Image sets: 256x256 PNGs (concurrency sweep) and 1024x1024 JPEGs (fewer
+levels); open-loop Poisson rates for chanseg. Writes JSON, CSV and a PNG plot,
+prints the table and the targets of issue 7.
+
+    python -m benchmarks run [--quick] [--scenarios chanseg naive ...] [--out DIR/NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import httpx
+
+from benchmarks.loadgen import make_images, measure, run
+from benchmarks.model_speed import ALLOCATORS, find_library
+from benchmarks.servers import SCENARIOS, raw_ceiling, running
+from service.settings import Settings
+
+IMAGE_SETS = {
+    "png256": lambda: make_images(16, 256, "PNG"),
+    "jpeg1024": lambda: make_images(8, 1024, "JPEG"),
+}
+CSV_FIELDS = [
+    "scenario", "images", "mode", "load", "status", "images_per_s", "pct_of_ceiling",
+    "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "ok", "requests", "rejected", "errors",
+    "rejected_p99_ms", "server_queue_ms", "server_inference_ms_per_batch", "server_batch_size",
+    "client_cpu_ms_per_request",
+]  # fmt: skip
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def _row(scenario: str, images: str, m, ceiling: float) -> dict:
+    server = m.server or {}
+    return {
+        "scenario": scenario,
+        "images": images,
+        "mode": m.mode,
+        "load": m.load,
+        "status": m.status,
+        "images_per_s": m.images_per_s,
+        "pct_of_ceiling": 100 * m.images_per_s / ceiling,
+        "p50_ms": m.p50_ms,
+        "p90_ms": m.p90_ms,
+        "p95_ms": m.p95_ms,
+        "p99_ms": m.p99_ms,
+        "mean_ms": m.mean_ms,
+        "ok": m.ok,
+        "requests": m.requests,
+        "rejected": m.requests - m.ok - m.errors,
+        "errors": m.errors,
+        "rejected_p99_ms": m.rejected_p99_ms,
+        "server_queue_ms": server.get("queue_ms"),
+        "server_inference_ms_per_batch": server.get("inference_ms_per_batch"),
+        "server_batch_size": server.get("batch_size"),
+        "client_cpu_ms_per_request": m.client_cpu_ms_per_request,
+        "statuses": m.statuses,
+        "windows": len(m.windows),
+    }
+
+
+def _find(rows: List[dict], scenario: str, images: str, load: float, mode: str = "concurrency") -> Optional[dict]:
+    for r in rows:
+        if r["scenario"] == scenario and r["images"] == images and r["mode"] == mode and r["load"] == load:
+            return r
+    return None
+
+
+def targets(report: dict, images: str = "png256") -> List[dict]:
+    """Issue 7's (and issue 4's) targets, as measured ratios with pass/fail."""
+    rows, out = report["rows"], []
+    ceiling = report["ceiling"][images]
+
+    def add(name: str, value: Optional[float], goal: str, ok: Optional[bool]) -> None:
+        out.append({"target": name, "value": value, "goal": goal, "met": ok})
+
+    c1, c16, c64 = (_find(rows, "chanseg", images, c) for c in (1, 16, 64))
+    naive16, naive64 = _find(rows, "naive", images, 16), _find(rows, "naive", images, 64)
+    lit16, lit64 = _find(rows, "litserve", images, 16), _find(rows, "litserve", images, 64)
+    if c16:
+        v = c16["images_per_s"] / ceiling["images_per_s"]
+        add("c16 throughput / raw ceiling", v, ">= 0.90", v >= 0.90)
+        v = c16["p99_ms"] / c16["p50_ms"]
+        add("c16 p99 / p50", v, "<= 1.3", v <= 1.3)
+    if c1 and ceiling.get("predict_batch1_ms"):
+        v = c1["p50_ms"] - ceiling["predict_batch1_ms"]
+        add("c1 p50 - batch-1 predict (ms)", v, "<= 10", v <= 10)
+    if c16 and naive16:
+        v = c16["images_per_s"] / naive16["images_per_s"]
+        add("c16 throughput / naive", v, ">= 1.2", v >= 1.2)
+    if c64 and naive64:
+        v = c64["p99_ms"] / naive64["p99_ms"]
+        add("c64 p99 / naive p99", v, "<= 0.2", v <= 0.2)
+    if c64:
+        timeout_ms = 1000 * report.get("request_timeout_s", 30.0)
+        add("c64 p99 (ms) under the deadline", c64["p99_ms"], f"< {timeout_ms:.0f}", c64["p99_ms"] < timeout_ms)
+    for c, lit in ((16, lit16), (64, lit64)):
+        mine = c16 if c == 16 else c64
+        if mine and lit:
+            v = mine["images_per_s"] / lit["images_per_s"]
+            add(f"c{c} throughput / LitServe", v, ">= 1.1", v >= 1.1)
+            v = mine["p99_ms"] / lit["p99_ms"]
+            add(f"c{c} p99 / LitServe p99", v, "<= 1.0", v <= 1.0)
+    return out
+
+
+def write_csv(rows: List[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def table(report: dict) -> str:
+    lines = []
+    for images, ceiling in report["ceiling"].items():
+        lines.append(
+            f"\n{images}: raw ceiling {ceiling['images_per_s']:.2f} img/s (batch {ceiling['best_batch']}; "
+            f"before {ceiling['before']:.2f}, after {ceiling['after']:.2f}); batch-1 predict "
+            f"{ceiling['predict_batch1_ms']:.1f} ms"
+        )
+        lines.append("| scenario | load | img/s | % ceiling | p50 ms | p95 ms | p99 ms | non-200 | stable |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        for r in report["rows"]:
+            if r["images"] != images:
+                continue
+            load = f"c{r['load']:g}" if r["mode"] == "concurrency" else f"{r['load']:g}/s"
+            other = {k: v for k, v in r["statuses"].items() if k != "200"}
+            lines.append(
+                f"| {r['scenario']} | {load} | {r['images_per_s']:.2f} | {r['pct_of_ceiling']:.0f}% "
+                f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {other or '-'} | {r['status']} |"
+            )
+    lines.append("\n| target (png256) | measured | goal | met |")
+    lines.append("|---|---|---|---|")
+    for t in report["targets"]:
+        value = "-" if t["value"] is None else f"{t['value']:.2f}"
+        lines.append(f"| {t['target']} | {value} | {t['goal']} | {'yes' if t['met'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
+    parser.add_argument("--images", nargs="+", choices=list(IMAGE_SETS), default=list(IMAGE_SETS))
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--jpeg-concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument(
+        "--rates", type=float, nargs="*", default=[0.5, 0.9],
+        help="open-loop Poisson rates for chanseg, as fractions of the raw ceiling",
+    )  # fmt: skip
+    parser.add_argument("--window", type=float, default=5.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--max-windows", type=int, default=6)
+    parser.add_argument("--ceiling-seconds", type=float, default=4.0, help="per batch size")
+    parser.add_argument("--quick", action="store_true", help="c1/16/64, 2 s windows: a smoke run")
+    parser.add_argument("--allocator", choices=list(ALLOCATORS), default="tcmalloc")
+    parser.add_argument("--model", help="artifact (default: the bundled model)")
+    parser.add_argument("--litserve-batch", type=int, help="default: chanseg's auto choice")
+    parser.add_argument("--out", default="benchmarks/results/bench", help="writes OUT.json, OUT.csv, OUT.png")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.jpeg_concurrency = [1, 16, 64], [16]
+        args.window, args.warmup, args.max_windows, args.ceiling_seconds = 2.0, 1.0, 3, 2.0
+
+    preload = find_library(ALLOCATORS[args.allocator]) if ALLOCATORS[args.allocator] else None
+    if ALLOCATORS[args.allocator] and not preload:
+        print(f"{args.allocator} is not installed: every process runs with glibc malloc")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images = {name: IMAGE_SETS[name]() for name in args.images}
+    levels = {"png256": args.concurrency, "jpeg1024": args.jpeg_concurrency}
+    report: Dict = {
+        "machine": _machine(),
+        "allocator": args.allocator if preload or not ALLOCATORS[args.allocator] else "glibc",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "method": {"window_s": args.window, "warmup_s": args.warmup, "max_windows": args.max_windows},
+        "ceiling": {},
+        "servers": {},
+        "rows": [],
+    }
+    print("[raw ceiling, before]", flush=True)
+    before = {name: raw_ceiling(imgs, args.model, preload, args.ceiling_seconds) for name, imgs in images.items()}
+
+    auto_batch = None
+    for name in args.scenarios:
+        scenario = SCENARIOS[name]
+        if scenario.kind == "litserve" and importlib.util.find_spec("litserve") is None:
+            print("[litserve] skipped: not installed (pip install -e '.[bench]')", flush=True)
+            report["servers"][name] = {"skipped": "litserve is not installed"}
+            continue
+        litserve_batch = args.litserve_batch or auto_batch or 1
+        log_path = out.parent / f"{out.name}-{name}.log"
+        sample = next(iter(images.values()))[0]
+        with running(scenario, sample, args.model, preload, litserve_batch, log_path) as url:
+            info: Dict = {"label": scenario.label, "env": scenario.env}
+            if scenario.kind == "chanseg":
+                meta = httpx.get(url + "/v1/model", timeout=10).json()
+                info["batching"] = meta["batching"]
+                report["request_timeout_s"] = float(
+                    scenario.env.get("CHANSEG_REQUEST_TIMEOUT_S", Settings().request_timeout_s)
+                )
+                if not scenario.env:
+                    auto_batch = meta["batching"]["max_batch_size"]
+            if scenario.kind == "litserve":
+                info["max_batch_size"], info["batch_timeout_ms"] = litserve_batch, 5.0
+            report["servers"][name] = info
+            for set_name, imgs in images.items():
+                payloads = [scenario.payload(img) for img in imgs]
+                loads = [("concurrency", c) for c in levels[set_name]]
+                if name == "chanseg" and set_name == "png256":
+                    reference = before[set_name]["images_per_s"]
+                    loads += [("rate", round(f * reference, 1)) for f in args.rates]
+                for mode, value in loads:
+                    m = run(
+                        measure(
+                            url,
+                            payloads,
+                            path=scenario.path,
+                            window_s=args.window,
+                            warmup_s=args.warmup,
+                            max_windows=args.max_windows,
+                            poisson=mode == "rate",
+                            **{mode: value},
+                        )
+                    )
+                    row = _row(name, set_name, m, before[set_name]["images_per_s"])
+                    report["rows"].append(row)
+                    unit = "" if mode == "concurrency" else "/s"
+                    print(
+                        f"[{name} {set_name} {mode} {value:g}{unit}] {m.images_per_s:.2f} img/s, "
+                        f"p50 {m.p50_ms:.0f} p99 {m.p99_ms:.0f} ms, {m.statuses}, {m.status}",
+                        flush=True,
+                    )
+
+    print("[raw ceiling, after]", flush=True)
+    after = {name: raw_ceiling(imgs, args.model, preload, args.ceiling_seconds) for name, imgs in images.items()}
+    for name in images:
+        b, a = before[name], after[name]
+        report["ceiling"][name] = {
+            "images_per_s": statistics.mean([b["images_per_s"], a["images_per_s"]]),
+            "before": b["images_per_s"],
+            "after": a["images_per_s"],
+            "best_batch": b["best_batch"],
+            "predict_batch1_ms": statistics.mean([b["predict_batch1_ms"], a["predict_batch1_ms"]]),
+            "per_batch_before": b["per_batch"],
+            "per_batch_after": a["per_batch"],
+        }
+    for row in report["rows"]:
+        row["pct_of_ceiling"] = 100 * row["images_per_s"] / report["ceiling"][row["images"]]["images_per_s"]
+    report["targets"] = targets(report) if "png256" in images else []
+
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    write_csv(report["rows"], out.with_suffix(".csv"))
+    from benchmarks.plot import plot
+
+    plot(report, out.with_suffix(".png"))
+    text = f"machine: {report['machine']}; allocator: {report['allocator']}; {report['date']}\n" + table(report)
+    out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    print(f"\nwritten: {out}.json .csv .png .md")
+    return 0

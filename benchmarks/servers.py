@@ -1,0 +1,175 @@
+"""The scenarios' processes: the raw ceiling and the servers under test.
+
+Every process gets the same allocator (``LD_PRELOAD``) and listens on a free
+loopback port; ``running`` starts one, waits until it is ready and answers a
+real request, and always stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import httpx
+
+from benchmarks.loadgen import Payload, base64_json, multipart
+
+ROOT = Path(__file__).resolve().parents[1]
+
+__all__ = ["Scenario", "SCENARIOS", "running", "raw_ceiling", "free_port"]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    kind: str  # chanseg | naive | litserve
+    env: Dict[str, str]
+    label: str
+
+    def payload(self, image: bytes) -> Payload:
+        return base64_json(image) if self.kind == "litserve" else multipart(image)
+
+    @property
+    def path(self) -> str:
+        return "/predict" if self.kind == "litserve" else "/predict?format=png"
+
+
+SCENARIOS = {
+    "chanseg": Scenario("chanseg", "chanseg", {}, "chanseg, default batching"),
+    "chanseg-b1": Scenario("chanseg-b1", "chanseg", {"CHANSEG_MAX_BATCH_SIZE": "1"}, "chanseg, MAX_BATCH_SIZE=1"),
+    "naive": Scenario("naive", "naive", {}, "naive FastAPI (model in the handler)"),
+    "litserve": Scenario("litserve", "litserve", {}, "LitServe, its own batching"),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(preload: Optional[str], extra: Dict[str, str]) -> Dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("LD_PRELOAD", None)
+    if preload:
+        env["LD_PRELOAD"] = preload
+    env.update(extra)
+    return env
+
+
+def _command(scenario: Scenario, port: int, model_path: Optional[str], litserve_batch: int) -> List[str]:
+    model_args = ["--model", model_path] if model_path else []
+    if scenario.kind == "chanseg":
+        return [sys.executable, "-m", "service"]
+    if scenario.kind == "naive":
+        return [sys.executable, "-m", "benchmarks.naive_server", "--port", str(port), *model_args]
+    if scenario.kind == "litserve":
+        return [
+            sys.executable, "-m", "benchmarks.litserve_server", "--port", str(port),
+            "--max-batch-size", str(litserve_batch), "--accelerator", "cpu", *model_args,
+        ]  # fmt: skip
+    raise ValueError(scenario.kind)
+
+
+@contextlib.contextmanager
+def running(
+    scenario: Scenario,
+    sample: bytes,
+    model_path: Optional[str] = None,
+    preload: Optional[str] = None,
+    litserve_batch: int = 1,
+    log_path: Optional[Path] = None,
+    ready_timeout_s: float = 240.0,
+) -> Iterator[str]:
+    """Start the scenario's server; yield its URL once ``sample`` gets a 200."""
+    port = free_port()
+    extra = dict(scenario.env)
+    if scenario.kind == "chanseg":
+        extra.update(CHANSEG_HOST="127.0.0.1", CHANSEG_PORT=str(port), CHANSEG_LOG_LEVEL="warning")
+        if model_path:
+            extra["CHANSEG_MODEL_PATH"] = str(model_path)
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(open(log_path, "wb")) if log_path else subprocess.DEVNULL
+        proc = subprocess.Popen(
+            _command(scenario, port, model_path, litserve_batch),
+            env=_env(preload, extra),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # LitServe's worker processes go with it
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_ready(proc, url, scenario, sample, ready_timeout_s)
+            yield url
+        finally:
+            _stop_group(proc)
+
+
+def _stop_group(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """SIGTERM the server's process group; wait until every process in it is gone
+    (LitServe's workers outlive its main process for a while and would steal the
+    CPU from whatever is measured next), SIGKILL what is left at the timeout."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        proc.poll()
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+
+
+def _wait_ready(proc, url: str, scenario: Scenario, sample: bytes, timeout_s: float) -> None:
+    payload = scenario.payload(sample)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{scenario.name}: server exited with {proc.returncode} during start-up")
+        try:
+            r = httpx.post(
+                url + scenario.path, content=payload.body, headers={"content-type": payload.content_type}, timeout=30
+            )
+            if r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n":
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{scenario.name}: not serving after {timeout_s:.0f} s")
+
+
+def raw_ceiling(
+    images: List[bytes], model_path: Optional[str], preload: Optional[str], seconds: float = 4.0
+) -> dict:
+    """``Segmenter.predict`` on decoded images per batch size, in a fresh process
+    with the same allocator; no HTTP. See ``benchmarks.ceiling``."""
+    cmd = [sys.executable, "-m", "benchmarks.ceiling", "--seconds", str(seconds)]
+    if model_path:
+        cmd += ["--model", str(model_path)]
+    out = subprocess.run(
+        cmd,
+        input=json.dumps([img.hex() for img in images]),
+        env=_env(preload, {}),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"raw ceiling failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)

@@ -1,0 +1,75 @@
+"""The harness end to end on the tiny model, and its peers serving the same masks."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from benchmarks.loadgen import make_images
+from benchmarks.servers import SCENARIOS, running
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _mask(url: str, scenario, image: bytes) -> np.ndarray:
+    payload = scenario.payload(image)
+    r = httpx.post(url + scenario.path, content=payload.body, headers={"content-type": payload.content_type}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(r.content)))
+
+
+def test_every_server_answers_the_same_masks(tiny_artifact):
+    """The comparison is fair only if all servers do the same work: same masks."""
+    images = make_images(2, 256) + make_images(1, 300, "JPEG")
+    masks = {}
+    for name in ("chanseg", "naive", "litserve"):
+        with running(SCENARIOS[name], images[0], model_path=tiny_artifact, litserve_batch=2) as url:
+            masks[name] = [_mask(url, SCENARIOS[name], img) for img in images]
+    for name in ("naive", "litserve"):
+        for ours, theirs in zip(masks["chanseg"][:2], masks[name][:2]):
+            np.testing.assert_array_equal(ours, theirs)
+        # 300x300 JPEG: resized to 256 and back, naive with PIL's own nearest.
+        assert masks[name][2].shape == (300, 300)
+        assert (masks[name][2] == masks["chanseg"][2]).mean() > 0.98
+
+
+def test_run_writes_json_csv_plot_and_table(tiny_artifact, tmp_path):
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable, "-m", "benchmarks", "run", "--model", tiny_artifact,
+        "--scenarios", "chanseg", "naive", "--images", "png256", "--concurrency", "1", "2",
+        "--rates", "0.5", "--window", "0.5", "--warmup", "0.2", "--max-windows", "2",
+        "--ceiling-seconds", "0.2", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    loads = [(r["scenario"], r["mode"], r["load"]) for r in report["rows"]]
+    assert loads[:3] == [("chanseg", "concurrency", 1), ("chanseg", "concurrency", 2), ("chanseg", "rate", loads[2][2])]
+    assert loads[3:] == [("naive", "concurrency", 1), ("naive", "concurrency", 2)]
+    assert all(r["ok"] > 0 and r["errors"] == 0 for r in report["rows"])
+    ceiling = report["ceiling"]["png256"]
+    assert ceiling["images_per_s"] > 0 and ceiling["best_batch"] in (1, 2, 4, 8)
+    assert report["servers"]["chanseg"]["batching"]["max_batch_size_setting"] == "auto"
+    assert [t["target"] for t in report["targets"]] == ["c1 p50 - batch-1 predict (ms)"]
+    with open(out.with_suffix(".csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and float(rows[0]["images_per_s"]) > 0
+    plot = Image.open(out.with_suffix(".png"))
+    assert plot.format == "PNG" and plot.width > 500
+    table = out.with_suffix(".md").read_text()
+    assert "| chanseg | c1 |" in table and "| naive | c2 |" in table and "raw ceiling" in table
+    assert "| chanseg |" in done.stdout  # printed too
+
+
+def test_usage_without_run_command():
+    done = subprocess.run([sys.executable, "-m", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2 and "usage" in done.stderr
