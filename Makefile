@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 # tcmalloc when installed (apt-get install libtcmalloc-minimal4): see README, "Allocator".
 TCMALLOC := $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4))
 
-.PHONY: install test lint serve bench-model bench-serve clean
+.PHONY: install test lint serve reliability bench-model bench-serve clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,10 +27,18 @@ lint: install
 test: install lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The reliability suite's long forms (60 s held load, 20 s overload, 5 min soak); `make test` runs the short ones.
+reliability: install
+	CHANSEG_RELIABILITY=long $(BIN)/pytest -s -m reliability tests/reliability
+
 serve: install
 	LD_PRELOAD=$(TCMALLOC) $(BIN)/python -m service
 
-bench-serve: install
+bench-# The reliability suite's long forms (60 s held load, 20 s overload, 5 min soak); `make test` runs the short ones.
+reliability: install
+	CHANSEG_RELIABILITY=long $(BIN)/pytest -s -m reliability tests/reliability
+
+serve: install
 	$(BIN)/python -m benchmarks run
 
 bench-model: install

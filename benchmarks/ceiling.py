@@ -1,7 +1,7 @@
 """The raw ceiling: ``Segmenter.predict`` on decoded images, no HTTP.
 
-Reads the encoded images as a JSON list of hex strings on stdin, decodes them
-once, then times ``predict`` at batch sizes 1, 2, 4 and 8 (median of repeated
+Reads the encoded images as a JSON list of hex strings on stdin (or makes a
+set with ``--images``), decodes them once, then times ``predict`` at batch sizes 1, 2, 4 and 8 (median of repeated
 calls for ``--seconds`` each) and prints JSON: images/s per batch size, the
 best, and the batch-1 latency. What no server on this machine can beat.
 """
@@ -16,6 +16,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 from PIL import Image
 
 import model
@@ -26,10 +27,19 @@ def main() -> int:
     parser.add_argument("--model", help="artifact (default: the bundled model)")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--images", choices=["png256", "jpeg1024"], help="make this set instead of reading stdin")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=list(model.PRECISIONS))
     args = parser.parse_args()
-    encoded = [bytes.fromhex(h) for h in json.load(sys.stdin)]
+    if args.images:
+        from benchmarks.loadgen import make_images
+
+        encoded = make_images(16, 256) if args.images == "png256" else make_images(8, 1024, "JPEG")
+    else:
+        encoded = [bytes.fromhex(h) for h in json.load(sys.stdin)]
     images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in encoded]
-    segmenter = model.load(args.model)
+    segmenter = model.load(args.model, device=args.device, precision=args.precision)
+    sync = torch.cuda.synchronize if segmenter.device.type == "cuda" else (lambda: None)
     per_batch = {}
     for batch in args.batches:
         chunk = (images * batch)[:batch]
@@ -37,7 +47,8 @@ def main() -> int:
         times, start = [], time.perf_counter()
         while time.perf_counter() - start < args.seconds or len(times) < 3:
             t = time.perf_counter()
-            segmenter.predict(chunk)
+            segmenter.predict(chunk)  # returns numpy masks: the GPU work is done
+            sync()
             times.append(time.perf_counter() - t)
         median = statistics.median(times)
         per_batch[batch] = {"images_per_s": batch / median, "ms": median * 1000}
@@ -45,6 +56,7 @@ def main() -> int:
     json.dump(
         {
             "device": str(segmenter.device),
+            "precision": segmenter.precision,
             "per_batch": per_batch,
             "best_batch": best,
             "images_per_s": per_batch[best]["images_per_s"],

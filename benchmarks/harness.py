@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -193,6 +194,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--allocator", choices=list(ALLOCATORS), default="tcmalloc")
     parser.add_argument("--model", help="artifact (default: the bundled model)")
     parser.add_argument("--litserve-batch", type=int, help="default: chanseg's auto choice")
+    parser.add_argument(
+        "--env", nargs="*", default=[], metavar="KEY=VALUE",
+        help="extra settings for the chanseg scenarios, e.g. CHANSEG_DEVICE=cuda CHANSEG_PRECISION=fp16",
+    )  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results/bench", help="writes OUT.json, OUT.csv, OUT.png")
     args = parser.parse_args(argv)
     if args.quick:
@@ -215,12 +220,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         "servers": {},
         "rows": [],
     }
+    extra_env = dict(kv.split("=", 1) for kv in args.env)
+    report["settings"] = extra_env
+    where = {
+        "device": extra_env.get("CHANSEG_DEVICE", "auto"),
+        "precision": extra_env.get("CHANSEG_PRECISION", "fp32"),
+    }
+
+    def ceilings() -> Dict[str, dict]:
+        return {n: raw_ceiling(imgs, args.model, preload, args.ceiling_seconds, **where) for n, imgs in images.items()}
+
     print("[raw ceiling, before]", flush=True)
-    before = {name: raw_ceiling(imgs, args.model, preload, args.ceiling_seconds) for name, imgs in images.items()}
+    before = ceilings()
 
     auto_batch = None
     for name in args.scenarios:
         scenario = SCENARIOS[name]
+        if scenario.kind == "chanseg" and extra_env:
+            scenario = dataclasses.replace(scenario, env={**extra_env, **scenario.env})
         if scenario.kind == "litserve" and importlib.util.find_spec("litserve") is None:
             print("[litserve] skipped: not installed (pip install -e '.[bench]')", flush=True)
             report["servers"][name] = {"skipped": "litserve is not installed"}
@@ -236,7 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 report["request_timeout_s"] = float(
                     scenario.env.get("CHANSEG_REQUEST_TIMEOUT_S", Settings().request_timeout_s)
                 )
-                if not scenario.env:
+                if name == "chanseg":
                     auto_batch = meta["batching"]["max_batch_size"]
             if scenario.kind == "litserve":
                 info["max_batch_size"], info["batch_timeout_ms"] = litserve_batch, 5.0
@@ -270,7 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     )
 
     print("[raw ceiling, after]", flush=True)
-    after = {name: raw_ceiling(imgs, args.model, preload, args.ceiling_seconds) for name, imgs in images.items()}
+    after = ceilings()
     for name in images:
         b, a = before[name], after[name]
         report["ceiling"][name] = {

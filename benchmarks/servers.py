@@ -154,11 +154,17 @@ def _wait_ready(proc, url: str, scenario: Scenario, sample: bytes, timeout_s: fl
 
 
 def raw_ceiling(
-    images: List[bytes], model_path: Optional[str], preload: Optional[str], seconds: float = 4.0
+    images: List[bytes],
+    model_path: Optional[str],
+    preload: Optional[str],
+    seconds: float = 4.0,
+    device: str = "auto",
+    precision: str = "fp32",
 ) -> dict:
     """``Segmenter.predict`` on decoded images per batch size, in a fresh process
     with the same allocator; no HTTP. See ``benchmarks.ceiling``."""
     cmd = [sys.executable, "-m", "benchmarks.ceiling", "--seconds", str(seconds)]
+    cmd += ["--device", device, "--precision", precision]
     if model_path:
         cmd += ["--model", str(model_path)]
     out = subprocess.run(

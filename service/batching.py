@@ -1,7 +1,8 @@
 """Dynamic batching: one bounded FIFO queue of images from all requests.
 
-Lifecycle of an image: the request ``submit``s it (refused at once with
-``QueueFull`` when ``max_queue`` images already wait) -> ``collect_batch`` fills
+Lifecycle of an image: the request reserves room for it before decoding
+(``incoming``: refused at once with ``QueueFull`` when ``max_queue`` images
+already wait or are being decoded), then ``submit``s it -> ``collect_batch`` fills
 a batch until it holds ``max_batch_size`` images or its first image has waited
 ``max_delay_s`` (or nothing else is on its way: no image queued, none being
 decoded) -> images whose request expired or went away are dropped ->
@@ -22,7 +23,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Iterator, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, Deque, Iterator, List, Optional, Sequence
 
 __all__ = ["Job", "QueueFull", "DeadlineExpired", "BatchFailed", "collect_batch", "DynamicBatcher"]
 
@@ -152,11 +153,25 @@ class DynamicBatcher:
         self._accepting = True
         self._task = asyncio.create_task(self._loop(), name="chanseg-batcher")
 
-    @contextlib.contextmanager
-    def incoming(self, count: int) -> Iterator[None]:
-        """Announce ``count`` images being prepared, so that a forming batch waits
-        for them (up to ``max_delay_s``) instead of closing early."""
+    def incoming(self, count: int) -> ContextManager[None]:
+        """Reserve queue room for ``count`` images about to be decoded and prepared.
+
+        Raises :class:`QueueFull` at once when they would not fit, so an overloaded
+        server refuses before spending any decoding on them. While the returned
+        context is held, a forming batch waits for these images (up to
+        ``max_delay_s``) instead of closing early; ``submit`` them before leaving it.
+        """
+        if not self._accepting:
+            raise QueueFull("the server is shutting down")
+        if self._waiting + self._incoming + count > self.max_queue:
+            raise QueueFull(
+                f"queue full ({self._waiting} waiting + {self._incoming} being decoded, of {self.max_queue})"
+            )
         self._incoming += count
+        return self._announced(count)
+
+    @contextlib.contextmanager
+    def _announced(self, count: int) -> Iterator[None]:
         try:
             yield
         finally:

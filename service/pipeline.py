@@ -81,7 +81,13 @@ async def preprocess(state, sources: Sequence[Tuple[str, Union[bytes, np.ndarray
         hist.observe(time.perf_counter() - t)
         return prepared
 
-    announce = state.batcher.incoming(len(sources)) if state.batcher is not None else contextlib.nullcontext()
+    if state.batcher is None:
+        announce = contextlib.nullcontext()
+    else:
+        try:  # room in the queue first: an overloaded server refuses before decoding
+            announce = state.batcher.incoming(len(sources))
+        except QueueFull as exc:
+            raise Overloaded(f"server busy: {exc}; retry later", retry_after_s=1) from None
     with announce:  # a forming batch waits for these rather than closing early
         return list(await asyncio.gather(*(_pool_call(state, one, name, src) for name, src in sources)))
 

@@ -32,7 +32,13 @@ class ModelMetadata(BaseModel):
     batching: Batching
 
 
-@router.get("/v1/model", name="model", response_model=ModelMetadata, dependencies=[Authorized, Ready])
+@router.get(
+    "/v1/model",
+    name="model",
+    response_model=ModelMetadata,
+    dependencies=[Authorized, Ready],
+    responses={401: {"description": "missing or wrong API key"}, 503: {"description": "not ready, or draining"}},
+)
 async def model_metadata(state: State) -> ModelMetadata:
     seg, s = state.segmenter, state.settings
     return ModelMetadata(

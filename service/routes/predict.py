@@ -23,6 +23,7 @@ _ERRORS = {
     413: {"description": "body, pixel count or number of images over the limit"},
     415: {"description": "unsupported content type"},
     422: {"description": "no image in the request"},
+    500: {"description": "inference failed for the batch holding this request"},
     503: {"description": "queue full, not ready or draining (see Retry-After)"},
     504: {"description": "deadline passed before the result"},
 }
@@ -34,7 +35,7 @@ _BODY = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}
                     },
                     "required": ["file"],
                 }

@@ -35,6 +35,20 @@ _INFER_BODY = {
 }
 
 
+_UNAUTHORIZED = {401: {"description": "missing or wrong API key"}}
+_UNKNOWN = {404: {"description": "unknown model name or version"}}
+_NOT_READY = {503: {"description": "not ready, or draining"}}
+_INFER_ERRORS = {
+    400: {"description": "malformed request, tensor or image"},
+    413: {"description": "body, pixel count or number of images over the limit"},
+    500: {"description": "inference failed for the batch holding this request"},
+    503: {"description": "queue full, not ready or draining (see Retry-After)"},
+    504: {"description": "deadline passed before the result"},
+    **_UNAUTHORIZED,
+    **_UNKNOWN,
+}
+
+
 def _model(state, name: str, version: Optional[str]):
     seg = state.segmenter
     if seg is None or name != seg.name:
@@ -54,14 +68,19 @@ async def live() -> dict:
     return {"live": True}
 
 
-@router.get("/health/ready", name="v2_health")
+@router.get("/health/ready", name="v2_health", responses=_NOT_READY)
 async def ready(state: State) -> JSONResponse:
     ok = state.ready and not state.draining
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-@router.get("/models/{name}", name="v2_model", dependencies=[Authorized])
-@router.get("/models/{name}/versions/{version}", name="v2_model", dependencies=[Authorized])
+@router.get("/models/{name}", name="v2_model", dependencies=[Authorized], responses=_UNAUTHORIZED | _UNKNOWN)
+@router.get(
+    "/models/{name}/versions/{version}",
+    name="v2_model",
+    dependencies=[Authorized],
+    responses=_UNAUTHORIZED | _UNKNOWN,
+)
 async def model_metadata(state: State, name: str, version: Optional[str] = None) -> dict:
     seg = _model(state, name, version)
     classes = seg.config.num_classes
@@ -84,8 +103,8 @@ async def model_metadata(state: State, name: str, version: Optional[str] = None)
     }
 
 
-@router.get("/models/{name}/ready", name="v2_model")
-@router.get("/models/{name}/versions/{version}/ready", name="v2_model")
+@router.get("/models/{name}/ready", name="v2_model", responses=_UNKNOWN | _NOT_READY)
+@router.get("/models/{name}/versions/{version}/ready", name="v2_model", responses=_UNKNOWN | _NOT_READY)
 async def model_ready(state: State, name: str, version: Optional[str] = None) -> JSONResponse:
     seg = _model(state, name, version)
     ok = state.ready and not state.draining
@@ -93,13 +112,18 @@ async def model_ready(state: State, name: str, version: Optional[str] = None) ->
 
 
 @router.post(
-    "/models/{name}/infer", name="v2_infer", dependencies=[Authorized, Ready], openapi_extra=_INFER_BODY
+    "/models/{name}/infer",
+    name="v2_infer",
+    dependencies=[Authorized, Ready],
+    openapi_extra=_INFER_BODY,
+    responses=_INFER_ERRORS,
 )
 @router.post(
     "/models/{name}/versions/{version}/infer",
     name="v2_infer",
     dependencies=[Authorized, Ready],
     openapi_extra=_INFER_BODY,
+    responses=_INFER_ERRORS,
 )
 async def infer(request: Request, state: State, name: str, version: Optional[str] = None) -> Response:
     seg = _model(state, name, version)

@@ -73,3 +73,30 @@ def test_run_writes_json_csv_plot_and_table(tiny_artifact, tmp_path):
 def test_usage_without_run_command():
     done = subprocess.run([sys.executable, "-m", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "usage" in done.stderr
+
+
+def test_ceiling_makes_its_own_images(tiny_artifact):
+    cmd = [sys.executable, "-m", "benchmarks.ceiling", "--model", tiny_artifact, "--images", "jpeg1024",
+           "--batches", "1", "2", "--seconds", "0.1", "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["device"] == "cpu" and result["precision"] == "fp32"
+    assert set(result["per_batch"]) == {"1", "2"} and result["predict_batch1_ms"] > 0
+
+
+def test_gpu_check_says_when_there_is_no_gpu(tmp_path):
+    """Where a GPU is present the script runs (benchmarks/gpu_check.sh); here it
+    must stop at once with a clear message, not half-run on the CPU."""
+    import shutil
+
+    if shutil.which("nvidia-smi"):
+        import pytest
+
+        pytest.skip("an NVIDIA driver is present: run benchmarks/gpu_check.sh itself")
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path)},
+    )  # fmt: skip
+    assert done.returncode == 3 and "no NVIDIA GPU" in done.stderr
+    assert not list(tmp_path.iterdir())

@@ -38,6 +38,25 @@ async def test_full_queue_gets_fast_503_and_accepted_requests_succeed(tiny_artif
     assert depth == 0
 
 
+async def test_full_queue_refuses_before_decoding(tiny_artifact, tiny_segmenter):
+    """Room is checked before the image is decoded: with the queue full, even an
+    undecodable body gets the 503 (no CPU spent decoding what cannot be served)."""
+    slow = SlowSegmenter(tiny_segmenter, delay=0.5)
+    settings = make_settings(
+        tiny_artifact, max_queue=1, max_images_per_request=1, max_batch_size=1, max_batch_delay_ms=0
+    )
+    async with serve(settings, segmenter=slow) as client:
+        running = asyncio.create_task(client.post("/predict", files=files(random_image(1))))
+        await asyncio.sleep(0.1)  # computing
+        queued = asyncio.create_task(client.post("/predict", files=files(random_image(2))))
+        await asyncio.sleep(0.1)  # waiting: the queue is full
+        junk = await client.post("/predict", content=b"not an image", headers={"content-type": "image/png"})
+        assert [(await running).status_code, (await queued).status_code] == [200, 200]
+        after = await client.post("/predict", content=b"not an image", headers={"content-type": "image/png"})
+    assert junk.status_code == 503 and junk.headers["retry-after"] == "1"
+    assert after.status_code == 400  # with room again, the same body is decoded and refused
+
+
 async def test_one_ms_deadline_gives_504(tiny_artifact):
     async with serve(make_settings(tiny_artifact, request_timeout_s=0.001)) as client:
         r = await client.post("/predict", files=files(random_image(1)))

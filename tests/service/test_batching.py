@@ -219,3 +219,19 @@ async def test_announced_images_are_waited_for():
     assert await asyncio.gather(first.future, second.future) == [10, 20]
     assert model.batches == [[1, 2]]
     await b.stop(5)
+
+
+async def test_room_is_reserved_before_decoding():
+    """incoming() admits against waiting + being-decoded images, and refuses at
+    once (before any decoding) when they would not fit."""
+    b = await _batcher(FakeModel(delay=0.2), max_batch_size=1, max_queue=4)
+    with b.incoming(3):
+        with pytest.raises(QueueFull):
+            b.incoming(2)
+        with b.incoming(1):
+            pass
+        jobs = b.submit([1, 2, 3], FAR)
+    await asyncio.gather(*(j.future for j in jobs))
+    await b.stop(5)
+    with pytest.raises(QueueFull, match="shutting down"):
+        b.incoming(1)
