@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 COLORS = {"chanseg": "C0", "chanseg-b1": "C9", "naive": "C3", "litserve": "C2"}
 
@@ -35,6 +36,7 @@ def plot(report: dict, path: Path) -> None:
             ax_lat.plot(x, [r["p99_ms"] for r in points], "s--", color=color, label=f"{scenario} p99")
         for ax in (ax_tp, ax_lat):
             ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
             ax.set_xlabel("concurrency (closed loop)")
             ax.grid(True, which="both", alpha=0.3)
         ax_tp.set_ylabel("images/s")
