@@ -34,11 +34,7 @@ reliability: install
 serve: install
 	LD_PRELOAD=$(TCMALLOC) $(BIN)/python -m service
 
-bench-# The reliability suite's long forms (60 s held load, 20 s overload, 5 min soak); `make test` runs the short ones.
-reliability: install
-	CHANSEG_RELIABILITY=long $(BIN)/pytest -s -m reliability tests/reliability
-
-serve: install
+bench-serve: install
 	$(BIN)/python -m benchmarks run
 
 bench-model: install
