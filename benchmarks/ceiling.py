@@ -32,7 +32,7 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32", choices=list(model.PRECISIONS))
     args = parser.parse_args()
     if args.images:
-        from benchmarks.loadgen import make_images
+        from benchmarks.client import make_images
 
         encoded = make_images(16, 256) if args.images == "png256" else make_images(8, 1024, "JPEG")
     else:

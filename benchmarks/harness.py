@@ -34,7 +34,8 @@ from typing import Dict, List, Optional
 
 import httpx
 
-from benchmarks.loadgen import make_images, measure, run
+from benchmarks.client import make_images
+from benchmarks.loadgen import measure, run
 from benchmarks.model_speed import ALLOCATORS, find_library
 from benchmarks.servers import SCENARIOS, raw_ceiling, running
 from service.settings import Settings

@@ -16,7 +16,7 @@ Bounds: at most ``max_requests`` requests and ``warmup_s + max_windows *
 window_s`` seconds per measurement, plus up to ``drain_s`` for the requests in
 flight at the end to be answered (then they are cancelled); only loopback
 addresses. The requests are prepared bytes sent over keep-alive connections by
-a minimal HTTP/1.1 client (``_Client``): the client runs on the same machine
+a minimal HTTP/1.1 client (``benchmarks.client``): the client runs on the same machine
 as the server under test, so its CPU per request is kept small and reported.
 
     python -m benchmarks.loadgen --url http://127.0.0.1:8000 --concurrency 1 4 16
@@ -28,91 +28,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
-import ipaddress
 import json
 import random
-import re
 import resource
-import socket
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
-from urllib.parse import urlparse
+from typing import Dict, List, Optional, Sequence
 
 import httpx
 import numpy as np
 
-__all__ = [
-    "Measurement",
-    "Payload",
-    "measure",
-    "make_images",
-    "multipart",
-    "base64_json",
-    "percentile",
-    "require_loopback",
-    "server_split",
-]
+from benchmarks.client import Client, Payload, make_images, multipart, require_loopback
 
-BOUNDARY = "chanseg-bench-boundary"
-
-
-def require_loopback(url: str) -> None:
-    """Raise unless ``url``'s host resolves to loopback addresses only."""
-    host = urlparse(url).hostname or ""
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except socket.gaierror as exc:
-        raise ValueError(f"{url}: cannot resolve {host!r}") from exc
-    if not addresses or not all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses):
-        raise ValueError(
-            f"{url}: the load generator only talks to loopback addresses, not {sorted(addresses)}"
-        )
-
+__all__ = ["Measurement", "Window", "is_stable", "measure", "percentile", "run", "server_split"]
 
 def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
-
-
-def make_images(count: int = 16, size: int = 256, fmt: str = "PNG", seed: int = 0) -> List[bytes]:
-    """Synthetic-shapes images (what the default model knows), encoded as PNG or JPEG."""
-    from PIL import Image
-
-    from model.data import synthetic_sample
-
-    bodies = []
-    for i in range(count):
-        image = Image.fromarray(synthetic_sample(seed + 100, i, (size, size)).image)
-        buf = io.BytesIO()
-        image.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-        bodies.append(buf.getvalue())
-    return bodies
-
-
-@dataclass(frozen=True)
-class Payload:
-    """One request as bytes, built once: the client spends its CPU on sending."""
-
-    body: bytes
-    content_type: str
-
-
-def multipart(image: bytes, filename: str = "image.png") -> Payload:
-    """``image`` as the single ``file`` part of a multipart/form-data body."""
-    kind = "image/jpeg" if image[:3] == b"\xff\xd8\xff" else "image/png"
-    head = (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
-        f"Content-Type: {kind}\r\n\r\n"
-    ).encode()
-    return Payload(head + image + f"\r\n--{BOUNDARY}--\r\n".encode(), f"multipart/form-data; boundary={BOUNDARY}")
-
-
-def base64_json(image: bytes) -> Payload:
-    """``image`` as ``{"image": "<base64>"}`` (how LitServe examples send images)."""
-    import base64
-
-    return Payload(json.dumps({"image": base64.b64encode(image).decode()}).encode(), "application/json")
 
 
 @dataclass
@@ -167,108 +98,6 @@ class Measurement:
         data = asdict(self)
         data.pop("latencies_ms")
         return data
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection that sends prepared requests and reads
-    ``Content-Length`` answers: the least client CPU per request (the client
-    shares the machine with the server under test; httpx took ~1.4 ms of CPU
-    per request here, this ~0.3 ms)."""
-
-    def __init__(self) -> None:
-        self.transport: Optional[asyncio.Transport] = None
-        self.buffer = bytearray()
-        self.waiter: Optional[asyncio.Future] = None
-        self.closed = False
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        self._answer()
-
-    def connection_lost(self, exc) -> None:
-        self.closed = True
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionError("connection closed before the answer"))
-
-    def _answer(self) -> None:
-        if self.waiter is None or self.waiter.done():
-            return
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = bytes(self.buffer[:end]).lower()
-        length = _CONTENT_LENGTH.search(head)
-        if length is None:  # every server here sends Content-Length; anything else is an error
-            self.waiter.set_exception(ConnectionError("answer without Content-Length"))
-            return
-        total = end + 4 + int(length.group(1))
-        if len(self.buffer) < total:
-            return
-        del self.buffer[:total]
-        self.waiter.set_result((int(head[9:12]), b"\r\nretry-after:" in head, b"\r\nconnection: close" in head))
-
-    async def exchange(self, request: bytes, timeout_s: float) -> Tuple[int, bool, bool]:
-        """(status, has Retry-After, server closes) for one request."""
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(request)
-        try:
-            return await asyncio.wait_for(self.waiter, timeout_s)
-        finally:
-            self.waiter = None
-
-
-_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:\s*(\d+)")
-
-
-class _Client:
-    """Keep-alive connections to one host; a connection per concurrent request."""
-
-    def __init__(self, url: str, path: str, timeout_s: float) -> None:
-        parsed = urlparse(url)
-        self.host, self.port = parsed.hostname, parsed.port or 80
-        self.path, self.timeout_s = path, timeout_s
-        self.idle: List[_Connection] = []
-        self.all: List[_Connection] = []
-
-    def prepare(self, payload: Payload) -> bytes:
-        head = (
-            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-            f"Content-Type: {payload.content_type}\r\nContent-Length: {len(payload.body)}\r\n\r\n"
-        )
-        return head.encode() + payload.body
-
-    async def send(self, request: bytes) -> Tuple[str, bool]:
-        conn = None
-        while self.idle:
-            candidate = self.idle.pop()
-            if not candidate.closed:
-                conn = candidate
-                break
-        try:
-            if conn is None:
-                loop = asyncio.get_running_loop()
-                _, conn = await asyncio.wait_for(
-                    loop.create_connection(_Connection, self.host, self.port), self.timeout_s
-                )
-                self.all.append(conn)
-            status, retry_after, closing = await conn.exchange(request, self.timeout_s)
-        except (OSError, asyncio.TimeoutError):
-            if conn is not None and conn.transport is not None:
-                conn.transport.abort()
-            return "error", False
-        if closing:
-            conn.transport.close()
-        else:
-            self.idle.append(conn)
-        return str(status), retry_after
-
-    def close(self) -> None:
-        for conn in self.all:
-            if conn.transport is not None:
-                conn.transport.close()
 
 
 _SERVER_METRICS = {
@@ -383,7 +212,7 @@ async def measure(
     samples: List[Sample] = []
     sent = skipped = 0
     stop = asyncio.Event()
-    client = _Client(url, path, timeout_s)
+    client = Client(url, path, timeout_s)
     requests = [client.prepare(p) for p in payloads]
 
     async with httpx.AsyncClient(base_url=url, timeout=10) as scraper:

@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional
 
 import httpx
 
-from benchmarks.loadgen import Payload, base64_json, multipart
+from benchmarks.client import Payload, base64_json, multipart
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.loadgen import make_images
+from benchmarks.client import make_images
 from benchmarks.servers import SCENARIOS, running
 
 

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from benchmarks.loadgen import make_images
+from benchmarks.client import make_images
 from benchmarks.servers import SCENARIOS, running
 
 ROOT = Path(__file__).resolve().parents[2]

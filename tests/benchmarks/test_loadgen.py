@@ -6,15 +6,8 @@ import asyncio
 
 import pytest
 
-from benchmarks.loadgen import (
-    Window,
-    is_stable,
-    make_images,
-    measure,
-    multipart,
-    require_loopback,
-    server_split,
-)
+from benchmarks.client import make_images, multipart, require_loopback
+from benchmarks.loadgen import Window, is_stable, measure, server_split
 
 
 def _w(ips: float, p95: float) -> Window:

@@ -21,7 +21,8 @@ from typing import Dict, Optional
 import httpx
 import pytest
 
-from benchmarks.loadgen import make_images, measure, multipart, run
+from benchmarks.client import make_images, multipart
+from benchmarks.loadgen import measure, run
 from benchmarks.model_speed import ALLOCATORS, find_library
 from benchmarks.servers import free_port
 
