@@ -100,6 +100,16 @@ class Measurement:
         return data
 
 
+@dataclass
+class _Mark:
+    """The state at a window boundary."""
+
+    at: float  # time.perf_counter()
+    answered: int  # requests answered so far
+    cpu_s: float  # the client's CPU time so far
+    scrape: Optional[dict]  # chanseg's histogram sums and counts
+
+
 _SERVER_METRICS = {
     "chanseg_queue_wait_seconds": "queue",
     "chanseg_inference_duration_seconds": "inference",
@@ -254,28 +264,27 @@ async def measure(
         else:
             tasks = [asyncio.create_task(open_arrivals())]
         windows: List[Window] = []
-        scrapes: List[Optional[dict]] = []
-        cpu_marks: List[float] = []
-        counts: List[int] = []
+        marks: List[_Mark] = []
+
+        async def mark() -> None:
+            # Time, count and CPU together, before the scrape's await lets answers in:
+            # samples[a.answered:b.answered] are then exactly the answers between a and b.
+            at, answered, cpu_s = time.perf_counter(), len(samples), _cpu_seconds()
+            marks.append(_Mark(at, answered, cpu_s, await _scrape(scraper)))
+
         try:
             await asyncio.sleep(warmup_s)
-            marks = [time.perf_counter()]
-            scrapes.append(await _scrape(scraper))
-            cpu_marks.append(_cpu_seconds())
-            counts.append(len(samples))
+            await mark()
             while len(windows) < max_windows and sent < max_requests:
-                await asyncio.sleep(max(0.0, marks[-1] + window_s - time.perf_counter()))
-                marks.append(time.perf_counter())
-                scrapes.append(await _scrape(scraper))
-                cpu_marks.append(_cpu_seconds())
-                counts.append(len(samples))
-                start, end = marks[-2], marks[-1]
-                windows.append(_window([s for s in samples if start <= s.done < end], start, end - start))
+                await asyncio.sleep(max(0.0, marks[-1].at + window_s - time.perf_counter()))
+                await mark()
+                a, b = marks[-2], marks[-1]
+                windows.append(_window(samples[a.answered : b.answered], a.at, b.at - a.at))
                 if is_stable(windows, stable_windows, stability):
                     break
         finally:
             stop.set()  # closed-loop clients stop after their current answer
-            done, pending = await asyncio.wait(tasks, timeout=drain_s)
+            _, pending = await asyncio.wait(tasks, timeout=drain_s)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -283,14 +292,13 @@ async def measure(
 
     used = min(stable_windows, len(windows))
     first, last = marks[-used - 1], marks[-1]
-    chosen = [s for s in samples if first <= s.done < last]
+    seconds = last.at - first.at
+    chosen = samples[first.answered : last.answered]
     ok = [s.ms for s in chosen if s.status == "200"]
     rejected = [s.ms for s in chosen if s.status not in ("200", "error")]
     statuses: Dict[str, int] = {}
     for s in chosen:
         statuses[s.status] = statuses.get(s.status, 0) + 1
-    seconds = last - first
-    finished = counts[-1] - counts[-used - 1]
     return Measurement(
         mode="concurrency" if concurrency is not None else "rate",
         load=float(concurrency if concurrency is not None else rate),
@@ -313,8 +321,8 @@ async def measure(
         ),
         errors=statuses.get("error", 0),
         skipped=skipped,
-        client_cpu_ms_per_request=1000 * (cpu_marks[-1] - cpu_marks[-used - 1]) / max(1, finished),
-        server=server_split(scrapes[-used - 1], scrapes[-1]),
+        client_cpu_ms_per_request=1000 * (last.cpu_s - first.cpu_s) / max(1, len(chosen)),
+        server=server_split(first.scrape, last.scrape),
         latencies_ms=ok,
     )
 

@@ -31,6 +31,7 @@ __all__ = [
     "InvalidRequest",
     "NotFound",
     "register_handlers",
+    "responses",
 ]
 
 
@@ -119,6 +120,18 @@ class NotFound(ApiError):
     """404: unknown model name or version."""
 
     status = 404
+
+
+def responses(*errors: type) -> Dict[int, dict]:
+    """OpenAPI ``responses`` for a route that raises ``errors``: each status with
+    its classes' docstrings, so the schema cannot drift from the exceptions."""
+    out: Dict[int, dict] = {}
+    for error in errors:
+        text = (error.__doc__ or "").strip().splitlines()[0].split(": ", 1)[-1].rstrip(".")
+        entry = out.setdefault(error.status, {"description": text})
+        if text not in entry["description"]:
+            entry["description"] += f"; {text}"
+    return out
 
 
 def error_body(path: str, detail: str) -> dict:

@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from ..deps import Authorized, Ready, State
+from ..errors import NotReady, Unauthorized, responses
 
 router = APIRouter(tags=["model"])
 
@@ -37,7 +38,7 @@ class ModelMetadata(BaseModel):
     name="model",
     response_model=ModelMetadata,
     dependencies=[Authorized, Ready],
-    responses={401: {"description": "missing or wrong API key"}, 503: {"description": "not ready, or draining"}},
+    responses=responses(Unauthorized, NotReady),
 )
 async def model_metadata(state: State) -> ModelMetadata:
     seg, s = state.segmenter, state.settings

@@ -12,21 +12,25 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..deps import Authorized, Ready, State
-from ..errors import BadImage, NoImage, PayloadTooLarge, UnsupportedMediaType
+from ..errors import (
+    BadImage,
+    DeadlineExceeded,
+    InferenceFailed,
+    NoImage,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    UnsupportedMediaType,
+    responses,
+)
 from ..pipeline import deadline_of, postprocess, preprocess, segment
 
 router = APIRouter(tags=["predict"])
 
-_ERRORS = {
-    400: {"description": "undecodable or corrupt image"},
-    401: {"description": "missing or wrong API key"},
-    413: {"description": "body, pixel count or number of images over the limit"},
-    415: {"description": "unsupported content type"},
-    422: {"description": "no image in the request"},
-    500: {"description": "inference failed for the batch holding this request"},
-    503: {"description": "queue full, not ready or draining (see Retry-After)"},
-    504: {"description": "deadline passed before the result"},
-}
+_ERRORS = responses(
+    BadImage, Unauthorized, PayloadTooLarge, UnsupportedMediaType, NoImage, InferenceFailed, Overloaded,
+    DeadlineExceeded,
+)  # fmt: skip
 _BODY = {
     "requestBody": {
         "required": True,

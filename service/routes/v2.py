@@ -19,7 +19,19 @@ from fastapi.responses import JSONResponse, Response
 import model
 
 from ..deps import Authorized, Ready, State
-from ..errors import InvalidRequest, NoImage, NotFound, PayloadTooLarge
+from ..errors import (
+    BadImage,
+    DeadlineExceeded,
+    InferenceFailed,
+    InvalidRequest,
+    NoImage,
+    NotFound,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    Unauthorized,
+    responses,
+)
 from ..pipeline import deadline_of, postprocess, preprocess, segment
 from ..v2_codec import V2Error, encode_infer_response, parse_infer_request
 
@@ -35,18 +47,19 @@ _INFER_BODY = {
 }
 
 
-_UNAUTHORIZED = {401: {"description": "missing or wrong API key"}}
-_UNKNOWN = {404: {"description": "unknown model name or version"}}
-_NOT_READY = {503: {"description": "not ready, or draining"}}
-_INFER_ERRORS = {
-    400: {"description": "malformed request, tensor or image"},
-    413: {"description": "body, pixel count or number of images over the limit"},
-    500: {"description": "inference failed for the batch holding this request"},
-    503: {"description": "queue full, not ready or draining (see Retry-After)"},
-    504: {"description": "deadline passed before the result"},
-    **_UNAUTHORIZED,
-    **_UNKNOWN,
-}
+_NOT_READY = responses(NotReady)
+# Each route below answers at two paths (with and without a version).
+_METADATA_ROUTE = dict(name="v2_model", dependencies=[Authorized], responses=responses(Unauthorized, NotFound))
+_READY_ROUTE = dict(name="v2_model", responses=responses(NotFound, NotReady))
+_INFER_ROUTE = dict(
+    name="v2_infer",
+    dependencies=[Authorized, Ready],
+    openapi_extra=_INFER_BODY,
+    responses=responses(
+        InvalidRequest, BadImage, PayloadTooLarge, InferenceFailed, Overloaded, DeadlineExceeded, Unauthorized,
+        NotFound,
+    ),  # fmt: skip
+)
 
 
 def _model(state, name: str, version: Optional[str]):
@@ -74,13 +87,8 @@ async def ready(state: State) -> JSONResponse:
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
-@router.get("/models/{name}", name="v2_model", dependencies=[Authorized], responses=_UNAUTHORIZED | _UNKNOWN)
-@router.get(
-    "/models/{name}/versions/{version}",
-    name="v2_model",
-    dependencies=[Authorized],
-    responses=_UNAUTHORIZED | _UNKNOWN,
-)
+@router.get("/models/{name}", **_METADATA_ROUTE)
+@router.get("/models/{name}/versions/{version}", **_METADATA_ROUTE)
 async def model_metadata(state: State, name: str, version: Optional[str] = None) -> dict:
     seg = _model(state, name, version)
     classes = seg.config.num_classes
@@ -103,28 +111,16 @@ async def model_metadata(state: State, name: str, version: Optional[str] = None)
     }
 
 
-@router.get("/models/{name}/ready", name="v2_model", responses=_UNKNOWN | _NOT_READY)
-@router.get("/models/{name}/versions/{version}/ready", name="v2_model", responses=_UNKNOWN | _NOT_READY)
+@router.get("/models/{name}/ready", **_READY_ROUTE)
+@router.get("/models/{name}/versions/{version}/ready", **_READY_ROUTE)
 async def model_ready(state: State, name: str, version: Optional[str] = None) -> JSONResponse:
     seg = _model(state, name, version)
     ok = state.ready and not state.draining
     return JSONResponse({"name": seg.name, "ready": ok}, status_code=200 if ok else 503)
 
 
-@router.post(
-    "/models/{name}/infer",
-    name="v2_infer",
-    dependencies=[Authorized, Ready],
-    openapi_extra=_INFER_BODY,
-    responses=_INFER_ERRORS,
-)
-@router.post(
-    "/models/{name}/versions/{version}/infer",
-    name="v2_infer",
-    dependencies=[Authorized, Ready],
-    openapi_extra=_INFER_BODY,
-    responses=_INFER_ERRORS,
-)
+@router.post("/models/{name}/infer", **_INFER_ROUTE)
+@router.post("/models/{name}/versions/{version}/infer", **_INFER_ROUTE)
 async def infer(request: Request, state: State, name: str, version: Optional[str] = None) -> Response:
     seg = _model(state, name, version)
     s = state.settings

@@ -10,13 +10,8 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import httpx
 import pytest
@@ -24,9 +19,8 @@ import pytest
 from benchmarks.client import make_images, multipart
 from benchmarks.loadgen import measure, run
 from benchmarks.model_speed import ALLOCATORS, find_library
-from benchmarks.servers import free_port
+from tests.service.conftest import ServerProcess
 
-ROOT = Path(__file__).resolve().parents[2]
 LONG = os.environ.get("CHANSEG_RELIABILITY", "short") == "long"
 
 
@@ -39,11 +33,8 @@ def report(name: str, **figures) -> None:
     print(f"\n[reliability {'long' if LONG else 'short'}] {name}: {shown}")
 
 
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen
-    log: Path
+class Server(ServerProcess):
+    """The service process, and what the suite reads of it from /proc and /metrics."""
 
     def rss_kb(self) -> int:
         status = Path(f"/proc/{self.proc.pid}/status").read_text()
@@ -66,39 +57,19 @@ class Server:
                     total += s.value
         return total
 
-    def stop(self, sig: int = signal.SIGKILL) -> Optional[int]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            return self.proc.wait(60)
-        return self.proc.returncode
-
 
 def start_server(tmp: Path, **env: str) -> Server:
-    port = str(free_port())
-    url = f"http://127.0.0.1:{port}"
-    log = tmp / f"server-{port}.log"
-    environ = dict(os.environ, PYTHONPATH=str(ROOT), CHANSEG_HOST="127.0.0.1", CHANSEG_PORT=port)
-    environ.update(CHANSEG_MAX_BATCH_SIZE="4", CHANSEG_LOG_LEVEL="warning")
+    """The bundled model (unless ``CHANSEG_MODEL_PATH`` is given), batches of up to
+    4, tcmalloc when installed (as deployed: make serve, the Docker image)."""
     tcmalloc = find_library(ALLOCATORS["tcmalloc"])
-    if tcmalloc:  # as deployed (make serve, the Docker image)
-        environ["LD_PRELOAD"] = tcmalloc
-    environ.update(env)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service"], env=environ, cwd=ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT
-    )
-    server = Server(url, proc, log)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise TimeoutError(f"server not ready:\n{log.read_text()}")
+    settings = {"CHANSEG_LOG_LEVEL": "warning", **({"LD_PRELOAD": tcmalloc} if tcmalloc else {}), **env}
+    server = Server(None, tmp, **settings)
+    try:
+        server.wait_ready(timeout=180)
+    except Exception:
+        server.stop()
+        raise
+    return server
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import asyncio
 import io
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -58,17 +59,14 @@ def test_disconnect_while_queued_is_not_computed(server):
     images = make_images(16, 256)
     fds, computed = server.open_fds(), server.metric("chanseg_batch_size_sum")
     gone = server.metric("chanseg_requests_total", status="499")
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(1) as pool:
-            busy = pool.submit(client.post, "/predict", files=[("file", (f"{i}.png", im)) for i, im in enumerate(images)])
-            time.sleep(0.15)  # the 16 are decoded and queued
-            socks = [_raw_request(server.url, images[i]) for i in range(10)]
-            time.sleep(0.15)  # the 10 are queued behind them
-            for s in socks:
-                s.close()
-            assert busy.result().status_code == 200
+    with httpx.Client(base_url=server.url, timeout=60) as client, ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(client.post, "/predict", files=[("file", (f"{i}.png", im)) for i, im in enumerate(images)])
+        time.sleep(0.15)  # the 16 are decoded and queued
+        socks = [_raw_request(server.url, images[i]) for i in range(10)]
+        time.sleep(0.15)  # the 10 are queued behind them
+        for s in socks:
+            s.close()
+        assert busy.result().status_code == 200
     time.sleep(0.5)
     fds_after = _settle(server, fds)
     done = server.metric("chanseg_batch_size_sum") - computed

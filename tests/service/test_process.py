@@ -3,12 +3,9 @@ a real HTTP client, SIGTERM draining, and a real Prometheus scraping it."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,59 +15,12 @@ import numpy as np
 import pytest
 
 import model
+from benchmarks.servers import free_port
 from model import ModelConfig
 from tests.conftest import make_net
-from tests.service.conftest import decode_mask, png_bytes, random_image
+from tests.service.conftest import ServerProcess, decode_mask, png_bytes, random_image
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    def __init__(self, artifact: str, tmp: Path, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp / f"server-{self.port}.log"
-        environ = dict(os.environ)
-        environ.update(
-            CHANSEG_MODEL_PATH=artifact,
-            CHANSEG_DEVICE="cpu",
-            CHANSEG_HOST="127.0.0.1",
-            CHANSEG_PORT=str(self.port),
-            CHANSEG_MAX_BATCH_SIZE="4",
-            CHANSEG_LOG_LEVEL="info",
-            PYTHONPATH=str(ROOT),
-        )
-        environ.update(env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service"],
-            env=environ,
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
