@@ -3,11 +3,11 @@
 Prediction runs in three stages that a server can schedule apart
 (``Segmenter.predict`` simply chains them):
 
-1. ``prepare(image)``: any image -> ``(h, w, 3)`` uint8 tensor; on a CPU
-   segmenter it is already resized to the input size, so this work can run
-   in parallel with inference on other threads.
+1. ``prepare(image)``: any image -> ``(h, w, 3)`` uint8 tensor at the input
+   size, on the host, whatever the device: this work runs in parallel with
+   inference on other threads, and what waits for the device is small.
 2. ``infer(batch)``: prepared images -> ``(N, h, w)`` uint8 labels at the input
-   size, in one batched forward pass (resizing whatever is left on the device).
+   size, in one batched forward pass.
 3. ``restore(labels, size)``: labels -> the mask at the image's own size, by
    nearest-neighbour upsampling of the argmax (the same as nearest upsampling
    of the logits followed by argmax; never invents classes at edges).
@@ -35,9 +35,8 @@ from .preprocess import (
     ImageLike,
     nearest_indices,
     normalize,
+    prepare_image,
     resize_batch,
-    resize_image,
-    to_rgb_array,
     to_rgb_tensor,
 )
 
@@ -161,10 +160,10 @@ class Segmenter:
     # -- stages ---------------------------------------------------------------
 
     def prepare(self, image: ImageLike) -> Tensor:
-        """One image -> ``(h, w, 3)`` uint8 tensor, resized here when the model runs on CPU."""
-        if self.device.type == "cpu":
-            return to_rgb_tensor(resize_image(to_rgb_array(image), self.config.input_size))
-        return to_rgb_tensor(image)
+        """One image -> ``(h, w, 3)`` uint8 CPU tensor at the input size (PIL's
+        antialiased bilinear resize). On every device: a queue of prepared images
+        then holds input-size tensors, never full-size ones."""
+        return to_rgb_tensor(prepare_image(image, self.config.input_size))
 
     @torch.inference_mode()
     def logits(self, prepared: Sequence[Tensor]) -> Tensor:
@@ -186,17 +185,36 @@ class Segmenter:
         return logits.max(1).indices.to(torch.uint8).cpu()
 
     @staticmethod
-    def probabilities(logits: Tensor, size: Tuple[int, int]) -> Tensor:
-        """One image's logits ``(C, h, w)`` -> float32 softmax ``(C, H, W)`` on the CPU (nearest)."""
+    def probabilities(
+        logits: Tensor, size: Tuple[int, int], out: np.ndarray | None = None
+    ) -> Tensor | np.ndarray:
+        """One image's logits ``(C, h, w)`` -> float32 softmax ``(C, H, W)`` on the CPU
+        (nearest). With ``out`` (a float32 ``(C, H, W)`` array) it is written there
+        and returned: a server assembles a response without a second full-size copy."""
         x = logits.detach().float().cpu().numpy()
         x = np.exp(x - x.max(axis=0, keepdims=True))
         x /= x.sum(axis=0, keepdims=True)
+        if out is not None:
+            return _upsample(x, size, axes=(1, 2), out=out)
         return torch.from_numpy(_upsample(x, size, axes=(1, 2)))
 
     @staticmethod
-    def restore(labels: Tensor, size: Tuple[int, int]) -> np.ndarray:
-        """``(h, w)`` uint8 labels -> ``(H, W)`` uint8 mask for ``size = (H, W)`` (nearest)."""
-        return _upsample(labels.numpy(), size, axes=(0, 1))
+    def restore(labels: Tensor, size: Tuple[int, int], out: np.ndarray | None = None) -> np.ndarray:
+        """``(h, w)`` uint8 labels -> ``(H, W)`` uint8 mask for ``size = (H, W)`` (nearest),
+        written into ``out`` when given."""
+        return _upsample(labels.numpy(), size, axes=(0, 1), out=out)
+
+    @staticmethod
+    def class_counts(labels: Tensor, size: Tuple[int, int], num_classes: int) -> np.ndarray:
+        """Pixels per class in ``restore(labels, size)``, without making that mask:
+        each label counts as many times as nearest upsampling repeats its row and column."""
+        small = labels.numpy()
+        h, w = small.shape
+        rows = np.bincount(nearest_indices(h, int(size[0])), minlength=h)
+        cols = np.bincount(nearest_indices(w, int(size[1])), minlength=w)
+        weights = np.outer(rows, cols).ravel()
+        counts = np.bincount(small.ravel(), weights=weights, minlength=num_classes)[:num_classes]
+        return np.rint(counts).astype(np.int64)
 
     # -- one call ---------------------------------------------------------------
 
@@ -243,13 +261,22 @@ class Segmenter:
         self.infer(list(dummy))
 
 
-def _upsample(array: np.ndarray, size: Tuple[int, int], axes: Tuple[int, int]) -> np.ndarray:
-    """Nearest-exact resize of ``array`` along ``axes`` to ``size`` (torch's indices)."""
+def _upsample(
+    array: np.ndarray, size: Tuple[int, int], axes: Tuple[int, int], out: np.ndarray | None = None
+) -> np.ndarray:
+    """Nearest-exact resize of ``array`` along ``axes`` to ``size`` (torch's indices),
+    into ``out`` when given."""
     h, w = array.shape[axes[0]], array.shape[axes[1]]
     if (h, w) == tuple(size):
-        return array
+        if out is None:
+            return array
+        out[...] = array
+        return out
     rows, cols = nearest_indices(h, int(size[0])), nearest_indices(w, int(size[1]))
-    return np.ascontiguousarray(np.take(np.take(array, rows, axis=axes[0]), cols, axis=axes[1]))
+    tall = np.take(array, rows, axis=axes[0])
+    if out is None:
+        return np.ascontiguousarray(np.take(tall, cols, axis=axes[1]))
+    return np.take(tall, cols, axis=axes[1], out=out)
 
 
 def _as_list(images) -> Tuple[list, bool]:

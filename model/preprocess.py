@@ -19,7 +19,9 @@ from .network import ModelConfig
 __all__ = [
     "ImageLike",
     "to_rgb_array",
+    "to_rgb_image",
     "to_rgb_tensor",
+    "prepare_image",
     "normalize",
     "resize_batch",
     "resize_image",
@@ -29,22 +31,58 @@ __all__ = [
 ImageLike = Union[Image.Image, np.ndarray, Tensor]
 
 
-def _pil_to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode == "RGB":
+# Rows converted per step where a conversion needs wider integers or floats:
+# the temporaries stay a few MB whatever the image's size.
+_STRIP_PIXELS = 1 << 20
+
+
+def _strips(height: int, width: int):
+    step = max(1, _STRIP_PIXELS // max(1, width))
+    for top in range(0, height, step):
+        yield slice(top, min(height, top + step))
+
+
+def _grey_to_l(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grey to 8 bits, scaled by the value range of the mode
+    (PIL's convert() clips everything above 255 to white), in strips: never a
+    float64 copy of the whole image."""
+    data = np.asarray(image)
+    out = np.empty(data.shape, dtype=np.uint8)
+    if image.mode.startswith("I;16"):
+        # round(v * 255 / 65535) == round(v / 257); never a tie, since 257 is odd
+        for rows in _strips(*data.shape):
+            out[rows] = (data[rows].astype(np.uint32) + 128) // 257
+    else:
+        top = max(float(data.max()), 1.0)
+        for rows in _strips(*data.shape):
+            out[rows] = np.clip(data[rows] * (255.0 / top), 0, 255).round()
+    del data
+    return Image.fromarray(out, "L")
+
+
+def to_rgb_image(image: Image.Image) -> Image.Image:
+    """A PIL image of any mode as an RGB (or, for grey, "L") PIL image.
+
+    Grey stays one band: resizing it and then converting to RGB gives the same
+    pixels as the other way round, at a quarter of the memory. Transparent
+    pixels are composited on black (``paste`` with the alpha as mask: the same
+    values as ``Image.alpha_composite`` on opaque black, at half the memory).
+    """
+    if image.mode in ("RGB", "L"):
         return image
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16-bit and 32-bit grey: scale to 8 bits by the value range of the mode,
-        # rather than PIL's convert(), which clips everything above 255 to white.
-        data = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(data.max()), 1.0)
-        grey = np.clip(data * (255.0 / top), 0, 255).round().astype(np.uint8)
-        return Image.fromarray(grey, "L").convert("RGB")
+        return _grey_to_l(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Composite on black: the colour under a transparent pixel is arbitrary.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        rgba = image if image.mode == "RGBA" else image.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (0, 0, 0))
+        out.paste(rgba, mask=rgba)
+        return out
     return image.convert("RGB")
+
+
+def _pil_to_rgb(image: Image.Image) -> Image.Image:
+    rgb = to_rgb_image(image)
+    return rgb if rgb.mode == "RGB" else rgb.convert("RGB")
 
 
 def to_rgb_array(image: ImageLike) -> np.ndarray:
@@ -98,6 +136,25 @@ def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
     if image.shape[0] == h and image.shape[1] == w:
         return image
     return np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BILINEAR))
+
+
+def prepare_image(image: ImageLike, size: Sequence[int]) -> np.ndarray:
+    """Any image -> ``(h, w, 3)`` uint8 array at ``size = (h, w)``: :func:`to_rgb_array`
+    followed by :func:`resize_image`, the same pixels.
+
+    A PIL image is converted and resized in PIL without a full-size numpy copy,
+    so a large decoded image costs its own pixels and little more (a 6000x6000
+    RGB image: 144 MB as PIL holds it; the array copies would add 216 MB).
+    """
+    h, w = int(size[0]), int(size[1])
+    if not isinstance(image, Image.Image):
+        return resize_image(to_rgb_array(image), (h, w))
+    small = to_rgb_image(image)
+    if small.size != (w, h):
+        small = small.resize((w, h), Image.Resampling.BILINEAR)
+    if small.mode != "RGB":
+        small = small.convert("RGB")
+    return np.array(small)
 
 
 def nearest_indices(src: int, dst: int) -> np.ndarray:

@@ -2,9 +2,14 @@
 
 Request lifecycle (``POST /predict`` and v2 infer):
 
-    read body (size-limited) -> decode + convert + resize on the I/O pool
+    read body (size-limited, its memory reserved, within READ_TIMEOUT_S)
+    -> read headers, reserve decoding memory, decode + convert + resize on the I/O pool
     -> DynamicBatcher queue -> one batched forward on the inference thread
     -> mask resize + PNG encode on the I/O pool -> JSON or PNG response
+
+What requests in flight may hold together is bounded by ``MEMORY_BUDGET_MB``
+(:mod:`service.budget`); a batch that runs far longer than warm-up measured
+fails liveness (``ServerState.stuck``), so an orchestrator restarts the pod.
 
 Start-up (lifespan): load the model on the chosen device and precision, choose
 ``MAX_BATCH_SIZE=auto`` by measuring, warm up each batch size, start the
@@ -22,8 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import sys
+import threading
 import time
+import traceback
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -35,11 +42,13 @@ from fastapi import FastAPI
 import model
 
 from .batching import DynamicBatcher
+from .budget import MIB, MemoryBudget
 from .errors import register_handlers
 from .logs import configure_logging
 from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .pipeline import InferItem
+from .resources import allocator, available_cpus, memory_limit_bytes, release_free_memory, rss_bytes
 from .routes import health, metrics, model_info, predict, v2
 from .settings import Settings
 from .warmup import choose_batch_size, measure_throughput, warm_up
@@ -59,11 +68,18 @@ class ServerState:
     batcher: Optional[DynamicBatcher] = None
     pool: Optional[ThreadPoolExecutor] = None  # decoding, encoding: PIL and numpy only
     inference: Optional[ThreadPoolExecutor] = None  # the one thread that runs torch
+    body_budget: Optional[MemoryBudget] = None  # request bodies in flight
+    work_budget: Optional[MemoryBudget] = None  # decoding, parsing, outputs in flight
     max_batch_size: int = 0
     batch_throughput: dict = field(default_factory=dict)
+    watchdog_s: float = float("inf")  # a batch running longer than this is stuck
+    inference_thread: Optional[int] = None
     ready: bool = False
     draining: bool = False
+    shutdown_deadline: Optional[float] = None  # time.monotonic() by which the process must be gone
+    drained: bool = True  # False when shutdown left accepted work unfinished
     started_at: float = field(default_factory=time.time)
+    _stuck_logged: bool = False
 
     def infer(self, items: List[InferItem]) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """Batcher callback, on the inference thread: one forward pass for the batch;
@@ -76,15 +92,39 @@ class ServerState:
                 for i, item in enumerate(items)
             ]
 
-    def start_draining(self) -> None:
+    def stuck(self) -> Optional[str]:
+        """Why the inference thread looks stuck (a batch far past its measured time), or None."""
+        busy = self.batcher.busy_for if self.batcher is not None else 0.0
+        if busy <= self.watchdog_s:
+            self._stuck_logged = False
+            return None
+        detail = f"a batch has been running for {busy:.0f} s (WATCHDOG_S: {self.watchdog_s:.0f} s)"
+        if not self._stuck_logged:  # once per episode, with where the thread is
+            self._stuck_logged = True
+            frame = sys._current_frames().get(self.inference_thread or -1)
+            where = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)"
+            log.error("inference thread stuck: %s; liveness fails from now\n%s", detail, where)
+        return detail
+
+    def start_draining(self, budget_s: Optional[float] = None) -> None:
         if not self.draining:
             log.info("draining: refusing new work, finishing what was accepted")
         self.draining = True
         self.ready = False
+        if budget_s is not None and self.shutdown_deadline is None:
+            self.shutdown_deadline = time.monotonic() + budget_s
+
+    def shutdown_remaining(self) -> float:
+        """Seconds left of the shutdown budget (DRAIN_TIMEOUT_S from the signal)."""
+        if self.shutdown_deadline is None:
+            return self.settings.drain_timeout_s
+        return max(0.0, self.shutdown_deadline - time.monotonic())
 
 
 def _io_threads() -> int:
-    return min(8, (os.cpu_count() or 2) + 2)
+    """Decoding and encoding threads: the CPUs this process may use, plus two
+    for the moments one waits (on memory, on the GIL between PIL calls)."""
+    return min(8, available_cpus() + 2)
 
 
 def create_app(settings: Optional[Settings] = None, segmenter: Any = None) -> FastAPI:
@@ -97,6 +137,9 @@ def create_app(settings: Optional[Settings] = None, segmenter: Any = None) -> Fa
         settings.max_batch_size if isinstance(settings.max_batch_size, int) else settings.auto_batch_limit
     )
     state = ServerState(settings=settings, metrics=Metrics(min(bucket_limit, settings.max_queue)))
+    state.body_budget = MemoryBudget("body", settings.body_budget_bytes, state.metrics)
+    state.work_budget = MemoryBudget("work", settings.work_budget_bytes, state.metrics)
+    state.metrics.batch_running.set_function(lambda: state.batcher.busy_for if state.batcher else 0.0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -116,7 +159,14 @@ def create_app(settings: Optional[Settings] = None, segmenter: Any = None) -> Fa
     register_handlers(app)
     for router in (health.router, predict.router, model_info.router, metrics.router, v2.router):
         app.include_router(router)
-    app.add_middleware(RequestMiddleware, metrics=state.metrics, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(
+        RequestMiddleware,
+        metrics=state.metrics,
+        max_upload_bytes=settings.max_upload_bytes,
+        body_budget=state.body_budget,
+        read_timeout_s=settings.read_timeout_s,
+        request_timeout_s=settings.request_timeout_s,
+    )
     return app
 
 
@@ -131,6 +181,7 @@ async def _start(state: ServerState, segmenter: Any) -> None:
     def on_inference_thread(fn, *args):
         return loop.run_in_executor(state.inference, fn, *args)
 
+    state.inference_thread = await on_inference_thread(threading.get_ident)
     if segmenter is None:
         segmenter = await on_inference_thread(model.load, s.model_path, s.device, s.precision)
     state.segmenter = segmenter
@@ -152,7 +203,11 @@ async def _start(state: ServerState, segmenter: Any) -> None:
         )
     else:
         state.max_batch_size = s.max_batch_size
-    await on_inference_thread(warm_up, segmenter, state.max_batch_size)
+    seconds = await on_inference_thread(warm_up, segmenter, state.max_batch_size)
+    await on_inference_thread(release_free_memory)  # what measuring and warming up freed
+    state.watchdog_s = (
+        s.watchdog_s if s.watchdog_s != "auto" else max(10.0, 20 * max(seconds.values(), default=0.0))
+    )
     state.pool = ThreadPoolExecutor(max_workers=_io_threads(), thread_name_prefix="chanseg-io")
     state.batcher = DynamicBatcher(
         state.infer,
@@ -165,14 +220,35 @@ async def _start(state: ServerState, segmenter: Any) -> None:
     await state.batcher.start()
     state.metrics.set_model(segmenter.name, segmenter.version, str(segmenter.device), segmenter.precision)
     state.ready = True
-    log.info("ready in %.1f s (max batch size %d)", time.perf_counter() - started, state.max_batch_size)
+    _check_memory(s)
+    log.info(
+        "ready in %.1f s (max batch size %d, watchdog %.0f s, memory budget %d MiB)",
+        time.perf_counter() - started,
+        state.max_batch_size,
+        state.watchdog_s,
+        s.memory_budget_mb,
+    )
+
+
+def _check_memory(s: Settings) -> None:
+    """Warn when the budget on top of what the process holds now nears the container's limit."""
+    log.info("allocator: %s; memory in use after warm-up: %d MiB", allocator(), rss_bytes() // MIB)
+    limit, rss = memory_limit_bytes(), rss_bytes()
+    if limit is not None and rss + s.memory_budget_mb * MIB > 0.9 * limit:
+        log.warning(
+            "MEMORY_BUDGET_MB=%d on top of %d MiB in use is over 90%% of the container's memory limit "
+            "(%d MiB): lower MEMORY_BUDGET_MB or raise the limit",
+            s.memory_budget_mb,
+            rss // MIB,
+            limit // MIB,
+        )
 
 
 async def _stop(state: ServerState) -> None:
-    state.start_draining()
+    state.start_draining(state.settings.drain_timeout_s)
     if state.batcher is not None:
-        drained = await state.batcher.stop(state.settings.drain_timeout_s)
-        log.info("batcher stopped (%s)", "drained" if drained else "drain timeout")
+        state.drained = await state.batcher.stop(state.shutdown_remaining())
+        log.info("batcher stopped (%s)", "drained" if state.drained else "shutdown budget spent")
     if state.pool is not None:
         state.pool.shutdown(wait=False, cancel_futures=True)
     if state.inference is not None:

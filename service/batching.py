@@ -9,7 +9,9 @@ decoded) -> images whose request expired or went away are dropped ->
 one ``infer`` call runs the rest on a dedicated thread, so the event loop
 never blocks and the next batch queues up meanwhile -> each image's future
 gets its own result. A failure inside ``infer`` is logged once and fails only
-that batch's images (``BatchFailed``); the worker goes on.
+that batch's images (``BatchFailed``); the worker goes on. ``busy_for`` says
+how long the running batch has been on the device: the liveness watchdog
+reads it to tell a stuck inference thread from a busy one.
 
 No web framework here: the batcher is tested with a plain function as model.
 """
@@ -138,6 +140,7 @@ class DynamicBatcher:
         self._executor: Optional[ThreadPoolExecutor] = executor
         self._owns_executor = executor is None
         self._task: Optional[asyncio.Task] = None
+        self._busy_since: Optional[float] = None  # time.monotonic() when the running batch began
         self._accepting = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -146,6 +149,17 @@ class DynamicBatcher:
     def depth(self) -> int:
         """Images accepted and not yet computed."""
         return self._waiting + self._running
+
+    @property
+    def busy_for(self) -> float:
+        """Seconds the running batch has been computing; 0 when none runs."""
+        since = self._busy_since
+        return time.monotonic() - since if since is not None else 0.0
+
+    def has_room(self, count: int = 1) -> bool:
+        """Whether ``count`` more images would be admitted now (checked before a
+        request's body is read, so a full server reads nothing it will refuse)."""
+        return self._accepting and self._waiting + self._incoming + count <= self.max_queue
 
     async def start(self) -> None:
         if self._executor is None:
@@ -258,16 +272,27 @@ class DynamicBatcher:
 
     async def _run(self, loop: asyncio.AbstractEventLoop, jobs: List[Job]) -> None:
         started = time.perf_counter()
+        self._busy_since = time.monotonic()
         try:
             results = await loop.run_in_executor(self._executor, self.infer, [j.payload for j in jobs])
             if len(results) != len(jobs):
                 raise RuntimeError(f"infer returned {len(results)} results for {len(jobs)} inputs")
         except Exception as exc:  # one failed batch must not stop the worker
-            log.error("batch of %d image(s) failed: %s", len(jobs), exc, exc_info=exc)
+            requests = sorted({str(getattr(j.payload, "request_id", "") or "?") for j in jobs})
+            log.error(
+                "batch of %d image(s) failed (requests %s): %s",
+                len(jobs),
+                ", ".join(requests),
+                exc,
+                exc_info=exc,
+                extra={"request_ids": requests},
+            )
             for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(BatchFailed(f"{type(exc).__name__}: {exc}"))
             return
+        finally:
+            self._busy_since = None
         elapsed = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.inference.observe(elapsed)

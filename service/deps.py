@@ -11,9 +11,18 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from .errors import NotReady, Unauthorized
+from .errors import NotReady, Overloaded, Unauthorized
 
-__all__ = ["State", "Authorized", "Ready", "get_state", "require_api_key", "require_ready"]
+__all__ = [
+    "State",
+    "Authorized",
+    "Ready",
+    "Admitted",
+    "get_state",
+    "require_api_key",
+    "require_ready",
+    "require_room",
+]
 
 
 async def get_state(request: Request):
@@ -41,6 +50,14 @@ async def require_ready(request: Request) -> None:
         raise NotReady("the model is not ready yet", retry_after_s=5)
 
 
+async def require_room(request: Request) -> None:
+    """503 before the body is read when the queue could not take even one more image."""
+    batcher = request.app.state.chanseg.batcher
+    if batcher is not None and not batcher.has_room(1):
+        raise Overloaded("server busy: the queue is full; retry later", retry_after_s=1)
+
+
 State = Annotated[object, Depends(get_state)]
 Authorized = Depends(require_api_key)
 Ready = Depends(require_ready)
+Admitted = Depends(require_room)

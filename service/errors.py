@@ -28,6 +28,7 @@ __all__ = [
     "DeadlineExceeded",
     "InferenceFailed",
     "ClientGone",
+    "RequestTimeout",
     "InvalidRequest",
     "NotFound",
     "register_handlers",
@@ -99,9 +100,18 @@ class DeadlineExceeded(ApiError):
 
 
 class InferenceFailed(ApiError):
-    """500: the batch this request was part of failed (logged once per batch)."""
+    """500: the batch this request was part of failed (logged once per batch, with the detail)."""
 
     status = 500
+
+
+class RequestTimeout(ApiError):
+    """408: the request's headers and body did not arrive within READ_TIMEOUT_S."""
+
+    status = 408
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, {"Connection": "close"})
 
 
 class ClientGone(ApiError):

@@ -1,35 +1,137 @@
-"""Bytes <-> images for the server, with limits checked before any pixel is decoded.
+"""Bytes -> images for the server, with limits and memory known before any pixel is decoded.
 
-``decode_image`` reads the header first: the format must be one we serve and
-the declared pixel count within ``max_pixels`` (a decompression bomb is refused
-from its header), then decodes, takes a GIF's first frame, applies EXIF
-orientation and converts any mode (grey, 16-bit, palette, RGBA, CMYK) to RGB.
+Two steps, so the server can reserve memory in between:
+
+- ``probe_image`` reads the header only: the format must be one we serve, the
+  declared pixel count within ``max_pixels`` (a decompression bomb is refused
+  from its header), and it says how many bytes decoding and preparing the image
+  will take at their peak (``Probed.cost``: the decoded pixels in PIL's layout,
+  the decoder's own buffers, mode conversion, EXIF rotation, the resize's
+  intermediate image);
+- ``decode_probed`` decodes: a GIF's first frame, EXIF orientation applied;
+  the mode is left as decoded (``model.preprocess.prepare_image`` converts
+  while it resizes, without full-size copies).
+
+PIL's and libraries' own messages never reach the client: a corrupt image is
+"corrupt or truncated image data", and the detail goes to the debug log.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import warnings
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image
 
-from model.preprocess import to_rgb_array
+from model.preprocess import prepare_image, to_rgb_array
 
 from .errors import BadImage, PayloadTooLarge
 
-__all__ = ["ACCEPTED_FORMATS", "decode_image"]
+__all__ = ["ACCEPTED_FORMATS", "Probed", "probe_image", "decode_probed", "decode_image", "decode_cost"]
+
+log = logging.getLogger("chanseg.imaging")
 
 ACCEPTED_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "MPO"}  # MPO: multi-picture JPEG
 # PIL's own bomb guard only warns below 2x this; ours (max_pixels) is stricter and runs first.
 Image.MAX_IMAGE_PIXELS = None
 
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ONE_BYTE_MODES = {"1", "L", "P"}
+_TWO_BYTE_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
+# Bytes per pixel the decoder itself holds beside the image, by format, measured
+# as peak RSS growth (tests/service/test_imaging.py::test_decode_cost_covers_the_peak):
+# libjpeg's coefficient buffer for progressive JPEGs, libwebp's and libtiff's
+# whole-image buffers.
+_DECODER_BYTES = {"JPEG": 1, "MPO": 1, "WEBP": 13, "TIFF": 1}
+_PROGRESSIVE_JPEG_BYTES = 7
+_FIXED_COST = 8 << 20
 
-def decode_image(data: bytes, max_pixels: int, min_side: int = 1, name: str = "image") -> np.ndarray:
-    """Encoded image bytes -> ``(H, W, 3)`` uint8 RGB array.
+
+@dataclass
+class Probed:
+    """An opened (header read, pixels not decoded) image and what decoding will cost."""
+
+    image: Optional[Image.Image]  # None once decoded
+    name: str
+    width: int  # as displayed: after EXIF orientation
+    height: int
+    orientation: Optional[Image.Transpose]
+    cost: int  # peak bytes to decode and prepare it
+    mode: str = ""  # PIL's mode, from the header
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+def _pixel_bytes(mode: str) -> int:
+    if mode in _ONE_BYTE_MODES:
+        return 1
+    if mode in _TWO_BYTE_MODES:
+        return 2
+    return 4  # PIL keeps RGB, RGBA, CMYK, LA, I and F in 4 bytes per pixel
+
+
+def decode_cost(
+    width: int, height: int, mode: str, fmt: str = "PNG", rotated: bool = False,
+    progressive: bool = False, transparent: bool = False, target: Sequence[int] = (256, 256),
+) -> int:  # fmt: skip
+    """Peak bytes to decode a ``width`` x ``height`` image of ``mode`` and resize
+    it to ``target = (h, w)`` with :func:`model.preprocess.prepare_image`."""
+    pixels = width * height
+    decoded = _pixel_bytes(mode)
+    per_pixel = decoded + _DECODER_BYTES.get(fmt, 0)
+    if fmt in ("JPEG", "MPO") and progressive:
+        per_pixel += _PROGRESSIVE_JPEG_BYTES
+    if rotated:
+        per_pixel += decoded  # the transposed copy beside the original
+    if mode in ("RGB", "L"):
+        converted = decoded
+    elif mode in _TWO_BYTE_MODES or mode == "I":
+        converted = 1
+        per_pixel += decoded + 4  # the array of the samples, strips of wider integers, the 8-bit result
+    elif mode == "RGBA":
+        converted = 4
+        per_pixel += 4  # the RGB image the alpha is composited into
+    elif mode in ("LA", "PA") or (mode == "P" and transparent):
+        converted = 4
+        per_pixel += 8  # an RGBA copy, then the RGB result
+    else:
+        converted = 4
+        per_pixel += 4  # convert("RGB")
+    # The resize's two passes meet in an intermediate image; PIL runs the pass
+    # that leaves the smaller one first (measured on 8x400000 and 300x200000 images).
+    th, tw = int(target[0]), int(target[1])
+    intermediate = min(tw * height, width * th) * converted
+    # PIL keeps a pointer and some bookkeeping per row, and the resize a table of
+    # filter coefficients per source column and row: visible in tall and wide strips.
+    return pixels * per_pixel + intermediate + 64 * height + 32 * (width + height) + _FIXED_COST
+
+
+def _bad(name: str, what: str, exc: BaseException) -> BadImage:
+    log.debug("%s: %s (%s: %s)", name, what, type(exc).__name__, exc)
+    return BadImage(f"{name}: {what}")
+
+
+def probe_image(
+    data: bytes, max_pixels: int, min_side: int = 1, name: str = "image", target: Sequence[int] = (256, 256)
+) -> Probed:
+    """Read an encoded image's header (no pixels are decoded).
 
     Raises:
-        BadImage: empty, undecodable, truncated, unsupported format, too small.
+        BadImage: empty, unreadable header, unsupported format, too small.
         PayloadTooLarge: more than ``max_pixels`` pixels declared in the header.
     """
     if not data:
@@ -38,24 +140,74 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1, name: str = "i
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise BadImage(f"{name}: not a decodable image (PNG, JPEG, WebP, BMP, TIFF or GIF)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise BadImage(f"{name}: corrupt image header ({exc})") from None
-    with image:
-        if image.format not in ACCEPTED_FORMATS:
-            raise BadImage(f"{name}: unsupported image format {image.format}")
-        width, height = image.size
-        if width * height > max_pixels:
-            raise PayloadTooLarge(f"{name}: {width}x{height} pixels is over the limit of {max_pixels} pixels")
-        if width < min_side or height < min_side:
-            raise BadImage(
-                f"{name}: {width}x{height} is too small; the smallest accepted is {min_side}x{min_side}"
-            )
-        try:
-            image.seek(0)  # first frame of an animation
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return np.array(to_rgb_array(image))
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise BadImage(f"{name}: corrupt or truncated image data ({exc})") from None
+        fmt, (width, height), mode = image.format, image.size, image.mode
+    except Exception as exc:  # PIL's plugins raise all kinds of exceptions on crafted headers
+        raise _bad(name, "not a decodable image (PNG, JPEG, WebP, BMP, TIFF or GIF)", exc) from None
+    if fmt not in ACCEPTED_FORMATS:
+        image.close()
+        raise BadImage(f"{name}: unsupported image format {fmt}")
+    if width * height > max_pixels:
+        image.close()
+        raise PayloadTooLarge(f"{name}: {width}x{height} pixels is over the limit of {max_pixels} pixels")
+    if width < min_side or height < min_side:
+        image.close()
+        raise BadImage(f"{name}: {width}x{height} is too small; the smallest accepted is {min_side}x{min_side}")
+    try:
+        # The base class's getexif reads what the header holds; PNG's own would decode
+        # the whole image to look for a late eXIf chunk. Orientation is what is known now.
+        orientation = _ORIENTATION.get(Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1))
+    except Exception as exc:
+        log.debug("%s: unreadable EXIF ignored (%s)", name, exc)
+        orientation = None
+    if orientation in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                       Image.Transpose.ROTATE_90):  # fmt: skip
+        width, height = height, width
+    cost = decode_cost(
+        width, height, mode, fmt, rotated=orientation is not None,
+        progressive=bool(image.info.get("progressive") or image.info.get("progression")),
+        transparent="transparency" in image.info, target=target,
+    )  # fmt: skip
+    return Probed(image, name, width, height, orientation, cost, mode)
+
+
+def decode_probed(probed: Probed) -> Image.Image:
+    """Decode a probed image: first frame, EXIF orientation applied, mode as decoded.
+
+    The probe gives its image up: the decoded pixels live only as long as the
+    caller holds them, not as long as the probe does.
+
+    Raises:
+        BadImage: corrupt or truncated pixel data.
+    """
+    image, probed.image = probed.image, None
+    if image is None:
+        raise RuntimeError(f"{probed.name}: already decoded")
+    try:
+        image.seek(0)  # first frame of an animation
+        image.load()
+        if probed.orientation is not None:
+            image = image.transpose(probed.orientation)
+    except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+        raise _bad(probed.name, "corrupt or truncated image data", exc) from None
+    if image.size != (probed.width, probed.height):  # a decoder that disagrees with its header
+        raise BadImage(f"{probed.name}: corrupt image (its size changed while decoding)")
+    return image
+
+
+def decode_image(data: bytes, max_pixels: int, min_side: int = 1, name: str = "image") -> np.ndarray:
+    """Encoded image bytes -> ``(H, W, 3)`` uint8 RGB array (for tools and tests;
+    the server keeps the PIL image and resizes it without this full-size copy)."""
+    image = decode_probed(probe_image(data, max_pixels, min_side, name))
+    try:
+        return np.array(to_rgb_array(image))
+    except Exception as exc:
+        raise _bad(name, "corrupt or truncated image data", exc) from None
+
+
+def prepare_probed(probed: Probed, size: Sequence[int]) -> np.ndarray:
+    """Decode and resize to ``size = (h, w)`` in one go: ``(h, w, 3)`` uint8."""
+    image = decode_probed(probed)
+    try:
+        return prepare_image(image, size)
+    except Exception as exc:
+        raise _bad(probed.name, "corrupt or truncated image data", exc) from None

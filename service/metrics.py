@@ -78,6 +78,34 @@ class Metrics:
             registry=r,
         )
         self.model_info = Info("chanseg_model", "The model being served", registry=r)
+        self.memory_budget = Gauge(
+            "chanseg_memory_budget_bytes",
+            "Bytes requests in flight may hold, by ledger (body, work)",
+            ["ledger"],
+            registry=r,
+        )
+        self.memory_reserved = Gauge(
+            "chanseg_memory_reserved_bytes", "Bytes reserved by requests in flight, by ledger", ["ledger"], registry=r
+        )
+        self.memory_wait = Histogram(
+            "chanseg_memory_wait_seconds",
+            "Time a reservation waited for room in the memory budget, by ledger",
+            ["ledger"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "chanseg_connections_refused",
+            "Connections closed by the server's guards (reason: header_timeout, header_too_large, "
+            "idle, over_capacity, write_stalled)",
+            ["reason"],
+            registry=r,
+        )
+        self.batch_running = Gauge(
+            "chanseg_batch_running_seconds",
+            "How long the batch on the device has been running (0 when idle): the liveness watchdog's input",
+            registry=r,
+        )
 
     def set_model(self, name: str, version: str, device: str, precision: str) -> None:
         self.model_info.info({"name": name, "version": version, "device": device, "precision": precision})

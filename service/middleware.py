@@ -1,49 +1,95 @@
-"""ASGI middleware: request id, upload limit while reading, metrics and access log.
+"""ASGI middleware: request id, the request body's memory and deadline, metrics and access log.
 
-Pure ASGI (not BaseHTTPMiddleware) so that the body limit applies while the
-body streams in: a ``Content-Length`` over the limit is refused before reading,
-and a chunked body is cut off at the first byte over it.
+Pure ASGI (not BaseHTTPMiddleware) so that the body is governed while it
+streams in:
+
+- a ``Content-Length`` over ``MAX_UPLOAD_BYTES`` is refused before reading,
+  and a chunked body is cut off at the first byte over it (413);
+- the first time the app reads the body, twice its declared size (a body is
+  held as chunks, then joined) is reserved from the ``body`` ledger of the
+  memory budget, waiting its turn (503 if no room comes before the request's
+  deadline); requests that never read their body never wait;
+- the headers and body must arrive within ``READ_TIMEOUT_S`` of the request's
+  first byte (408, and the connection is closed);
+- a client that hangs up mid-body ends the request as 499, logged at INFO
+  like any other status, never as an error;
+- a response sent before a large body was read (over 1 MiB left, or a chunked
+  body) closes the connection, so the rest cannot hold it; a small remainder
+  is read and dropped by uvicorn and the connection stays open (closing a
+  socket with unread data makes the kernel reset it, and the client may then
+  never see its answer: measured as lost 503s under overload);
+- every reservation the request made (``scope["chanseg"]["leases"]``) is
+  released once its response has been sent.
+
+The connection-level guards (header deadline, open-connection bound, stalled
+readers) are in :mod:`service.server`; it marks requests that arrive over the
+connection bound, and this middleware answers them with 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 import time
 import uuid
+from typing import Optional
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import PayloadTooLarge, error_body
+from .budget import Lease, MemoryBudget
+from .errors import ClientGone, Overloaded, PayloadTooLarge, RequestTimeout, error_body
 from .metrics import Metrics
 
-__all__ = ["RequestMiddleware"]
+__all__ = ["RequestMiddleware", "CONNECTION_SCOPE_KEY"]
 
 access_log = logging.getLogger("chanseg.access")
 error_log = logging.getLogger("chanseg.errors")
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_LINGER_BYTES = 1 << 20  # an unread remainder up to this is drained, not a reason to close
+# What service.server's protocol tells about the connection: when the request's
+# first byte arrived, and whether the connection is over MAX_CONNECTIONS.
+CONNECTION_SCOPE_KEY = "chanseg.connection"
 
 
 class RequestMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_upload_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        max_upload_bytes: int,
+        body_budget: Optional[MemoryBudget] = None,
+        read_timeout_s: float = 60.0,
+        request_timeout_s: float = 30.0,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_upload_bytes = max_upload_bytes
+        self.body_budget = body_budget
+        self.read_timeout_s = read_timeout_s
+        self.request_timeout_s = request_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        connection = scope.get(CONNECTION_SCOPE_KEY) or {}
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get("x-request-id", "")
         request_id = given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
         # Per-request values for the routes and the access log. Not scope["state"]:
         # that dict is shared with the lifespan state by some servers.
-        scope["chanseg"] = {"request_id": request_id, "started": time.monotonic()}
+        leases: list[Lease] = []
+        scope["chanseg"] = {"request_id": request_id, "started": time.monotonic(), "leases": leases}
         status = {"code": 500, "started": False}
         limit = self.max_upload_bytes
+        declared = headers.get("content-length", "")
+        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+        has_body = chunked or (declared.isdigit() and int(declared) > 0)
+        body: dict = {"received": 0, "done": not has_body}
+        body["deadline"] = connection.get("first_byte", time.monotonic()) + self.read_timeout_s
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -53,26 +99,57 @@ class RequestMiddleware:
                     (b"x-request-id", request_id.encode()),
                     (b"x-total-time-ms", f"{total_ms:.1f}".encode()),
                 ]
+                left = int(declared) - body["received"] if declared.isdigit() else None
+                if not body["done"] and (left is None or left > _LINGER_BYTES):
+                    extra.append((b"connection", b"close"))  # the rest of the body would hold it
                 message["headers"] = list(message.get("headers", [])) + extra
             await send(message)
 
-        received = 0
+        async def reserve_body() -> None:
+            nbytes = 2 * (limit if chunked else int(declared))
+            waited = time.monotonic()
+            try:
+                body["lease"] = await self.body_budget.reserve(nbytes, timeout=self.request_timeout_s)
+                leases.append(body["lease"])
+            except asyncio.TimeoutError:
+                raise Overloaded("server busy: no memory free for request bodies; retry later") from None
+            body["deadline"] += time.monotonic() - waited  # our wait is not the client's slowness
 
         async def receive_wrapper() -> Message:
-            nonlocal received
-            message = await receive()
+            if body["done"]:
+                return await receive()
+            if self.body_budget is not None and "lease" not in body:
+                await reserve_body()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, body["deadline"] - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise RequestTimeout(
+                    f"the request did not arrive within {self.read_timeout_s:g} s (READ_TIMEOUT_S); "
+                    "send it faster or in smaller pieces"
+                ) from None
+            if message["type"] == "http.disconnect":
+                raise ClientGone("client disconnected while sending its request")
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
+                body["received"] += len(message.get("body", b""))
+                if body["received"] > limit:
                     raise PayloadTooLarge(f"request body over the limit of {limit} bytes")
+                if not message.get("more_body", False):
+                    body["done"] = True
+                    if chunked and "lease" in body:
+                        body["lease"].shrink(2 * body["received"])
             return message
 
-        declared = headers.get("content-length", "")
         try:
-            if declared.isdigit() and int(declared) > limit:
+            if connection.get("over_capacity"):
                 await self._refuse(
-                    send_wrapper, 413, f"request body of {declared} bytes is over the limit of {limit}"
-                )
+                    send_wrapper, 503, "server busy: too many open connections (MAX_CONNECTIONS); retry later",
+                    scope.get("path", ""), [(b"retry-after", b"1"), (b"connection", b"close")],
+                )  # fmt: skip
+            elif declared.isdigit() and int(declared) > limit:
+                await self._refuse(
+                    send_wrapper, 413, f"request body of {declared} bytes is over the limit of {limit}",
+                    scope.get("path", ""),
+                )  # fmt: skip
             else:
                 await self.app(scope, receive_wrapper, send_wrapper)
         except Exception as exc:  # the catch-all: one log line, no internals to the client
@@ -80,10 +157,12 @@ class RequestMiddleware:
             if not status["started"]:
                 await self._refuse(send_wrapper, 500, "internal server error", scope.get("path", ""))
         finally:
+            for lease in leases:
+                lease.release()
             self._observe(scope, request_id, status["code"], started)
 
     @staticmethod
-    async def _refuse(send: Send, status: int, detail: str, path: str = "") -> None:
+    async def _refuse(send: Send, status: int, detail: str, path: str = "", headers: list = ()) -> None:
         body = json.dumps(error_body(path, detail)).encode()
         await send(
             {
@@ -92,6 +171,7 @@ class RequestMiddleware:
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),
+                    *headers,
                 ],
             }
         )

@@ -1,10 +1,17 @@
 """The stages every inference endpoint shares: preprocess, batch, postprocess.
 
-``preprocess`` decodes and prepares images on the I/O pool, ``segment`` queues
-them on the batcher and waits for the labels under the request's deadline
-(dropping them if the client goes away), ``postprocess`` turns labels into
-masks, class fractions and PNGs on the I/O pool. Per-image times go to the
-``chanseg_preprocess/postprocess_duration_seconds`` histograms.
+``preprocess`` reads each image's header on the I/O pool, checks the request's
+pixel total, then for each image reserves the memory its decoding will take
+(from the work ledger of :mod:`service.budget`, waiting its turn) and decodes
+and resizes it on the I/O pool; what stays is an input-size tensor.
+``segment`` queues the tensors on the batcher and waits for the labels under
+the request's deadline (dropping them if the client goes away).
+``encode_masks`` turns labels into class fractions and mask PNGs, one image at
+a time within a reservation of its own, keeping only the PNG. Per-image times
+go to the ``chanseg_preprocess/postprocess_duration_seconds`` histograms.
+
+Memory that a request reserves and holds until its response is sent goes on
+its lease list (``hold_until_sent``); the middleware releases it at the end.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -22,16 +29,35 @@ from fastapi import Request
 from model.visualize import mask_png_bytes
 
 from .batching import BatchFailed, DeadlineExpired, DynamicBatcher, QueueFull
-from .errors import ClientGone, DeadlineExceeded, InferenceFailed, NotReady, Overloaded
-from .imaging import decode_image
+from .budget import MIB, BudgetExceeded, Lease
+from .errors import ClientGone, DeadlineExceeded, InferenceFailed, NotReady, Overloaded, PayloadTooLarge
+from .imaging import Probed, decode_cost, prepare_probed, probe_image
+from .resources import release_free_memory
 
-__all__ = ["InferItem", "Prepared", "Segmented", "preprocess", "segment", "postprocess", "deadline_of"]
+__all__ = [
+    "InferItem",
+    "Prepared",
+    "Segmented",
+    "Timing",
+    "preprocess",
+    "segment",
+    "encode_masks",
+    "reserve_output",
+    "deadline_of",
+    "pool_call",
+]
+
+Source = Union[bytes, np.ndarray]  # encoded image file, or (H, W, 3) uint8 pixels
+# After work that took at least this much, the allocator hands freed memory back
+# to the OS before the reservation is released (resources.release_free_memory).
+LARGE = 32 * MIB
 
 
 @dataclass
 class Prepared:
-    size: Tuple[int, int]  # (height, width) of the image as decoded
-    tensor: torch.Tensor  # what the segmenter's logits() takes
+    name: str
+    size: Tuple[int, int]  # (height, width) of the image as decoded (and oriented)
+    tensor: torch.Tensor  # (h, w, 3) uint8 at the model's input size
 
 
 @dataclass
@@ -40,14 +66,13 @@ class InferItem:
 
     tensor: torch.Tensor
     want_probabilities: bool = False
+    request_id: str = ""
 
 
 @dataclass
 class Segmented:
-    mask: np.ndarray  # (H, W) uint8 at the image's size
     fractions: List[float]  # per class, summing to 1
-    png: Optional[bytes]
-    probabilities: Optional[np.ndarray] = None  # (C, H, W) float32, when asked for
+    png: bytes  # the mask as a palette PNG at the image's size
 
 
 @dataclass
@@ -62,24 +87,50 @@ def deadline_of(request: Request, timeout_s: float) -> float:
     return started + timeout_s
 
 
-def _pool_call(state, fn, *args):
+def request_id(request: Request) -> str:
+    return request.scope.get("chanseg", {}).get("request_id", "")
+
+
+def pool_call(state, fn, *args):
+    """Run ``fn`` on the I/O pool (PIL and numpy only: no torch kernels there)."""
     return asyncio.get_running_loop().run_in_executor(state.pool, fn, *args)
 
 
-async def preprocess(state, sources: Sequence[Tuple[str, Union[bytes, np.ndarray]]]) -> List[Prepared]:
-    """Decode (bytes) and prepare each image on the I/O pool; the first bad image raises."""
-    s, segmenter, hist = state.settings, state.segmenter, state.metrics.preprocess
+def hold_until_sent(request: Request, lease: Lease) -> None:
+    """Keep ``lease`` until the response has been sent (the middleware releases it)."""
+    request.scope.setdefault("chanseg", {}).setdefault("leases", []).append(lease)
 
-    def one(name: str, source) -> Prepared:
-        t = time.perf_counter()
-        rgb = (
-            source
-            if isinstance(source, np.ndarray)
-            else decode_image(source, s.max_image_pixels, s.min_image_side, name)
-        )
-        prepared = Prepared((int(rgb.shape[0]), int(rgb.shape[1])), segmenter.prepare(rgb))
-        hist.observe(time.perf_counter() - t)
-        return prepared
+
+def _remaining(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+async def _reserve(state, nbytes: int, deadline: float, what: str) -> Lease:
+    """Work-ledger memory for ``what``, waiting at most until the request's deadline."""
+    try:
+        return await state.work_budget.reserve(nbytes, timeout=_remaining(deadline))
+    except BudgetExceeded as exc:
+        raise PayloadTooLarge(
+            f"{what} needs {exc.nbytes / MIB:.0f} MiB, more than this server may use for it "
+            f"({exc.capacity / MIB:.0f} MiB: 3/4 of MEMORY_BUDGET_MB); send it smaller"
+        ) from None
+    except asyncio.TimeoutError:
+        raise DeadlineExceeded(
+            f"request deadline passed while waiting for memory for {what} (REQUEST_TIMEOUT_S)"
+        ) from None
+
+
+async def preprocess(
+    state,
+    request: Request,
+    sources: Sequence[Tuple[str, Source]],
+    deadline: float,
+    check: Optional[Callable[[List[Tuple[int, int]]], None]] = None,
+) -> List[Prepared]:
+    """Decode (bytes) and prepare each image; the first bad image raises. ``check``
+    sees every image's (height, width) from the headers, before anything is decoded."""
+    s, segmenter, hist = state.settings, state.segmenter, state.metrics.preprocess
+    target = tuple(segmenter.config.input_size)
 
     if state.batcher is None:
         announce = contextlib.nullcontext()
@@ -88,8 +139,57 @@ async def preprocess(state, sources: Sequence[Tuple[str, Union[bytes, np.ndarray
             announce = state.batcher.incoming(len(sources))
         except QueueFull as exc:
             raise Overloaded(f"server busy: {exc}; retry later", retry_after_s=1) from None
+
+    def probe(name: str, source: Source) -> Union[Probed, np.ndarray]:
+        if isinstance(source, np.ndarray):
+            return source
+        return probe_image(source, s.max_image_pixels, s.min_image_side, name, target)
+
+    def prepare(name: str, item: Union[Probed, np.ndarray], started: float, large: bool) -> Prepared:
+        if isinstance(item, np.ndarray):
+            size = (int(item.shape[0]), int(item.shape[1]))
+            tensor = segmenter.prepare(item)
+        else:
+            size = (item.height, item.width)
+            tensor = torch.from_numpy(prepare_probed(item, target))
+        if large:  # the full-size pixels are gone: their pages go back before the next image comes
+            release_free_memory()
+        hist.observe(time.perf_counter() - started)
+        return Prepared(name, size, tensor)
+
+    async def one(name: str, item: Union[Probed, np.ndarray], started: float) -> Prepared:
+        if isinstance(item, np.ndarray):
+            h, w = item.shape[:2]
+            cost, what = decode_cost(w, h, "RGB", "RAW", target=target), f"{name} ({w}x{h} pixels)"
+        else:
+            cost, what = item.cost, f"decoding {name} ({item.width}x{item.height} {item.mode})"
+        lease = await _reserve(state, cost, deadline, what)
+        try:
+            return await pool_call(state, prepare, name, item, started, cost >= LARGE)
+        finally:
+            lease.release()
+
     with announce:  # a forming batch waits for these rather than closing early
-        return list(await asyncio.gather(*(_pool_call(state, one, name, src) for name, src in sources)))
+        started = time.perf_counter()
+        items = list(await asyncio.gather(*(pool_call(state, probe, name, src) for name, src in sources)))
+        if check is not None:
+            check([_size(item) for item in items])
+        total = sum(_pixels(item) for item in items)
+        if total > s.max_request_pixels:
+            raise PayloadTooLarge(
+                f"{total} pixels in {len(items)} images is over the limit of {s.max_request_pixels} "
+                "pixels per request (MAX_REQUEST_PIXELS); send fewer or smaller images per request"
+            )
+        return list(await asyncio.gather(*(one(name, item, started) for (name, _), item in zip(sources, items))))
+
+
+def _size(item: Union[Probed, np.ndarray]) -> Tuple[int, int]:
+    return (int(item.shape[0]), int(item.shape[1])) if isinstance(item, np.ndarray) else (item.height, item.width)
+
+
+def _pixels(item: Union[Probed, np.ndarray]) -> int:
+    h, w = _size(item)
+    return h * w
 
 
 async def _disconnected(request: Request) -> None:
@@ -104,17 +204,16 @@ async def segment(
     batcher: DynamicBatcher = state.batcher
     if batcher is None:  # requests that got in before a drain still finish: no draining check here
         raise NotReady("the model is not ready yet", retry_after_s=5)
+    rid = request_id(request)
     try:
-        jobs = batcher.submit([InferItem(im.tensor, probabilities) for im in images], deadline)
+        jobs = batcher.submit([InferItem(im.tensor, probabilities, rid) for im in images], deadline)
     except QueueFull as exc:
         raise Overloaded(f"server busy: {exc}; retry later", retry_after_s=1) from None
     gathered = asyncio.gather(*(job.future for job in jobs))
     watcher = asyncio.create_task(_disconnected(request))
     try:
         done, _ = await asyncio.wait(
-            {gathered, watcher},
-            timeout=max(0.0, deadline - time.monotonic()),
-            return_when=asyncio.FIRST_COMPLETED,
+            {gathered, watcher}, timeout=_remaining(deadline), return_when=asyncio.FIRST_COMPLETED
         )
     finally:
         watcher.cancel()
@@ -128,9 +227,11 @@ async def segment(
     except DeadlineExpired:
         batcher.cancel(jobs)
         raise DeadlineExceeded("request deadline passed while queued (REQUEST_TIMEOUT_S)") from None
-    except BatchFailed as exc:
-        batcher.cancel(jobs)
-        raise InferenceFailed(f"inference failed for the batch holding this request ({exc})") from None
+    except BatchFailed:
+        batcher.cancel(jobs)  # the detail is in the log, once per batch, with this request's id
+        raise InferenceFailed(
+            f"inference failed for the batch holding this request (request id {rid}); the server log has the details"
+        ) from None
     state.metrics.images.inc(len(jobs))
     timing = Timing(
         queue_ms=max(j.queue_s for j in jobs) * 1000,
@@ -143,22 +244,40 @@ async def segment(
     return labels, timing
 
 
-async def postprocess(
-    state, results: Sequence, images: Sequence[Prepared], png: bool = True
-) -> List[Segmented]:
-    """(labels, logits) at the input size -> masks (+ PNG, + probabilities) at each
-    image's size, on the I/O pool."""
+def mask_encode_cost(size: Tuple[int, int]) -> int:
+    """Peak bytes to restore and PNG-encode one full-size mask: the mask, and the
+    encoder's output (a mask upsampled from the input size compresses far below that)."""
+    return 2 * int(size[0]) * int(size[1]) + MIB
+
+
+async def encode_masks(state, results: Sequence, images: Sequence[Prepared], deadline: float) -> List[Segmented]:
+    """(labels, _) at the input size -> per image its class fractions and mask PNG at
+    its own size, on the I/O pool; each full-size mask exists only while it is encoded."""
     segmenter, hist = state.segmenter, state.metrics.postprocess
     num_classes = segmenter.config.num_classes
 
-    def one(result, size) -> Segmented:
+    def encode(labels: torch.Tensor, size: Tuple[int, int], large: bool) -> Segmented:
         t = time.perf_counter()
-        labels, logits = result
-        mask = segmenter.restore(labels, size)
-        counts = np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]
-        encoded = mask_png_bytes(mask, num_classes) if png else None
-        probs = segmenter.probabilities(logits, size).numpy() if logits is not None else None
+        counts = segmenter.class_counts(labels, size, num_classes)
+        png = mask_png_bytes(segmenter.restore(labels, size), num_classes)
+        if large:
+            release_free_memory()
         hist.observe(time.perf_counter() - t)
-        return Segmented(mask, (counts / max(1, mask.size)).tolist(), encoded, probs)
+        return Segmented((counts / max(1, int(size[0]) * int(size[1]))).tolist(), png)
 
-    return list(await asyncio.gather(*(_pool_call(state, one, r, im.size) for r, im in zip(results, images))))
+    async def one(result, image: Prepared) -> Segmented:
+        cost = mask_encode_cost(image.size)
+        lease = await _reserve(state, cost, deadline, f"the mask of {image.name}")
+        try:
+            return await pool_call(state, encode, result[0], image.size, cost >= LARGE)
+        finally:
+            lease.release()
+
+    return list(await asyncio.gather(*(one(r, im) for r, im in zip(results, images))))
+
+
+async def reserve_output(state, request: Request, nbytes: int, deadline: float, what: str) -> Optional[Lease]:
+    """Reserve a response's memory until it has been sent."""
+    lease = await _reserve(state, nbytes, deadline, what)
+    hold_until_sent(request, lease)
+    return lease

@@ -1,18 +1,30 @@
 """Settings: the only place that reads the environment (prefix ``CHANSEG_``).
 
 Bad values fail at start-up with a message naming the variable, never under load.
+A default that depends on another setting follows the value the user gave
+(``MAX_UPLOAD_BYTES`` follows ``MEMORY_BUDGET_MB``, ``MAX_IMAGES_PER_REQUEST``
+follows ``MAX_QUEUE``); only two values set explicitly can conflict, and the
+message names both.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import Field, PositiveInt, SecretStr, field_validator, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "JSON_PARSE_COST"]
+
+MIB = 1 << 20
+# Bytes of memory per byte of a JSON body while it is parsed into numbers
+# (Python lists, then an int64 array): measured 3.7 (flat data) to 9.7 (nested) here.
+JSON_PARSE_COST = 12
+_DEFAULT_BUDGET_MB = 1024
+_DEFAULT_UPLOAD = 32 * MIB
+_DEFAULT_IMAGES_PER_REQUEST = 16
 
 
 class Settings(BaseSettings):
@@ -31,17 +43,43 @@ class Settings(BaseSettings):
     max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: PositiveInt = Field(64, description="images waiting for inference, all requests together")
     request_timeout_s: float = Field(30.0, gt=0)
-    max_upload_bytes: PositiveInt = 32 * 1024 * 1024
-    max_image_pixels: PositiveInt = 40_000_000
+    memory_budget_mb: PositiveInt = Field(
+        _DEFAULT_BUDGET_MB,
+        description="memory that requests in flight may hold together (bodies, decoding, outputs), "
+        "on top of the loaded model: 1/4 for bodies, 3/4 for decoding and outputs",
+    )
+    max_upload_bytes: PositiveInt = Field(
+        _DEFAULT_UPLOAD, description="request body limit; default 32 MiB, or half the body budget if less"
+    )
+    max_json_bytes: PositiveInt = Field(
+        8 * MIB,
+        description="JSON body limit (v2 JSON tensors; parsing costs ~12x the bytes): "
+        "default 8 MiB, or less where the budget or MAX_UPLOAD_BYTES is smaller",
+    )
+    max_image_pixels: PositiveInt = Field(64_000_000, description="per image, from its header")
+    max_request_pixels: PositiveInt = Field(640_000_000, description="all images of one request together")
     min_image_side: PositiveInt = Field(8, description="images smaller than this on a side are refused")
-    max_images_per_request: PositiveInt = 16
+    max_images_per_request: PositiveInt = Field(
+        _DEFAULT_IMAGES_PER_REQUEST, description="default 16, or MAX_QUEUE if less"
+    )
+    read_timeout_s: PositiveFloat = Field(
+        60.0, description="a request's headers and body must arrive within this (else 408)"
+    )
+    max_connections: PositiveInt = Field(256, description="open connections; beyond, 503 and close")
+    watchdog_s: Union[Literal["auto"], PositiveFloat] = Field(
+        "auto",
+        description="liveness fails when one batch runs longer than this; "
+        "auto: 20x the longest batch measured at warm-up, at least 10 s",
+    )
     num_threads: Optional[PositiveInt] = Field(
         None, description="torch intra-op threads; unset: torch's default"
     )
     api_key: Optional[SecretStr] = None
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["text", "json"] = "text"
-    drain_timeout_s: float = Field(25.0, ge=0, description="SIGTERM: longest wait for accepted work")
+    drain_timeout_s: float = Field(
+        25.0, ge=0, description="shutdown budget: from SIGTERM to exit, at most this (plus ~1 s to exit)"
+    )
     auto_batch_limit: PositiveInt = Field(32, description="largest batch size 'auto' tries")
 
     @field_validator("device")
@@ -61,8 +99,66 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, value):
         return None if value == "" else value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_defaults(cls, data: Any) -> Any:
+        """Defaults that follow what the user set (before validation: raw values)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        try:
+            budget = int(data.get("memory_budget_mb") or _DEFAULT_BUDGET_MB)
+            queue = int(data.get("max_queue") or 64)
+        except (TypeError, ValueError):
+            return data  # the field validators name the bad value
+        if data.get("max_upload_bytes") in (None, ""):
+            data["max_upload_bytes"] = max(1, min(_DEFAULT_UPLOAD, budget * MIB // 8))
+        if data.get("max_json_bytes") in (None, ""):
+            upload = int(data["max_upload_bytes"]) if str(data["max_upload_bytes"]).isdigit() else _DEFAULT_UPLOAD
+            work = budget * MIB - budget * MIB // 4
+            data["max_json_bytes"] = max(1, min(8 * MIB, work // JSON_PARSE_COST, upload))
+        if data.get("max_images_per_request") in (None, ""):
+            data["max_images_per_request"] = max(1, min(_DEFAULT_IMAGES_PER_REQUEST, queue))
+        return data
+
+    # -- the budget's two ledgers, derived from MEMORY_BUDGET_MB ---------------
+
+    @property
+    def body_budget_bytes(self) -> int:
+        """Request bodies in flight (each held as up to twice its size while read)."""
+        return self.memory_budget_mb * MIB // 4
+
+    @property
+    def work_budget_bytes(self) -> int:
+        """Decoding, v2 parsing and outputs in flight."""
+        return self.memory_budget_mb * MIB - self.body_budget_bytes
+
+    @property
+    def max_output_bytes(self) -> int:
+        """The most one v2 response may hold (a quarter of the work budget)."""
+        return self.work_budget_bytes // 4
+
     @model_validator(mode="after")
     def _images_fit_queue(self) -> "Settings":
+        if 2 * self.max_upload_bytes > self.body_budget_bytes:
+            raise ValueError(
+                f"MAX_UPLOAD_BYTES ({self.max_upload_bytes}) must be at most 1/8 of MEMORY_BUDGET_MB "
+                f"({self.memory_budget_mb} MiB): a body is held twice while read, and bodies get 1/4"
+            )
+        if JSON_PARSE_COST * self.max_json_bytes > self.work_budget_bytes:
+            raise ValueError(
+                f"MAX_JSON_BYTES ({self.max_json_bytes}) needs {JSON_PARSE_COST}x its size to parse, "
+                f"more than the 3/4 of MEMORY_BUDGET_MB ({self.memory_budget_mb} MiB) decoding may use"
+            )
+        if self.max_json_bytes > self.max_upload_bytes:
+            raise ValueError(
+                f"MAX_JSON_BYTES ({self.max_json_bytes}) must be at most MAX_UPLOAD_BYTES ({self.max_upload_bytes})"
+            )
+        if self.max_image_pixels > self.max_request_pixels:
+            raise ValueError(
+                f"MAX_IMAGE_PIXELS ({self.max_image_pixels}) must be at most MAX_REQUEST_PIXELS "
+                f"({self.max_request_pixels})"
+            )
         if self.max_images_per_request > self.max_queue:
             raise ValueError(
                 f"MAX_IMAGES_PER_REQUEST ({self.max_images_per_request}) must be at most MAX_QUEUE ({self.max_queue})"

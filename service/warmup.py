@@ -73,10 +73,15 @@ def warmup_sizes(max_batch_size: int) -> List[int]:
     return sorted(sizes)
 
 
-def warm_up(segmenter, max_batch_size: int, rounds: int = 2) -> None:
-    """A few dummy batches of each size the batcher will commonly run."""
+def warm_up(segmenter, max_batch_size: int, rounds: int = 2) -> Dict[int, float]:
+    """A few dummy batches of each size the batcher will commonly run; returns the
+    seconds of each size's last round (the watchdog's measure of a normal batch)."""
+    seconds: Dict[int, float] = {}
     for batch in warmup_sizes(max_batch_size):
         images = _dummy(segmenter, batch)
         for _ in range(rounds):
+            t = time.perf_counter()
             segmenter.infer(images)
-    _sync(segmenter)
+            _sync(segmenter)
+            seconds[batch] = time.perf_counter() - t
+    return seconds

@@ -10,26 +10,29 @@ from typing import List, Literal, Optional, Tuple
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from ..deps import Authorized, Ready, State
+from ..deps import Admitted, Authorized, Ready, State
 from ..errors import (
     BadImage,
+    ClientGone,
     DeadlineExceeded,
     InferenceFailed,
     NoImage,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthorized,
     UnsupportedMediaType,
     responses,
 )
-from ..pipeline import deadline_of, postprocess, preprocess, segment
+from ..pipeline import deadline_of, encode_masks, preprocess, segment
 
 router = APIRouter(tags=["predict"])
 
 _ERRORS = responses(
     BadImage, Unauthorized, PayloadTooLarge, UnsupportedMediaType, NoImage, InferenceFailed, Overloaded,
-    DeadlineExceeded,
+    DeadlineExceeded, RequestTimeout,
 )  # fmt: skip
 _BODY = {
     "requestBody": {
@@ -57,6 +60,8 @@ async def read_images(request: Request, max_images: int) -> List[Tuple[str, byte
     if media_type == "multipart/form-data":
         try:
             form = await request.form(max_files=max_images, max_fields=max_images + 16)
+        except ClientDisconnect:
+            raise ClientGone("client disconnected while sending its request") from None
         except StarletteHTTPException as exc:
             if "Too many files" in str(exc.detail):
                 raise PayloadTooLarge(f"more than {max_images} images in one request") from None
@@ -72,7 +77,10 @@ async def read_images(request: Request, max_images: int) -> List[Tuple[str, byte
             await part.close()
         return images
     if media_type.startswith("image/"):
-        body = await request.body()
+        try:
+            body = await request.body()
+        except ClientDisconnect:
+            raise ClientGone("client disconnected while sending its request") from None
         if not body:
             raise NoImage("empty request body")
         match = _FILENAME.search(request.headers.get("content-disposition", ""))
@@ -93,7 +101,7 @@ def _wants_png(request: Request, fmt: Optional[str]) -> bool:
 @router.post(
     "/predict",
     name="predict",
-    dependencies=[Authorized, Ready],
+    dependencies=[Authorized, Ready, Admitted],
     responses={200: {"content": {"image/png": {}}}, **_ERRORS},
     openapi_extra=_BODY,
 )
@@ -112,9 +120,10 @@ async def predict(
     as_png = _wants_png(request, format)
     if as_png and len(blobs) != 1:
         raise BadImage(f"a PNG response holds one mask; this request has {len(blobs)} images (use JSON)")
-    prepared = await preprocess(state, blobs)
+    prepared = await preprocess(state, request, blobs, deadline)
+    blobs = None  # the encoded files are not needed any more: let their memory go
     outputs, timing = await segment(state, request, prepared, deadline)
-    results = await postprocess(state, outputs, prepared)
+    results = await encode_masks(state, outputs, prepared, deadline)
     headers = {
         "X-Queue-Time-Ms": f"{timing.queue_ms:.1f}",
         "X-Inference-Time-Ms": f"{timing.inference_ms:.1f}",
@@ -129,13 +138,13 @@ async def predict(
             "request_id": request.scope["chanseg"]["request_id"],
             "predictions": [
                 {
-                    "filename": name,
+                    "filename": image.name,
                     "width": image.size[1],
                     "height": image.size[0],
                     "class_fractions": dict(zip(classes, result.fractions)),
                     "mask_png": base64.b64encode(result.png).decode("ascii"),
                 }
-                for (name, _), image, result in zip(blobs, prepared, results)
+                for image, result in zip(prepared, results)
             ],
         },
         headers=headers,

@@ -5,22 +5,32 @@ Inputs (exactly one per request):
 - ``IMAGE_BYTES``: ``BYTES [N]`` encoded image files (PNG, JPEG, ...; base64 strings in JSON).
 Outputs: ``MASK`` ``UINT8 [N, H, W]`` class ids (by default); ``PROBABILITIES``
 ``FP32 [N, C, H, W]`` only when requested. Requests share the batcher, limits,
-deadlines, API key and metrics with ``/predict``.
+deadlines, memory budget, API key and metrics with ``/predict``.
+
+Nothing heavy runs on the event loop: the body is parsed and the response
+encoded on the I/O pool. What a request asks for is checked before memory is
+spent on it: a JSON body over ``MAX_JSON_BYTES`` before it is read, the image
+count, pixel sizes and the output's size before tensors are materialised (an
+output over the per-request limit is a 413 that says what to ask for instead).
+Responses are streamed from one buffer in 1 MiB pieces.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 import model
 
-from ..deps import Authorized, Ready, State
+from ..budget import MIB
+from ..deps import Admitted, Authorized, Ready, State
 from ..errors import (
     BadImage,
+    ClientGone,
     DeadlineExceeded,
     InferenceFailed,
     InvalidRequest,
@@ -29,22 +39,32 @@ from ..errors import (
     NotReady,
     Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthorized,
     responses,
 )
-from ..pipeline import deadline_of, postprocess, preprocess, segment
-from ..v2_codec import V2Error, encode_infer_response, parse_infer_request
+from ..pipeline import deadline_of, pool_call, preprocess, reserve_output, segment
+from ..settings import JSON_PARSE_COST
+from ..v2_codec import (
+    DTYPES,
+    Output,
+    Tensor,
+    V2Error,
+    V2TooLarge,
+    decode_request,
+    encode_response,
+    request_schema,
+)
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
 IMAGE, IMAGE_BYTES = "IMAGE", "IMAGE_BYTES"
 MASK, PROBABILITIES = "MASK", "PROBABILITIES"
-_INFER_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": {"type": "object", "required": ["inputs"]}}},
-    }
-}
+_INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}}
+# Peak memory per element of a JSON output while it is written (the array, its text
+# in pieces, the joined body): measured 5.5 (class ids) and 44 (floats) here.
+_JSON_BYTES_PER_ELEMENT = {"UINT8": 8, "FP32": 56}
+_CHUNK = MIB
 
 
 _NOT_READY = responses(NotReady)
@@ -53,11 +73,11 @@ _METADATA_ROUTE = dict(name="v2_model", dependencies=[Authorized], responses=res
 _READY_ROUTE = dict(name="v2_model", responses=responses(NotFound, NotReady))
 _INFER_ROUTE = dict(
     name="v2_infer",
-    dependencies=[Authorized, Ready],
+    dependencies=[Authorized, Ready, Admitted],
     openapi_extra=_INFER_BODY,
     responses=responses(
         InvalidRequest, BadImage, PayloadTooLarge, InferenceFailed, Overloaded, DeadlineExceeded, Unauthorized,
-        NotFound,
+        NotFound, RequestTimeout,
     ),  # fmt: skip
 )
 
@@ -76,14 +96,15 @@ async def server_metadata() -> dict:
     return {"name": "chanseg", "version": model.__version__, "extensions": ["binary_tensor_data"]}
 
 
-@router.get("/health/live", name="v2_health")
-async def live() -> dict:
-    return {"live": True}
+@router.get("/health/live", name="v2_health", responses={503: {"description": "the inference thread is stuck"}})
+async def live(state: State) -> JSONResponse:
+    ok = not state.stuck()
+    return JSONResponse({"live": ok}, status_code=200 if ok else 503)
 
 
 @router.get("/health/ready", name="v2_health", responses=_NOT_READY)
 async def ready(state: State) -> JSONResponse:
-    ok = state.ready and not state.draining
+    ok = state.ready and not state.draining and not state.stuck()
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
@@ -115,7 +136,7 @@ async def model_metadata(state: State, name: str, version: Optional[str] = None)
 @router.get("/models/{name}/versions/{version}/ready", **_READY_ROUTE)
 async def model_ready(state: State, name: str, version: Optional[str] = None) -> JSONResponse:
     seg = _model(state, name, version)
-    ok = state.ready and not state.draining
+    ok = state.ready and not state.draining and not state.stuck()
     return JSONResponse({"name": seg.name, "ready": ok}, status_code=200 if ok else 503)
 
 
@@ -125,43 +146,88 @@ async def infer(request: Request, state: State, name: str, version: Optional[str
     seg = _model(state, name, version)
     s = state.settings
     deadline = deadline_of(request, s.request_timeout_s)
-    body = await request.body()  # size-limited by the middleware; no Content-Type needed
+    header_length = request.headers.get("inference-header-content-length")
+    declared = request.headers.get("content-length", "")
+    if header_length is None and declared.isdigit() and int(declared) > s.max_json_bytes:
+        raise _json_too_large(int(declared), s.max_json_bytes)
     try:
-        req = parse_infer_request(body, request.headers.get("inference-header-content-length"))
+        body = await request.body()  # size-limited by the middleware; no Content-Type needed
+    except ClientDisconnect:
+        raise ClientGone("client disconnected while sending its request") from None
+    json_bytes = len(body) if header_length is None else min(len(body), max(0, _int(header_length)))
+    if json_bytes > s.max_json_bytes:
+        raise _json_too_large(json_bytes, s.max_json_bytes)
+
+    # Parse, check, materialise: the parsed JSON's memory stays reserved until the
+    # images are prepared (from then on their data lives in input-size tensors).
+    parse_lease = await reserve_output(
+        state, request, JSON_PARSE_COST * json_bytes, deadline, "parsing the request's JSON"
+    )
+    try:
+        req = await pool_call(state, decode_request, body, header_length)
+        tensor = _input(req.inputs, s)
+    except V2TooLarge as exc:
+        raise PayloadTooLarge(str(exc)) from None
     except V2Error as exc:
         raise InvalidRequest(str(exc)) from None
-    sources = _sources(req.inputs, s)
     wanted = req.outputs or {MASK: req.binary_default}
     unknown = set(wanted) - {MASK, PROBABILITIES}
     if unknown:
-        raise InvalidRequest(
-            f"unknown output(s) {sorted(unknown)}; this model has {MASK} and {PROBABILITIES}"
-        )
-    prepared = await preprocess(state, sources)
-    if len({p.size for p in prepared}) > 1:
-        raise InvalidRequest(
-            "the images of one request must have the same size (outputs are [N, H, W] tensors)"
-        )
+        raise InvalidRequest(f"unknown output(s) {sorted(unknown)}; this model has {MASK} and {PROBABILITIES}")
+    classes, reply_id = seg.config.num_classes, req.id
+
+    def check(sizes: Sequence[Tuple[int, int]]) -> None:
+        if len(set(sizes)) > 1:
+            raise InvalidRequest(
+                "the images of one request must have the same size (outputs are [N, H, W] tensors)"
+            )
+        _check_output_size(wanted, len(sizes), sizes[0], classes, seg.config.input_size, s.max_output_bytes)
+
+    if tensor.name == IMAGE:
+        check([(tensor.shape[1], tensor.shape[2])] * tensor.shape[0])
+    try:
+        sources = await pool_call(state, _sources, tensor)
+    except V2Error as exc:
+        raise InvalidRequest(str(exc)) from None
+    del req, tensor
+    prepared = await preprocess(state, request, sources, deadline, check=check)
+    del sources, body
+    parse_lease.release()
+
     results, timing = await segment(state, request, prepared, deadline, probabilities=PROBABILITIES in wanted)
-    segmented = await postprocess(state, results, prepared, png=False)
-    outputs = []
-    if MASK in wanted:
-        outputs.append((MASK, np.stack([r.mask for r in segmented]), wanted[MASK]))
-    if PROBABILITIES in wanted:
-        probs = np.stack([r.probabilities for r in segmented]).astype(np.float32)
-        outputs.append((PROBABILITIES, probs, wanted[PROBABILITIES]))
-    payload, header_length = encode_infer_response(seg.name, seg.version, req.id, outputs)
+    outputs = _outputs(seg, wanted, results, prepared[0].size)
+    await reserve_output(state, request, _output_cost(outputs), deadline, "the response")
+    payload, header_length_out = await pool_call(
+        state, encode_response, seg.name, seg.version, reply_id, outputs
+    )
     headers = {
         "X-Queue-Time-Ms": f"{timing.queue_ms:.1f}",
         "X-Inference-Time-Ms": f"{timing.inference_ms:.1f}",
+        "Content-Length": str(len(payload)),
     }
-    if header_length is None:
-        return Response(payload, media_type="application/json", headers=headers)
-    headers["Inference-Header-Content-Length"] = str(header_length)
-    return Response(payload, media_type="application/octet-stream", headers=headers)
+    media_type = "application/json"
+    if header_length_out is not None:
+        headers["Inference-Header-Content-Length"] = str(header_length_out)
+        media_type = "application/octet-stream"
+    return StreamingResponse(_chunks(payload), media_type=media_type, headers=headers)
 
 
-def _sources(inputs, s):
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidRequest("Inference-Header-Content-Length must be an integer") from None
+
+
+def _json_too_large(nbytes: int, limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"JSON of {nbytes} bytes is over the limit of {limit} bytes for JSON (MAX_JSON_BYTES): send the "
+        "tensor in binary (the binary tensor data extension), or encoded files as IMAGE_BYTES"
+    )
+
+
+def _input(inputs: List[Tensor], s) -> Tensor:
+    """The one input, checked against the limits from its description alone."""
     if len(inputs) != 1:
         raise InvalidRequest(f"send exactly one input ({IMAGE} or {IMAGE_BYTES}), got {len(inputs)}")
     tensor = inputs[0]
@@ -177,17 +243,87 @@ def _sources(inputs, s):
             raise InvalidRequest(
                 f"{w}x{h} is too small; the smallest accepted is {s.min_image_side}x{s.min_image_side}"
             )
-        items = [(f"{IMAGE}[{i}]", np.array(tensor.value[i])) for i in range(n)]
     elif tensor.name == IMAGE_BYTES:
         if tensor.datatype != "BYTES":
             raise InvalidRequest(f"input {IMAGE_BYTES} must be BYTES, got {tensor.datatype}")
         if len(tensor.shape) != 1:
             raise InvalidRequest(f"input {IMAGE_BYTES} must have shape [N], got {list(tensor.shape)}")
-        items = [(f"{IMAGE_BYTES}[{i}]", blob) for i, blob in enumerate(tensor.value)]
+        n = tensor.shape[0]
     else:
         raise InvalidRequest(f"unknown input '{tensor.name}'; this model takes {IMAGE} or {IMAGE_BYTES}")
-    if not items:
+    if n == 0:
         raise NoImage("the input holds no image (N = 0)")
-    if len(items) > s.max_images_per_request:
-        raise PayloadTooLarge(f"{len(items)} images; at most {s.max_images_per_request} per request")
-    return items
+    if n > s.max_images_per_request:
+        raise PayloadTooLarge(f"{n} images; at most {s.max_images_per_request} per request")
+    return tensor
+
+
+def _sources(tensor: Tensor) -> list:
+    """(name, encoded bytes or (H, W, 3) pixels) per image: the tensor materialised."""
+    if tensor.name == IMAGE:
+        pixels = tensor.array()
+        return [(f"{IMAGE}[{i}]", pixels[i]) for i in range(len(pixels))]
+    return [(f"{IMAGE_BYTES}[{i}]", bytes(blob)) for i, blob in enumerate(tensor.items())]
+
+
+def _check_output_size(
+    wanted: dict, n: int, size: Tuple[int, int], classes: int, input_size: Tuple[int, int], limit: int
+) -> None:
+    h, w = size
+    per_output = {MASK: ("UINT8", (n, h, w)), PROBABILITIES: ("FP32", (n, classes, h, w))}
+    for name, binary in wanted.items():
+        datatype, shape = per_output[name]
+        elements = int(np.prod(shape, dtype=object))
+        itemsize = np.dtype(DTYPES[datatype]).itemsize
+        cost = elements * (itemsize if binary else _JSON_BYTES_PER_ELEMENT[datatype])
+        if cost > limit:
+            if not binary and elements * itemsize <= limit:
+                instead = f"ask for {name} in binary (parameters: {{\"binary_data\": true}}), or send fewer images"
+            elif name == PROBABILITIES:
+                instead = (
+                    f"ask for {MASK} only, or send fewer or smaller images ({PROBABILITIES} are computed at "
+                    f"the model's input size, {input_size[1]}x{input_size[0]}, and only upsampled to yours)"
+                )
+            else:
+                instead = "send fewer or smaller images"
+            raise PayloadTooLarge(
+                f"output {name} {datatype} {list(shape)} would take {cost / MIB:.0f} MiB to "
+                f"{'send' if binary else 'encode as JSON'}, over the limit of {limit / MIB:.0f} MiB per response "
+                f"(a quarter of the work budget of MEMORY_BUDGET_MB): {instead}"
+            )
+
+
+def _outputs(seg, wanted: dict, results: list, size: Tuple[int, int]) -> List[Output]:
+    n, (h, w) = len(results), size
+    outputs = []
+    if MASK in wanted:
+
+        def masks(out: np.ndarray) -> None:
+            for i, (labels, _) in enumerate(results):
+                seg.restore(labels, size, out=out[i])
+
+        outputs.append(Output(MASK, "UINT8", (n, h, w), wanted[MASK], masks))
+    if PROBABILITIES in wanted:
+
+        def probabilities(out: np.ndarray) -> None:
+            for i, (_, logits) in enumerate(results):
+                seg.probabilities(logits, size, out=out[i])
+
+        outputs.append(
+            Output(PROBABILITIES, "FP32", (n, seg.config.num_classes, h, w), wanted[PROBABILITIES], probabilities)
+        )
+    return outputs
+
+
+def _output_cost(outputs: List[Output]) -> int:
+    total = MIB
+    for out in outputs:
+        elements = out.nbytes // np.dtype(DTYPES[out.datatype]).itemsize
+        total += out.nbytes if out.binary else elements * _JSON_BYTES_PER_ELEMENT[out.datatype]
+    return total
+
+
+def _chunks(payload) -> Iterator[memoryview]:
+    view = memoryview(payload)
+    for start in range(0, len(view), _CHUNK):
+        yield view[start : start + _CHUNK]

@@ -213,9 +213,9 @@ async def test_unexpected_errors_are_generic_500(tiny_artifact, monkeypatch):
         raise KeyError("internal detail")
 
     async with serve(make_settings(tiny_artifact)) as client:
-        monkeypatch.setattr("service.routes.predict.postprocess", broken)
+        monkeypatch.setattr("service.routes.predict.encode_masks", broken)
         r = await client.post("/predict", files=files(random_image(13)))
-        monkeypatch.setattr("service.routes.predict.postprocess", pipeline.postprocess)
+        monkeypatch.setattr("service.routes.predict.encode_masks", pipeline.encode_masks)
         good = await client.post("/predict", files=files(random_image(13)))
     assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
     assert good.status_code == 200

@@ -78,7 +78,7 @@ async def test_expired_images_are_not_computed(tiny_artifact, tiny_segmenter):
     assert slow.batches == [1]  # only the first started before its deadline; the others were dropped
 
 
-async def test_failed_batch_fails_only_its_requests(tiny_artifact, tiny_segmenter):
+async def test_failed_batch_fails_only_its_requests(tiny_artifact, tiny_segmenter, caplog):
     slow = SlowSegmenter(tiny_segmenter, delay=0.2)
     async with serve(
         make_settings(tiny_artifact, max_batch_size=2, max_batch_delay_ms=50), segmenter=slow
@@ -91,10 +91,14 @@ async def test_failed_batch_fails_only_its_requests(tiny_artifact, tiny_segmente
             *(client.post("/predict", files=files(random_image(i))) for i in range(2))
         )
     assert [r.status_code for r in first] == [500, 500]
-    assert (
-        "inference failed" in first[0].json()["detail"]
-        and "simulated CUDA error" in first[0].json()["detail"]
-    )
+    for r in first:  # a generic message with the request id; the detail stays in the log
+        detail = r.json()["detail"]
+        assert "inference failed" in detail and r.headers["x-request-id"] in detail
+        assert "simulated CUDA error" not in detail and "conftest" not in detail
+    failures = [rec for rec in caplog.records if rec.name == "chanseg.batching" and rec.levelname == "ERROR"]
+    assert len(failures) == 1  # once per batch
+    assert "simulated CUDA error" in failures[0].getMessage()
+    assert all(r.headers["x-request-id"] in failures[0].getMessage() for r in first)
     assert [r.status_code for r in second] == [200, 200]
 
 

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from service.errors import BadImage, PayloadTooLarge
-from service.imaging import decode_image
+from service.imaging import decode_image, probe_image
 from tests.service.conftest import png_bytes, random_image
 
 BIG = 10**9
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -111,3 +118,164 @@ def test_too_small():
 def test_unsupported_format():
     with pytest.raises(BadImage, match="unsupported image format"):
         decode_image(encode(Image.new("RGB", (8, 8)), "PPM"), BIG)
+
+
+# -- memory: what decoding costs, known from the header ---------------------------
+
+_COST_PROBE = r"""
+import io, re, sys
+from pathlib import Path
+from PIL import Image
+from service.imaging import probe_image, prepare_probed
+from service.resources import release_free_memory
+
+def enc(image, fmt, **kw):
+    buf = io.BytesIO(); image.save(buf, format=fmt, **kw); return buf.getvalue()
+
+def rss(field):
+    return int(re.search(field + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+S = (2000, 2000)
+exif = Image.Exif(); exif[0x0112] = 6
+pal = Image.new("P", S, 1); pal.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+noise = Image.effect_noise(S, 60).convert("RGB")
+cases = {
+    "png rgb": enc(Image.new("RGB", S, (200, 30, 30)), "PNG"),
+    "png grey": enc(Image.new("L", S, 100), "PNG"),
+    "png 16-bit": enc(Image.new("I;16", S, 40000), "PNG"),
+    "png rgba": enc(Image.new("RGBA", S, (30, 30, 200, 128)), "PNG"),
+    "png palette+alpha": enc(pal, "PNG", transparency=0),
+    "png palette": enc(pal, "PNG"),
+    "png grey+alpha": enc(Image.new("LA", S, (100, 50)), "PNG"),
+    "png rotated": enc(Image.new("RGB", S, (200, 30, 30)), "PNG", exif=exif),
+    "jpeg": enc(noise, "JPEG", quality=90),
+    "jpeg rotated": enc(noise, "JPEG", quality=90, exif=exif),
+    "jpeg progressive": enc(noise, "JPEG", quality=90, progressive=True),
+    "jpeg progressive 4:4:4": enc(noise, "JPEG", quality=90, progressive=True, subsampling=0),
+    "jpeg cmyk": enc(Image.new("CMYK", S, (0, 200, 200, 0)), "JPEG"),
+    "tiff deflate": enc(Image.new("RGB", S, (90, 90, 90)), "TIFF", compression="tiff_adobe_deflate"),
+    "tiff raw": enc(Image.new("RGB", S, (90, 90, 90)), "TIFF"),
+    "webp": enc(noise, "WEBP", quality=80),
+    "webp rgba lossless": enc(Image.new("RGBA", S, (10, 120, 10, 100)), "WEBP", lossless=True),
+    "gif": enc(Image.new("P", S, 3), "GIF"),
+    "bmp": enc(Image.new("RGB", (1500, 1500), (1, 2, 3)), "BMP"),
+    "tall strip": enc(Image.new("RGB", (8, 400_000), (1, 2, 3)), "PNG"),
+    "wide strip": enc(Image.new("RGB", (400_000, 8), (1, 2, 3)), "PNG"),
+}
+del noise, pal
+for name, data in cases.items():
+    probed = probe_image(data, 10**9, 1, name)
+    release_free_memory()
+    Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from here
+    before = rss("VmRSS")
+    prepare_probed(probed, (256, 256))
+    print(f"{name}|{rss('VmHWM') - before}|{probed.cost}", flush=True)
+    del probed
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
+def test_decode_cost_covers_the_peak():
+    """For every format and mode served, the cost read from the header is at least
+    the process's peak RSS growth while the image is decoded and resized (glibc
+    malloc, memory handed back between images)."""
+    env = {**os.environ, "LD_PRELOAD": "", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", _COST_PROBE], capture_output=True, text=True, env=env, timeout=300, check=True
+    ).stdout
+    rows = [line.split("|") for line in out.splitlines()]
+    assert len(rows) == 21
+    over = {name: (int(peak) / int(cost)) for name, peak, cost in rows if int(peak) > int(cost)}
+    assert over == {}, over
+    # and the estimate is not wildly pessimistic for the common cases
+    ratios = {name: int(peak) / int(cost) for name, peak, cost in rows}
+    assert ratios["png rgb"] > 0.6 and ratios["jpeg"] > 0.5, ratios
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("L", (300, 200), 77),
+        Image.fromarray(np.random.default_rng(0).integers(0, 65535, (200, 300), dtype=np.uint16)),
+        Image.fromarray(random_image(4, 200, 300)).convert("RGBA"),
+        Image.fromarray(np.dstack([random_image(5, 200, 300), random_image(6, 200, 300)[..., :1]]), "RGBA"),
+        Image.fromarray(random_image(7, 200, 300)).convert("P"),
+        Image.fromarray(random_image(8, 200, 300)).convert("LA"),
+        Image.fromarray(random_image(9, 200, 300)).convert("CMYK"),
+    ],
+    ids=["grey", "16-bit", "rgba opaque", "rgba", "palette", "grey+alpha", "cmyk"],
+)
+def test_prepare_in_pil_matches_the_array_path(image):
+    """The server resizes PIL images without full-size copies (grey before it becomes
+    RGB, alpha composited by paste); the pixels are those of the plain array path."""
+    from model.preprocess import prepare_image, resize_image, to_rgb_array
+
+    lean = prepare_image(image, (64, 48))
+    plain = resize_image(to_rgb_array(image), (64, 48))
+    np.testing.assert_array_equal(lean, plain)
+
+
+def test_alpha_composites_on_black_like_alpha_composite():
+    from model.preprocess import to_rgb_image
+
+    values = np.arange(256, dtype=np.uint8)
+    rgba = np.zeros((256, 256, 4), np.uint8)
+    rgba[..., :3] = values[:, None, None]
+    rgba[..., 3] = values[None, :]
+    image = Image.fromarray(rgba, "RGBA")
+    reference = Image.alpha_composite(Image.new("RGBA", image.size, (0, 0, 0, 255)), image).convert("RGB")
+    np.testing.assert_array_equal(np.asarray(to_rgb_image(image)), np.asarray(reference))
+
+
+def test_orientation_comes_from_the_header_not_a_late_chunk():
+    """EXIF read before decoding decides the cost and the rotation; PNG's own getexif
+    would decode the whole image to look further."""
+    image = Image.fromarray(random_image(10, 20, 40))
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    probed = probe_image(encode(image, "PNG", exif=exif.tobytes()), BIG)
+    assert (probed.width, probed.height) == (20, 40) and probed.orientation is not None
+    plain = probe_image(encode(image, "PNG"), BIG)
+    assert plain.orientation is None and plain.cost < probed.cost
+
+
+# -- fuzzing every decoder, not only PNG ------------------------------------------
+
+_SEEDS = {
+    fmt: encode(Image.fromarray(random_image(11, 24, 20)).convert(mode), fmt, **kw)
+    for fmt, mode, kw in [
+        ("JPEG", "RGB", {"quality": 80}),
+        ("WEBP", "RGB", {"quality": 80}),
+        ("TIFF", "RGB", {"compression": "tiff_lzw"}),
+        ("GIF", "P", {}),
+        ("BMP", "RGB", {}),
+        ("PNG", "RGBA", {}),
+    ]
+}
+
+
+def _mutate(seed: bytes, flips: list, cut: int) -> bytes:
+    data = bytearray(seed[: max(1, cut)])
+    for index, value in flips:
+        data[index % len(data)] ^= value
+    return bytes(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    fmt=st.sampled_from(sorted(_SEEDS)),
+    flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 255)), max_size=12),
+    cut=st.integers(1, 10_000),
+)
+def test_mutated_files_of_every_format_raise_only_our_errors(fmt, flips, cut):
+    """Bit flips and truncations of JPEG, WebP, TIFF, GIF, BMP and PNG files: the
+    image decodes, or BadImage / PayloadTooLarge says why; PIL's own exceptions
+    (struct.error, KeyError, ZeroDivisionError, ...) never escape, and PIL's
+    messages are not passed on."""
+    data = _mutate(_SEEDS[fmt], flips, cut)
+    try:
+        out = decode_image(data, 1_000_000, 1, "f")
+    except (BadImage, PayloadTooLarge) as exc:
+        assert str(exc).startswith("f: ")
+        return
+    assert out.ndim == 3 and out.shape[2] == 3 and out.dtype == np.uint8

@@ -187,7 +187,7 @@ async def test_v2_and_predict_share_batches(tiny_artifact):
 
 
 def test_binary_bytes_codec_round_trip():
-    from service.v2_codec import parse_infer_request
+    from service.v2_codec import decode_request
 
     blobs = [b"abc", b"", b"\x00\xff"]
     data = b"".join(struct.pack("<I", len(b)) + b for b in blobs)
@@ -201,5 +201,5 @@ def test_binary_bytes_codec_round_trip():
             }
         ]
     )
-    req = parse_infer_request(header + data, str(len(header)))
-    assert req.inputs[0].value == blobs
+    req = decode_request(header + data, str(len(header)))
+    assert [bytes(b) for b in req.inputs[0].items()] == blobs

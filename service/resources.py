@@ -1,0 +1,112 @@
+"""What this process may use: CPUs (affinity, cgroup quota) and memory (cgroup limit, RSS).
+
+A container sees the host's CPU count in ``os.cpu_count()``; sizing thread
+pools from it gives a 2-CPU pod on a 64-core node dozens of threads. Read
+from Linux's ``/proc`` and cgroup files (v2, then v1); elsewhere they fall back
+to what ``os`` says, or ``None`` for "unknown".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import math
+import os
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+__all__ = ["available_cpus", "memory_limit_bytes", "rss_bytes", "release_free_memory", "allocator"]
+
+_CGROUP = Path("/sys/fs/cgroup")
+
+
+def _read(path: Path) -> Optional[str]:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _cpu_quota() -> Optional[float]:
+    """CPUs allowed by the cgroup's CFS quota, or None when unlimited or unknown."""
+    v2 = _read(_CGROUP / "cpu.max")  # "max 100000" or "200000 100000"
+    if v2:
+        quota, _, period = v2.partition(" ")
+        if quota != "max" and period:
+            return int(quota) / int(period)
+        return None
+    quota, period = _read(_CGROUP / "cpu" / "cpu.cfs_quota_us"), _read(_CGROUP / "cpu" / "cpu.cfs_period_us")
+    if quota and period and int(quota) > 0:
+        return int(quota) / int(period)
+    return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by the cgroup quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def memory_limit_bytes() -> Optional[int]:
+    """The cgroup's memory limit (a container's), or None when unlimited or unknown."""
+    for path in (_CGROUP / "memory.max", _CGROUP / "memory" / "memory.limit_in_bytes"):
+        value = _read(path)
+        if value and value.isdigit() and int(value) < (1 << 60):  # v1 says "unlimited" with a huge number
+            return int(value)
+    return None
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now."""
+    status = _read(Path("/proc/self/status")) or ""
+    match = re.search(r"VmRSS:\s+(\d+)", status)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+@functools.lru_cache(maxsize=1)
+def _releaser() -> tuple[str, Optional[Callable[[], object]]]:
+    maps = _read(Path("/proc/self/maps")) or ""
+    if "tcmalloc" in maps:
+        try:
+            lib = ctypes.CDLL(None)  # the preloaded tcmalloc's symbols are global
+            return "tcmalloc", lib.MallocExtension_ReleaseFreeMemory
+        except (OSError, AttributeError):
+            return "tcmalloc", None
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is None:
+        return "unknown", None
+    trim.argtypes = [ctypes.c_size_t]
+    return "glibc", functools.partial(trim, 0)
+
+
+def allocator() -> str:
+    """The malloc in use: ``tcmalloc`` (preloaded), ``glibc`` or ``unknown``."""
+    return _releaser()[0]
+
+
+def release_free_memory() -> None:
+    """Hand memory the allocator holds but no one uses back to the OS.
+
+    Called after each large image (tens of MB): glibc keeps a freed block in
+    the arena of the thread that freed it, and tcmalloc keeps freed pages for
+    reuse, so after a burst of large images the process would stay at the sum
+    of every thread's high-water mark instead of what it holds (measured with
+    the hostile mix of tests/reliability/test_memory.py: glibc 2.17 GiB, over
+    a 2 GiB pod's limit). Small requests never call it, so the pages the model's
+    own tensors reuse each batch stay mapped.
+    """
+    release = _releaser()[1]
+    if release is not None:
+        release()

@@ -1,0 +1,247 @@
+"""The HTTP server: uvicorn with the connection guards real traffic needs, and a drain phase.
+
+uvicorn reads whatever a client sends for as long as it takes: a client that
+sends its headers a byte a second, or 100 MB of them, holds a connection and
+its memory for ever (measured: 100 MB of one header took the process to
+216 MB). :class:`GuardedProtocol` is uvicorn's httptools protocol plus, per
+connection:
+
+- **header deadline**: a request's headers must arrive within
+  ``READ_TIMEOUT_S`` of its first byte (408, connection closed); a new
+  connection that sends nothing is closed after uvicorn's keep-alive timeout,
+  as an idle keep-alive connection already is;
+- **header size**: at most 64 KiB of request line and headers (431, closed);
+- **open connections**: requests on connections beyond ``MAX_CONNECTIONS``
+  are answered 503 with ``Retry-After`` by the middleware, and closed;
+- **stalled readers**: a client that reads none of its response for
+  ``READ_TIMEOUT_S`` is disconnected, so what the response holds is freed;
+- the time of each request's first byte, from which the middleware's body
+  deadline counts (``scope["chanseg.connection"]``).
+
+:class:`DrainingServer` keeps one shutdown budget: from SIGTERM to the end of
+the process, at most ``DRAIN_TIMEOUT_S`` (plus the interpreter's exit). It
+drains accepted work, hands uvicorn what is left for open connections, then
+the lifespan what is left for the batcher; a thread still busy at the end
+(a stuck batch) does not keep the process alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from .middleware import CONNECTION_SCOPE_KEY
+
+__all__ = ["Guards", "GuardedProtocol", "DrainingServer", "protocol_class", "MAX_HEADER_BYTES"]
+
+log = logging.getLogger("chanseg.server")
+access_log = logging.getLogger("chanseg.access")
+
+MAX_HEADER_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Guards:
+    read_timeout_s: float
+    max_connections: int
+    max_header_bytes: int = MAX_HEADER_BYTES
+    on_refused: Optional[Callable[[str, int], None]] = None  # (reason, status or 0) -> None
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the guards above; see :func:`protocol_class`."""
+
+    guards: ClassVar[Guards] = Guards(read_timeout_s=60.0, max_connections=256)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._timer: Optional[asyncio.TimerHandle] = None  # idle or header deadline
+        self._stall_timer: Optional[asyncio.TimerHandle] = None
+        self._header_bytes = 0
+        self._first_byte = 0.0
+        self._in_headers = False
+        self._over_capacity = False
+        self._refused = False
+
+    # -- connection ------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._over_capacity = len(self.connections) > self.guards.max_connections
+        self._arm(self.timeout_keep_alive, self._idle)
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self._disarm()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().data_received(data)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall_timer is None:
+            self._stall_timer = self.loop.call_later(self.guards.read_timeout_s, self._stalled)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
+
+    # -- parser callbacks -----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._first_byte = time.monotonic()
+        self._header_bytes = 0
+        self._in_headers = True
+        self._arm(self.guards.read_timeout_s, self._header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        if self._count(len(url)):
+            super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._count(len(name) + len(value) + 4):
+            super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        if self._refused:
+            return
+        self._in_headers = False
+        self._disarm()
+        self.scope[CONNECTION_SCOPE_KEY] = {  # type: ignore[literal-required]
+            "first_byte": self._first_byte,
+            "over_capacity": self._over_capacity,
+        }
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
+
+    # -- guards ----------------------------------------------------------------
+
+    def _count(self, nbytes: int) -> bool:
+        if self._refused:
+            return False
+        self._header_bytes += nbytes
+        if self._header_bytes > self.guards.max_header_bytes:
+            self._refuse(
+                431, "header_too_large",
+                f"request line and headers over {self.guards.max_header_bytes} bytes",
+            )  # fmt: skip
+            return False
+        return True
+
+    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _idle(self) -> None:
+        self._timer = None
+        if self.cycle is None and not self._in_headers and not self.transport.is_closing():
+            self._report("idle", 0)
+            self.transport.close()
+
+    def _header_timeout(self) -> None:
+        self._timer = None
+        if self._in_headers and not self._refused:
+            self._refuse(
+                408, "header_timeout",
+                f"the request's headers did not arrive within {self.guards.read_timeout_s:g} s (READ_TIMEOUT_S)",
+            )  # fmt: skip
+
+    def _stalled(self) -> None:
+        self._stall_timer = None
+        if not self.transport.is_closing():
+            self._report("write_stalled", 0)
+            log.info(
+                "client stopped reading its response for %g s (READ_TIMEOUT_S): connection aborted",
+                self.guards.read_timeout_s,
+                extra={"client": f"{self.client[0]}:{self.client[1]}" if self.client else "-"},
+            )
+            self.transport.abort()
+
+    def _refuse(self, status: int, reason: str, detail: str) -> None:
+        """Answer ``status`` with a JSON error at the connection level, then close it."""
+        self._refused = True
+        self._disarm()
+        body = json.dumps({"detail": detail}).encode()
+        head = b"".join(
+            [
+                STATUS_LINE[status],
+                b"content-type: application/json\r\n",
+                b"content-length: " + str(len(body)).encode() + b"\r\n",
+                b"connection: close\r\n\r\n",
+            ]
+        )
+        if not self.transport.is_closing():
+            self.transport.write(head + body)
+            self.transport.close()
+        self._report(reason, status)
+
+    def _report(self, reason: str, status: int) -> None:
+        if status:
+            access_log.info("- - %d", status, extra={"status": status, "endpoint": "other", "reason": reason})
+        if self.guards.on_refused is not None:
+            self.guards.on_refused(reason, status)
+
+
+def protocol_class(read_timeout_s: float, max_connections: int, metrics: Any = None) -> type:
+    """A :class:`GuardedProtocol` subclass with these limits, counting what it refuses on ``metrics``."""
+
+    def on_refused(reason: str, status: int) -> None:
+        if metrics is not None:
+            metrics.connections_refused.labels(reason).inc()
+            if status:
+                metrics.requests.labels("other", str(status)).inc()
+
+    guards = Guards(read_timeout_s=read_timeout_s, max_connections=max_connections, on_refused=on_refused)
+    return type("ChansegProtocol", (GuardedProtocol,), {"guards": guards})
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a drain phase between the signal and the stop, inside one shutdown budget."""
+
+    def __init__(self, config: uvicorn.Config, state) -> None:
+        super().__init__(config)
+        self.state = state
+        self._drain_task: Optional[asyncio.Task] = None
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._drain_task is not None or not self.state.ready:
+            return super().handle_exit(sig, frame)  # second signal, or still starting: stop now
+        self.state.start_draining(self.state.settings.drain_timeout_s)
+        self._drain_task = asyncio.get_event_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        state, batcher = self.state, self.state.batcher
+        # Kept back for uvicorn's own shutdown steps and the lifespan's.
+        reserve = min(1.0, state.settings.drain_timeout_s / 4)
+        while batcher is not None and batcher.depth > 0 and state.shutdown_remaining() > reserve:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(min(0.2, max(0.0, state.shutdown_remaining() - reserve)))  # last responses out
+        self.config.timeout_graceful_shutdown = max(0.1, state.shutdown_remaining() - reserve / 2)
+        self.should_exit = True

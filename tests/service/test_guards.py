@@ -1,0 +1,197 @@
+"""Slow, greedy and vanishing clients against a real ``python -m service`` (raw sockets):
+408 for requests that arrive too slowly, 431 for oversized headers, 503 beyond the
+open-connection bound, 499 at INFO for a hang-up, a stalled reader disconnected,
+and the memory each held given back."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import struct
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.reliability.conftest import Server
+from tests.service.conftest import png_bytes, random_image
+
+READ_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact, tmp_path_factory):
+    s = Server(
+        tiny_artifact,
+        tmp_path_factory.mktemp("guards"),
+        CHANSEG_READ_TIMEOUT_S=str(READ_TIMEOUT),
+        CHANSEG_MAX_CONNECTIONS="6",
+    )
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def connect(server) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    return sock
+
+
+def read_response(sock: socket.socket, check_closed: bool = True) -> tuple[int, dict, bytes, bool]:
+    """(status, headers, body, closed after it) of one HTTP/1.1 response."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before a response: {data!r}")
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    length = int(headers.get("content-length", 0))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    if not check_closed:
+        return status, headers, body, False
+    sock.settimeout(2)
+    try:
+        closed = sock.recv(1) == b""
+    except TimeoutError:
+        closed = False
+    return status, headers, body, closed
+
+
+def test_headers_sent_a_byte_at_a_time_get_408_and_the_connection_closes(server):
+    sock = connect(server)
+    started = time.monotonic()
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+    try:
+        for _ in range(30):  # a slow loris: one byte every 0.2 s
+            sock.sendall(b"X")
+            time.sleep(0.2)
+    except OSError:
+        pass  # the server hung up on us: that is the point
+    status, _, body, closed = read_response(sock)
+    elapsed = time.monotonic() - started
+    assert status == 408 and "READ_TIMEOUT_S" in json.loads(body)["detail"]
+    assert closed and READ_TIMEOUT <= elapsed < READ_TIMEOUT + 2.5
+
+
+def test_a_body_sent_too_slowly_gets_408(server):
+    sock = connect(server)
+    image = png_bytes(random_image(1))
+    sock.sendall(
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        + f"Content-Length: {len(image)}\r\n\r\n".encode()
+        + image[:100]
+    )
+    started = time.monotonic()
+    try:
+        for byte in image[100:130]:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.2)
+    except OSError:
+        pass
+    status, headers, body, closed = read_response(sock)
+    assert status == 408 and "READ_TIMEOUT_S" in json.loads(body)["detail"]
+    assert headers["connection"] == "close" and closed
+    assert time.monotonic() - started < READ_TIMEOUT + 2.5
+
+
+def test_oversized_headers_get_431(server):
+    sock = connect(server)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n")
+    status, _, body, closed = read_response(sock)
+    assert status == 431 and closed and "headers" in json.loads(body)["detail"]
+
+
+def test_a_connection_that_sends_nothing_is_closed(server):
+    sock = connect(server)
+    sock.settimeout(10)
+    started = time.monotonic()
+    assert sock.recv(1) == b""  # closed by the server, like an idle keep-alive connection
+    assert time.monotonic() - started < 8
+
+
+def test_connections_beyond_the_bound_get_503_then_room_again(server):
+    held = []
+    for _ in range(6):  # the bound: keep-alive connections that each served a request
+        sock = connect(server)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock, check_closed=False)[0] == 200
+        held.append(sock)
+    extra = connect(server)
+    extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    status, headers, body, closed = read_response(extra)
+    assert status == 503 and headers["retry-after"] == "1" and closed
+    assert "MAX_CONNECTIONS" in json.loads(body)["detail"]
+    for sock in held:
+        sock.close()
+    time.sleep(0.3)
+    assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_hang_up_mid_upload_is_a_499_at_info_never_an_error(server):
+    errors_before = server.metric("chanseg_requests_total", endpoint="predict", status="500")
+    for _ in range(5):
+        sock = connect(server)
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+            + b"\x89PNG" * 100
+        )
+        time.sleep(0.05)
+        sock.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and server.metric("chanseg_requests_total", status="499") < 5:
+        time.sleep(0.1)
+    log = server.log.read_text()
+    assert server.metric("chanseg_requests_total", endpoint="predict", status="499") >= 5
+    assert server.metric("chanseg_requests_total", endpoint="predict", status="500") == errors_before
+    lines = [line for line in log.splitlines() if " 499" in line]
+    assert lines and all(" INFO " in line for line in lines), lines
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+    # the bodies' memory was given back
+    assert server.metric("chanseg_memory_reserved_bytes") == 0
+
+
+def test_a_client_that_stops_reading_is_disconnected_and_its_memory_freed(server):
+    """A 36 MB v2 binary MASK that the client never reads: the server gives up after
+    READ_TIMEOUT_S and releases the response's reservation."""
+    buf = io.BytesIO()
+    Image.new("RGB", (6000, 6000), (10, 200, 10)).save(buf, format="PNG")
+    element = struct.pack("<I", len(buf.getvalue())) + buf.getvalue()
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "IMAGE_BYTES", "datatype": "BYTES", "shape": [1],
+                 "parameters": {"binary_data_size": len(element)}},
+            ],
+            "outputs": [{"name": "MASK", "parameters": {"binary_data": True}}],
+        }
+    ).encode()  # fmt: skip
+    body = header + element
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(
+        f"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: {len(header)}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and server.metric("chanseg_connections_refused_total", reason="write_stalled") < 1:
+        time.sleep(0.2)
+    assert server.metric("chanseg_connections_refused_total", reason="write_stalled") == 1
+    time.sleep(0.3)
+    assert server.metric("chanseg_memory_reserved_bytes") == 0
+    assert "stopped reading its response" in server.log.read_text()
+    sock.close()
+    assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
