@@ -17,6 +17,8 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_FIND_LINKS=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 
+# DL3008 (pin apt versions): the base image's release pins them; exact Debian
+# versions disappear from the mirrors with every point release and break builds.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
@@ -24,6 +26,7 @@ RUN apt-get update \
     && python3 -m venv /opt/venv
 
 # torch alone first: the biggest layer, changed only by its build arguments.
+# DL3013 (pin pip versions): TORCH_SPEC pins torch. SC2086: $src is two words on purpose.
 # hadolint ignore=DL3013,SC2086
 RUN if [ -n "$TORCH_FIND_LINKS" ]; then src="--find-links $TORCH_FIND_LINKS"; \
     else src="--index-url $TORCH_INDEX_URL"; fi; \
@@ -32,7 +35,7 @@ RUN if [ -n "$TORCH_FIND_LINKS" ]; then src="--find-links $TORCH_FIND_LINKS"; \
 # Then the dependencies, from pyproject.toml alone (empty packages stand in for the code).
 WORKDIR /src
 COPY pyproject.toml README.md ./
-# Versions come from pyproject.toml's ranges (and the torch pinned above).
+# DL3013 (pin pip versions): versions come from pyproject.toml's ranges (and the torch pinned above).
 # hadolint ignore=DL3013
 RUN mkdir model service && touch model/__init__.py service/__init__.py \
     && pip install ".[serve]" && pip uninstall -y chanseg && rm -rf model service build ./*.egg-info
@@ -40,6 +43,7 @@ RUN mkdir model service && touch model/__init__.py service/__init__.py \
 # Then the code, and the default model compiled to TorchScript at build time.
 COPY model ./model
 COPY service ./service
+# DL3013 (pin pip versions): this installs the project itself, from the copied source.
 # hadolint ignore=DL3013
 RUN pip install --no-deps . \
     && mkdir -p /opt/chanseg \
@@ -48,6 +52,7 @@ RUN pip install --no-deps . \
 # ---------------------------------------------------------------- final stage
 FROM ${BASE_IMAGE}
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# DL3008 (pin apt versions): as in the build stage, the base image's release pins them.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 libtcmalloc-minimal4 \
@@ -58,8 +63,14 @@ RUN apt-get update \
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/chanseg /opt/chanseg
 
-# Settings (all CHANSEG_*; see README). tcmalloc: measured fastest for this
-# model on CPU, glibc malloc and jemalloc slower at batch > 1 (README, "Allocator").
+# Settings: every CHANSEG_* with a fixed default, as the server would take it
+# (README, "Settings"), but HOST (all interfaces), DRAIN_TIMEOUT_S (inside
+# Docker's 10 s) and LOG_FORMAT (json). Left unset on purpose: MODEL_PATH, NUM_THREADS
+# and API_KEY (unset is their default), and MAX_UPLOAD_BYTES, MAX_JSON_BYTES and
+# MAX_IMAGES_PER_REQUEST, whose defaults follow MEMORY_BUDGET_MB and MAX_QUEUE: set
+# here, they would stop a container started with a smaller budget or queue.
+# tcmalloc: measured fastest for this model on CPU, glibc malloc and jemalloc
+# slower at batch > 1 (README, "Allocator").
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     LD_PRELOAD=/usr/local/lib/libtcmalloc_minimal.so.4 \
@@ -70,8 +81,16 @@ ENV PATH=/opt/venv/bin:$PATH \
     CHANSEG_PRECISION=fp32 \
     CHANSEG_MAX_BATCH_SIZE=auto \
     CHANSEG_MAX_BATCH_DELAY_MS=5 \
+    CHANSEG_AUTO_BATCH_LIMIT=32 \
     CHANSEG_MAX_QUEUE=64 \
     CHANSEG_REQUEST_TIMEOUT_S=30 \
+    CHANSEG_MEMORY_BUDGET_MB=1024 \
+    CHANSEG_MAX_IMAGE_PIXELS=64000000 \
+    CHANSEG_MAX_REQUEST_PIXELS=640000000 \
+    CHANSEG_MIN_IMAGE_SIDE=8 \
+    CHANSEG_READ_TIMEOUT_S=60 \
+    CHANSEG_MAX_CONNECTIONS=256 \
+    CHANSEG_WATCHDOG_S=auto \
     CHANSEG_DRAIN_TIMEOUT_S=8 \
     CHANSEG_LOG_FORMAT=json \
     CHANSEG_LOG_LEVEL=info
@@ -79,7 +98,8 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001
 WORKDIR /tmp
 EXPOSE 8000
-# Docker's default stop timeout is 10 s: the drain (DRAIN_TIMEOUT_S=8) ends first.
+# Docker's default stop timeout is 10 s: the shutdown budget (DRAIN_TIMEOUT_S=8,
+# + ~1.5 s to exit) ends first (tests/deploy/test_manifests.py checks it).
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"]

@@ -270,11 +270,19 @@ class DynamicBatcher:
             if not self._queue and self._waiting == 0:
                 self._idle.set()
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, jobs: List[Job]) -> None:
-        started = time.perf_counter()
+    def _timed_infer(self, payloads: List[Any]) -> Sequence[Any]:
+        # On the inference thread itself: busy_for follows the thread, not the
+        # awaiting task (which shutdown may cancel while the thread runs on).
         self._busy_since = time.monotonic()
         try:
-            results = await loop.run_in_executor(self._executor, self.infer, [j.payload for j in jobs])
+            return self.infer(payloads)
+        finally:
+            self._busy_since = None
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, jobs: List[Job]) -> None:
+        started = time.perf_counter()
+        try:
+            results = await loop.run_in_executor(self._executor, self._timed_infer, [j.payload for j in jobs])
             if len(results) != len(jobs):
                 raise RuntimeError(f"infer returned {len(results)} results for {len(jobs)} inputs")
         except Exception as exc:  # one failed batch must not stop the worker
@@ -291,8 +299,6 @@ class DynamicBatcher:
                 if not job.future.done():
                     job.future.set_exception(BatchFailed(f"{type(exc).__name__}: {exc}"))
             return
-        finally:
-            self._busy_since = None
         elapsed = time.perf_counter() - started
         if self.metrics is not None:
             self.metrics.inference.observe(elapsed)

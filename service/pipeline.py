@@ -192,6 +192,11 @@ def _pixels(item: Union[Probed, np.ndarray]) -> int:
     return h * w
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 async def _disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -218,6 +223,9 @@ async def segment(
     finally:
         watcher.cancel()
     if gathered not in done:
+        # Its jobs are skipped, not computed. Cancelling them leaves the gather with a
+        # CancelledError that nobody awaits; asyncio would log it as a traceback.
+        gathered.add_done_callback(_retrieve)
         batcher.cancel(jobs)
         if watcher in done:
             raise ClientGone("client disconnected")

@@ -39,12 +39,16 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from .middleware import CONNECTION_SCOPE_KEY
 
-__all__ = ["Guards", "GuardedProtocol", "DrainingServer", "protocol_class", "MAX_HEADER_BYTES"]
+__all__ = ["Guards", "GuardedProtocol", "DrainingServer", "protocol_class", "MAX_HEADER_BYTES", "EXIT_MARGIN_S"]
 
 log = logging.getLogger("chanseg.server")
 access_log = logging.getLogger("chanseg.access")
 
 MAX_HEADER_BYTES = 64 * 1024
+# From the end of the shutdown budget to the process being gone (the interpreter's
+# exit): what a grace period must allow beyond DRAIN_TIMEOUT_S. Measured < 1 s
+# with a batch that never returns (tests/service/test_watchdog.py).
+EXIT_MARGIN_S = 1.5
 
 
 @dataclass(frozen=True)

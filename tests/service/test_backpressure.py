@@ -57,6 +57,33 @@ async def test_full_queue_refuses_before_decoding(tiny_artifact, tiny_segmenter)
     assert after.status_code == 400  # with room again, the same body is decoded and refused
 
 
+async def test_full_queue_refuses_before_reading_the_body(tiny_artifact, tiny_segmenter):
+    """With the queue full, /predict and v2 answer 503 without reading a byte of the body."""
+    slow = SlowSegmenter(tiny_segmenter, delay=0.5)
+    settings = make_settings(
+        tiny_artifact, max_queue=1, max_images_per_request=1, max_batch_size=1, max_batch_delay_ms=0
+    )
+    pulled = []
+
+    async def body():
+        pulled.append(True)
+        yield b"x" * 1000
+
+    async with serve(settings, segmenter=slow) as client:
+        running = asyncio.create_task(client.post("/predict", files=files(random_image(1))))
+        await asyncio.sleep(0.1)  # computing
+        queued = asyncio.create_task(client.post("/predict", files=files(random_image(2))))
+        await asyncio.sleep(0.1)  # waiting: the queue is full
+        refused = [
+            await client.post("/predict", content=body(), headers={"content-type": "image/png"}),
+            await client.post("/v2/models/tiny/infer", content=body()),
+        ]
+        await running, await queued
+    assert [r.status_code for r in refused] == [503, 503]
+    assert all(r.headers["retry-after"] == "1" for r in refused)
+    assert pulled == []
+
+
 async def test_one_ms_deadline_gives_504(tiny_artifact):
     async with serve(make_settings(tiny_artifact, request_timeout_s=0.001)) as client:
         r = await client.post("/predict", files=files(random_image(1)))

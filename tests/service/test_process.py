@@ -3,7 +3,6 @@ a real HTTP client, SIGTERM draining, and a real Prometheus scraping it."""
 
 from __future__ import annotations
 
-import shutil
 import signal
 import subprocess
 import time
@@ -18,6 +17,7 @@ import model
 from benchmarks.servers import free_port
 from model import ModelConfig
 from tests.conftest import make_net
+from tests.real_parts import need_tool
 from tests.service.conftest import ServerProcess, decode_mask, png_bytes, random_image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,9 +94,8 @@ def test_sigterm_drains_then_exits_zero(medium_artifact, tmp_path):
 
 
 def test_prometheus_scrapes_and_computes_p99(server, tmp_path):
-    prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
-    if not prometheus or not promtool:
-        pytest.skip("prometheus/promtool not installed (apt-get install prometheus; .ci/run does)")
+    prometheus = need_tool("prometheus", "apt-get install prometheus")
+    promtool = need_tool("promtool", "apt-get install prometheus")
     exposition = httpx.get(server.url + "/metrics").text
     lint = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout + lint.stderr

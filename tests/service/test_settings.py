@@ -51,3 +51,30 @@ def test_bad_values_fail_at_start(monkeypatch, env, message):
 def test_empty_api_key_means_no_auth(monkeypatch):
     monkeypatch.setenv("CHANSEG_API_KEY", "")
     assert Settings().api_key is None
+
+
+def test_defaults_follow_what_the_user_set(monkeypatch):
+    """A default that would conflict with a value the user chose follows it."""
+    monkeypatch.setenv("CHANSEG_MAX_QUEUE", "8")
+    monkeypatch.setenv("CHANSEG_MEMORY_BUDGET_MB", "64")
+    s = Settings()
+    assert s.max_images_per_request == 8  # not the default 16, which would not fit the queue
+    assert s.max_upload_bytes == 8 * 2**20  # 1/8 of the budget, not 32 MiB
+    assert s.max_json_bytes <= s.max_upload_bytes and 12 * s.max_json_bytes <= s.work_budget_bytes
+    assert s.body_budget_bytes + s.work_budget_bytes == 64 * 2**20
+
+
+@pytest.mark.parametrize(
+    "env, names",
+    [
+        ({"CHANSEG_MEMORY_BUDGET_MB": "64", "CHANSEG_MAX_UPLOAD_BYTES": "33554432"}, ["MAX_UPLOAD_BYTES", "MEMORY_BUDGET_MB"]),
+        ({"CHANSEG_MEMORY_BUDGET_MB": "64", "CHANSEG_MAX_JSON_BYTES": "8388608"}, ["MAX_JSON_BYTES", "MEMORY_BUDGET_MB"]),
+        ({"CHANSEG_MAX_IMAGE_PIXELS": "100", "CHANSEG_MAX_REQUEST_PIXELS": "10"}, ["MAX_IMAGE_PIXELS", "MAX_REQUEST_PIXELS"]),
+    ],
+)
+def test_two_explicit_values_that_conflict_are_both_named(monkeypatch, env, names):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValidationError) as raised:
+        Settings()
+    assert all(name in str(raised.value) for name in names)

@@ -10,14 +10,23 @@ import struct
 import numpy as np
 import pytest
 
+from tests.real_parts import missing
 from tests.service.conftest import make_settings, png_bytes, random_image, serve
 from tests.service.test_app import files, metric_samples
 from tests.service.test_process import server  # noqa: F401  (fixture: a real server process)
 
-httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a dev dependency")
+
+def triton():
+    """tritonclient's HTTP client: a real v2 client, written elsewhere (only these tests need it)."""
+    try:
+        import tritonclient.http as http
+    except ImportError:
+        missing("tritonclient[http]", "pip install 'tritonclient[http]' (a dev dependency)")
+    return http
 
 
 def test_tritonclient_metadata_and_health(server):  # noqa: F811
+    httpclient = triton()
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("tiny") and client.is_model_ready("tiny", "7")
@@ -34,6 +43,7 @@ def test_tritonclient_metadata_and_health(server):  # noqa: F811
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_tritonclient_uint8_infer(server, tiny_segmenter, binary):  # noqa: F811
+    httpclient = triton()
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     images = np.stack([random_image(1, 40, 30), random_image(2, 40, 30)])
     inp = httpclient.InferInput("IMAGE", list(images.shape), "UINT8")
@@ -49,6 +59,7 @@ def test_tritonclient_uint8_infer(server, tiny_segmenter, binary):  # noqa: F811
 
 
 def test_tritonclient_bytes_input_and_both_outputs(server, tiny_segmenter):  # noqa: F811
+    httpclient = triton()
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     image = random_image(3, 50, 50)
     inp = httpclient.InferInput("IMAGE_BYTES", [1], "BYTES")
@@ -63,6 +74,7 @@ def test_tritonclient_bytes_input_and_both_outputs(server, tiny_segmenter):  # n
 
 
 def test_tritonclient_defaults_binary_on(server, tiny_segmenter):  # noqa: F811
+    httpclient = triton()
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     image = random_image(4, 24, 24)[None]
     inp = httpclient.InferInput("IMAGE", list(image.shape), "UINT8")
@@ -80,7 +92,7 @@ GOOD_INPUT = {"name": "IMAGE", "datatype": "UINT8", "shape": [1, 16, 16, 3], "da
 MALFORMED = {
     "not json": (b"{nope", {}, 400, "JSON"),
     "no inputs": (b'{"inputs": []}', {}, 400, "inputs"),
-    "wrong datatype": (_json([{**GOOD_INPUT, "datatype": "FP32"}]), {}, 400, "UINT8"),
+    "wrong datatype": (_json([{**GOOD_INPUT, "datatype": "FP32", "data": [0.5] * IMG.size}]), {}, 400, "UINT8"),
     "wrong shape": (_json([{**GOOD_INPUT, "shape": [1, 16, 16]}]), {}, 400, "shape"),
     "shape/data mismatch": (_json([{**GOOD_INPUT, "shape": [1, 16, 17, 3]}]), {}, 400, "values"),
     "wrong input name": (_json([{**GOOD_INPUT, "name": "PIXELS"}]), {}, 400, "unknown input"),
@@ -109,6 +121,19 @@ MALFORMED = {
         {},
         400,
         "base64",
+    ),
+    # the issue's: each was a 500 with a traceback
+    "shape product overflows int64": (
+        _json([{**GOOD_INPUT, "shape": [2**40, 2**40, 2**40, 3]}]), {}, 413, "pixels"
+    ),
+    "integer beyond int64": (_json([{**GOOD_INPUT, "data": [2**70] * IMG.size}]), {}, 400, "integers"),
+    "deeply nested data": (
+        _json([{**GOOD_INPUT, "data": json.loads("[" * 300 + "1" + "]" * 300)}]), {}, 400, "data"
+    ),
+    "outputs is a number": (_json([GOOD_INPUT], outputs=5), {}, 400, "outputs"),
+    "parameters not an object": (_json([GOOD_INPUT], parameters=[1]), {}, 400, "parameters"),
+    "output parameters not an object": (
+        _json([GOOD_INPUT], outputs=[{"name": "MASK", "parameters": 7}]), {}, 400, "parameters"
     ),
     "undecodable image bytes": (
         _json(
@@ -203,3 +228,37 @@ def test_binary_bytes_codec_round_trip():
     )
     req = decode_request(header + data, str(len(header)))
     assert [bytes(b) for b in req.inputs[0].items()] == blobs
+
+
+@pytest.mark.anyio
+async def test_v2_limits_are_413_with_what_to_send_instead(tiny_artifact):
+    big = np.zeros((1, 300, 300, 3), np.uint8)
+    too_many_values = _json([{**GOOD_INPUT, "shape": list(big.shape), "data": big.ravel().tolist()}])
+    settings = make_settings(tiny_artifact, max_json_bytes=1_000_000, memory_budget_mb=64)
+    image = png_bytes(np.full((3000, 2000, 3), 40, np.uint8))
+    probs_json = _json(
+        [{"name": "IMAGE_BYTES", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(image).decode()]}],
+        outputs=[{"name": "PROBABILITIES"}],
+    )
+    async with serve(settings) as client:
+        over_json = await client.post("/v2/models/tiny/infer", content=b"{" + b" " * 1_000_001 + b"}")
+        values = await client.post("/v2/models/tiny/infer", content=too_many_values)
+        probs = await client.post("/v2/models/tiny/infer", content=probs_json)
+        good = await client.post("/v2/models/tiny/infer", content=_json([GOOD_INPUT]))
+    assert over_json.status_code == 413 and "MAX_JSON_BYTES" in over_json.json()["error"]
+    assert "binary" in over_json.json()["error"]
+    assert values.status_code == 413 and "binary" in values.json()["error"]
+    assert probs.status_code == 413, probs.text
+    assert "PROBABILITIES" in probs.json()["error"] and "ask for MASK only" in probs.json()["error"]
+    assert good.status_code == 200 and int(good.headers["content-length"]) == len(good.content)
+
+
+@pytest.mark.anyio
+async def test_schema_of_v2_infer_is_a_real_one(tiny_artifact):
+    async with serve(make_settings(tiny_artifact)) as client:
+        schema = (await client.get("/openapi.json")).json()
+    body = schema["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    tensor = body["properties"]["inputs"]["items"]
+    assert body["required"] == ["inputs"] and "$ref" not in json.dumps(body)
+    assert set(tensor["required"]) == {"name", "shape", "datatype"}
+    assert "UINT8" in tensor["properties"]["datatype"]["enum"]

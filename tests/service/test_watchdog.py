@@ -1,0 +1,114 @@
+"""A stuck inference thread, in a real process: liveness fails so an orchestrator
+restarts the pod, and SIGTERM still ends the process inside its shutdown budget.
+
+The model is a real TorchScript artifact that computes for ever on a white image,
+as a hung CUDA kernel or a deadlocked library would keep the thread."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+import model
+from service.server import EXIT_MARGIN_S
+from tests.conftest import TINY, make_net
+from tests.service.conftest import ServerProcess, png_bytes, random_image
+
+WATCHDOG, DRAIN = 1.5, 3.0
+
+
+class HangsOnWhite(nn.Module):
+    """The tiny network, except that a white image makes it spin (practically) for ever."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        if bool(x.mean() > 1.5):  # normalised white is ~2.4; random images average ~0
+            for _ in range(1_000_000_000):
+                x = x + 0.0
+        return self.inner(x)
+
+
+@pytest.fixture(scope="module")
+def hanging_artifact(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("hang") / "hang.pt"
+    model.export_torchscript(HangsOnWhite(make_net()), path, config=TINY, version="1")
+    return str(path)
+
+
+def test_stuck_batch_fails_liveness_and_shutdown_keeps_its_budget(hanging_artifact, tmp_path):
+    server = ServerProcess(
+        hanging_artifact, tmp_path,
+        CHANSEG_WATCHDOG_S=str(WATCHDOG), CHANSEG_DRAIN_TIMEOUT_S=str(DRAIN), CHANSEG_MAX_BATCH_SIZE="1",
+        CHANSEG_REQUEST_TIMEOUT_S="120",
+    )  # fmt: skip
+    try:
+        server.wait_ready()
+        assert httpx.get(server.url + "/healthz").status_code == 200
+        white = png_bytes(np.full((32, 32, 3), 255, np.uint8))
+        answers = []
+
+        def post(body):
+            try:
+                r = httpx.post(server.url + "/predict", content=body, headers={"content-type": "image/png"}, timeout=60)
+                answers.append(r.status_code)
+            except httpx.TransportError:
+                answers.append("closed")
+
+        senders = [threading.Thread(target=post, args=(body,)) for body in (white, png_bytes(random_image(1)))]
+        for t in senders:
+            t.start()
+            time.sleep(0.2)
+        started = time.monotonic()
+        while time.monotonic() - started < 10 and httpx.get(server.url + "/healthz").status_code == 200:
+            time.sleep(0.1)
+        live = httpx.get(server.url + "/healthz")
+        assert live.status_code == 503 and live.json()["status"] == "stuck", live.text
+        assert time.monotonic() - started < WATCHDOG + 2
+        assert httpx.get(server.url + "/readyz").status_code == 503
+        assert httpx.get(server.url + "/v2/health/live").status_code == 503
+        metrics = httpx.get(server.url + "/metrics").text
+        running = float(next(ln for ln in metrics.splitlines() if ln.startswith("chanseg_batch_running_seconds ")).split()[1])
+        assert running > WATCHDOG
+
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(30)
+        took = time.monotonic() - signalled
+        for t in senders:
+            t.join(30)
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert "inference thread stuck" in log and "forward" in log  # where the thread is, once
+    assert log.count("inference thread stuck") == 1
+    assert took < DRAIN + EXIT_MARGIN_S, (took, log[-2000:])  # the shutdown budget holds with a thread that never returns
+    assert code == 1  # accepted work was abandoned: not a clean exit
+    assert len(answers) == 2 and 200 not in answers
+
+
+def test_a_normal_batch_never_trips_the_watchdog(tiny_artifact, tmp_path):
+    server = ServerProcess(tiny_artifact, tmp_path)  # WATCHDOG_S=auto
+    try:
+        server.wait_ready()
+        body = png_bytes(random_image(2, 64, 64))
+        for _ in range(5):
+            assert httpx.post(server.url + "/predict", content=body, headers={"content-type": "image/png"}).status_code == 200
+            assert httpx.get(server.url + "/healthz").status_code == 200
+    finally:
+        server.stop()
+    assert "watchdog 10 s" in server.log.read_text()  # auto: 20x a tiny batch, at least 10 s
+
+
+def test_hanging_model_is_fine_on_other_images():
+    net = torch.jit.script(HangsOnWhite(make_net()))
+    assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 64, 64)
