@@ -55,10 +55,42 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_REAL_PARTS: dict = {}  # nodeid -> {"part", "outcome", "seconds"} of tests marked real_part
+
+
+def pytest_runtest_logreport(report):
+    marker = report.keywords.get("real_part")
+    if marker is None:
+        return
+    entry = _REAL_PARTS.setdefault(report.nodeid, {"outcome": "not run", "seconds": 0.0})
+    entry["seconds"] += report.duration  # setup (a Docker build, a server start) and call
+    if entry["outcome"] == "not run":
+        entry["outcome"] = "passed"
+    if report.failed:
+        entry["outcome"] = "failed"
+    elif report.skipped and entry["outcome"] != "failed":
+        entry["outcome"] = "skipped"
+
+
+def pytest_collection_finish(session):
+    for item in session.items:
+        marker = item.get_closest_marker("real_part")
+        if marker is not None:
+            _REAL_PARTS[item.nodeid] = {"outcome": "not run", "seconds": 0.0, "part": marker.args[0]}
+
+
 def pytest_terminal_summary(terminalreporter):
-    """At the end of every run: the real-part checks that did not run, and why."""
+    """At the end of every run: each check against a real part, how it ended and how
+    long it took, and the ones that could not run here, and why."""
     from tests.real_parts import MARK
 
+    ran = {k: v for k, v in _REAL_PARTS.items() if v["outcome"] != "not run"}
+    if ran:
+        terminalreporter.section("checks against real parts")
+        for nodeid, entry in ran.items():
+            terminalreporter.write_line(
+                f"{entry['outcome']:8s} {entry['seconds']:6.1f} s  {entry.get('part', '?'):22s} {nodeid}"
+            )
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if MARK in str(r.longrepr)]
     if not skipped:
         return

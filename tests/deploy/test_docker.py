@@ -97,6 +97,7 @@ def shapes_png() -> tuple[bytes, np.ndarray]:
     return buf.getvalue(), np.asarray(truth)
 
 
+@pytest.mark.real_part("docker engine")
 def test_image_serves_measures_and_stops_cleanly(container):
     cid, url = container
     body, truth = shapes_png()

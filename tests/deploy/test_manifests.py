@@ -40,6 +40,7 @@ def run(*cmd: str, cwd: Path = ROOT) -> str:
     return result.stdout + result.stderr
 
 
+@pytest.mark.real_part("promtool")
 def test_prometheus_config_rules_and_rule_tests():
     promtool = tool("promtool")
     run(promtool, "check", "rules", "alerts.yml", cwd=DEPLOY / "prometheus")
@@ -56,6 +57,7 @@ def test_prometheus_config_rules_and_rule_tests():
         local.unlink(missing_ok=True)
 
 
+@pytest.mark.real_part("kubectl, k8s-validate")
 @pytest.mark.parametrize("target", ["base", "overlays/gpu"])
 def test_kustomize_renders_valid_manifests(target, tmp_path):
     kubectl, validate = tool("kubectl"), tool("kubernetes-validate")
@@ -144,6 +146,7 @@ def test_shutdown_budget_fits_every_grace_period_it_is_deployed_with():
     assert over == {}, over
 
 
+@pytest.mark.real_part("hadolint")
 def test_hadolint_dockerfile():
     run(tool("hadolint"), str(ROOT / "Dockerfile"))
 

@@ -93,6 +93,7 @@ def test_sigterm_drains_then_exits_zero(medium_artifact, tmp_path):
     assert "draining" in log
 
 
+@pytest.mark.real_part("prometheus, promtool")
 def test_prometheus_scrapes_and_computes_p99(server, tmp_path):
     prometheus = need_tool("prometheus", "apt-get install prometheus")
     promtool = need_tool("promtool", "apt-get install prometheus")

@@ -25,6 +25,7 @@ def triton():
     return http
 
 
+@pytest.mark.real_part("tritonclient")
 def test_tritonclient_metadata_and_health(server):  # noqa: F811
     httpclient = triton()
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
@@ -41,6 +42,7 @@ def test_tritonclient_metadata_and_health(server):  # noqa: F811
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
 
 
+@pytest.mark.real_part("tritonclient")
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_tritonclient_uint8_infer(server, tiny_segmenter, binary):  # noqa: F811
     httpclient = triton()
@@ -58,6 +60,7 @@ def test_tritonclient_uint8_infer(server, tiny_segmenter, binary):  # noqa: F811
     assert result.as_numpy("PROBABILITIES") is None  # only when asked for
 
 
+@pytest.mark.real_part("tritonclient")
 def test_tritonclient_bytes_input_and_both_outputs(server, tiny_segmenter):  # noqa: F811
     httpclient = triton()
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
@@ -73,6 +76,7 @@ def test_tritonclient_bytes_input_and_both_outputs(server, tiny_segmenter):  # n
     np.testing.assert_allclose(probs[0], tiny_segmenter.predict_proba(image), atol=1e-5)
 
 
+@pytest.mark.real_part("tritonclient")
 def test_tritonclient_defaults_binary_on(server, tiny_segmenter):  # noqa: F811
     httpclient = triton()
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
