@@ -97,7 +97,7 @@ class Metrics:
         self.connections_refused = Counter(
             "chanseg_connections_refused",
             "Connections closed by the server's guards (reason: header_timeout, header_too_large, "
-            "idle, over_capacity, write_stalled)",
+            "idle, invalid_http, write_stalled)",
             ["reason"],
             registry=r,
         )

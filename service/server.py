@@ -11,6 +11,8 @@ connection:
   connection that sends nothing is closed after uvicorn's keep-alive timeout,
   as an idle keep-alive connection already is;
 - **header size**: at most 64 KiB of request line and headers (431, closed);
+- **malformed HTTP**: what the parser cannot read gets a JSON 400, like every
+  other error (uvicorn's own is plain text);
 - **open connections**: requests on connections beyond ``MAX_CONNECTIONS``
   are answered 503 with ``Retry-After`` by the middleware, and closed;
 - **stalled readers**: a client that reads none of its response for
@@ -188,11 +190,16 @@ class GuardedProtocol(HttpToolsProtocol):
             )
             self.transport.abort()
 
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to bytes its parser cannot read (it has logged a warning).
+        self._refuse(400, "invalid_http", f"invalid HTTP request ({msg.rstrip('.')})")
+
     def _refuse(self, status: int, reason: str, detail: str) -> None:
         """Answer ``status`` with a JSON error at the connection level, then close it."""
         self._refused = True
         self._disarm()
-        body = json.dumps({"detail": detail}).encode()
+        key = "error" if bytes(getattr(self, "url", b"") or b"").startswith(b"/v2") else "detail"  # as errors.py
+        body = json.dumps({key: detail}).encode()
         head = b"".join(
             [
                 STATUS_LINE[status],

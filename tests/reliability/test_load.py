@@ -42,7 +42,9 @@ def test_overload_3x_capacity_gets_fast_503s_and_recovers(server, payloads, capa
     hold(server.url, payloads, 3 * capacity, 2.0, windows=1)  # warm-up: the full queue's buffers exist
     time.sleep(4)  # drained
     rss_before = server.rss_kb()
-    seconds = duration(6, 20)
+    # Long enough for the queue to fill at 3x capacity (it grows at 2x capacity) with
+    # half the window left: 6 s where the model does ~20 images/s, more on a slower day.
+    seconds = max(duration(6, 20), 2 * 64 / (2 * capacity) + 2)
     m = hold(server.url, payloads, 3 * capacity, seconds, timeout_s=60)
     rss_after = server.rss_kb()
     ended = time.perf_counter()

@@ -113,6 +113,23 @@ def test_oversized_headers_get_431(server):
     assert status == 431 and closed and "headers" in json.loads(body)["detail"]
 
 
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x08b\r\n\r\n", "detail"),
+        (b"POST /v2/models/tiny/infer HTTP/1.1\r\nContent-Length: zz\r\n\r\n", "error"),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "detail"),  # TLS to a plain-HTTP port
+    ],
+    ids=["control character in a header", "bad content-length on v2", "tls hello"],
+)
+def test_unparseable_http_gets_a_json_400(server, raw, key):
+    sock = connect(server)
+    sock.sendall(raw)
+    status, headers, body, closed = read_response(sock)
+    assert status == 400 and headers["content-type"] == "application/json" and closed
+    assert "invalid HTTP request" in json.loads(body)[key]
+
+
 def test_a_connection_that_sends_nothing_is_closed(server):
     sock = connect(server)
     sock.settimeout(10)
