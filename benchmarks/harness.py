@@ -245,8 +245,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         litserve_batch = args.litserve_batch or auto_batch or 1
         log_path = out.parent / f"{out.name}-{name}.log"
         sample = next(iter(images.values()))[0]
-        with running(scenario, sample, args.model, preload, litserve_batch, log_path) as url:
-            info: Dict = {"label": scenario.label, "env": scenario.env}
+        timings: Dict[str, float] = {}
+        with running(scenario, sample, args.model, preload, litserve_batch, log_path, timings=timings) as url:
+            info: Dict = {"label": scenario.label, "env": scenario.env, **timings}
+            print(f"[{name}] serving {timings['startup_s']:.1f} s after its process started", flush=True)
             if scenario.kind == "chanseg":
                 meta = httpx.get(url + "/v1/model", timeout=10).json()
                 info["batching"] = meta["batching"]

@@ -89,8 +89,10 @@ def running(
     litserve_batch: int = 1,
     log_path: Optional[Path] = None,
     ready_timeout_s: float = 240.0,
+    timings: Optional[Dict[str, float]] = None,
 ) -> Iterator[str]:
-    """Start the scenario's server; yield its URL once ``sample`` gets a 200."""
+    """Start the scenario's server; yield its URL once ``sample`` gets a 200.
+    ``timings["startup_s"]`` (when given): from the process's start to that 200."""
     port = free_port()
     extra = dict(scenario.env)
     if scenario.kind == "chanseg":
@@ -99,6 +101,7 @@ def running(
             extra["CHANSEG_MODEL_PATH"] = str(model_path)
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(open(log_path, "wb")) if log_path else subprocess.DEVNULL
+        started = time.monotonic()
         proc = subprocess.Popen(
             _command(scenario, port, model_path, litserve_batch),
             env=_env(preload, extra),
@@ -110,6 +113,8 @@ def running(
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_ready(proc, url, scenario, sample, ready_timeout_s)
+            if timings is not None:
+                timings["startup_s"] = round(time.monotonic() - started, 2)
             yield url
         finally:
             _stop_group(proc)
@@ -149,7 +154,7 @@ def _wait_ready(proc, url: str, scenario: Scenario, sample: bytes, timeout_s: fl
                 return
         except httpx.TransportError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise TimeoutError(f"{scenario.name}: not serving after {timeout_s:.0f} s")
 
 

@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from torch import nn
@@ -40,6 +40,7 @@ class Artifact:
     module: torch.jit.ScriptModule
     config: ModelConfig
     meta: Dict[str, Any]
+    path: Optional[Path] = None  # the file it was read from
 
     @property
     def name(self) -> str:
@@ -130,7 +131,7 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
         raise ModelLoadError(f"{path}: invalid chanseg metadata: {exc}") from exc
     if int(meta.get("format", 0)) > ARTIFACT_FORMAT:
         raise ModelLoadError(f"{path}: artifact format {meta['format']} is newer than this chanseg supports")
-    return Artifact(module, config, meta)
+    return Artifact(module, config, meta, path)
 
 
 def _text(value: str | bytes) -> str:

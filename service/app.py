@@ -12,8 +12,9 @@ What requests in flight may hold together is bounded by ``MEMORY_BUDGET_MB``
 fails liveness (``ServerState.stuck``), so an orchestrator restarts the pod.
 
 Start-up (lifespan): load the model on the chosen device and precision, choose
-``MAX_BATCH_SIZE=auto`` by measuring, warm up each batch size, start the
-batcher; only then does ``/readyz`` answer 200. All torch work (loading,
+``MAX_BATCH_SIZE=auto`` (the measurement kept in the cache for this machine and
+model, or a fresh one: :mod:`service.warmup`), warm up each batch size, start
+the batcher; only then does ``/readyz`` answer 200. All torch work (loading,
 warm-up, every batch) runs on the one inference thread: each thread that runs
 torch's parallel CPU kernels keeps its own OpenMP team, and more teams than
 cores made every forward pass ~25% slower here. Shutdown: ``/readyz`` and new
@@ -34,7 +35,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from fastapi import FastAPI
@@ -51,7 +52,15 @@ from .pipeline import InferItem
 from .resources import allocator, available_cpus, memory_limit_bytes, release_free_memory, rss_bytes
 from .routes import health, metrics, model_info, predict, v2
 from .settings import Settings
-from .warmup import choose_batch_size, measure_throughput, warm_up
+from .warmup import (
+    BatchChoice,
+    MeasurementCache,
+    choose_batch_size,
+    measure_throughput,
+    measurement_key,
+    now_iso,
+    warm_up,
+)
 
 log = logging.getLogger("chanseg.app")
 
@@ -71,7 +80,7 @@ class ServerState:
     body_budget: Optional[MemoryBudget] = None  # request bodies in flight
     work_budget: Optional[MemoryBudget] = None  # decoding, parsing, outputs in flight
     max_batch_size: int = 0
-    batch_throughput: dict = field(default_factory=dict)
+    batching: Optional[BatchChoice] = None  # how max_batch_size was chosen
     watchdog_s: float = float("inf")  # a batch running longer than this is stuck
     inference_thread: Optional[int] = None
     ready: bool = False
@@ -192,18 +201,8 @@ async def _start(state: ServerState, segmenter: Any) -> None:
         segmenter.device,
         segmenter.precision,
     )
-    if s.max_batch_size == "auto":
-        limit = min(s.auto_batch_limit, s.max_queue)
-        state.batch_throughput = await on_inference_thread(measure_throughput, segmenter, limit)
-        state.max_batch_size = choose_batch_size(state.batch_throughput)
-        log.info(
-            "MAX_BATCH_SIZE=auto chose %d from images/s %s",
-            state.max_batch_size,
-            {b: round(v, 1) for b, v in state.batch_throughput.items()},
-        )
-    else:
-        state.max_batch_size = s.max_batch_size
-    seconds = await on_inference_thread(warm_up, segmenter, state.max_batch_size)
+    state.batching, seconds = await _choose_batch_size(state, segmenter, on_inference_thread, loop)
+    state.max_batch_size = state.batching.max_batch_size
     await on_inference_thread(release_free_memory)  # what measuring and warming up freed
     state.watchdog_s = (
         s.watchdog_s if s.watchdog_s != "auto" else max(10.0, 20 * max(seconds.values(), default=0.0))
@@ -242,6 +241,35 @@ def _check_memory(s: Settings) -> None:
             rss // MIB,
             limit // MIB,
         )
+
+
+async def _choose_batch_size(state: ServerState, segmenter: Any, on_inference_thread, loop) -> tuple:
+    """MAX_BATCH_SIZE: the setting, the measurement kept in the cache, or a fresh
+    measurement (then kept); and every used size warmed up, with its batch time."""
+    s = state.settings
+    if s.max_batch_size != "auto":
+        choice = BatchChoice(s.max_batch_size, "setting")
+        return choice, await on_inference_thread(warm_up, segmenter, choice.max_batch_size)
+    limit = min(s.auto_batch_limit, s.max_queue)
+    key = await loop.run_in_executor(None, measurement_key, segmenter, limit, s.auto_batch_budget_s)
+    cache = MeasurementCache(key)
+    choice = None if s.remeasure_batch_size else cache.load()
+    measured: Dict[int, float] = {}
+    if choice is None:
+        throughput, measured = await on_inference_thread(
+            measure_throughput, segmenter, limit, s.auto_batch_budget_s
+        )
+        choice = BatchChoice(choose_batch_size(throughput), "measured", throughput, now_iso())
+        where = cache.save(choice)
+        log.info(
+            "MAX_BATCH_SIZE=auto chose %d from images/s %s (kept in %s)",
+            choice.max_batch_size,
+            {b: round(v, 1) for b, v in throughput.items()},
+            where,
+        )
+    else:
+        log.info("MAX_BATCH_SIZE=auto: %d, measured %s (reused)", choice.max_batch_size, choice.measured_at)
+    return choice, await on_inference_thread(warm_up, segmenter, choice.max_batch_size, measured)
 
 
 async def _stop(state: ServerState) -> None:

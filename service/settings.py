@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         25.0, ge=0, description="shutdown budget: from SIGTERM to exit, at most this (plus ~1 s to exit)"
     )
     auto_batch_limit: PositiveInt = Field(32, description="largest batch size 'auto' tries")
+    auto_batch_budget_s: PositiveFloat = Field(
+        10.0, description="longest 'auto' spends measuring batch sizes (it stops sooner once the curve peaks)"
+    )
+    remeasure_batch_size: bool = Field(
+        False, description="measure 'auto' afresh instead of reusing the measurement kept in the cache"
+    )
 
     @field_validator("device")
     @classmethod

@@ -1,26 +1,68 @@
-"""Warm-up and the choice of ``MAX_BATCH_SIZE=auto``, measured on the actual device.
+"""Warm-up and the choice of ``MAX_BATCH_SIZE=auto``, measured on the actual device
+once, then reused.
 
-On a CPU with glibc malloc batch 1 measured fastest per image, on a GPU large
-batches win (see README): no fixed default serves both, so the server
-measures throughput per batch size at start-up and takes the smallest batch
-size within ``tolerance`` of the best (smaller batches wait less to fill).
+On a CPU every batch size runs at about the same images/s, on a GPU large
+batches win (see README): no fixed default serves both, so the server measures
+throughput per batch size (1, 2, 4, ...) and takes the smallest size within
+``tolerance`` of the best (smaller batches wait less to fill). It stops once the
+curve has clearly peaked (two sizes in a row no better than the best) or its
+time budget (``AUTO_BATCH_BUDGET_S``) is spent.
+
+The answer only changes with the device, the model, the precision, torch,
+chanseg and the allocator, so it is kept in the cache directory under a key of
+all of them (:class:`MeasurementCache`) and reused on the next start: a restart
+on the same kind of machine only warms up the chosen sizes.
+``REMEASURE_BATCH_SIZE`` forces a fresh measurement.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 import logging
+import os
 import statistics
+import tempfile
 import time
-from typing import Dict, List
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
+import model
+from model.pretrained import cache_dir
+
+from .resources import allocator, available_cpus
+
 log = logging.getLogger("chanseg.warmup")
 
-__all__ = ["choose_batch_size", "measure_throughput", "warm_up", "warmup_sizes"]
+__all__ = [
+    "BatchChoice",
+    "MeasurementCache",
+    "choose_batch_size",
+    "device_description",
+    "measure_throughput",
+    "measurement_key",
+    "warm_up",
+    "warmup_sizes",
+]
+
+TOLERANCE = 0.10  # the noise between runs of the same thing on a shared machine (README)
 
 
-def choose_batch_size(throughput: Dict[int, float], tolerance: float = 0.05) -> int:
+@dataclass
+class BatchChoice:
+    """The batch size the server runs, and where it came from."""
+
+    max_batch_size: int
+    source: str  # "measured" (at this start), "reused" (from the cache) or "setting"
+    throughput: Dict[int, float] = field(default_factory=dict)  # images/s per measured size
+    measured_at: Optional[str] = None  # ISO time of the measurement
+
+
+def choose_batch_size(throughput: Dict[int, float], tolerance: float = TOLERANCE) -> int:
     """Smallest batch size whose images/s is within ``tolerance`` of the best."""
     if not throughput:
         raise ValueError("no measurements")
@@ -39,29 +81,48 @@ def _sync(segmenter) -> None:
         torch.cuda.synchronize(segmenter.device)
 
 
-def measure_throughput(segmenter, limit: int, budget_s: float = 15.0, runs: int = 2) -> Dict[int, float]:
-    """Images/s per batch size 1, 2, 4, ... up to ``limit`` (median of ``runs``).
+def _untimed_calls(segmenter) -> int:
+    # TorchScript's profiling executor records a new shape on its first call and
+    # optimises (fuses kernels) on the second; only then are times comparable. On
+    # this CPU the first call was ~20% slower and the second already normal.
+    return 2 if segmenter.device.type == "cuda" else 1
 
-    Stops early when throughput falls 10% below the best so far, or when the
-    time budget is spent."""
-    results: Dict[int, float] = {}
+
+def _time(segmenter, images: List[torch.Tensor]) -> float:
+    t = time.perf_counter()
+    segmenter.infer(images)
+    _sync(segmenter)
+    return time.perf_counter() - t
+
+
+def measure_throughput(
+    segmenter, limit: int, budget_s: float = 10.0, runs: int = 2, tolerance: float = TOLERANCE
+) -> Tuple[Dict[int, float], Dict[int, float]]:
+    """Images/s per batch size 1, 2, 4, ... up to ``limit`` (median of ``runs``), and
+    each size's batch time in seconds.
+
+    Stops when the curve has clearly peaked (two sizes in a row no more than
+    ``tolerance`` better than the best so far), when throughput falls 10% below
+    the best, or when ``budget_s`` is spent."""
+    throughput: Dict[int, float] = {}
+    seconds: Dict[int, float] = {}
     started = time.perf_counter()
-    batch = 1
+    best, since_best, batch = 0.0, 0, 1
     while batch <= limit:
         images = _dummy(segmenter, batch)
-        segmenter.infer(images)  # first call of a shape: profiling, allocation
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
+        for _ in range(_untimed_calls(segmenter)):
             segmenter.infer(images)
-            _sync(segmenter)
-            times.append(time.perf_counter() - t)
-        results[batch] = batch / statistics.median(times)
-        log.info("warm-up: batch %d -> %.1f images/s", batch, results[batch])
-        if results[batch] < 0.9 * max(results.values()) or time.perf_counter() - started > budget_s:
+        seconds[batch] = statistics.median(_time(segmenter, images) for _ in range(runs))
+        throughput[batch] = batch / seconds[batch]
+        log.info("measuring: batch %d -> %.1f images/s", batch, throughput[batch])
+        if throughput[batch] > (1 + tolerance) * best:
+            best, since_best = throughput[batch], 0
+        else:
+            best, since_best = max(best, throughput[batch]), since_best + 1
+        if since_best >= 2 or throughput[batch] < 0.9 * best or time.perf_counter() - started > budget_s:
             break
         batch = batch * 2 if batch * 2 <= limit or batch == limit else limit
-    return results
+    return throughput, seconds
 
 
 def warmup_sizes(max_batch_size: int) -> List[int]:
@@ -73,15 +134,107 @@ def warmup_sizes(max_batch_size: int) -> List[int]:
     return sorted(sizes)
 
 
-def warm_up(segmenter, max_batch_size: int, rounds: int = 2) -> Dict[int, float]:
-    """A few dummy batches of each size the batcher will commonly run; returns the
-    seconds of each size's last round (the watchdog's measure of a normal batch)."""
-    seconds: Dict[int, float] = {}
+def warm_up(segmenter, max_batch_size: int, skip: Optional[Dict[int, float]] = None) -> Dict[int, float]:
+    """Run each size the batcher will commonly use until it is warm; return each
+    size's batch time in seconds (the watchdog's measure of a normal batch).
+    Sizes in ``skip`` (already measured, so already warm) keep their times."""
+    seconds: Dict[int, float] = dict(skip or {})
     for batch in warmup_sizes(max_batch_size):
+        if batch in seconds:
+            continue
         images = _dummy(segmenter, batch)
-        for _ in range(rounds):
-            t = time.perf_counter()
+        for _ in range(_untimed_calls(segmenter)):
             segmenter.infer(images)
-            _sync(segmenter)
-            seconds[batch] = time.perf_counter() - t
-    return seconds
+        seconds[batch] = _time(segmenter, images)
+    return {b: t for b, t in seconds.items() if b <= max_batch_size}
+
+
+# -- the measurement, kept -------------------------------------------------------
+
+
+def device_description(device: torch.device) -> str:
+    """The kind of machine a measurement holds for: the GPU's name, or the CPU's model
+    and how many of its CPUs and threads this process uses."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        return f"{torch.cuda.get_device_name(index)} (compute {major}.{minor})"
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {available_cpus()} CPUs, {torch.get_num_threads()} threads"
+
+
+def measurement_key(segmenter, limit: int, budget_s: float) -> Dict[str, str]:
+    """Everything a batch-size measurement depends on."""
+    path = getattr(segmenter.artifact, "path", None)
+    if path is not None and Path(path).is_file():
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    else:  # a model without a file (tests): its name and version stand for it
+        digest = hashlib.sha256(f"{segmenter.name}:{segmenter.version}".encode()).hexdigest()
+    return {
+        "device": device_description(segmenter.device),
+        "model_sha256": digest,
+        "precision": segmenter.precision,
+        "torch": torch.__version__,
+        "chanseg": model.__version__,
+        "allocator": allocator(),
+        "limit": str(limit),
+        "budget_s": f"{budget_s:g}",
+    }
+
+
+class MeasurementCache:
+    """``batch-size-<hash of the key>.json`` in the cache directory (``CHANSEG_CACHE_DIR``),
+    or, when that is read-only (the Docker image's), in ``$TMPDIR/chanseg-cache``."""
+
+    def __init__(self, key: Dict[str, str], directory: Optional[Path] = None) -> None:
+        self.key = key
+        name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        self.filename = f"batch-size-{name}.json"
+        primary = Path(directory) if directory is not None else cache_dir()
+        self.places = [primary, Path(tempfile.gettempdir()) / "chanseg-cache"]
+
+    def load(self) -> Optional[BatchChoice]:
+        for place in self.places:
+            path = place / self.filename
+            try:
+                doc = json.loads(path.read_text())
+                if doc.get("key") != self.key:
+                    continue
+                return BatchChoice(
+                    max_batch_size=int(doc["max_batch_size"]),
+                    source="reused",
+                    throughput={int(b): float(v) for b, v in doc["throughput"].items()},
+                    measured_at=str(doc["measured_at"]),
+                )
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable batch-size measurement %s: %s", path, exc)
+        return None
+
+    def save(self, choice: BatchChoice) -> Optional[Path]:
+        doc = {"key": self.key, **asdict(choice)}
+        doc.pop("source")
+        for place in self.places:
+            try:
+                place.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".batch-size-", dir=place)
+                with os.fdopen(fd, "w") as f:
+                    json.dump(doc, f, indent=2)
+                os.replace(tmp, place / self.filename)
+                return place / self.filename
+            except OSError:
+                continue
+        log.warning("could not keep the batch-size measurement: no writable cache directory")
+        return None
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

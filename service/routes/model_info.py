@@ -16,6 +16,8 @@ router = APIRouter(tags=["model"])
 class Batching(BaseModel):
     max_batch_size: int
     max_batch_size_setting: str
+    max_batch_size_source: str  # "measured" at this start, "reused" from the cache, or "setting"
+    measured_at: Optional[str] = None  # when the measurement was made (ISO 8601)
     max_batch_delay_ms: float
     max_queue: int
     measured_images_per_s: Optional[Dict[int, float]] = None
@@ -54,8 +56,10 @@ async def model_metadata(state: State) -> ModelMetadata:
         batching=Batching(
             max_batch_size=state.max_batch_size,
             max_batch_size_setting=str(s.max_batch_size),
+            max_batch_size_source=state.batching.source,
+            measured_at=state.batching.measured_at,
             max_batch_delay_ms=s.max_batch_delay_ms,
             max_queue=s.max_queue,
-            measured_images_per_s={b: round(v, 2) for b, v in state.batch_throughput.items()} or None,
+            measured_images_per_s={b: round(v, 2) for b, v in state.batching.throughput.items()} or None,
         ),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +50,12 @@ def test_run_writes_json_csv_plot_and_table(tiny_artifact, tmp_path):
         "--rates", "0.5", "--window", "0.5", "--warmup", "0.2", "--max-windows", "2",
         "--ceiling-seconds", "0.2", "--out", str(out),
     ]  # fmt: skip
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "CHANSEG_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
+    assert all(0 < report["servers"][s]["startup_s"] < 120 for s in ("chanseg", "naive"))
+    assert report["servers"]["chanseg"]["batching"]["max_batch_size_source"] == "measured"
     loads = [(r["scenario"], r["mode"], r["load"]) for r in report["rows"]]
     assert loads[:3] == [("chanseg", "concurrency", 1), ("chanseg", "concurrency", 2), ("chanseg", "rate", loads[2][2])]
     assert loads[3:] == [("naive", "concurrency", 1), ("naive", "concurrency", 2)]

@@ -182,7 +182,9 @@ def test_dockerfile_writes_every_fixed_default_as_env():
         expected = _IMAGE_OWN.get(name, field.default)
         assert key in env, f"{key} missing from the Dockerfile's ENV"
         value = env[key]
-        if isinstance(expected, float) or isinstance(field.default, float):
+        if isinstance(field.default, bool):
+            assert value == str(expected).lower(), (key, value, expected)
+        elif isinstance(expected, float) or isinstance(field.default, float):
             assert float(value) == float(expected), (key, value, expected)
         else:
             assert value == str(expected), (key, value, expected)

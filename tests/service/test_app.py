@@ -242,3 +242,15 @@ async def test_readme_lists_every_endpoint_that_stays_open_with_an_api_key(tiny_
                 open_paths.add(path)
     assert len(endpoints) > 15
     assert open_paths == documented
+
+
+async def test_setting_max_queue_alone_starts_and_serves(tiny_artifact):
+    """CHANSEG_MAX_QUEUE=8 alone: the images-per-request default follows it (it used
+    to stay 16 and stop the server at start-up)."""
+    settings = make_settings(tiny_artifact, max_queue=8, max_batch_size=4)
+    assert settings.max_images_per_request == 8
+    async with serve(settings) as client:
+        ok = await client.post("/predict", files=files(*[random_image(i) for i in range(8)]))
+        over = await client.post("/predict", files=files(*[random_image(i) for i in range(9)]))
+    assert ok.status_code == 200 and len(ok.json()["predictions"]) == 8
+    assert over.status_code == 413
