@@ -66,9 +66,10 @@ COPY --from=build /opt/chanseg /opt/chanseg
 # Settings: every CHANSEG_* with a fixed default, as the server would take it
 # (README, "Settings"), but HOST (all interfaces), DRAIN_TIMEOUT_S (inside
 # Docker's 10 s) and LOG_FORMAT (json). Left unset on purpose: MODEL_PATH, NUM_THREADS
-# and API_KEY (unset is their default), and MAX_UPLOAD_BYTES, MAX_JSON_BYTES and
-# MAX_IMAGES_PER_REQUEST, whose defaults follow MEMORY_BUDGET_MB and MAX_QUEUE: set
-# here, they would stop a container started with a smaller budget or queue.
+# and API_KEY (unset is their default), and the settings whose defaults follow
+# others (MAX_QUEUE, MEMORY_BUDGET_MB, MAX_REQUEST_PIXELS, MAX_UPLOAD_BYTES,
+# MAX_JSON_BYTES, MAX_IMAGES_PER_REQUEST): set here, they would stop a container
+# started with, say, a larger MAX_BATCH_SIZE or a smaller budget.
 # tcmalloc: measured fastest for this model on CPU, glibc malloc and jemalloc
 # slower at batch > 1 (README, "Allocator").
 ENV PATH=/opt/venv/bin:$PATH \
@@ -84,11 +85,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     CHANSEG_AUTO_BATCH_LIMIT=32 \
     CHANSEG_AUTO_BATCH_BUDGET_S=10 \
     CHANSEG_REMEASURE_BATCH_SIZE=false \
-    CHANSEG_MAX_QUEUE=64 \
     CHANSEG_REQUEST_TIMEOUT_S=30 \
-    CHANSEG_MEMORY_BUDGET_MB=1024 \
     CHANSEG_MAX_IMAGE_PIXELS=64000000 \
-    CHANSEG_MAX_REQUEST_PIXELS=640000000 \
     CHANSEG_MIN_IMAGE_SIDE=8 \
     CHANSEG_READ_TIMEOUT_S=60 \
     CHANSEG_MAX_CONNECTIONS=256 \

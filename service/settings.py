@@ -9,6 +9,7 @@ message names both.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -108,23 +109,48 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _derived_defaults(cls, data: Any) -> Any:
-        """Defaults that follow what the user set (before validation: raw values)."""
+        """Defaults that follow what the user set (before validation: raw values).
+
+        Each default that could conflict with a value the user gave yields to it:
+        MAX_QUEUE grows to a numeric MAX_BATCH_SIZE, MAX_REQUEST_PIXELS to
+        MAX_IMAGE_PIXELS, MEMORY_BUDGET_MB to what MAX_UPLOAD_BYTES and
+        MAX_JSON_BYTES need; MAX_UPLOAD_BYTES and MAX_JSON_BYTES shrink to the
+        budget, MAX_IMAGES_PER_REQUEST to MAX_QUEUE."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        try:
-            budget = int(data.get("memory_budget_mb") or _DEFAULT_BUDGET_MB)
-            queue = int(data.get("max_queue") or 64)
-        except (TypeError, ValueError):
-            return data  # the field validators name the bad value
-        if data.get("max_upload_bytes") in (None, ""):
-            data["max_upload_bytes"] = max(1, min(_DEFAULT_UPLOAD, budget * MIB // 8))
-        if data.get("max_json_bytes") in (None, ""):
-            upload = int(data["max_upload_bytes"]) if str(data["max_upload_bytes"]).isdigit() else _DEFAULT_UPLOAD
+        given = {k for k, v in data.items() if v not in (None, "")}
+
+        def number(name: str) -> Optional[float]:
+            try:
+                return float(data[name]) if name in given else None
+            except (TypeError, ValueError):
+                return None  # the field's own validator names the bad value
+
+        batch, pixels = number("max_batch_size"), number("max_image_pixels")
+        upload, json_bytes = number("max_upload_bytes"), number("max_json_bytes")
+        if "max_queue" not in given and batch is not None:
+            data["max_queue"] = max(64, int(batch))
+        if "max_request_pixels" not in given and pixels is not None:
+            data["max_request_pixels"] = max(640_000_000, int(pixels))
+        if "memory_budget_mb" not in given:
+            needed = [_DEFAULT_BUDGET_MB]
+            if upload is not None:  # bodies get 1/4 of the budget, each held twice
+                needed.append(math.ceil(8 * upload / MIB))
+            if json_bytes is not None:  # parsing gets 3/4, at JSON_PARSE_COST per byte
+                needed.append(math.ceil(JSON_PARSE_COST * json_bytes * 4 / 3 / MIB))
+            data["memory_budget_mb"] = max(needed)
+        budget, queue = number("memory_budget_mb"), number("max_queue")
+        if budget is None or queue is None:
+            budget, queue = float(data["memory_budget_mb"]), float(data.get("max_queue") or 64)
+        if "max_upload_bytes" not in given:
+            upload = max(json_bytes or 1, min(_DEFAULT_UPLOAD, budget * MIB // 8))
+            data["max_upload_bytes"] = int(upload)
+        if "max_json_bytes" not in given:
             work = budget * MIB - budget * MIB // 4
-            data["max_json_bytes"] = max(1, min(8 * MIB, work // JSON_PARSE_COST, upload))
-        if data.get("max_images_per_request") in (None, ""):
-            data["max_images_per_request"] = max(1, min(_DEFAULT_IMAGES_PER_REQUEST, queue))
+            data["max_json_bytes"] = int(max(1, min(8 * MIB, work // JSON_PARSE_COST, float(data["max_upload_bytes"]))))
+        if "max_images_per_request" not in given:
+            data["max_images_per_request"] = max(1, min(_DEFAULT_IMAGES_PER_REQUEST, int(queue)))
         return data
 
     # -- the budget's two ledgers, derived from MEMORY_BUDGET_MB ---------------

@@ -167,7 +167,10 @@ def test_each_hadolint_ignore_is_justified_where_it_is_ignored():
 
 # Settings whose default follows another setting (left unset in the image), or is
 # "unset", and the ones the image sets on purpose to something else.
-_DERIVED = {"max_upload_bytes", "max_json_bytes", "max_images_per_request"}
+_DERIVED = {
+    "max_queue", "memory_budget_mb", "max_request_pixels", "max_upload_bytes", "max_json_bytes",
+    "max_images_per_request",
+}  # fmt: skip
 _UNSET = {"model_path", "num_threads", "api_key"}
 _IMAGE_OWN = {"host": "0.0.0.0", "drain_timeout_s": "8", "log_format": "json"}
 

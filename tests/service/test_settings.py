@@ -53,6 +53,23 @@ def test_empty_api_key_means_no_auth(monkeypatch):
     assert Settings().api_key is None
 
 
+@pytest.mark.parametrize(
+    "env, follows",
+    [
+        ({"CHANSEG_MAX_UPLOAD_BYTES": str(256 * 2**20)}, {"memory_budget_mb": 2048}),
+        ({"CHANSEG_MAX_BATCH_SIZE": "128"}, {"max_queue": 128}),
+        ({"CHANSEG_MAX_IMAGE_PIXELS": "1000000000"}, {"max_request_pixels": 1_000_000_000}),
+        ({"CHANSEG_MAX_JSON_BYTES": str(40 * 2**20)}, {"max_upload_bytes": 40 * 2**20}),
+        ({"CHANSEG_MAX_QUEUE": "4"}, {"max_images_per_request": 4}),
+    ],
+)
+def test_one_value_set_alone_never_stops_the_server(monkeypatch, env, follows):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s = Settings()
+    assert {name: getattr(s, name) for name in follows} == follows
+
+
 def test_defaults_follow_what_the_user_set(monkeypatch):
     """A default that would conflict with a value the user chose follows it."""
     monkeypatch.setenv("CHANSEG_MAX_QUEUE", "8")
