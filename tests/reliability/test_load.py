@@ -39,12 +39,14 @@ def test_overload_3x_capacity_gets_fast_503s_and_recovers(server, payloads, capa
     """3x capacity: every request answered, 200 or a fast 503 with Retry-After;
     memory flat; normal latency again within 5 s of the burst's end."""
     baseline_ms = _c1_p50(server.url, payloads[0])
-    hold(server.url, payloads, 3 * capacity, 2.0, windows=1)  # warm-up: the full queue's buffers exist
-    time.sleep(4)  # drained
+    # At 3x capacity the queue grows at 2x capacity: this long fills it (64 images).
+    fill_s = 64 / (2 * capacity) + 1
+    hold(server.url, payloads, 3 * capacity, max(2.0, fill_s), windows=1)  # warm-up: the full queue's buffers exist
+    time.sleep(64 / capacity + 1)  # drained
     rss_before = server.rss_kb()
-    # Long enough for the queue to fill at 3x capacity (it grows at 2x capacity) with
-    # half the window left: 6 s where the model does ~20 images/s, more on a slower day.
-    seconds = max(duration(6, 20), 2 * 64 / (2 * capacity) + 2)
+    # Long enough for the queue to fill with half the window left: 6 s where the
+    # model does ~20 images/s, more on a slower day.
+    seconds = max(duration(6, 20), 2 * fill_s)
     m = hold(server.url, payloads, 3 * capacity, seconds, timeout_s=60)
     rss_after = server.rss_kb()
     ended = time.perf_counter()
