@@ -279,3 +279,14 @@ def test_mutated_files_of_every_format_raise_only_our_errors(fmt, flips, cut):
         assert str(exc).startswith("f: ")
         return
     assert out.ndim == 3 and out.shape[2] == 3 and out.dtype == np.uint8
+
+
+def test_messages_are_ours_not_pils():
+    truncated = png_bytes(random_image(12, 64, 64))[:200]
+    with pytest.raises(BadImage) as raised:
+        decode_image(truncated, BIG, 1, "a.png")
+    assert str(raised.value) == "a.png: corrupt or truncated image data"
+    with pytest.raises(BadImage) as raised:
+        decode_image(b"GIF89a" + b"\x00" * 20, BIG, 1, "b.gif")
+    assert str(raised.value) in ("b.gif: not a decodable image (PNG, JPEG, WebP, BMP, TIFF or GIF)",
+                                 "b.gif: corrupt or truncated image data")  # fmt: skip

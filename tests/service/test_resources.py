@@ -1,0 +1,45 @@
+"""What the process may use, read as a container sees it: affinity, cgroup CPU quota and memory limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from service import resources
+
+
+@pytest.fixture
+def cgroup(tmp_path, monkeypatch):
+    monkeypatch.setattr(resources, "_CGROUP", tmp_path)
+    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: set(range(16)))
+    return tmp_path
+
+
+def test_cpus_capped_by_the_cgroup_quota(cgroup):
+    (cgroup / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs of a 16-CPU node
+    assert resources.available_cpus() == 2
+
+
+def test_cpus_without_a_quota_are_the_affinity(cgroup):
+    (cgroup / "cpu.max").write_text("max 100000\n")
+    assert resources.available_cpus() == 16
+
+
+def test_cgroup_v1_quota(cgroup):
+    (cgroup / "cpu").mkdir()
+    (cgroup / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
+    (cgroup / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert resources.available_cpus() == 2
+
+
+def test_memory_limit(cgroup):
+    assert resources.memory_limit_bytes() is None
+    (cgroup / "memory.max").write_text("max\n")
+    assert resources.memory_limit_bytes() is None
+    (cgroup / "memory.max").write_text(f"{2 * 2**30}\n")
+    assert resources.memory_limit_bytes() == 2 * 2**30
+
+
+def test_rss_and_allocator_are_read():
+    assert resources.rss_bytes() > 10 * 2**20
+    assert resources.allocator() in ("tcmalloc", "glibc", "unknown")
+    resources.release_free_memory()  # returns memory; must not raise
