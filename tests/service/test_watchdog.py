@@ -89,6 +89,7 @@ def test_stuck_batch_fails_liveness_and_shutdown_keeps_its_budget(hanging_artifa
     finally:
         server.stop()
     log = server.log.read_text()
+    print(f"\nstuck batch: liveness 503 after the watchdog; SIGTERM to exit {took:.1f} s (budget {DRAIN} s)")
     assert "inference thread stuck" in log and "forward" in log  # where the thread is, once
     assert log.count("inference thread stuck") == 1
     assert took < DRAIN + EXIT_MARGIN_S, (took, log[-2000:])  # the shutdown budget holds with a thread that never returns
