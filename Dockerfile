@@ -21,7 +21,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 # versions disappear from the mirrors with every point release and break builds.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && apt-get install -y --no-install-recommends python3 python3-venv g++ \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
@@ -40,14 +40,20 @@ COPY pyproject.toml README.md ./
 RUN mkdir model service && touch model/__init__.py service/__init__.py \
     && pip install ".[serve]" && pip uninstall -y chanseg && rm -rf model service build ./*.egg-info
 
-# Then the code, and the default model compiled to TorchScript at build time.
+# Then the code, and the default model compiled at build time: to TorchScript, and
+# (COMPILE=auto) to packages for the build machine's CPU (g++ above is for
+# AOTInductor; the final stage needs none). Where the serving CPU lacks an
+# instruction set the package was compiled for, the server says so and serves
+# TorchScript; `docker run ... python -m model compile` in a volume compiles for it.
+ARG COMPILE=auto
 COPY model ./model
 COPY service ./service
 # DL3013 (pin pip versions): this installs the project itself, from the copied source.
 # hadolint ignore=DL3013
 RUN pip install --no-deps . \
     && mkdir -p /opt/chanseg \
-    && CHANSEG_CACHE_DIR=/opt/chanseg/cache python -m model info > /opt/chanseg/model-info.json
+    && CHANSEG_CACHE_DIR=/opt/chanseg/cache python -m model info > /opt/chanseg/model-info.json \
+    && if [ "$COMPILE" != none ]; then CHANSEG_CACHE_DIR=/opt/chanseg/cache python -m model compile --precision "$COMPILE" --device cpu; fi
 
 # ---------------------------------------------------------------- final stage
 FROM ${BASE_IMAGE}
@@ -79,7 +85,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     CHANSEG_HOST=0.0.0.0 \
     CHANSEG_PORT=8000 \
     CHANSEG_DEVICE=auto \
-    CHANSEG_PRECISION=fp32 \
+    CHANSEG_PRECISION=auto \
+    CHANSEG_MODEL_FORMAT=auto \
     CHANSEG_MAX_BATCH_SIZE=auto \
     CHANSEG_MAX_BATCH_DELAY_MS=5 \
     CHANSEG_AUTO_BATCH_LIMIT=32 \

@@ -24,12 +24,12 @@ import model
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", help="artifact (default: the bundled model)")
+    parser.add_argument("--model", help="artifact or compiled package (default: the bundled model)")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--images", choices=["png256", "jpeg1024"], help="make this set instead of reading stdin")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="fp32", choices=list(model.PRECISIONS))
+    parser.add_argument("--precision", default="auto", choices=["auto", *model.PRECISIONS])
     args = parser.parse_args()
     if args.images:
         from benchmarks.client import make_images

@@ -224,7 +224,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     report["settings"] = extra_env
     where = {
         "device": extra_env.get("CHANSEG_DEVICE", "auto"),
-        "precision": extra_env.get("CHANSEG_PRECISION", "fp32"),
+        "precision": extra_env.get("CHANSEG_PRECISION", "auto"),  # the server's default
     }
 
     def ceilings() -> Dict[str, dict]:

@@ -32,7 +32,9 @@ class SegmentationAPI(ls.LitAPI):
         self.model_path = model_path
 
     def setup(self, device) -> None:
-        self.segmenter = model.load(self.model_path, device="cpu" if device == "cpu" else device)
+        self.segmenter = model.load(
+            self.model_path, device="cpu" if device == "cpu" else device, precision="auto"
+        )  # as chanseg serves it
 
     def decode_request(self, request: dict):
         image = Image.open(io.BytesIO(base64.b64decode(request["image"])))

@@ -9,6 +9,13 @@ the same process, the fraction of it each variant reaches, and the overhead of
 ``Segmenter.predict`` over the bare forward at batch 1.
 
     python benchmarks/model_speed.py [--model PATH] [--batches 1 2 4 8 16] [--out FILE]
+
+``--compare`` instead puts chanseg's formats and precisions beside ONNX Runtime and
+OpenVINO (``benchmarks/variants.py``; the ``peers`` extra), each in its own process,
+with the fp32 and bf16 matmul peaks, argmax agreement with the eager fp32 network
+and held-out mIoU (64 synthetic images of seed 2) per variant:
+
+    python benchmarks/model_speed.py --compare [--batches 1 4 8] [--out benchmarks/results/model_compare.json]
 """
 
 from __future__ import annotations
@@ -52,10 +59,11 @@ def timed(fn, min_runs: int, min_seconds: float) -> float:
     return statistics.median(times)
 
 
-def matmul_peak(n: int = 2048) -> float:
+def matmul_peak(n: int = 2048, dtype=None) -> float:
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dtype = dtype or torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
     return 2 * n**3 / timed(lambda: a @ b, 10, 1.0) / 1e9
@@ -149,10 +157,20 @@ def main() -> int:
     parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS))
     parser.add_argument("--out", default="benchmarks/results/model_speed.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compare", action="store_true", help="chanseg's variants beside ONNX Runtime and OpenVINO")
+    parser.add_argument("--variants", nargs="+", help="with --compare: a subset (names as printed)")
+    parser.add_argument("--count", type=int, default=64, help="with --compare: held-out images")
+    parser.add_argument("--child-variant", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_variant:
+        print("RESULT " + json.dumps(measure_variant(args)), flush=True)
+        return 0
     if args.child:
         print("RESULT " + json.dumps(measure(args)), flush=True)
         return 0
+    if args.compare:
+        return compare(args)
 
     report = {"allocators": {}}
     for alloc in args.allocators:
@@ -178,6 +196,114 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"\nwritten: {args.out}")
     return 0
+
+
+def held_out(count: int):
+    """(images as normalised (N, 3, H, W) float32, true masks) of the synthetic set of seed 2."""
+    import numpy as np
+    import torch
+
+    from model.data import synthetic_sample
+    from model.preprocess import normalize
+    from model.pretrained import default_config
+
+    config = default_config()
+    samples = [synthetic_sample(2, i, tuple(config.input_size)) for i in range(count)]
+    images = torch.from_numpy(np.stack([s.image for s in samples]))
+    return normalize(images, config).numpy(), np.stack([s.mask for s in samples]), config
+
+
+def _miou(pred, truth, classes: int) -> float:
+    import torch
+
+    from model.metrics import confusion_matrix, scores
+
+    confusion = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth.astype("int64")), classes)
+    return float(scores(confusion, [str(c) for c in range(classes)])["miou"])
+
+
+def measure_variant(args) -> dict:
+    """One variant, in its own process: build time, speed per batch, agreement, mIoU."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import variants
+
+    x, truth, config = held_out(args.count)
+    if args.child_variant == "reference":
+        run = variants.eager_reference()
+        np.save(args.reference, np.concatenate([run(x[i : i + 8]).argmax(1) for i in range(0, len(x), 8)]))
+        return {}
+    if args.child_variant == "peaks":
+        import torch
+
+        return {"fp32_gflops": matmul_peak(), "bf16_gflops": matmul_peak(dtype=torch.bfloat16)}
+    started = time.perf_counter()
+    run = variants.build(args.child_variant)
+    result = {"build_s": time.perf_counter() - started, "batches": {}}
+    for batch in args.batches:
+        xb = np.ascontiguousarray(x[:batch])
+        for _ in range(3):
+            run(xb)
+        seconds = timed(lambda: run(xb), 5, args.seconds)  # noqa: B023
+        result["batches"][batch] = {"latency_ms": seconds * 1000, "images_per_s": batch / seconds}
+        print(f"  {args.child_variant:<36} batch {batch:>2}: {seconds * 1000:7.1f} ms", flush=True)
+    pred = np.concatenate([run(np.ascontiguousarray(x[i : i + 8])).argmax(1) for i in range(0, len(x), 8)])
+    result["agreement"] = float((pred == np.load(args.reference)).mean())
+    result["miou"] = _miou(pred.astype("uint8"), truth, config.num_classes)
+    return result
+
+
+def _child(args, name: str, reference: str, env) -> dict:
+    cmd = [sys.executable, __file__, "--child-variant", name, "--reference", reference, "--count", str(args.count),
+           "--seconds", str(args.seconds), "--batches", *map(str, args.batches)]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+        print(line, flush=True)
+    return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1][:300]}
+
+
+def compare(args) -> int:
+    """Every variant in its own process, with glibc malloc (OpenVINO crashed under tcmalloc here)."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository
+    from benchmarks.variants import VARIANTS
+
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    reference = str(Path(tempfile.mkdtemp()) / "reference.npy")
+    _child(args, "reference", reference, env)
+    report = {"peaks": _child(args, "peaks", reference, env), "count": args.count, "variants": {}}
+    for name in args.variants or list(VARIANTS):
+        print(f"[{name}]", flush=True)
+        report["variants"][name] = _child(args, name, reference, env)
+    print_compare(report, args.batches)
+    out = args.out if args.out != "benchmarks/results/model_speed.json" else "benchmarks/results/model_compare.json"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+def print_compare(report: dict, batches) -> None:
+    peaks = report["peaks"]
+    print(
+        f"\n## matmul peaks: fp32 {peaks['fp32_gflops']:.0f} GFLOP/s, bf16 {peaks['bf16_gflops']:.0f} GFLOP/s; "
+        f"held-out: {report['count']} synthetic images of seed 2"
+    )
+    print("| variant | b1 ms | " + " | ".join(f"b{b} img/s" for b in batches) + " | argmax agreement | mIoU |")
+    print("|---" * (len(batches) + 4) + "|")
+    for name, r in report["variants"].items():
+        if "error" in r:
+            print(f"| {name} | failed: {r['error']} |")
+            continue
+        rows = r["batches"]
+        cells = " | ".join(f"{rows[str(b)]['images_per_s']:.1f}" if str(b) in rows else f"{rows[b]['images_per_s']:.1f}" for b in batches)
+        first = rows.get(str(batches[0])) or rows[batches[0]]
+        print(f"| {name} | {first['latency_ms']:.1f} | {cells} | {r['agreement']:.4f} | {r['miou']:.4f} |")
 
 
 def print_table(report: dict) -> None:

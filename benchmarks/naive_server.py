@@ -1,7 +1,8 @@
 """The server most people write first: the model runs inside the request handler.
 
 The same TorchScript file opened the usual way (``torch.jit.load``, ``eval``,
-``no_grad``), the same preprocessing (PIL bilinear resize to the input size,
+``no_grad``) or, given a compiled package, that package as its documentation
+loads it (``torch._inductor.aoti_load_package``), the same preprocessing (PIL bilinear resize to the input size,
 the artifact's mean/std) and the same mask PNG as chanseg; no batching, no
 queue, no limits, no metrics, and decoding and inference on the event loop
 (an ``async def`` handler that blocks it). Against chanseg it also lacks what
@@ -28,11 +29,22 @@ from model.pretrained import default_artifact_path
 from model.visualize import mask_png_bytes
 
 
-def create_app(model_path: str | None = None) -> FastAPI:
+def _open(model_path: str | None):
+    """(callable network, config dict, input dtype, channels-last?)"""
+    from model.compiled import is_package, read_meta
+
+    if model_path and is_package(model_path):
+        config, meta = read_meta(model_path)
+        net = torch._inductor.aoti_load_package(model_path)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[meta["precision"]]
+        return net, config.to_dict(), dtype, bool(meta["channels_last"])
     files = {"config.json": ""}
     net = torch.jit.load(model_path or str(default_artifact_path()), map_location="cpu", _extra_files=files)
-    net.eval()
-    config = json.loads(files["config.json"])
+    return net.eval(), json.loads(files["config.json"]), torch.float32, False
+
+
+def create_app(model_path: str | None = None) -> FastAPI:
+    net, config, dtype, channels_last = _open(model_path)
     height, width = config["input_size"]
     mean = torch.tensor(config["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(config["std"]).view(1, 3, 1, 1)
@@ -47,7 +59,9 @@ def create_app(model_path: str | None = None) -> FastAPI:
         image = Image.open(io.BytesIO(await file.read())).convert("RGB")
         size = image.size
         pixels = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
-        x = (torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255 - mean) / std
+        x = ((torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255 - mean) / std).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             labels = net(x).argmax(1)[0].to(torch.uint8).numpy()
         mask = np.asarray(Image.fromarray(labels).resize(size, Image.Resampling.NEAREST))

@@ -98,6 +98,7 @@ def export_torchscript(
             torch.jit.save(scripted, f, _extra_files=files)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600: a cache built as root is read by a service user
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

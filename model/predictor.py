@@ -40,7 +40,7 @@ from .preprocess import (
     to_rgb_tensor,
 )
 
-__all__ = ["PRECISIONS", "Segmenter", "load", "resolve_device"]
+__all__ = ["FORMATS", "PRECISIONS", "Segmenter", "load", "resolve_device"]
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -63,35 +63,70 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+FORMATS = ("auto", "torchscript", "package")
+
+
 def load(
     path: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
     precision: str = "fp32",
     freeze: bool = True,
     channels_last: bool | None = None,
+    format: str = "auto",
 ) -> "Segmenter":
-    """Load an artifact (the bundled default model when ``path`` is None).
+    """Load a model (the bundled default when ``path`` is None).
+
+    Two formats, told apart by the file's contents: the TorchScript artifact
+    (:func:`model.export_torchscript`; device-neutral, placed and frozen here) and
+    the compiled package (:mod:`model.compiled`; torch.export + AOTInductor, for one
+    device, precision and CPU, faster: ``benchmarks/model_speed.py``).
 
     Args:
-        path: a TorchScript artifact written by :func:`model.export_torchscript`.
+        path: an artifact or a package; None: the bundled model.
         device: ``auto`` (cuda if available, else cpu), ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``fp32``, ``fp16`` or ``bf16``.
-        freeze: apply ``torch.jit.freeze`` (folds BatchNorm into the convolutions).
-        channels_last: NHWC memory format; ``None`` picks it where it measured
-            faster: on CPU (1.25x at batch 1 here, ``benchmarks/model_speed.py``).
-            Not measured on CUDA yet, so off there unless asked for.
+        precision: ``fp32``, ``fp16``, ``bf16`` (refused where the hardware lacks
+            it), or ``auto``: the precision ``python -m model compile --precision
+            auto`` chose for this machine (fastest within 0.005 mIoU of fp32),
+            fp32 when nothing was compiled.
+        freeze: apply ``torch.jit.freeze`` to a TorchScript artifact.
+        channels_last: NHWC memory format for TorchScript; ``None``: on CPU.
+        format: ``auto``: for the bundled model, the package compiled for this
+            machine when there is one (``python -m model compile``), else
+            TorchScript; ``torchscript``; ``package`` (the bundled model is
+            compiled into the cache when missing: tens of seconds).
 
     Raises:
-        ModelLoadError: missing/corrupt file, unknown device or precision, or a
-            precision the device cannot run.
+        ModelLoadError: missing/corrupt file, unknown device, precision or format,
+            a precision the device cannot run, or a package compiled for another
+            device, precision, torch or CPU.
 
     Example:
         >>> seg = model.load()          # doctest: +SKIP
         >>> seg.predict(image).shape    # (H, W) uint8 class ids
     """
-    if precision not in PRECISIONS:
-        raise ModelLoadError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    from .compiled import is_package, read_package
+    from .precision import require
+
+    if precision not in (*PRECISIONS, "auto"):
+        raise ModelLoadError(f"unknown precision {precision!r}: use auto or one of {', '.join(PRECISIONS)}")
+    if format not in FORMATS:
+        raise ModelLoadError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
     dev = resolve_device(device)
+    if path is not None and is_package(path):
+        if format == "torchscript":
+            raise ModelLoadError(f"{path} is a compiled package, not a TorchScript artifact")
+        return _from_package(read_package(path, dev), dev, precision)
+    if path is None and format != "torchscript":
+        from .pretrained import default_package
+
+        found = default_package(dev, precision, build=format == "package")
+        if found is not None:
+            return _from_package(found, dev, precision)
+    elif format == "package":
+        raise ModelLoadError(f"{path} is a TorchScript artifact: compile it with python -m model compile --model {path}")
+    if precision == "auto":
+        precision = "fp32"  # measured reduced precisions come with compiled packages
+    require(precision, dev)
     if path is None:
         from .pretrained import default_artifact
 
@@ -99,8 +134,6 @@ def load(
     else:
         artifact = read_artifact(path)
     dtype = PRECISIONS[precision]
-    if dev.type == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        raise ModelLoadError(f"bf16 is not supported on {torch.cuda.get_device_name(dev)}")
     if channels_last is None:
         channels_last = dev.type == "cpu"
     module = artifact.module.to(device=dev, dtype=dtype).eval()
@@ -108,12 +141,22 @@ def load(
         module = module.to(memory_format=torch.channels_last)
     if freeze:
         module = torch.jit.freeze(module)
-    segmenter = Segmenter(module, artifact, dev, precision, channels_last)
+    return _checked(Segmenter(module, artifact, dev, precision, channels_last))
+
+
+def _checked(segmenter: "Segmenter") -> "Segmenter":
     try:
         segmenter.check()
     except RuntimeError as exc:
-        raise ModelLoadError(f"the model cannot run in {precision} on {dev}: {exc}") from exc
+        raise ModelLoadError(f"the model cannot run in {segmenter.precision} on {segmenter.device}: {exc}") from exc
     return segmenter
+
+
+def _from_package(artifact: Artifact, dev: torch.device, precision: str) -> "Segmenter":
+    compiled = str(artifact.meta.get("precision"))
+    if precision not in ("auto", compiled):
+        raise ModelLoadError(f"{artifact.path} is compiled for {compiled}, not {precision}")
+    return _checked(Segmenter(artifact.module, artifact, dev, compiled, bool(artifact.meta.get("channels_last"))))
 
 
 class Segmenter:
@@ -153,6 +196,17 @@ class Segmenter:
     @property
     def class_names(self) -> Tuple[str, ...]:
         return self.config.class_names
+
+    @property
+    def max_batch(self) -> int | None:
+        """The largest batch a compiled package runs (None: no limit)."""
+        value = self.meta.get("max_batch") if self.format == "aoti" else None
+        return int(value) if value else None
+
+    @property
+    def format(self) -> str:
+        """``torchscript`` or ``aoti`` (a compiled package)."""
+        return str(self.meta.get("format")) if self.meta.get("format") == "aoti" else "torchscript"
 
     def __repr__(self) -> str:
         return f"Segmenter(name={self.name!r}, version={self.version!r}, device={self.device}, precision={self.precision})"

@@ -14,6 +14,7 @@ else ``~/.cache/chanseg``; a temporary directory when none is writable.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -26,7 +27,17 @@ from safetensors.torch import load_file
 from .export import Artifact, ModelLoadError, build_network, export_torchscript, read_artifact
 from .network import ModelConfig
 
-__all__ = ["default_weights", "default_config", "default_artifact", "default_artifact_path", "cache_dir"]
+__all__ = [
+    "default_weights",
+    "default_config",
+    "default_artifact",
+    "default_artifact_path",
+    "default_package",
+    "default_package_path",
+    "compile_default",
+    "precision_record_path",
+    "cache_dir",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +80,8 @@ def default_artifact(directory: str | os.PathLike | None = None) -> Artifact:
     return _cached(directory)[1]
 
 
-def _cached(directory: str | os.PathLike | None) -> tuple[Path, Artifact]:
+def _key() -> tuple[str, str, str]:
+    """(weights digest, cache key, config JSON) of the bundled model."""
     from . import __version__
 
     weights = default_weights()
@@ -77,7 +89,37 @@ def _cached(directory: str | os.PathLike | None) -> tuple[Path, Artifact]:
         raise ModelLoadError(f"{weights}: the bundled default weights are missing from the package")
     config_text = (_weights_dir() / "default.json").read_text()
     digest = hashlib.sha256(weights.read_bytes() + config_text.encode()).hexdigest()
-    key = f"{digest[:16]}-torch{torch.__version__.replace('+', '_')}-chanseg{__version__}"
+    return digest, f"{digest[:16]}-torch{torch.__version__.replace('+', '_')}-chanseg{__version__}", config_text
+
+
+def _machine(device: torch.device) -> str:
+    """What a compiled package is specific to: the GPU, or the CPU's instruction sets."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return "cuda-" + hashlib.sha256(torch.cuda.get_device_name(index).encode()).hexdigest()[:8]
+    from .compiled import cpu_flags
+
+    isa = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
+    return "cpu-" + hashlib.sha256(" ".join(isa).encode()).hexdigest()[:8]
+
+
+def default_package_path(device: torch.device, precision: str, directory: str | os.PathLike | None = None) -> Path:
+    """Where the bundled model compiled for this machine, device and precision lives
+    (``python -m model compile`` writes it; it may not exist)."""
+    root = Path(directory) if directory is not None else cache_dir()
+    return root / f"default-{_key()[1]}-{_machine(device)}-{precision}.pt2"
+
+
+def precision_record_path(device: torch.device, directory: str | os.PathLike | None = None) -> Path:
+    """Where ``python -m model compile --precision auto`` records the precisions it
+    measured on this machine and the one it chose."""
+    root = Path(directory) if directory is not None else cache_dir()
+    return root / f"precision-{_key()[1]}-{_machine(device)}.json"
+
+
+def _cached(directory: str | os.PathLike | None) -> tuple[Path, Artifact]:
+    digest, key, config_text = _key()
+    weights = default_weights()
     root = Path(directory) if directory is not None else cache_dir()
     name = f"default-{key}.pt"
     if (root / name).is_file():  # a read-only cache (a container's) is fine when it holds the file
@@ -95,3 +137,72 @@ def _cached(directory: str | os.PathLike | None) -> tuple[Path, Artifact]:
     net = build_network(config, load_file(str(weights)))
     export_torchscript(net, path, config, version=digest[:12], extra_meta={"weights_sha256": digest})
     return path, read_artifact(path)
+
+
+def default_package(device: torch.device, precision: str, build: bool = False) -> Artifact | None:
+    """The bundled model's package for this machine from the cache (compiled first
+    when ``build``), or None when there is none or it cannot run here (TorchScript
+    then serves; the reason is logged)."""
+    from .compiled import read_package
+
+    if precision == "auto":
+        record = precision_record_path(device)
+        if not record.is_file():
+            if not build:
+                return None
+            compile_default(device, "auto")
+        try:
+            precision = json.loads(record.read_text())["chosen"]
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("ignoring unreadable precision record %s: %s", record, exc)
+            return None
+    path = default_package_path(device, precision)
+    if not path.is_file():
+        if not build:
+            return None
+        compile_default(device, precision)
+    try:
+        return read_package(path, device)
+    except ModelLoadError as exc:
+        if build:
+            raise
+        log.warning("not using the compiled package %s: %s; TorchScript serves", path, exc)
+        return None
+
+
+def compile_default(device: torch.device, precision: str = "auto", data: str = "synthetic", count: int = 64) -> dict:
+    """Compile the bundled model for this machine into the cache: one precision, or
+    with ``auto`` each one the hardware has, each scored (held-out mIoU) and timed,
+    and the choice recorded (``precision_record_path``). Returns the record."""
+    import copy
+    import datetime
+
+    from .compiled import compile_package, read_meta
+    from .precision import TOLERANCE, choose, evaluate, hardware_precisions, require
+    from .predictor import Segmenter
+
+    config = default_config()
+    net = build_network(config, load_file(str(default_weights())))
+    if precision != "auto":
+        require(precision, device)
+    candidates = hardware_precisions(device) if precision == "auto" else [precision]
+    results = {}
+    for p in candidates:
+
+        def score(artifact: Artifact, p: str = p) -> dict:
+            return evaluate(Segmenter(artifact.module, artifact, device, p, artifact.meta["channels_last"]), data, count)
+
+        path = default_package_path(device, p)
+        log.info("compiling the bundled model for %s %s into %s", device, p, path)
+        compile_package(copy.deepcopy(net), path, config, device, p, version=_key()[0][:12], evaluate=score)
+        results[p] = read_meta(path)[1]["evaluation"]
+    record = {
+        "device": str(device),
+        "results": results,
+        "chosen": choose(results) if precision == "auto" else precision,
+        "tolerance": TOLERANCE,
+        "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if precision == "auto":
+        precision_record_path(device).write_text(json.dumps(record, indent=2))
+    return record

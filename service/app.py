@@ -27,6 +27,7 @@ at import.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import threading
@@ -192,14 +193,17 @@ async def _start(state: ServerState, segmenter: Any) -> None:
 
     state.inference_thread = await on_inference_thread(threading.get_ident)
     if segmenter is None:
-        segmenter = await on_inference_thread(model.load, s.model_path, s.device, s.precision)
+        segmenter = await on_inference_thread(
+            functools.partial(model.load, s.model_path, s.device, s.precision, format=s.model_format)
+        )
     state.segmenter = segmenter
     log.info(
-        "model %s %s loaded on %s (%s)",
+        "model %s %s loaded on %s (%s, %s)",
         segmenter.name,
         segmenter.version,
         segmenter.device,
         segmenter.precision,
+        segmenter.format,
     )
     state.batching, seconds = await _choose_batch_size(state, segmenter, on_inference_thread, loop)
     state.max_batch_size = state.batching.max_batch_size
@@ -247,10 +251,16 @@ async def _choose_batch_size(state: ServerState, segmenter: Any, on_inference_th
     """MAX_BATCH_SIZE: the setting, the measurement kept in the cache, or a fresh
     measurement (then kept); and every used size warmed up, with its batch time."""
     s = state.settings
+    most = getattr(segmenter, "max_batch", None) or s.auto_batch_limit  # a compiled package's bound
     if s.max_batch_size != "auto":
+        if s.max_batch_size > most:
+            raise model.ModelLoadError(
+                f"MAX_BATCH_SIZE ({s.max_batch_size}) is more than the compiled package runs ({most}): "
+                "lower it, or compile the package for larger batches"
+            )
         choice = BatchChoice(s.max_batch_size, "setting")
         return choice, await on_inference_thread(warm_up, segmenter, choice.max_batch_size)
-    limit = min(s.auto_batch_limit, s.max_queue)
+    limit = min(s.auto_batch_limit, s.max_queue, most)
     key = await loop.run_in_executor(None, measurement_key, segmenter, limit, s.auto_batch_budget_s)
     cache = MeasurementCache(key)
     choice = None if s.remeasure_batch_size else cache.load()

@@ -42,6 +42,16 @@ def tiny_artifact(tmp_path_factory, tiny_net) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory) -> str:
+    """The tiny network compiled for this CPU in fp32 (torch.export + AOTInductor: ~30 s, once)."""
+    from model.compiled import compile_package
+
+    path = tmp_path_factory.mktemp("package") / "tiny.pt2"
+    compile_package(make_net(), path, TINY, "cpu", "fp32", version="7", max_batch=16)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_segmenter(tiny_artifact) -> model.Segmenter:
     return model.load(tiny_artifact, device="cpu")
 

@@ -32,6 +32,7 @@ class ModelMetadata(BaseModel):
     std: List[float]
     device: str
     precision: str
+    format: str  # "torchscript", or "aoti" (a compiled package)
     batching: Batching
 
 
@@ -53,6 +54,7 @@ async def model_metadata(state: State) -> ModelMetadata:
         std=list(seg.config.std),
         device=str(seg.device),
         precision=seg.precision,
+        format=getattr(seg, "format", "torchscript"),
         batching=Batching(
             max_batch_size=state.max_batch_size,
             max_batch_size_setting=str(s.max_batch_size),

@@ -116,7 +116,7 @@ async def model_metadata(state: State, name: str, version: Optional[str] = None)
     return {
         "name": seg.name,
         "versions": [seg.version],
-        "platform": "pytorch_torchscript",
+        "platform": "pytorch_aoti" if getattr(seg, "format", "") == "aoti" else "pytorch_torchscript",
         "inputs": [
             {"name": IMAGE, "datatype": "UINT8", "shape": [-1, -1, -1, 3]},
             {"name": IMAGE_BYTES, "datatype": "BYTES", "shape": [-1]},

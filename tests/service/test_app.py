@@ -254,3 +254,18 @@ async def test_setting_max_queue_alone_starts_and_serves(tiny_artifact):
         over = await client.post("/predict", files=files(*[random_image(i) for i in range(9)]))
     assert ok.status_code == 200 and len(ok.json()["predictions"]) == 8
     assert over.status_code == 413
+
+
+async def test_a_compiled_package_is_served_like_the_artifact(tiny_package, tiny_artifact):
+    """MODEL_PATH may be a compiled package: same contract, same masks (to the last
+    pixel here), /v1/model says which format serves."""
+    image = random_image(21, 70, 50)
+    async with serve(make_settings(tiny_package)) as client:
+        meta = (await client.get("/v1/model")).json()
+        packaged = await client.post("/predict?format=png", files=files(image))
+    async with serve(make_settings(tiny_artifact)) as client:
+        scripted = await client.post("/predict?format=png", files=files(image))
+    assert meta["format"] == "aoti" and meta["precision"] == "fp32" and meta["version"] == "7"
+    assert packaged.status_code == 200
+    agree = (decode_mask(packaged.content) == decode_mask(scripted.content)).mean()
+    assert agree > 0.999
