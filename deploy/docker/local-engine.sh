@@ -4,7 +4,7 @@
 #
 #   deploy/docker/local-engine.sh start    # install docker.io + debootstrap if missing, start dockerd,
 #                                          # make a local debian:bookworm-slim base image (no registry pulls)
-#   deploy/docker/local-engine.sh build T  # docker build -t T . (torch from the local wheel folder if any)
+#   deploy/docker/local-engine.sh build T [ARGS]  # docker build -t T [ARGS] . (torch from the local wheel folder if any)
 #   deploy/docker/local-engine.sh stop
 #   eval "$(deploy/docker/local-engine.sh env)"   # DOCKER_HOST for your shell
 #
@@ -70,6 +70,8 @@ make_base() {
 
 build() {
   local tag=$1 args=()
+  shift
+  args+=("$@")
   local wheels
   wheels=$(pip config get global.find-links 2>/dev/null || true)
   if [ -n "$wheels" ] && ls "$wheels"/torch-*.whl >/dev/null 2>&1; then
@@ -86,7 +88,7 @@ build() {
 
 case "${1:-}" in
   start) install_tools; start_engine; make_base ;;
-  build) build "${2:-chanseg:test}" ;;
+  build) shift; build "${1:-chanseg:test}" "${@:2}" ;;
   env) echo "export DOCKER_HOST=$DOCKER_HOST" ;;
   stop)
     if [ -f "$W/dockerd.pid" ]; then kill "$(cat "$W/dockerd.pid")" 2>/dev/null || true; fi ;;
