@@ -1,7 +1,7 @@
 # chanseg: the model server on the bundled default model.
 #
 #   CPU (default):  docker build -t chanseg .
-#   CUDA:           docker build -t chanseg:cuda --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#   CUDA:           docker build -t chanseg:cuda --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 --build-arg COMPILE=none .
 #                   docker run --gpus all -e CHANSEG_PRECISION=fp16 -p 8000:8000 chanseg:cuda
 #
 # Build arguments: TORCH_SPEC (the torch requirement), TORCH_INDEX_URL (where
