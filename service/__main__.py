@@ -42,7 +42,7 @@ def main() -> int:
     server.run()
     if not server.started and server.should_exit:
         return 1
-    code = 0 if state.drained else 1
+    code = 0 if state.drained and state.device_error is None else 1
     if state.batcher is not None and state.batcher.busy_for > 0:
         # A batch still runs (a stuck device or kernel): Python would wait for its
         # thread at exit, past every grace period. Go now; the logs are flushed.

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import signal
 import sys
 import threading
 import time
@@ -36,7 +37,7 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from fastapi import FastAPI
@@ -45,7 +46,7 @@ import model
 
 from .batching import DynamicBatcher
 from .budget import MIB, MemoryBudget
-from .errors import register_handlers
+from .errors import DeviceLost, device_lost, register_handlers
 from .logs import configure_logging
 from .metrics import Metrics
 from .middleware import RequestMiddleware
@@ -89,18 +90,76 @@ class ServerState:
     shutdown_deadline: Optional[float] = None  # time.monotonic() by which the process must be gone
     drained: bool = True  # False when shutdown left accepted work unfinished
     started_at: float = field(default_factory=time.time)
+    device_error: Optional[str] = None  # set when the device failed for good (lose_device)
+    # Asks the process to stop, from any thread; ``python -m service`` (DrainingServer)
+    # replaces it and exits 1 once device_error is set. Elsewhere: SIGTERM.
+    exit_hook: Callable[[], None] = field(default=lambda: signal.raise_signal(signal.SIGTERM))
     _stuck_logged: bool = False
 
-    def infer(self, items: List[InferItem]) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    def infer(self, items: List[InferItem]) -> List[Any]:
         """Batcher callback, on the inference thread: one forward pass for the batch;
-        per image its labels, and its logits when the request wants probabilities."""
+        per image (labels, logits when the request wants probabilities, else None),
+        or the exception that image alone failed with.
+
+        A batch that raises is retried in halves (after freeing the cached device
+        memory when it ran out of it) down to single images, so an image that
+        cannot be processed fails only its own request. An unrecoverable device
+        error (:func:`device_lost`) instead ends the process: see ``lose_device``."""
+        if self.device_error is not None:
+            raise DeviceLost(f"the device failed earlier: {self.device_error}")
+        try:
+            return self._forward(items)
+        except Exception as exc:
+            if device_lost(exc):
+                self.lose_device(exc)
+                raise
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            if len(items) == 1:
+                log.error(
+                    "image failed (request %s): %s: %s",
+                    items[0].request_id or "?",
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                    extra={"request_ids": [items[0].request_id]},
+                )
+                return [exc]
+            log.warning("batch of %d failed (%s: %s); retrying in halves", len(items), type(exc).__name__, exc)
+            half = len(items) // 2
+            return self.infer(items[:half]) + self.infer(items[half:])
+
+    def _forward(self, items: List[InferItem]) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
         with torch.inference_mode():
             logits = self.segmenter.logits([item.tensor for item in items])
             labels = self.segmenter.labels(logits)
-            return [
-                (labels[i], logits[i].float().cpu() if item.want_probabilities else None)
-                for i, item in enumerate(items)
-            ]
+            want = [i for i, item in enumerate(items) if item.want_probabilities]
+            wanted = dict(zip(want, logits[want].float().cpu())) if want else {}  # one copy to the host
+            return [(labels[i], wanted.get(i)) for i in range(len(items))]
+
+    def lose_device(self, exc: BaseException) -> None:
+        """After an unrecoverable device error (on the inference thread): every batch
+        from now fails at once, ``/healthz`` and ``/readyz`` answer 503, and the
+        process stops with exit status 1 (``exit_hook``), so that an orchestrator
+        replaces it rather than routing traffic to a broken GPU."""
+        if self.device_error is not None:
+            return
+        self.device_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        self.ready = False
+        log.critical("device lost, the server stops: %s", self.device_error, exc_info=exc)
+        self.exit_hook()
+
+    @property
+    def serving(self) -> bool:
+        """Readiness: loaded and warmed up, not draining, device and inference thread well."""
+        return self.ready and not self.draining and self.unhealthy() is None
+
+    def unhealthy(self) -> Optional[Tuple[str, str]]:
+        """(status, detail) while liveness must fail: the device was lost, or a batch is stuck."""
+        if self.device_error is not None:
+            return "device_lost", f"the device failed and the server is stopping: {self.device_error}"
+        stuck = self.stuck()
+        return ("stuck", stuck) if stuck else None
 
     def stuck(self) -> Optional[str]:
         """Why the inference thread looks stuck (a batch far past its measured time), or None."""
@@ -131,10 +190,12 @@ class ServerState:
         return max(0.0, self.shutdown_deadline - time.monotonic())
 
 
-def _io_threads() -> int:
-    """Decoding and encoding threads: the CPUs this process may use, plus two
-    for the moments one waits (on memory, on the GIL between PIL calls)."""
-    return min(8, available_cpus() + 2)
+def io_threads(setting: int | str) -> int:
+    """Decoding and encoding threads (``IO_THREADS``): the setting, or for ``auto``
+    the CPUs this process may use (its affinity mask, capped by the container's CPU
+    quota) plus two for the moments one waits (on memory, on the GIL between PIL
+    calls), at most 64."""
+    return setting if isinstance(setting, int) else min(64, available_cpus() + 2)
 
 
 def create_app(settings: Optional[Settings] = None, segmenter: Any = None) -> FastAPI:
@@ -211,7 +272,7 @@ async def _start(state: ServerState, segmenter: Any) -> None:
     state.watchdog_s = (
         s.watchdog_s if s.watchdog_s != "auto" else max(10.0, 20 * max(seconds.values(), default=0.0))
     )
-    state.pool = ThreadPoolExecutor(max_workers=_io_threads(), thread_name_prefix="chanseg-io")
+    state.pool = ThreadPoolExecutor(max_workers=io_threads(s.io_threads), thread_name_prefix="chanseg-io")
     state.batcher = DynamicBatcher(
         state.infer,
         state.max_batch_size,
@@ -259,7 +320,9 @@ async def _choose_batch_size(state: ServerState, segmenter: Any, on_inference_th
                 "lower it, or compile the package for larger batches"
             )
         choice = BatchChoice(s.max_batch_size, "setting")
-        return choice, await on_inference_thread(warm_up, segmenter, choice.max_batch_size)
+        return choice, await on_inference_thread(
+            warm_up, segmenter, choice.max_batch_size, None, s.auto_batch_budget_s
+        )
     limit = min(s.auto_batch_limit, s.max_queue, most)
     key = await loop.run_in_executor(None, measurement_key, segmenter, limit, s.auto_batch_budget_s)
     cache = MeasurementCache(key)
@@ -279,7 +342,9 @@ async def _choose_batch_size(state: ServerState, segmenter: Any, on_inference_th
         )
     else:
         log.info("MAX_BATCH_SIZE=auto: %d, measured %s (reused)", choice.max_batch_size, choice.measured_at)
-    return choice, await on_inference_thread(warm_up, segmenter, choice.max_batch_size, measured)
+    return choice, await on_inference_thread(
+        warm_up, segmenter, choice.max_batch_size, measured, s.auto_batch_budget_s
+    )
 
 
 async def _stop(state: ServerState) -> None:

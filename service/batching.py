@@ -8,8 +8,10 @@ a batch until it holds ``max_batch_size`` images or its first image has waited
 decoded) -> images whose request expired or went away are dropped ->
 one ``infer`` call runs the rest on a dedicated thread, so the event loop
 never blocks and the next batch queues up meanwhile -> each image's future
-gets its own result. A failure inside ``infer`` is logged once and fails only
-that batch's images (``BatchFailed``); the worker goes on. ``busy_for`` says
+gets its own result. A result that is an exception fails only its image
+(``BatchFailed``: ``infer`` may isolate a bad image that way); an exception
+raised by ``infer`` is logged once and fails that batch's images; the worker
+goes on. ``busy_for`` says
 how long the running batch has been on the device: the liveness watchdog
 reads it to tell a stuck inference thread from a busy one.
 
@@ -307,5 +309,9 @@ class DynamicBatcher:
                 self.metrics.queue_wait.observe(job.queue_s)
         for job, result in zip(jobs, results):
             job.inference_s, job.batch_size = elapsed, len(jobs)
-            if not job.future.done():
+            if job.future.done():
+                continue
+            if isinstance(result, BaseException):  # this image alone failed; infer logged it
+                job.future.set_exception(BatchFailed(f"{type(result).__name__}: {result}"))
+            else:
                 job.future.set_result(result)

@@ -27,6 +27,8 @@ __all__ = [
     "NotReady",
     "DeadlineExceeded",
     "InferenceFailed",
+    "DeviceLost",
+    "device_lost",
     "ClientGone",
     "RequestTimeout",
     "InvalidRequest",
@@ -103,6 +105,37 @@ class InferenceFailed(ApiError):
     """500: the batch this request was part of failed (logged once per batch, with the detail)."""
 
     status = 500
+
+
+class DeviceLost(RuntimeError):
+    """The device failed for good (an illegal memory access, a device-side assert):
+    nothing more runs on it in this process. Its requests get 500s; the server stops."""
+
+
+# What torch says after an error that leaves a CUDA context unusable: every later
+# call on it fails too. Out-of-memory is not one of them (the batch is split instead).
+_FATAL_DEVICE_ERRORS = (
+    "cuda error",
+    "cudaerror",
+    "cublas_status_execution_failed",
+    "cublas_status_internal_error",
+    "cudnn_status_execution_failed",
+    "cudnn_status_internal_error",
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "uncorrectable ecc error",
+)
+
+
+def device_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` means the device is unusable for the rest of the process."""
+    if isinstance(exc, DeviceLost):
+        return True
+    text = str(exc).lower()
+    if "out of memory" in text:
+        return False
+    return any(marker in text for marker in _FATAL_DEVICE_ERRORS)
 
 
 class RequestTimeout(ApiError):

@@ -240,6 +240,12 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self._drain_task: Optional[asyncio.Task] = None
+        state.exit_hook = self.request_exit
+
+    def request_exit(self) -> None:
+        """Stop serving, from any thread (after the device was lost: the exit status is 1).
+        uvicorn's main loop polls ``should_exit`` every 0.1 s."""
+        self.should_exit = True
 
     def handle_exit(self, sig, frame) -> None:
         if self._drain_task is not None or not self.state.ready:

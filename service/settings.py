@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     num_threads: Optional[PositiveInt] = Field(
         None, description="torch intra-op threads; unset: torch's default"
     )
+    io_threads: Union[Literal["auto"], PositiveInt] = Field(
+        "auto",
+        description="decoding/encoding threads; auto: the CPUs this process may use "
+        "(affinity mask and container CPU quota) + 2, at most 64",
+    )
     api_key: Optional[SecretStr] = None
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["text", "json"] = "text"

@@ -82,10 +82,12 @@ def _sync(segmenter) -> None:
 
 
 def _untimed_calls(segmenter) -> int:
-    # TorchScript's profiling executor records a new shape on its first call and
-    # optimises (fuses kernels) on the second; only then are times comparable. On
-    # this CPU the first call was ~20% slower and the second already normal.
-    return 2 if segmenter.device.type == "cuda" else 1
+    # Calls per new shape before times mean anything: TorchScript's profiling
+    # executor records a shape on its first call and optimises (fuses kernels) on
+    # the second, so a size timed after one call looks slower than it is (and
+    # batch 2 "loses" to batch 1); cuDNN autotunes each shape once with
+    # cudnn.benchmark on. On this CPU the first call was ~20% slow, the second normal.
+    return 3 if segmenter.device.type == "cuda" else 2
 
 
 def _time(segmenter, images: List[torch.Tensor]) -> float:
@@ -96,14 +98,15 @@ def _time(segmenter, images: List[torch.Tensor]) -> float:
 
 
 def measure_throughput(
-    segmenter, limit: int, budget_s: float = 10.0, runs: int = 2, tolerance: float = TOLERANCE
+    segmenter, limit: int, budget_s: float = 10.0, runs: int = 3, tolerance: float = TOLERANCE
 ) -> Tuple[Dict[int, float], Dict[int, float]]:
-    """Images/s per batch size 1, 2, 4, ... up to ``limit`` (median of ``runs``), and
-    each size's batch time in seconds.
+    """Images/s per batch size 1, 2, 4, ... up to ``limit`` (median of ``runs`` timed
+    calls after the untimed ones a new shape needs), and each size's batch time in
+    seconds.
 
     Stops when the curve has clearly peaked (two sizes in a row no more than
-    ``tolerance`` better than the best so far), when throughput falls 10% below
-    the best, or when ``budget_s`` is spent."""
+    ``tolerance`` better than the best so far: one dip alone never stops it), or
+    when ``budget_s`` is spent."""
     throughput: Dict[int, float] = {}
     seconds: Dict[int, float] = {}
     started = time.perf_counter()
@@ -119,34 +122,54 @@ def measure_throughput(
             best, since_best = throughput[batch], 0
         else:
             best, since_best = max(best, throughput[batch]), since_best + 1
-        if since_best >= 2 or throughput[batch] < 0.9 * best or time.perf_counter() - started > budget_s:
+        if since_best >= 2 or time.perf_counter() - started > budget_s:
             break
         batch = batch * 2 if batch * 2 <= limit or batch == limit else limit
     return throughput, seconds
 
 
-def warmup_sizes(max_batch_size: int) -> List[int]:
-    sizes = {1, max_batch_size}
-    b = 2
+def _common_sizes(max_batch_size: int) -> List[int]:
+    sizes, b = {1, max_batch_size}, 2
     while b < max_batch_size:
         sizes.add(b)
         b *= 2
     return sorted(sizes)
 
 
-def warm_up(segmenter, max_batch_size: int, skip: Optional[Dict[int, float]] = None) -> Dict[int, float]:
-    """Run each size the batcher will commonly use until it is warm; return each
-    size's batch time in seconds (the watchdog's measure of a normal batch).
-    Sizes in ``skip`` (already measured, so already warm) keep their times."""
+def warmup_sizes(max_batch_size: int) -> List[int]:
+    """Every batch size the batcher can form, the common ones first (1, the powers
+    of two, the largest), so that a time budget cut short still leaves those warm."""
+    common = _common_sizes(max_batch_size)
+    return common + [b for b in range(1, max_batch_size + 1) if b not in common]
+
+
+def warm_up(
+    segmenter, max_batch_size: int, skip: Optional[Dict[int, float]] = None, budget_s: float = 10.0
+) -> Dict[int, float]:
+    """Run each batch size the batcher can form until it is warm (a new shape's
+    untimed calls, then one timed): on the first request of an odd size nothing is
+    compiled, profiled or autotuned. Returns each common size's batch time in
+    seconds (the watchdog's measure of a normal batch). Sizes in ``skip`` (already
+    measured, so already warm) keep their times. The powers of two and the largest
+    size are always warmed; the other sizes while ``budget_s`` lasts (each size
+    costs its batch time a few times: cheap on a GPU, seconds for large batches on
+    a CPU, where an odd size's first call is only ~20% slow)."""
     seconds: Dict[int, float] = dict(skip or {})
+    common = set(_common_sizes(max_batch_size))
+    started, skipped = time.perf_counter(), 0
     for batch in warmup_sizes(max_batch_size):
         if batch in seconds:
+            continue
+        if batch not in common and time.perf_counter() - started > budget_s:
+            skipped += 1
             continue
         images = _dummy(segmenter, batch)
         for _ in range(_untimed_calls(segmenter)):
             segmenter.infer(images)
         seconds[batch] = _time(segmenter, images)
-    return {b: t for b, t in seconds.items() if b <= max_batch_size}
+    if skipped:
+        log.info("warm-up: %d odd batch size(s) left cold (the %.0f s warm-up budget was spent)", skipped, budget_s)
+    return {b: t for b, t in seconds.items() if b <= max_batch_size and b in common}
 
 
 # -- the measurement, kept -------------------------------------------------------

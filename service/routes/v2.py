@@ -96,15 +96,15 @@ async def server_metadata() -> dict:
     return {"name": "chanseg", "version": model.__version__, "extensions": ["binary_tensor_data"]}
 
 
-@router.get("/health/live", name="v2_health", responses={503: {"description": "the inference thread is stuck"}})
+@router.get("/health/live", name="v2_health", responses={503: {"description": "the device failed, or the inference thread is stuck"}})
 async def live(state: State) -> JSONResponse:
-    ok = not state.stuck()
+    ok = state.unhealthy() is None
     return JSONResponse({"live": ok}, status_code=200 if ok else 503)
 
 
 @router.get("/health/ready", name="v2_health", responses=_NOT_READY)
 async def ready(state: State) -> JSONResponse:
-    ok = state.ready and not state.draining and not state.stuck()
+    ok = state.serving
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
@@ -136,7 +136,7 @@ async def model_metadata(state: State, name: str, version: Optional[str] = None)
 @router.get("/models/{name}/versions/{version}/ready", **_READY_ROUTE)
 async def model_ready(state: State, name: str, version: Optional[str] = None) -> JSONResponse:
     seg = _model(state, name, version)
-    ok = state.ready and not state.draining and not state.stuck()
+    ok = state.serving
     return JSONResponse({"name": seg.name, "ready": ok}, status_code=200 if ok else 503)
 
 

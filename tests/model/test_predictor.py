@@ -135,3 +135,30 @@ for name in BLOCKED:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "(9, 7)"
+
+
+def test_any_shape_is_resized_on_the_host_before_the_device(tiny_segmenter):
+    """infer() on images of any size: resized on the host as prepare() does (PIL), so
+    an extreme aspect ratio (8 x 100000: the device's antialiased resize raised on it)
+    reaches no kernel but the network; the batch is stacked once."""
+    rng = np.random.default_rng(5)
+    odd = [torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in ((8, 100_000, 3), (301, 7, 3))]
+    labels = tiny_segmenter.infer(odd)
+    h, w = tiny_segmenter.config.input_size
+    assert labels.shape == (2, h, w)
+    prepared = [tiny_segmenter.prepare(t.numpy()) for t in odd]
+    assert torch.equal(labels, tiny_segmenter.infer(prepared))
+    assert tiny_segmenter.to_device(prepared).shape == (2, h, w, 3)
+
+
+def test_recipe_is_measured_per_candidate(tiny_artifact):
+    """What load() runs on CUDA to choose channels-last and cudnn.benchmark, here on the CPU."""
+    from model.export import read_artifact
+    from model.predictor import measure_recipe
+
+    recipe = measure_recipe(read_artifact(tiny_artifact), torch.device("cpu"), "fp32", batch=2, runs=2)
+    assert set(recipe) == {"channels_last", "cudnn_benchmark", "ms"}
+    assert len(recipe["ms"]) == 2 and all(v > 0 for v in recipe["ms"].values())  # NCHW and NHWC timed
+    best = min(recipe["ms"], key=recipe["ms"].get)
+    assert best == f"channels_last={recipe['channels_last']} cudnn_benchmark=False"
+    assert torch.backends.cudnn.benchmark is False  # the global switch is left as it was

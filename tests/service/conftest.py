@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -25,6 +26,19 @@ from service.settings import Settings
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+@pytest.fixture
+def chanseg_logs(caplog):
+    """caplog, fed by the chanseg loggers directly (the server's own logging set-up
+    stops them propagating to the root logger, where caplog listens)."""
+    logger = logging.getLogger("chanseg")
+    propagate = logger.propagate
+    logger.addHandler(caplog.handler)
+    logger.propagate = False  # each record once
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.propagate = propagate
 
 
 def png_bytes(array: np.ndarray, fmt: str = "PNG", **save) -> bytes:
@@ -78,7 +92,7 @@ class SlowSegmenter:
         time.sleep(self.delay)
         if self.fail_next:
             self.fail_next = False
-            raise RuntimeError("simulated CUDA error")
+            raise RuntimeError("simulated kernel failure")
         return self.inner.logits(prepared)
 
 

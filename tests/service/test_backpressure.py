@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 
 from tests.service.conftest import SlowSegmenter, make_settings, png_bytes, random_image, serve
@@ -105,7 +106,7 @@ async def test_expired_images_are_not_computed(tiny_artifact, tiny_segmenter):
     assert slow.batches == [1]  # only the first started before its deadline; the others were dropped
 
 
-async def test_failed_batch_fails_only_its_requests(tiny_artifact, tiny_segmenter, caplog):
+async def test_a_batch_that_fails_once_is_retried_in_halves(tiny_artifact, tiny_segmenter, chanseg_logs):
     slow = SlowSegmenter(tiny_segmenter, delay=0.2)
     async with serve(
         make_settings(tiny_artifact, max_batch_size=2, max_batch_delay_ms=50), segmenter=slow
@@ -114,19 +115,87 @@ async def test_failed_batch_fails_only_its_requests(tiny_artifact, tiny_segmente
         first = await asyncio.gather(
             *(client.post("/predict", files=files(random_image(i))) for i in range(2))
         )
-        second = await asyncio.gather(
-            *(client.post("/predict", files=files(random_image(i))) for i in range(2))
+    assert [r.status_code for r in first] == [200, 200]
+    assert slow.batches == [2, 1, 1]  # the failed batch, then each half alone
+    retries = [rec for rec in chanseg_logs.records if rec.name == "chanseg.app" and "retrying in halves" in rec.getMessage()]
+    assert len(retries) == 1 and "simulated kernel failure" in retries[0].getMessage()
+
+
+class Poisoned(SlowSegmenter):
+    """Raises for every batch that holds an all-white image (an image the model cannot take)."""
+
+    def logits(self, prepared):
+        self.batches.append(len(prepared))
+        if any(bool((p == 255).all()) for p in prepared):
+            raise RuntimeError("simulated kernel failure on this input")
+        return self.inner.logits(prepared)
+
+
+async def test_an_image_that_always_fails_fails_only_its_request(tiny_artifact, tiny_segmenter, chanseg_logs):
+    poisoned = Poisoned(tiny_segmenter, delay=0.0)
+    white = np.full((40, 40, 3), 255, np.uint8)
+    async with serve(
+        make_settings(tiny_artifact, max_batch_size=4, max_batch_delay_ms=100), segmenter=poisoned
+    ) as client:
+        results = await asyncio.gather(
+            client.post("/predict", files=files(random_image(1))),
+            client.post("/predict", files=files(white)),
+            client.post("/predict", files=files(random_image(2), random_image(3))),
         )
-    assert [r.status_code for r in first] == [500, 500]
-    for r in first:  # a generic message with the request id; the detail stays in the log
-        detail = r.json()["detail"]
-        assert "inference failed" in detail and r.headers["x-request-id"] in detail
-        assert "simulated CUDA error" not in detail and "conftest" not in detail
-    failures = [rec for rec in caplog.records if rec.name == "chanseg.batching" and rec.levelname == "ERROR"]
-    assert len(failures) == 1  # once per batch
-    assert "simulated CUDA error" in failures[0].getMessage()
-    assert all(r.headers["x-request-id"] in failures[0].getMessage() for r in first)
-    assert [r.status_code for r in second] == [200, 200]
+        after = await client.post("/predict", files=files(random_image(4)))
+    assert [r.status_code for r in results] == [200, 500, 200] and after.status_code == 200
+    detail = results[1].json()["detail"]  # a generic message with the request id; the detail stays in the log
+    assert "inference failed" in detail and results[1].headers["x-request-id"] in detail
+    assert "simulated" not in detail and "conftest" not in detail
+    assert poisoned.batches[0] == 4 and poisoned.batches.count(1) >= 2  # bisected down to the image
+    failures = [rec for rec in chanseg_logs.records if rec.levelname == "ERROR" and rec.name == "chanseg.app"]
+    assert len(failures) == 1  # once, for the one image, with its request's id
+    assert results[1].headers["x-request-id"] in failures[0].getMessage()
+    assert "simulated kernel failure" in failures[0].getMessage()
+
+
+class DeviceFault(SlowSegmenter):
+    """The second batch hits an unrecoverable CUDA error, as an illegal address does."""
+
+    def logits(self, prepared):
+        self.batches.append(len(prepared))
+        if len(self.batches) >= 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.inner.logits(prepared)
+
+
+async def test_a_lost_device_makes_the_server_unhealthy_and_stop(tiny_artifact, tiny_segmenter, chanseg_logs):
+    fault = DeviceFault(tiny_segmenter, delay=0.0)
+    stops = []
+    async with serve(make_settings(tiny_artifact, max_batch_size=4), segmenter=fault) as client:
+        state = client.app.state.chanseg
+        state.exit_hook = lambda: stops.append(time.monotonic())
+        ok = await client.post("/predict", files=files(random_image(1)))
+        assert (await client.get("/healthz")).status_code == 200
+        lost = await client.post("/predict", files=files(random_image(2), random_image(3)))
+        live, ready = await client.get("/healthz"), await client.get("/readyz")
+        v2_live = await client.get("/v2/health/live")
+        later = await client.post("/predict", files=files(random_image(4)))
+    assert ok.status_code == 200 and lost.status_code == 500
+    assert fault.batches == [1, 2]  # not retried in halves: nothing more runs on a lost device
+    assert live.status_code == 503 and live.json()["status"] == "device_lost"
+    assert "illegal memory access" in live.json()["detail"]
+    assert ready.status_code == 503 and ready.json()["status"] == "device_lost"
+    assert v2_live.status_code == 503
+    assert later.status_code == 503  # not ready: refused before any work
+    assert len(stops) == 1  # the process was asked to stop, once
+    assert any(rec.levelname == "CRITICAL" and "device lost" in rec.getMessage() for rec in chanseg_logs.records)
+
+
+def test_device_errors_told_apart():
+    from service.errors import device_lost
+
+    assert device_lost(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert device_lost(RuntimeError("CUDA error: device-side assert triggered"))
+    assert device_lost(RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
+    assert not device_lost(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not device_lost(RuntimeError("Given groups=1, weight of size [8, 3, 3, 3], expected input"))
+    assert not device_lost(ValueError("bad image"))
 
 
 async def test_one_bad_image_fails_only_its_own_request(tiny_artifact, tiny_segmenter):

@@ -32,9 +32,9 @@ def test_choose_smallest_within_tolerance():
         choose_batch_size({})
 
 
-def test_warmup_sizes():
+def test_warmup_sizes_cover_every_batch_the_batcher_forms():
     assert warmup_sizes(1) == [1]
-    assert warmup_sizes(12) == [1, 2, 4, 8, 12]
+    assert warmup_sizes(12) == [1, 2, 4, 8, 12, 3, 5, 6, 7, 9, 10, 11]  # the common ones first
 
 
 class Timed:
@@ -61,6 +61,37 @@ def test_measuring_stops_once_the_curve_has_peaked():
     assert choose_batch_size(throughput) == 16
 
 
+class Compiling(Timed):
+    """TorchScript on a GPU: each new shape's first call profiles (slow), the second
+    fuses (slow), then the batch takes its real time; batch 4 is a dip of noise."""
+
+    def __init__(self):
+        super().__init__(lambda n: 0.0)
+        self.device = torch.device("cuda")  # only its type is read (3 untimed calls)
+        self.seen = {}
+
+    def infer(self, images):
+        n = len(images)
+        self.seen[n] = self.seen.get(n, 0) + 1
+        if self.seen[n] <= 2:
+            time.sleep(0.03)  # profiling, then fusing
+        else:
+            time.sleep(0.004 if n != 4 else 0.02)  # fixed cost per batch; 4: one bad sample
+        self.calls.append(n)
+
+
+def test_measuring_waits_for_a_shape_to_settle_and_rides_out_one_dip(monkeypatch):
+    monkeypatch.setattr("service.warmup._sync", lambda segmenter: None)
+    seg = Compiling()
+    throughput, _ = measure_throughput(seg, limit=32, runs=3)
+    # Timed after one untimed call, batch 2 would have looked slower than 1 (the
+    # fusing call), and the old rule stopped at the first size 10% below the best.
+    assert throughput[2] > 1.5 * throughput[1]
+    assert throughput[4] < throughput[2]  # the dip...
+    assert max(throughput) == 32 and choose_batch_size(throughput) == 32  # ...did not end it
+    assert all(seg.seen[n] == 3 + 3 for n in throughput)  # 3 untimed + 3 timed calls per size
+
+
 def test_measuring_keeps_to_its_budget():
     slow = Timed(lambda n: 0.05 + 0.0001 * n)  # keeps improving
     started = time.perf_counter()
@@ -68,11 +99,18 @@ def test_measuring_keeps_to_its_budget():
     assert time.perf_counter() - started < 1.0 and max(throughput) < 1024
 
 
-def test_warm_up_skips_sizes_already_measured():
+def test_warm_up_skips_sizes_already_measured_and_covers_the_rest():
     timed = Timed(lambda n: 0.001)
     seconds = warm_up(timed, 4, skip={1: 0.5, 2: 0.6})
-    assert seconds[1] == 0.5 and seconds[2] == 0.6 and 4 in seconds
-    assert timed.calls == [4, 4]  # one untimed call, one timed, for the size not yet run
+    assert seconds == {1: 0.5, 2: 0.6, 4: seconds[4]}  # the common sizes' times, for the watchdog
+    assert timed.calls == [4, 4, 4, 3, 3, 3]  # two untimed calls and one timed, per size not yet run
+
+
+def test_warm_up_keeps_to_its_budget_for_odd_sizes():
+    timed = Timed(lambda n: 0.01)
+    seconds = warm_up(timed, 16, budget_s=0.05)
+    assert set(seconds) == {1, 2, 4, 8, 16}  # the common sizes always
+    assert len(set(timed.calls)) < 16  # odd sizes only while the budget lasted
 
 
 def test_measurement_on_a_real_model(tiny_segmenter):

@@ -113,3 +113,42 @@ def test_a_normal_batch_never_trips_the_watchdog(tiny_artifact, tmp_path):
 def test_hanging_model_is_fine_on_other_images():
     net = torch.jit.script(HangsOnWhite(make_net()))
     assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 64, 64)
+
+
+class FaultsOnWhite(nn.Module):
+    """The tiny network, except that a white image raises what torch raises after an
+    illegal memory access on a GPU (an error that leaves the CUDA context unusable)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        if bool(x.mean() > 1.5):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.inner(x)
+
+
+def test_a_lost_device_stops_the_server_with_status_1(tmp_path):
+    """In a real process: after an unrecoverable device error the request gets 500,
+    liveness and readiness 503 at once, and the process exits 1 by itself (an
+    orchestrator then replaces it), within its shutdown budget."""
+    path = tmp_path / "faulty.pt"
+    model.export_torchscript(FaultsOnWhite(make_net()), path, config=TINY, version="1")
+    server = ServerProcess(str(path), tmp_path, CHANSEG_DRAIN_TIMEOUT_S=str(DRAIN), CHANSEG_MAX_BATCH_SIZE="1")
+    try:
+        server.wait_ready()
+        ok = httpx.post(server.url + "/predict", content=png_bytes(random_image(1)), headers={"content-type": "image/png"})
+        white = png_bytes(np.full((32, 32, 3), 255, np.uint8))
+        failed = httpx.post(server.url + "/predict", content=white, headers={"content-type": "image/png"})
+        started = time.monotonic()
+        code = server.proc.wait(DRAIN + EXIT_MARGIN_S + 5)
+        took = time.monotonic() - started
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    print(f"\nlost device: process gone {took:.1f} s after the failed request, exit status {code}")
+    assert ok.status_code == 200 and failed.status_code == 500
+    assert "illegal memory access" not in failed.text  # the detail is in the log, not the response
+    assert code == 1, log[-2000:]
+    assert "device lost" in log and "illegal memory access" in log
