@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 import model
+from benchmarks.client import IMAGE_SETS
 
 
 def main() -> int:
@@ -27,27 +28,22 @@ def main() -> int:
     parser.add_argument("--model", help="artifact or compiled package (default: the bundled model)")
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--images", choices=["png256", "jpeg1024"], help="make this set instead of reading stdin")
+    parser.add_argument("--images", choices=list(IMAGE_SETS), help="make this set instead of reading stdin")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=["auto", *model.PRECISIONS])
     args = parser.parse_args()
-    if args.images:
-        from benchmarks.client import make_images
-
-        encoded = make_images(16, 256) if args.images == "png256" else make_images(8, 1024, "JPEG")
-    else:
-        encoded = [bytes.fromhex(h) for h in json.load(sys.stdin)]
+    encoded = IMAGE_SETS[args.images]() if args.images else [bytes.fromhex(h) for h in json.load(sys.stdin)]
     images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in encoded]
     segmenter = model.load(args.model, device=args.device, precision=args.precision)
     sync = torch.cuda.synchronize if segmenter.device.type == "cuda" else (lambda: None)
     per_batch = {}
     for batch in args.batches:
         chunk = (images * batch)[:batch]
-        segmenter.predict(chunk)
+        segmenter.predict(chunk, batch_size=batch)
         times, start = [], time.perf_counter()
         while time.perf_counter() - start < args.seconds or len(times) < 3:
             t = time.perf_counter()
-            segmenter.predict(chunk)  # returns numpy masks: the GPU work is done
+            segmenter.predict(chunk, batch_size=batch)  # one forward pass; numpy masks: the GPU is done
             sync()
             times.append(time.perf_counter() - t)
         median = statistics.median(times)

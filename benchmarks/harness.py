@@ -34,16 +34,12 @@ from typing import Dict, List, Optional
 
 import httpx
 
-from benchmarks.client import make_images
+from benchmarks.client import IMAGE_SETS
 from benchmarks.loadgen import measure, run
 from benchmarks.model_speed import ALLOCATORS, find_library
 from benchmarks.servers import SCENARIOS, raw_ceiling, running
 from service.settings import Settings
 
-IMAGE_SETS = {
-    "png256": lambda: make_images(16, 256, "PNG"),
-    "jpeg1024": lambda: make_images(8, 1024, "JPEG"),
-}
 CSV_FIELDS = [
     "scenario", "images", "mode", "load", "status", "images_per_s", "pct_of_ceiling",
     "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "ok", "requests", "rejected", "errors",
@@ -210,7 +206,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     images = {name: IMAGE_SETS[name]() for name in args.images}
-    levels = {"png256": args.concurrency, "jpeg1024": args.jpeg_concurrency}
+    levels = {name: args.concurrency if name == "png256" else args.jpeg_concurrency for name in IMAGE_SETS}
     report: Dict = {
         "machine": _machine(),
         "allocator": args.allocator if preload or not ALLOCATORS[args.allocator] else "glibc",

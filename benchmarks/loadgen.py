@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Sequence
 import httpx
 import numpy as np
 
-from benchmarks.client import Client, Payload, make_images, multipart, require_loopback
+from benchmarks.client import IMAGE_SETS, Client, Payload, multipart, require_loopback
 
 __all__ = ["Measurement", "Window", "is_stable", "measure", "percentile", "run", "server_split"]
 
@@ -345,13 +345,13 @@ def main() -> int:
     load.add_argument("--concurrency", type=int, nargs="+")
     load.add_argument("--rate", type=float, nargs="+", help="open loop: requests per second")
     parser.add_argument("--poisson", action="store_true", help="open loop: Poisson arrivals")
-    parser.add_argument("--images", choices=["png256", "jpeg1024"], default="png256")
+    parser.add_argument("--images", choices=list(IMAGE_SETS), default="png256")
     parser.add_argument("--window", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--max-windows", type=int, default=8)
     parser.add_argument("--out", help="write results as JSON here")
     args = parser.parse_args()
-    images = make_images(16, 256) if args.images == "png256" else make_images(8, 1024, "JPEG")
+    images = IMAGE_SETS[args.images]()
     payloads = [multipart(b) for b in images]
     levels = [("concurrency", c) for c in (args.concurrency or [])] + [("rate", r) for r in (args.rate or [])]
     results = []

@@ -96,6 +96,18 @@ def test_kustomize_renders_valid_manifests(target, tmp_path):
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
         assert {"name": "CHANSEG_PRECISION", "value": "fp16"} in container["env"]
         assert container["image"] == "chanseg:cuda"
+        # Sized for a GPU server: decoding CPUs requested and never throttled, memory
+        # from the budget, caches on the writable /tmp, rollouts without a spare GPU.
+        resources = container["resources"]
+        assert "cpu" not in resources["limits"] and int(resources["requests"]["cpu"]) >= 8
+        env = {e["name"]: e["value"] for e in container["env"]}
+        limit_gib = int(resources["limits"]["memory"].removesuffix("Gi"))
+        assert int(env["CHANSEG_MEMORY_BUDGET_MB"]) / 1024 + 3 <= limit_gib
+        assert int(env["CHANSEG_IO_THREADS"]) >= int(resources["requests"]["cpu"])
+        assert "compute" in env["NVIDIA_DRIVER_CAPABILITIES"]
+        assert all(env[k].startswith("/tmp/") for k in ("CUDA_CACHE_PATH", "TORCHINDUCTOR_CACHE_DIR"))
+        rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+        assert (rolling["maxSurge"], rolling["maxUnavailable"]) == (0, 1)
 
 
 def test_kserve_inference_service_parses():

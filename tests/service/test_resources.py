@@ -43,3 +43,21 @@ def test_rss_and_allocator_are_read():
     assert resources.rss_bytes() > 10 * 2**20
     assert resources.allocator() in ("tcmalloc", "glibc", "unknown")
     resources.release_free_memory()  # returns memory; must not raise
+
+
+def test_io_pool_sized_from_affinity_and_quota(cgroup):
+    from service.app import io_threads
+
+    (cgroup / "cpu.max").write_text("max 100000\n")
+    assert io_threads("auto") == 18  # a 16-core GPU host, no quota: 16 + 2 (no longer capped at 8)
+    (cgroup / "cpu.max").write_text("400000 100000\n")
+    assert io_threads("auto") == 6  # a 4-CPU quota on the same node
+    assert io_threads(3) == 3  # IO_THREADS
+
+
+@pytest.mark.anyio
+async def test_server_uses_the_io_threads_setting(tiny_artifact):
+    from tests.service.conftest import make_settings, serve
+
+    async with serve(make_settings(tiny_artifact, io_threads=5)) as client:
+        assert client.app.state.chanseg.pool._max_workers == 5
