@@ -6,6 +6,7 @@ in training is what it sees when serving.
 
 from __future__ import annotations
 
+import functools
 from typing import List, Sequence, Union
 
 import numpy as np
@@ -157,12 +158,16 @@ def prepare_image(image: ImageLike, size: Sequence[int]) -> np.ndarray:
     return np.array(small)
 
 
+@functools.lru_cache(maxsize=256)
 def nearest_indices(src: int, dst: int) -> np.ndarray:
     """Source index of each of ``dst`` output positions, as torch's ``nearest-exact``
-    computes them (float32 arithmetic, so the results agree bit for bit)."""
+    computes them (float32 arithmetic, so the results agree bit for bit). Cached (a
+    server restores masks of the same few sizes over and over); read-only."""
     scale = np.float32(src / dst)
     index = np.floor((np.arange(dst, dtype=np.float32) + np.float32(0.5)) * scale).astype(np.int64)
-    return np.minimum(index, src - 1)
+    index = np.minimum(index, src - 1)
+    index.flags.writeable = False
+    return index
 
 
 def normalize(images: Tensor, config: ModelConfig, dtype: torch.dtype = torch.float32) -> Tensor:

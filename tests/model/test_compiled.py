@@ -51,6 +51,33 @@ def test_package_runs_every_batch_size_up_to_its_limit(tiny_package):
         assert seg.infer([torch.zeros(64, 64, 3, dtype=torch.uint8)] * n).shape == (n, 64, 64)
 
 
+def test_package_runs_through_the_c_interface_without_the_gil(tiny_package):
+    """On CPU the compiled model is called through AOTInductor's C interface with
+    ctypes (which releases the GIL; torch's binding holds it for the whole forward
+    pass): the same outputs as torch's loader, for every call, and the library and
+    its extracted copy are released with the runner."""
+    import gc
+    import os
+
+    from torch.export.pt2_archive._package import load_pt2
+
+    from model.compiled import NativeRunner
+
+    native = read_package(tiny_package, torch.device("cpu")).module
+    assert isinstance(native, NativeRunner)
+    reference = load_pt2(tiny_package, device_index=-1).aoti_runners["model"]
+    h, w = TINY.input_size
+    for batch in (1, 3, 16):
+        x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(batch))
+        x = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(native(x), reference(x))
+    workdir = native._finalizer.peek()[2][2]  # (lib, handle, workdir)
+    assert os.path.isdir(workdir)
+    del native
+    gc.collect()
+    assert not os.path.exists(workdir)
+
+
 def test_package_refusals(tiny_package, tiny_artifact, monkeypatch):
     with pytest.raises(ModelLoadError, match="compiled for fp32, not bf16"):
         model.load(tiny_package, device="cpu", precision="bf16")
