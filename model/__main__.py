@@ -1,4 +1,4 @@
-"""``python -m model {export,compile,predict,info,train,eval,sheet}``: the model package from the shell."""
+"""``python -m model {export,compile,import,predict,info,train,eval,sheet}``: the model package from the shell."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ from typing import List, Optional
 import numpy as np
 from PIL import Image, ImageOps
 
+from .predictor import PRECISIONS
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="TorchScript artifact or compiled package (default: the bundled model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "auto"])
+    p.add_argument("--precision", default="fp32", choices=[*PRECISIONS, "auto"])
     p.add_argument("--format", default="auto", choices=["auto", "torchscript", "package"])
 
 
@@ -191,6 +193,26 @@ def cmd_sheet(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    """Someone else's TorchScript segmentation model -> a chanseg artifact."""
+    from .imported import import_torchscript
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()]
+    path = import_torchscript(
+        args.file,
+        args.out,
+        classes,
+        args.input_size,
+        mean=args.mean,
+        std=args.std,
+        name=args.name,
+        version=args.version,
+        output_key=args.output_key,
+    )
+    print(f"{path}: {len(classes)} classes, input {args.input_size[0]}x{args.input_size[1]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,13 +232,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where the package goes (with --model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
-        "--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+        "--precision", default="auto", choices=["auto", *PRECISIONS],
         help="auto: each precision the hardware has, the fastest within 0.005 held-out mIoU of fp32",
     )  # fmt: skip
     p.add_argument("--data", default="synthetic", help="held-out data for auto: 'synthetic' (seed 2) or a folder")
     p.add_argument("--count", type=int, default=64, help="held-out synthetic images")
     p.add_argument("--if-missing", action="store_true", help="the bundled model: only when not compiled yet")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser(
+        "import",
+        help="a TorchScript segmentation model of your own -> a chanseg artifact (served unchanged)",
+        description="FILE: a torch.jit.save file whose module maps a normalised float (N, 3, H, W) batch to "
+        "logits (N, classes, H, W), or to a dict holding them (--output-key).",
+    )
+    p.add_argument("file", help="the TorchScript file (torch.jit.script or torch.jit.trace, then torch.jit.save)")
+    p.add_argument("--classes", required=True, help="class names, comma-separated, one per output channel")
+    p.add_argument("--input-size", required=True, type=int, nargs=2, metavar=("H", "W"))
+    p.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406], help="default: ImageNet's")
+    p.add_argument("--std", type=float, nargs=3, default=[0.229, 0.224, 0.225], help="default: ImageNet's")
+    p.add_argument("--name", help="the model's name (default: the file's stem)")
+    p.add_argument("--version", default="1")
+    p.add_argument("--output-key", help="the logits' key when the module returns a dict (torchvision: out)")
+    p.add_argument("-o", "--out", required=True, help="the artifact to write")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("info", help="print an artifact's metadata")
     p.add_argument("--model", help="artifact (default: the bundled model)")

@@ -148,6 +148,11 @@ def build_network(
     config: ModelConfig, state_dict: Dict[str, torch.Tensor] | None = None
 ) -> ChannelAttentionUNet:
     """A network for ``config``, with ``state_dict`` loaded strictly when given."""
+    if config.network != "channel-attention-unet":
+        raise ModelLoadError(
+            f"{config.name} is an imported model ({config.network}): chanseg cannot rebuild its network "
+            "(compile it from its own source instead)"
+        )
     net = ChannelAttentionUNet(config)
     if state_dict is not None:
         net.load_state_dict(state_dict, strict=True)

@@ -20,6 +20,9 @@ from .blocks import ChannelBlock
 __all__ = ["ModelConfig", "ChannelAttentionUNet"]
 
 
+NETWORKS = ("channel-attention-unet", "imported")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything that defines the network and how images are fed to it.
@@ -35,6 +38,10 @@ class ModelConfig:
         negative_slope: LeakyReLU slope.
         complementary: branch mix of the blocks (see ``ChannelBlock``).
         name: the model's name, used by servers and in artifact metadata.
+        network: ``channel-attention-unet`` (this module's network, built from
+            ``widths``, ``negative_slope`` and ``complementary``), or ``imported``:
+            a TorchScript model of someone else's that ``python -m model import``
+            wrapped (those three fields then mean nothing; any input size).
     """
 
     in_channels: int = 3
@@ -47,6 +54,7 @@ class ModelConfig:
     negative_slope: float = 0.01
     complementary: bool = False
     name: str = "chanseg"
+    network: str = "channel-attention-unet"
 
     def __post_init__(self) -> None:
         for name in ("class_names", "widths", "input_size", "mean", "std"):
@@ -57,6 +65,8 @@ class ModelConfig:
             raise ValueError("in_channels must be >= 1 and num_classes >= 2")
         if len(self.class_names) != self.num_classes:
             raise ValueError(f"class_names has {len(self.class_names)} names for {self.num_classes} classes")
+        if self.network not in NETWORKS:
+            raise ValueError(f"network must be one of {', '.join(NETWORKS)}, got {self.network!r}")
         if not self.widths or any(w < 1 for w in self.widths):
             raise ValueError(f"widths must be positive, got {self.widths}")
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
@@ -71,8 +81,8 @@ class ModelConfig:
 
     @property
     def size_divisor(self) -> int:
-        """Image sides the network accepts are multiples of this."""
-        return 2 ** (len(self.widths) - 1)
+        """Image sides the network accepts are multiples of this (1: an imported model's own business)."""
+        return 2 ** (len(self.widths) - 1) if self.network == NETWORKS[0] else 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
