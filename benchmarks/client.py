@@ -20,7 +20,18 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 from urllib.parse import urlparse
 
-__all__ = ["Client", "Connection", "Payload", "base64_json", "make_images", "multipart", "require_loopback"]
+__all__ = [
+    "IMAGE_SETS",
+    "Client",
+    "Connection",
+    "Payload",
+    "base64_json",
+    "make_images",
+    "metric_samples",
+    "metric_total",
+    "multipart",
+    "require_loopback",
+]
 
 BOUNDARY = "chanseg-bench-boundary"
 
@@ -71,6 +82,25 @@ class Payload:
 
     body: bytes
     content_type: str
+
+
+def metric_samples(text: str) -> dict:
+    """A ``/metrics`` page as ``{(sample name, ((label, value), ...)): value}``, labels
+    sorted (prometheus_client's own parser). The benchmarks and the tests read it so."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def metric_total(samples: dict, name: str, **labels: str) -> float:
+    """Sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(
+        value for (sample, have), value in samples.items() if sample == name and set(labels.items()) <= set(have)
+    )
 
 
 def multipart(image: bytes, filename: str = "image.png") -> Payload:

@@ -13,7 +13,7 @@ client (``benchmarks.loadgen``) with the same images:
 
 Image sets: 256x256 PNGs (concurrency sweep) and 1024x1024 JPEGs (fewer
 levels); open-loop Poisson rates for chanseg. Writes JSON, CSV and a PNG plot,
-prints the table and the targets of issue 7.
+prints the table and the serving targets (``targets``: the README's table).
 
     python -m benchmarks run [--quick] [--scenarios chanseg naive ...] [--out DIR/NAME]
 """
@@ -96,7 +96,7 @@ def _find(rows: List[dict], scenario: str, images: str, load: float, mode: str =
 
 
 def targets(report: dict, images: str = "png256") -> List[dict]:
-    """Issue 7's (and issue 4's) targets, as measured ratios with pass/fail."""
+    """The serving targets (the README's table), as measured ratios with pass/fail."""
     rows, out = report["rows"], []
     ceiling = report["ceiling"][images]
 

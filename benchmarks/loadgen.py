@@ -38,7 +38,15 @@ from typing import Dict, List, Optional, Sequence
 import httpx
 import numpy as np
 
-from benchmarks.client import IMAGE_SETS, Client, Payload, multipart, require_loopback
+from benchmarks.client import (
+    IMAGE_SETS,
+    Client,
+    Payload,
+    metric_samples,
+    metric_total,
+    multipart,
+    require_loopback,
+)
 
 __all__ = ["Measurement", "Window", "is_stable", "measure", "percentile", "run", "server_split"]
 
@@ -119,24 +127,18 @@ _SERVER_METRICS = {
 
 async def _scrape(client: httpx.AsyncClient) -> Optional[Dict[str, float]]:
     """Sums and counts of chanseg's batching histograms, or None (not chanseg)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     try:
         r = await client.get("/metrics", timeout=10)
     except httpx.HTTPError:
         return None
     if r.status_code != 200:
         return None
+    samples = metric_samples(r.text)
     values: Dict[str, float] = {}
-    for family in text_string_to_metric_families(r.text):
-        key = _SERVER_METRICS.get(family.name)
-        if key is None:
-            continue
-        for s in family.samples:
-            if s.name.endswith("_sum"):
-                values[key + "_sum"] = values.get(key + "_sum", 0.0) + s.value
-            elif s.name.endswith("_count"):
-                values[key + "_count"] = values.get(key + "_count", 0.0) + s.value
+    for family, key in _SERVER_METRICS.items():
+        for part in ("sum", "count"):
+            if any(name == f"{family}_{part}" for name, _ in samples):
+                values[f"{key}_{part}"] = metric_total(samples, f"{family}_{part}")
     return values or None
 
 

@@ -1,12 +1,12 @@
-"""The channel-attention block of the seed document, ported from Keras to PyTorch.
+"""The channel-attention block, ported from Keras to PyTorch (docs/design.md has the Keras code).
 
-The seed's Keras ``Channelblock`` (an AAU-Net-style block, Chen et al., 2022,
+The Keras ``Channelblock`` (an AAU-Net-style block, Chen et al., 2022,
 "AAU-net: An Adaptive Attention U-net for Breast Lesions Segmentation in
 Ultrasound Images", https://arxiv.org/abs/2204.12077) runs two convolution
 branches (3x3 dilated by 3, and 5x5), squeezes both by global average pooling,
 learns per-channel weights with Dense-BN-act-Dense-sigmoid, reweights the
 branches, concatenates them and fuses with a 1x1 convolution. Every ReLU of the
-seed is a hand-written LeakyReLU here. Keras defaults carry over (biases on,
+Keras code is a hand-written LeakyReLU here. Keras defaults carry over (biases on,
 BatchNorm eps 1e-3, momentum 0.99 in Keras = 0.01 in PyTorch) so that weights
 trained in Keras port exactly (NHWC there, NCHW here).
 """
@@ -37,12 +37,12 @@ def _conv_bn_act(
 
 
 class ChannelAttention(nn.Module):
-    """Per-channel weights from the two branches (lines 8-15 of the seed).
+    """Per-channel weights from the two branches (the ``s`` and ``a`` lines of the Keras code).
 
     ``a = sigmoid(Dense(act(BN(Dense(GAP(concat[b1, b2]))))))``
 
     Args:
-        channels: channels of each branch (the seed's ``filte``).
+        channels: channels of each branch (the Keras code's ``filte``).
         negative_slope: LeakyReLU slope.
 
     Shape: ``b1``, ``b2``: ``(N, F, H, W)``; returns ``a``: ``(N, F, 1, 1)``.
@@ -65,7 +65,7 @@ class ChannelAttention(nn.Module):
 
 
 class ChannelBlock(nn.Module):
-    """The seed's ``Channelblock(data, filte)`` with LeakyReLU activations.
+    """The Keras ``Channelblock(data, filte)`` with LeakyReLU activations.
 
     ::
 
@@ -77,7 +77,7 @@ class ChannelBlock(nn.Module):
         in_channels: channels of the input.
         out_channels: channels of each branch and of the output (``filte``).
         negative_slope: LeakyReLU slope for every activation.
-        complementary: ``False`` (the seed) weights both branches by ``a``;
+        complementary: ``False`` (the Keras code) weights both branches by ``a``;
             ``True`` (AAU-Net) weights the 5x5 branch by ``1 - a``, a soft
             selection between the branches.
 

@@ -2,8 +2,8 @@
 
 LeakyReLU (Maas et al., 2013, "Rectifier Nonlinearities Improve Neural Network
 Acoustic Models") is f(x) = x for x > 0 and f(x) = negative_slope * x otherwise.
-The project deliberately does not call torch's built-in leaky ReLU (see
-DESIGN.md); this version is TorchScript-compatible and matches the built-in bit
+The project deliberately does not call torch's built-in leaky ReLU (why:
+docs/design.md); this version is TorchScript-compatible and matches the built-in bit
 for bit, gradients included, in fp32, fp16 and bf16 on CPU and CUDA.
 """
 

@@ -251,6 +251,11 @@ class Segmenter:
         return self.artifact.version
 
     @property
+    def path(self):
+        """The file it was loaded from (None for the bundled model built in memory)."""
+        return self.artifact.path
+
+    @property
     def class_names(self) -> Tuple[str, ...]:
         return self.config.class_names
 

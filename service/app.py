@@ -29,15 +29,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import signal
-import sys
 import threading
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 import torch
 from fastapi import FastAPI
@@ -46,14 +42,15 @@ import model
 
 from .batching import DynamicBatcher
 from .budget import MIB, MemoryBudget
-from .errors import DeviceLost, device_lost, register_handlers
+from .errors import register_handlers
+from .interface import ServedModel
 from .logs import configure_logging
 from .metrics import Metrics
 from .middleware import RequestMiddleware
-from .pipeline import InferItem
 from .resources import allocator, available_cpus, memory_limit_bytes, release_free_memory, rss_bytes
 from .routes import health, metrics, model_info, predict, v2
 from .settings import Settings
+from .state import ServerState
 from .warmup import (
     BatchChoice,
     MeasurementCache,
@@ -66,128 +63,7 @@ from .warmup import (
 
 log = logging.getLogger("chanseg.app")
 
-__all__ = ["create_app", "ServerState"]
-
-
-@dataclass
-class ServerState:
-    """What the routes share: settings, the model, the batcher, metrics, phase."""
-
-    settings: Settings
-    metrics: Metrics
-    segmenter: Any = None
-    batcher: Optional[DynamicBatcher] = None
-    pool: Optional[ThreadPoolExecutor] = None  # decoding, encoding: PIL and numpy only
-    inference: Optional[ThreadPoolExecutor] = None  # the one thread that runs torch
-    body_budget: Optional[MemoryBudget] = None  # request bodies in flight
-    work_budget: Optional[MemoryBudget] = None  # decoding, parsing, outputs in flight
-    max_batch_size: int = 0
-    batching: Optional[BatchChoice] = None  # how max_batch_size was chosen
-    watchdog_s: float = float("inf")  # a batch running longer than this is stuck
-    inference_thread: Optional[int] = None
-    ready: bool = False
-    draining: bool = False
-    shutdown_deadline: Optional[float] = None  # time.monotonic() by which the process must be gone
-    drained: bool = True  # False when shutdown left accepted work unfinished
-    started_at: float = field(default_factory=time.time)
-    device_error: Optional[str] = None  # set when the device failed for good (lose_device)
-    # Asks the process to stop, from any thread; ``python -m service`` (DrainingServer)
-    # replaces it and exits 1 once device_error is set. Elsewhere: SIGTERM.
-    exit_hook: Callable[[], None] = field(default=lambda: signal.raise_signal(signal.SIGTERM))
-    _stuck_logged: bool = False
-
-    def infer(self, items: List[InferItem]) -> List[Any]:
-        """Batcher callback, on the inference thread: one forward pass for the batch;
-        per image (labels, logits when the request wants probabilities, else None),
-        or the exception that image alone failed with.
-
-        A batch that raises is retried in halves (after freeing the cached device
-        memory when it ran out of it) down to single images, so an image that
-        cannot be processed fails only its own request. An unrecoverable device
-        error (:func:`device_lost`) instead ends the process: see ``lose_device``."""
-        if self.device_error is not None:
-            raise DeviceLost(f"the device failed earlier: {self.device_error}")
-        try:
-            return self._forward(items)
-        except Exception as exc:
-            if device_lost(exc):
-                self.lose_device(exc)
-                raise
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            if len(items) == 1:
-                log.error(
-                    "image failed (request %s): %s: %s",
-                    items[0].request_id or "?",
-                    type(exc).__name__,
-                    exc,
-                    exc_info=exc,
-                    extra={"request_ids": [items[0].request_id]},
-                )
-                return [exc]
-            log.warning("batch of %d failed (%s: %s); retrying in halves", len(items), type(exc).__name__, exc)
-            half = len(items) // 2
-            return self.infer(items[:half]) + self.infer(items[half:])
-
-    def _forward(self, items: List[InferItem]) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        with torch.inference_mode():
-            logits = self.segmenter.logits([item.tensor for item in items])
-            labels = self.segmenter.labels(logits)
-            want = [i for i, item in enumerate(items) if item.want_probabilities]
-            wanted = dict(zip(want, logits[want].float().cpu())) if want else {}  # one copy to the host
-            return [(labels[i], wanted.get(i)) for i in range(len(items))]
-
-    def lose_device(self, exc: BaseException) -> None:
-        """After an unrecoverable device error (on the inference thread): every batch
-        from now fails at once, ``/healthz`` and ``/readyz`` answer 503, and the
-        process stops with exit status 1 (``exit_hook``), so that an orchestrator
-        replaces it rather than routing traffic to a broken GPU."""
-        if self.device_error is not None:
-            return
-        self.device_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-        self.ready = False
-        log.critical("device lost, the server stops: %s", self.device_error, exc_info=exc)
-        self.exit_hook()
-
-    @property
-    def serving(self) -> bool:
-        """Readiness: loaded and warmed up, not draining, device and inference thread well."""
-        return self.ready and not self.draining and self.unhealthy() is None
-
-    def unhealthy(self) -> Optional[Tuple[str, str]]:
-        """(status, detail) while liveness must fail: the device was lost, or a batch is stuck."""
-        if self.device_error is not None:
-            return "device_lost", f"the device failed and the server is stopping: {self.device_error}"
-        stuck = self.stuck()
-        return ("stuck", stuck) if stuck else None
-
-    def stuck(self) -> Optional[str]:
-        """Why the inference thread looks stuck (a batch far past its measured time), or None."""
-        busy = self.batcher.busy_for if self.batcher is not None else 0.0
-        if busy <= self.watchdog_s:
-            self._stuck_logged = False
-            return None
-        detail = f"a batch has been running for {busy:.0f} s (WATCHDOG_S: {self.watchdog_s:.0f} s)"
-        if not self._stuck_logged:  # once per episode, with where the thread is
-            self._stuck_logged = True
-            frame = sys._current_frames().get(self.inference_thread or -1)
-            where = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)"
-            log.error("inference thread stuck: %s; liveness fails from now\n%s", detail, where)
-        return detail
-
-    def start_draining(self, budget_s: Optional[float] = None) -> None:
-        if not self.draining:
-            log.info("draining: refusing new work, finishing what was accepted")
-        self.draining = True
-        self.ready = False
-        if budget_s is not None and self.shutdown_deadline is None:
-            self.shutdown_deadline = time.monotonic() + budget_s
-
-    def shutdown_remaining(self) -> float:
-        """Seconds left of the shutdown budget (DRAIN_TIMEOUT_S from the signal)."""
-        if self.shutdown_deadline is None:
-            return self.settings.drain_timeout_s
-        return max(0.0, self.shutdown_deadline - time.monotonic())
+__all__ = ["create_app", "io_threads"]
 
 
 def io_threads(setting: int | str) -> int:
@@ -198,9 +74,9 @@ def io_threads(setting: int | str) -> int:
     return setting if isinstance(setting, int) else min(64, available_cpus() + 2)
 
 
-def create_app(settings: Optional[Settings] = None, segmenter: Any = None) -> FastAPI:
-    """Build the app. ``settings`` default to the environment; ``segmenter``
-    (anything with ``model.Segmenter``'s interface) replaces loading one."""
+def create_app(settings: Optional[Settings] = None, segmenter: Optional[ServedModel] = None) -> FastAPI:
+    """Build the app. ``settings`` default to the environment; ``segmenter`` (any
+    :class:`~service.interface.ServedModel`, e.g. a ``model.Segmenter``) replaces loading one."""
     settings = settings or Settings()
     if not logging.getLogger("chanseg").handlers:
         configure_logging(settings.log_level, settings.log_format)
@@ -241,7 +117,7 @@ def create_app(settings: Optional[Settings] = None, segmenter: Any = None) -> Fa
     return app
 
 
-async def _start(state: ServerState, segmenter: Any) -> None:
+async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
     s = state.settings
     if s.num_threads:
         torch.set_num_threads(s.num_threads)
@@ -274,7 +150,7 @@ async def _start(state: ServerState, segmenter: Any) -> None:
     )
     state.pool = ThreadPoolExecutor(max_workers=io_threads(s.io_threads), thread_name_prefix="chanseg-io")
     state.batcher = DynamicBatcher(
-        state.infer,
+        state.run_batch,
         state.max_batch_size,
         s.max_batch_delay_ms / 1000,
         s.max_queue,
@@ -308,11 +184,11 @@ def _check_memory(s: Settings) -> None:
         )
 
 
-async def _choose_batch_size(state: ServerState, segmenter: Any, on_inference_thread, loop) -> tuple:
+async def _choose_batch_size(state: ServerState, segmenter: ServedModel, on_inference_thread, loop) -> tuple:
     """MAX_BATCH_SIZE: the setting, the measurement kept in the cache, or a fresh
     measurement (then kept); and every used size warmed up, with its batch time."""
     s = state.settings
-    most = getattr(segmenter, "max_batch", None) or s.auto_batch_limit  # a compiled package's bound
+    most = segmenter.max_batch or s.auto_batch_limit  # a compiled package's bound
     if s.max_batch_size != "auto":
         if s.max_batch_size > most:
             raise model.ModelLoadError(

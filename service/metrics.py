@@ -1,6 +1,6 @@
 """Prometheus collectors, created on a registry that is passed in (one per app).
 
-Names and labels are DESIGN.md's contract. Labels are bounded: ``endpoint`` is
+Names and labels are a contract (docs/design.md, the README's "Metrics"). Labels are bounded: ``endpoint`` is
 a fixed route name, ``status`` an HTTP status code.
 """
 

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -81,6 +81,19 @@ class Timing:
     inference_ms: float = 0.0
     batch_sizes: Tuple[int, ...] = ()
 
+    def headers(self) -> Dict[str, str]:
+        """The response headers every inference endpoint sends."""
+        return {
+            "X-Queue-Time-Ms": f"{self.queue_ms:.1f}",
+            "X-Inference-Time-Ms": f"{self.inference_ms:.1f}",
+            "X-Batch-Size": ",".join(map(str, self.batch_sizes)),
+        }
+
+
+def overloaded(exc: QueueFull) -> Overloaded:
+    """The batcher's QueueFull as the client sees it: 503 with Retry-After."""
+    return Overloaded(f"server busy: {exc}; retry later", retry_after_s=1)
+
 
 def deadline_of(request: Request, timeout_s: float) -> float:
     started = request.scope.get("chanseg", {}).get("started", time.monotonic())
@@ -138,7 +151,7 @@ async def preprocess(
         try:  # room in the queue first: an overloaded server refuses before decoding
             announce = state.batcher.incoming(len(sources))
         except QueueFull as exc:
-            raise Overloaded(f"server busy: {exc}; retry later", retry_after_s=1) from None
+            raise overloaded(exc) from None
 
     def probe(name: str, source: Source) -> Union[Probed, np.ndarray]:
         if isinstance(source, np.ndarray):
@@ -213,7 +226,7 @@ async def segment(
     try:
         jobs = batcher.submit([InferItem(im.tensor, probabilities, rid) for im in images], deadline)
     except QueueFull as exc:
-        raise Overloaded(f"server busy: {exc}; retry later", retry_after_s=1) from None
+        raise overloaded(exc) from None
     gathered = asyncio.gather(*(job.future for job in jobs))
     watcher = asyncio.create_task(_disconnected(request))
     try:

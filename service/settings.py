@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.predictor import FORMATS, PRECISIONS
+
 __all__ = ["Settings", "JSON_PARSE_COST"]
 
 MIB = 1 << 20
@@ -35,12 +37,12 @@ class Settings(BaseSettings):
 
     model_path: Optional[Path] = Field(None, description="TorchScript artifact; unset: the bundled model")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+    precision: Literal[("auto", *PRECISIONS)] = Field(  # model.PRECISIONS: the names are defined there
         "auto",
         description="auto: what `python -m model compile` chose for this machine (the fastest within "
         "0.005 held-out mIoU of fp32), else fp32",
     )
-    model_format: Literal["auto", "torchscript", "package"] = Field(
+    model_format: Literal[FORMATS] = Field(  # model.predictor.FORMATS
         "auto",
         description="auto: the bundled model's compiled package for this machine when there is one, "
         "else TorchScript; package: compile it into the cache when missing",

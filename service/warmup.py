@@ -195,7 +195,7 @@ def device_description(device: torch.device) -> str:
 
 def measurement_key(segmenter, limit: int, budget_s: float) -> Dict[str, str]:
     """Everything a batch-size measurement depends on."""
-    path = getattr(segmenter.artifact, "path", None)
+    path = segmenter.path
     if path is not None and Path(path).is_file():
         digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     else:  # a model without a file (tests): its name and version stand for it

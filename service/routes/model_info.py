@@ -54,7 +54,7 @@ async def model_metadata(state: State) -> ModelMetadata:
         std=list(seg.config.std),
         device=str(seg.device),
         precision=seg.precision,
-        format=getattr(seg, "format", "torchscript"),
+        format=seg.format,
         batching=Batching(
             max_batch_size=state.max_batch_size,
             max_batch_size_setting=str(s.max_batch_size),

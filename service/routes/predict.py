@@ -124,11 +124,7 @@ async def predict(
     blobs = None  # the encoded files are not needed any more: let their memory go
     outputs, timing = await segment(state, request, prepared, deadline)
     results = await encode_masks(state, outputs, prepared, deadline)
-    headers = {
-        "X-Queue-Time-Ms": f"{timing.queue_ms:.1f}",
-        "X-Inference-Time-Ms": f"{timing.inference_ms:.1f}",
-        "X-Batch-Size": ",".join(map(str, timing.batch_sizes)),
-    }
+    headers = timing.headers()
     if as_png:
         return Response(results[0].png, media_type="image/png", headers=headers)
     classes = state.segmenter.config.class_names

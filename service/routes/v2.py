@@ -43,6 +43,7 @@ from ..errors import (
     Unauthorized,
     responses,
 )
+from ..interface import IMAGE, IMAGE_BYTES, MASK, PROBABILITIES, v2_inputs, v2_outputs
 from ..pipeline import deadline_of, pool_call, preprocess, reserve_output, segment
 from ..settings import JSON_PARSE_COST
 from ..v2_codec import (
@@ -58,8 +59,6 @@ from ..v2_codec import (
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
-IMAGE, IMAGE_BYTES = "IMAGE", "IMAGE_BYTES"
-MASK, PROBABILITIES = "MASK", "PROBABILITIES"
 _INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}}
 # Peak memory per element of a JSON output while it is written (the array, its text
 # in pieces, the joined body): measured 5.5 (class ids) and 44 (floats) here.
@@ -112,19 +111,12 @@ async def ready(state: State) -> JSONResponse:
 @router.get("/models/{name}/versions/{version}", **_METADATA_ROUTE)
 async def model_metadata(state: State, name: str, version: Optional[str] = None) -> dict:
     seg = _model(state, name, version)
-    classes = seg.config.num_classes
     return {
         "name": seg.name,
         "versions": [seg.version],
-        "platform": "pytorch_aoti" if getattr(seg, "format", "") == "aoti" else "pytorch_torchscript",
-        "inputs": [
-            {"name": IMAGE, "datatype": "UINT8", "shape": [-1, -1, -1, 3]},
-            {"name": IMAGE_BYTES, "datatype": "BYTES", "shape": [-1]},
-        ],
-        "outputs": [
-            {"name": MASK, "datatype": "UINT8", "shape": [-1, -1, -1]},
-            {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, classes, -1, -1]},
-        ],
+        "platform": f"pytorch_{seg.format}",
+        "inputs": v2_inputs(seg),
+        "outputs": v2_outputs(seg),
         "parameters": {
             "classes": list(seg.config.class_names),
             "inputs": "exactly one of IMAGE, IMAGE_BYTES",
@@ -200,11 +192,7 @@ async def infer(request: Request, state: State, name: str, version: Optional[str
     payload, header_length_out = await pool_call(
         state, encode_response, seg.name, seg.version, reply_id, outputs
     )
-    headers = {
-        "X-Queue-Time-Ms": f"{timing.queue_ms:.1f}",
-        "X-Inference-Time-Ms": f"{timing.inference_ms:.1f}",
-        "Content-Length": str(len(payload)),
-    }
+    headers = {**timing.headers(), "Content-Length": str(len(payload))}
     media_type = "application/json"
     if header_length_out is not None:
         headers["Inference-Header-Content-Length"] = str(header_length_out)

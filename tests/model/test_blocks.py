@@ -1,4 +1,4 @@
-"""ChannelBlock against a functional reference written straight from the seed's Keras code."""
+"""ChannelBlock against a functional reference written straight from the Keras code (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _bn(x, bn):
 
 
 def seed_reference(block: ChannelBlock, data: torch.Tensor, slope: float, complementary: bool):
-    """The seed's Channelblock, line by line, with torch's own leaky_relu as `act`."""
+    """The Keras Channelblock, line by line, with torch's own leaky_relu as `act`."""
     conv1, bn1 = block.branch3[0], block.branch3[1]
     conv2, bn2 = block.branch5[0], block.branch5[1]
     att, conv3, bn3 = block.attention, block.fuse[0], block.fuse[1]

@@ -48,14 +48,9 @@ class Server(ServerProcess):
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of ``name`` (with these labels) on /metrics."""
-        from prometheus_client.parser import text_string_to_metric_families
+        from benchmarks.client import metric_samples, metric_total
 
-        total = 0.0
-        for family in text_string_to_metric_families(httpx.get(self.url + "/metrics", timeout=10).text):
-            for s in family.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    total += s.value
-        return total
+        return metric_total(metric_samples(httpx.get(self.url + "/metrics", timeout=10).text), name, **labels)
 
 
 def start_server(tmp: Path, **env: str) -> Server:

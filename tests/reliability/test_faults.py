@@ -80,7 +80,7 @@ def test_disconnect_while_queued_is_not_computed(server):
 
 
 def test_one_bad_image_fails_only_its_request_not_its_batch_mates(server):
-    segmenter = model.load(None)
+    segmenter = model.load(None, precision="auto")  # what the server loads (PRECISION=auto)
     good = make_images(4, 256, seed=7)
     bad_request = [("file", ("ok.png", good[0])), ("file", ("broken.png", good[1][:300]))]
 

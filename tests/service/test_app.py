@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.client import metric_samples
 from tests.service.conftest import decode_mask, make_settings, png_bytes, random_image, serve
 
 pytestmark = pytest.mark.anyio
@@ -33,12 +34,6 @@ def files(*arrays, names=None):
     return [("file", (n, png_bytes(a), "image/png")) for n, a in zip(names, arrays)]
 
 
-def metric_samples(text: str) -> dict:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
 
 
 async def test_predict_multipart_json(tiny_artifact, tiny_segmenter):

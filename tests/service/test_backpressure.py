@@ -9,8 +9,9 @@ import time
 import numpy as np
 import pytest
 
+from benchmarks.client import metric_samples
 from tests.service.conftest import SlowSegmenter, make_settings, png_bytes, random_image, serve
-from tests.service.test_app import files, metric_samples
+from tests.service.test_app import files
 
 pytestmark = pytest.mark.anyio
 
@@ -117,7 +118,7 @@ async def test_a_batch_that_fails_once_is_retried_in_halves(tiny_artifact, tiny_
         )
     assert [r.status_code for r in first] == [200, 200]
     assert slow.batches == [2, 1, 1]  # the failed batch, then each half alone
-    retries = [rec for rec in chanseg_logs.records if rec.name == "chanseg.app" and "retrying in halves" in rec.getMessage()]
+    retries = [rec for rec in chanseg_logs.records if rec.name == "chanseg.state" and "retrying in halves" in rec.getMessage()]
     assert len(retries) == 1 and "simulated kernel failure" in retries[0].getMessage()
 
 
@@ -148,7 +149,7 @@ async def test_an_image_that_always_fails_fails_only_its_request(tiny_artifact, 
     assert "inference failed" in detail and results[1].headers["x-request-id"] in detail
     assert "simulated" not in detail and "conftest" not in detail
     assert poisoned.batches[0] == 4 and poisoned.batches.count(1) >= 2  # bisected down to the image
-    failures = [rec for rec in chanseg_logs.records if rec.levelname == "ERROR" and rec.name == "chanseg.app"]
+    failures = [rec for rec in chanseg_logs.records if rec.levelname == "ERROR" and rec.name == "chanseg.state"]
     assert len(failures) == 1  # once, for the one image, with its request's id
     assert results[1].headers["x-request-id"] in failures[0].getMessage()
     assert "simulated kernel failure" in failures[0].getMessage()

@@ -10,9 +10,10 @@ import struct
 import numpy as np
 import pytest
 
+from benchmarks.client import metric_samples
 from tests.real_parts import missing
 from tests.service.conftest import make_settings, png_bytes, random_image, serve
-from tests.service.test_app import files, metric_samples
+from tests.service.test_app import files
 from tests.service.test_process import server  # noqa: F401  (fixture: a real server process)
 
 

@@ -1,0 +1,150 @@
+"""``ServerState``: what the routes share (settings, the model, the batcher, the
+budgets, metrics, the phase), and the batch callback the batcher runs on the
+inference thread (``run_batch``: failure isolation, device loss)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+
+from .batching import DynamicBatcher
+from .budget import MemoryBudget
+from .errors import DeviceLost, device_lost
+from .interface import ServedModel
+from .metrics import Metrics
+from .pipeline import InferItem
+from .settings import Settings
+from .warmup import BatchChoice
+
+log = logging.getLogger("chanseg.state")
+
+__all__ = ["ServerState"]
+
+
+@dataclass
+class ServerState:
+    """What the routes share: settings, the model, the batcher, metrics, phase."""
+
+    settings: Settings
+    metrics: Metrics
+    segmenter: Optional[ServedModel] = None
+    batcher: Optional[DynamicBatcher] = None
+    pool: Optional[ThreadPoolExecutor] = None  # decoding, encoding: PIL and numpy only
+    inference: Optional[ThreadPoolExecutor] = None  # the one thread that runs torch
+    body_budget: Optional[MemoryBudget] = None  # request bodies in flight
+    work_budget: Optional[MemoryBudget] = None  # decoding, parsing, outputs in flight
+    max_batch_size: int = 0
+    batching: Optional[BatchChoice] = None  # how max_batch_size was chosen
+    watchdog_s: float = float("inf")  # a batch running longer than this is stuck
+    inference_thread: Optional[int] = None
+    ready: bool = False
+    draining: bool = False
+    shutdown_deadline: Optional[float] = None  # time.monotonic() by which the process must be gone
+    drained: bool = True  # False when shutdown left accepted work unfinished
+    started_at: float = field(default_factory=time.time)
+    device_error: Optional[str] = None  # set when the device failed for good (lose_device)
+    # Asks the process to stop, from any thread; ``python -m service`` (DrainingServer)
+    # replaces it and exits 1 once device_error is set. Elsewhere: SIGTERM.
+    exit_hook: Callable[[], None] = field(default=lambda: signal.raise_signal(signal.SIGTERM))
+    _stuck_logged: bool = False
+
+    def run_batch(self, items: List[InferItem]) -> List[Any]:
+        """Batcher callback, on the inference thread: one forward pass for the batch;
+        per image (labels, logits when the request wants probabilities, else None),
+        or the exception that image alone failed with.
+
+        A batch that raises is retried in halves (after freeing the cached device
+        memory when it ran out of it) down to single images, so an image that
+        cannot be processed fails only its own request. An unrecoverable device
+        error (:func:`device_lost`) instead ends the process: see ``lose_device``."""
+        if self.device_error is not None:
+            raise DeviceLost(f"the device failed earlier: {self.device_error}")
+        try:
+            return self._forward(items)
+        except Exception as exc:
+            if device_lost(exc):
+                self.lose_device(exc)
+                raise
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            if len(items) == 1:
+                log.error(
+                    "image failed (request %s): %s: %s",
+                    items[0].request_id or "?",
+                    type(exc).__name__,
+                    exc,
+                    exc_info=exc,
+                    extra={"request_ids": [items[0].request_id]},
+                )
+                return [exc]
+            log.warning("batch of %d failed (%s: %s); retrying in halves", len(items), type(exc).__name__, exc)
+            half = len(items) // 2
+            return self.run_batch(items[:half]) + self.run_batch(items[half:])
+
+    def _forward(self, items: List[InferItem]) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        with torch.inference_mode():
+            logits = self.segmenter.logits([item.tensor for item in items])
+            labels = self.segmenter.labels(logits)
+            want = [i for i, item in enumerate(items) if item.want_probabilities]
+            wanted = dict(zip(want, logits[want].float().cpu())) if want else {}  # one copy to the host
+            return [(labels[i], wanted.get(i)) for i in range(len(items))]
+
+    def lose_device(self, exc: BaseException) -> None:
+        """After an unrecoverable device error (on the inference thread): every batch
+        from now fails at once, ``/healthz`` and ``/readyz`` answer 503, and the
+        process stops with exit status 1 (``exit_hook``), so that an orchestrator
+        replaces it rather than routing traffic to a broken GPU."""
+        if self.device_error is not None:
+            return
+        self.device_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        self.ready = False
+        log.critical("device lost, the server stops: %s", self.device_error, exc_info=exc)
+        self.exit_hook()
+
+    @property
+    def serving(self) -> bool:
+        """Readiness: loaded and warmed up, not draining, device and inference thread well."""
+        return self.ready and not self.draining and self.unhealthy() is None
+
+    def unhealthy(self) -> Optional[Tuple[str, str]]:
+        """(status, detail) while liveness must fail: the device was lost, or a batch is stuck."""
+        if self.device_error is not None:
+            return "device_lost", f"the device failed and the server is stopping: {self.device_error}"
+        stuck = self.stuck()
+        return ("stuck", stuck) if stuck else None
+
+    def stuck(self) -> Optional[str]:
+        """Why the inference thread looks stuck (a batch far past its measured time), or None."""
+        busy = self.batcher.busy_for if self.batcher is not None else 0.0
+        if busy <= self.watchdog_s:
+            self._stuck_logged = False
+            return None
+        detail = f"a batch has been running for {busy:.0f} s (WATCHDOG_S: {self.watchdog_s:.0f} s)"
+        if not self._stuck_logged:  # once per episode, with where the thread is
+            self._stuck_logged = True
+            frame = sys._current_frames().get(self.inference_thread or -1)
+            where = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)"
+            log.error("inference thread stuck: %s; liveness fails from now\n%s", detail, where)
+        return detail
+
+    def start_draining(self, budget_s: Optional[float] = None) -> None:
+        if not self.draining:
+            log.info("draining: refusing new work, finishing what was accepted")
+        self.draining = True
+        self.ready = False
+        if budget_s is not None and self.shutdown_deadline is None:
+            self.shutdown_deadline = time.monotonic() + budget_s
+
+    def shutdown_remaining(self) -> float:
+        """Seconds left of the shutdown budget (DRAIN_TIMEOUT_S from the signal)."""
+        if self.shutdown_deadline is None:
+            return self.settings.drain_timeout_s
+        return max(0.0, self.shutdown_deadline - time.monotonic())
