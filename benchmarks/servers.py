@@ -25,7 +25,7 @@ from benchmarks.client import Payload, base64_json, multipart
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["Scenario", "SCENARIOS", "running", "raw_ceiling", "free_port"]
+__all__ = ["Scenario", "SCENARIOS", "ServiceProcess", "running", "raw_ceiling", "free_port"]
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,57 @@ def _env(preload: Optional[str], extra: Dict[str, str]) -> Dict[str, str]:
     return env
 
 
+class ServiceProcess:
+    """``python -m service`` on a loopback port with these settings (``CHANSEG_*`` and
+    any other environment variable, over this process's environment without its
+    ``LD_PRELOAD``), its output in ``log``. The benchmarks and the tests both start
+    the server through this; ``wait_ready`` polls ``/readyz``.
+
+    Attributes: ``port``, ``url``, ``log`` (the file, or None), ``proc`` (the Popen)."""
+
+    def __init__(self, env: Dict[str, str], log: Optional[Path] = None, port: Optional[int] = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        settings = {"CHANSEG_HOST": "127.0.0.1", "CHANSEG_PORT": str(self.port), **env}
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(open(log, "wb")) if log else subprocess.DEVNULL
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service"],
+                env=_env(None, settings),
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log else "(no log kept)"
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready after {timeout:.0f} s:\n{self.output()}")
+
+    def stop(self, graceful: bool = False) -> None:
+        """SIGKILL (tests: fast), or SIGTERM and wait for the drain (``graceful``)."""
+        if graceful:
+            _stop_group(self.proc)
+        elif self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
 def _command(scenario: Scenario, port: int, model_path: Optional[str], litserve_batch: int) -> List[str]:
     model_args = ["--model", model_path] if model_path else []
-    if scenario.kind == "chanseg":
-        return [sys.executable, "-m", "service"]
     if scenario.kind == "naive":
         return [sys.executable, "-m", "benchmarks.naive_server", "--port", str(port), *model_args]
     if scenario.kind == "litserve":
@@ -95,21 +142,23 @@ def running(
     ``timings["startup_s"]`` (when given): from the process's start to that 200."""
     port = free_port()
     extra = dict(scenario.env)
-    if scenario.kind == "chanseg":
-        extra.update(CHANSEG_HOST="127.0.0.1", CHANSEG_PORT=str(port), CHANSEG_LOG_LEVEL="warning")
-        if model_path:
-            extra["CHANSEG_MODEL_PATH"] = str(model_path)
     with contextlib.ExitStack() as stack:
-        log = stack.enter_context(open(log_path, "wb")) if log_path else subprocess.DEVNULL
         started = time.monotonic()
-        proc = subprocess.Popen(
-            _command(scenario, port, model_path, litserve_batch),
-            env=_env(preload, extra),
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # LitServe's worker processes go with it
-        )
+        if scenario.kind == "chanseg":
+            extra.update(CHANSEG_LOG_LEVEL="warning", **({"LD_PRELOAD": preload} if preload else {}))
+            if model_path:
+                extra["CHANSEG_MODEL_PATH"] = str(model_path)
+            proc = ServiceProcess(extra, log_path, port).proc
+        else:
+            log = stack.enter_context(open(log_path, "wb")) if log_path else subprocess.DEVNULL
+            proc = subprocess.Popen(
+                _command(scenario, port, model_path, litserve_batch),
+                env=_env(preload, extra),
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # LitServe's worker processes go with it
+            )
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_ready(proc, url, scenario, sample, ready_timeout_s)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import subprocess
-import sys
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from PIL import Image
 
-from benchmarks.servers import free_port
+from benchmarks.servers import ServiceProcess, free_port
 from service.app import create_app
 from service.settings import Settings
 
@@ -99,46 +97,15 @@ class SlowSegmenter:
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class ServerProcess:
-    """``python -m service`` on a free loopback port; ``artifact=None``: the bundled model."""
+class ServerProcess(ServiceProcess):
+    """``python -m service`` on the CPU, batches of up to 4, its log in ``tmp``;
+    ``artifact=None``: the bundled model. (The launcher is the benchmarks' own.)"""
 
     def __init__(self, artifact: Optional[str], tmp: Path, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tmp / f"server-{self.port}.log"
-        environ = dict(os.environ)
+        port = free_port()
+        settings = {"CHANSEG_DEVICE": "cpu", "CHANSEG_MAX_BATCH_SIZE": "4", "CHANSEG_LOG_LEVEL": "info"}
         if artifact is not None:
-            environ["CHANSEG_MODEL_PATH"] = artifact
-        environ.update(
-            CHANSEG_DEVICE="cpu",
-            CHANSEG_HOST="127.0.0.1",
-            CHANSEG_PORT=str(self.port),
-            CHANSEG_MAX_BATCH_SIZE="4",
-            CHANSEG_LOG_LEVEL="info",
-            PYTHONPATH=str(ROOT),
-        )
-        environ.update(env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service"],
-            env=environ,
-            stdout=self.log.open("w"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+            settings["CHANSEG_MODEL_PATH"] = artifact
+        if os.environ.get("LD_PRELOAD"):
+            settings["LD_PRELOAD"] = os.environ["LD_PRELOAD"]
+        super().__init__({**settings, **env}, log=tmp / f"server-{port}.log", port=port)
