@@ -22,6 +22,7 @@ that slows the forward pass everywhere else (see ``preprocess.resize_image``).
 from __future__ import annotations
 
 import os
+import re
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -43,8 +44,14 @@ __all__ = ["FORMATS", "PRECISIONS", "Segmenter", "load", "measure_recipe", "reso
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+# The device names chanseg accepts everywhere (load, the CLI, the server's DEVICE).
+DEVICE_NAMES = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` -> cuda when available, else cpu; ``cuda``/``cuda:N`` checked to exist."""
+    if not isinstance(device, torch.device) and not DEVICE_NAMES.fullmatch(str(device)):
+        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -31,7 +31,7 @@ from model.preprocess import prepare_image, to_rgb_array
 
 from .errors import BadImage, PayloadTooLarge
 
-__all__ = ["ACCEPTED_FORMATS", "Probed", "probe_image", "decode_probed", "decode_image", "decode_cost"]
+__all__ = ["ACCEPTED_FORMATS", "Probed", "probe_image", "size_problem", "decode_probed", "decode_image", "decode_cost"]
 
 log = logging.getLogger("chanseg.imaging")
 
@@ -125,6 +125,16 @@ def _bad(name: str, what: str, exc: BaseException) -> BadImage:
     return BadImage(f"{name}: {what}")
 
 
+def size_problem(width: int, height: int, max_pixels: int, min_side: int) -> Optional[tuple]:
+    """The image-size limits (MAX_IMAGE_PIXELS, MIN_IMAGE_SIDE), checked in one place for
+    every input: None when ``width`` x ``height`` is acceptable, else ``(too_large, message)``."""
+    if width * height > max_pixels:
+        return True, f"{width}x{height} pixels is over the limit of {max_pixels} pixels"
+    if width < min_side or height < min_side:
+        return False, f"{width}x{height} is too small; the smallest accepted is {min_side}x{min_side}"
+    return None
+
+
 def probe_image(
     data: bytes, max_pixels: int, min_side: int = 1, name: str = "image", target: Sequence[int] = (256, 256)
 ) -> Probed:
@@ -146,12 +156,11 @@ def probe_image(
     if fmt not in ACCEPTED_FORMATS:
         image.close()
         raise BadImage(f"{name}: unsupported image format {fmt}")
-    if width * height > max_pixels:
+    problem = size_problem(width, height, max_pixels, min_side)
+    if problem is not None:
         image.close()
-        raise PayloadTooLarge(f"{name}: {width}x{height} pixels is over the limit of {max_pixels} pixels")
-    if width < min_side or height < min_side:
-        image.close()
-        raise BadImage(f"{name}: {width}x{height} is too small; the smallest accepted is {min_side}x{min_side}")
+        too_large, message = problem
+        raise (PayloadTooLarge if too_large else BadImage)(f"{name}: {message}")
     try:
         # The base class's getexif reads what the header holds; PNG's own would decode
         # the whole image to look for a late eXIf chunk. Orientation is what is known now.

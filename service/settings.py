@@ -10,14 +10,13 @@ message names both.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.predictor import FORMATS, PRECISIONS
+from model.predictor import DEVICE_NAMES, FORMATS, PRECISIONS
 
 __all__ = ["Settings", "JSON_PARSE_COST"]
 
@@ -108,7 +107,7 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        if not DEVICE_NAMES.fullmatch(value):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return value
 

@@ -43,6 +43,7 @@ from ..errors import (
     Unauthorized,
     responses,
 )
+from ..imaging import size_problem
 from ..interface import IMAGE, IMAGE_BYTES, MASK, PROBABILITIES, v2_inputs, v2_outputs
 from ..pipeline import deadline_of, pool_call, preprocess, reserve_output, segment
 from ..settings import JSON_PARSE_COST
@@ -225,12 +226,10 @@ def _input(inputs: List[Tensor], s) -> Tensor:
         if len(tensor.shape) != 4 or tensor.shape[3] != 3:
             raise InvalidRequest(f"input {IMAGE} must have shape [N, H, W, 3], got {list(tensor.shape)}")
         n, h, w, _ = tensor.shape
-        if h * w > s.max_image_pixels:
-            raise PayloadTooLarge(f"{w}x{h} pixels is over the limit of {s.max_image_pixels} pixels")
-        if min(h, w) < s.min_image_side:
-            raise InvalidRequest(
-                f"{w}x{h} is too small; the smallest accepted is {s.min_image_side}x{s.min_image_side}"
-            )
+        problem = size_problem(w, h, s.max_image_pixels, s.min_image_side)
+        if problem is not None:
+            too_large, message = problem
+            raise (PayloadTooLarge if too_large else InvalidRequest)(message)
     elif tensor.name == IMAGE_BYTES:
         if tensor.datatype != "BYTES":
             raise InvalidRequest(f"input {IMAGE_BYTES} must be BYTES, got {tensor.datatype}")
