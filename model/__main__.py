@@ -54,6 +54,8 @@ def cmd_compile(args) -> int:
     if not args.out:
         raise ValueError("--out is needed with --model (the bundled model goes into the cache)")
     artifact = read_artifact(args.model)
+    if artifact.config.network == "imported":
+        return _compile_imported(artifact, dev, args)
     net = build_network(artifact.config, artifact.module.state_dict())
     if args.precision != "auto":
         require(args.precision, dev)
@@ -75,6 +77,37 @@ def cmd_compile(args) -> int:
         Path(paths[chosen]).replace(args.out)
     print(json.dumps({"out": args.out, "results": results, "chosen": chosen}, indent=2))
     return 0
+
+
+def _compile_imported(artifact, dev, args) -> int:
+    """An imported model into a package: fp32 (its weights are constants of the converted
+    graph), checked against the TorchScript artifact on synthetic images before it is kept."""
+    from .compiled import compile_package, read_package
+    from .data import synthetic_sample
+    from .imported import ModelImportError, exportable
+    from .predictor import Segmenter, load
+
+    if args.precision not in ("auto", "fp32"):
+        raise ModelImportError(f"an imported model compiles in fp32 only, not {args.precision}")
+    reference = load(args.model, device=dev, format="torchscript")
+    path = compile_package(
+        exportable(artifact.module, artifact.config), args.out, artifact.config, dev, "fp32",
+        version=artifact.version, extra_meta={"name": artifact.name, **_imported_meta(artifact)},
+    )  # fmt: skip
+    package = read_package(path, dev)
+    compiled = Segmenter(package.module, package, dev, "fp32", bool(package.meta.get("channels_last")))
+    h, w = artifact.config.input_size
+    images = [synthetic_sample(2, i, (h, w)).image for i in range(8)]
+    agreement = float(np.mean([(compiled.predict(im) == reference.predict(im)).mean() for im in images]))
+    if agreement < 0.999:
+        Path(path).unlink(missing_ok=True)
+        raise ModelImportError(f"the compiled package agrees with the TorchScript model on {agreement:.4f} of pixels only")
+    print(json.dumps({"out": str(path), "precision": "fp32", "agreement_with_torchscript": agreement}, indent=2))
+    return 0
+
+
+def _imported_meta(artifact) -> dict:
+    return {k: artifact.meta[k] for k in ("imported_from",) if k in artifact.meta}
 
 
 def cmd_export(args) -> int:

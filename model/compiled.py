@@ -143,7 +143,7 @@ def compile_package(
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations inside export
-        program = torch.export.export(net, (example,), dynamic_shapes={"x": {0: batch}})
+        program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt2", dir=path.parent)

@@ -150,8 +150,8 @@ def build_network(
     """A network for ``config``, with ``state_dict`` loaded strictly when given."""
     if config.network != "channel-attention-unet":
         raise ModelLoadError(
-            f"{config.name} is an imported model ({config.network}): chanseg cannot rebuild its network "
-            "(compile it from its own source instead)"
+            f"{config.name} is an imported model: chanseg cannot rebuild its network from weights "
+            "(python -m model compile converts its TorchScript instead)"
         )
     net = ChannelAttentionUNet(config)
     if state_dict is not None:

@@ -20,6 +20,7 @@ Example (a MONAI U-Net, scripted by its owner)::
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from .export import ModelLoadError, export_torchscript
 from .network import ModelConfig
 
-__all__ = ["import_torchscript", "ModelImportError"]
+__all__ = ["import_torchscript", "exportable", "ModelImportError"]
 
 
 class ModelImportError(ModelLoadError):
@@ -152,3 +153,42 @@ def _check_outputs(module: torch.jit.ScriptModule, config: ModelConfig, output_k
         )
     if not y.dtype.is_floating_point:
         raise ModelImportError(f"the model returns {y.dtype}: chanseg needs float logits, not labels")
+
+
+class _Converted(nn.Module):
+    """A converted TorchScript graph as a module ``torch.export`` can export again with a
+    dynamic batch. The graph is held outside the module tree: torch.export's unlifted
+    modules refuse ``eval()``, and its weights are constants of the graph."""
+
+    def __init__(self, graph: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "graph", graph)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.graph(x)
+
+
+def exportable(module: torch.jit.ScriptModule, config: ModelConfig) -> nn.Module:
+    """An imported model's TorchScript as an ``nn.Module`` that ``torch.export`` takes
+    (torch's TorchScript converter), for ``python -m model compile``. fp32 only.
+
+    Raises:
+        ModelImportError: the converter cannot read the module (control flow from
+            ``torch.jit.script`` usually: save a ``torch.jit.trace`` of it instead).
+    """
+    from torch._export.converter import TS2EPConverter
+
+    h, w = config.input_size
+    example = torch.randn(2, config.in_channels, h, w)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = TS2EPConverter(module, (example,)).convert()
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelImportError(
+            f"this TorchScript model cannot be converted for torch.export ({first}); a scripted model with "
+            "loops or branches rarely can: import a torch.jit.trace of it to compile a package, "
+            "or serve the TorchScript artifact as it is"
+        ) from exc
+    return _Converted(program.module())

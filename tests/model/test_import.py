@@ -4,6 +4,7 @@ modules that cannot be served as segmentation models."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +141,37 @@ def test_an_imported_model_is_not_rebuilt_for_compiling(tmp_path):
     out = import_torchscript(scripted(monai_models()["unet"], tmp_path / "u.ts"), tmp_path / "u.pt", ["a", "b", "c"], (64, 64))
     with pytest.raises(model.ModelLoadError, match="imported model"):
         model.export.build_network(model.read_artifact(out).config)
+
+
+def test_an_imported_model_compiles_to_a_package(tmp_path):
+    """torch.export + AOTInductor for an imported model: its traced TorchScript is
+    converted (torch's TorchScript converter), compiled in fp32, checked against the
+    TorchScript artifact, and loads and predicts like it; a scripted model with loops
+    is refused with what to do instead."""
+    torch.manual_seed(0)
+    net = monai_nets.UNet(spatial_dims=2, in_channels=3, out_channels=3, channels=(4, 8), strides=(2,)).eval()
+    traced = tmp_path / "traced.ts"
+    torch.jit.save(torch.jit.trace(net, torch.randn(2, 3, 32, 32)), str(traced))
+    artifact = import_torchscript(traced, tmp_path / "traced.pt", ["a", "b", "c"], (32, 32), name="traced")
+    package = tmp_path / "traced.pt2"
+    done = subprocess.run(
+        [sys.executable, "-m", "model", "compile", "--model", str(artifact), "--out", str(package), "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["agreement_with_torchscript"] >= 0.999
+    compiled = model.load(package, device="cpu", precision="auto")
+    assert compiled.format == "aoti" and compiled.name == "traced" and compiled.class_names == ("a", "b", "c")
+    reference = model.load(artifact, device="cpu")
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(5)]
+    agree = np.mean([(a == b).mean() for a, b in zip(compiled.predict(images), reference.predict(images))])
+    assert agree >= 0.999
+    scripted_with_loops = import_torchscript(
+        scripted(monai_models()["unet"], tmp_path / "s.ts"), tmp_path / "s.pt", ["a", "b", "c"], (64, 64)
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "model", "compile", "--model", str(scripted_with_loops), "--out", str(tmp_path / "s.pt2")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 2 and "torch.jit.trace" in done.stderr and "Traceback" not in done.stderr
