@@ -66,6 +66,18 @@ log = logging.getLogger("chanseg.app")
 __all__ = ["create_app", "io_threads"]
 
 
+def _started_pool(workers: int) -> ThreadPoolExecutor:
+    """The I/O pool with all its threads running now: the executor would otherwise start
+    them one by one as load first needs them, and a server's thread count should be
+    flat from readiness on (the soak test holds it to that)."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chanseg-io")
+    barrier = threading.Barrier(workers + 1)
+    for _ in range(workers):
+        pool.submit(barrier.wait)  # each task holds its thread until all have one
+    barrier.wait(timeout=30)
+    return pool
+
+
 def io_threads(setting: int | str) -> int:
     """Decoding and encoding threads (``IO_THREADS``): the setting, or for ``auto``
     the CPUs this process may use (its affinity mask, capped by the container's CPU
@@ -148,7 +160,7 @@ async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
     state.watchdog_s = (
         s.watchdog_s if s.watchdog_s != "auto" else max(10.0, 20 * max(seconds.values(), default=0.0))
     )
-    state.pool = ThreadPoolExecutor(max_workers=io_threads(s.io_threads), thread_name_prefix="chanseg-io")
+    state.pool = _started_pool(io_threads(s.io_threads))
     state.batcher = DynamicBatcher(
         state.run_batch,
         state.max_batch_size,
