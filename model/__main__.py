@@ -140,22 +140,54 @@ def cmd_info(args) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
+def image_paths(given: List[str]) -> List[Path]:
+    """Files as given, and the images in each folder given (sorted, not recursive)."""
+    paths: List[Path] = []
+    for name in given:
+        p = Path(name)
+        if p.is_dir():
+            paths += sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"{name}: no such file or folder")
+    if not paths:
+        raise FileNotFoundError(f"no images in {', '.join(given)} ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return paths
+
+
+def _progress(done: int, total: int) -> None:
+    """A progress bar on stderr (on a terminal: redrawn in place)."""
+    width = 30
+    filled = width * done // total
+    end = "\n" if done == total or not sys.stderr.isatty() else ""
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images", end=end, file=sys.stderr, flush=True)
+
+
 def cmd_predict(args) -> int:
+    """Masks and overlays for files or folders of images, a batch at a time (only one
+    batch of decoded images is in memory at once, however many there are)."""
     from .visualize import mask_to_image, overlay
 
     seg = _load(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images = [ImageOps.exif_transpose(Image.open(p)) for p in args.images]
-    masks = seg.predict(images)
+    paths = image_paths(args.images)
     n = seg.config.num_classes
-    for path, image, mask in zip(args.images, images, masks):
-        stem = Path(path).stem
-        mask_to_image(mask, n).save(out / f"{stem}.mask.png")
-        overlay(image, mask, n).save(out / f"{stem}.overlay.png")
-        fractions = np.bincount(mask.ravel(), minlength=n) / mask.size
-        summary = ", ".join(f"{c} {f:.3f}" for c, f in zip(seg.class_names, fractions))
-        print(f"{path}: {out / (stem + '.mask.png')} ({summary})")
+    for start in range(0, len(paths), args.batch_size):
+        chunk = paths[start : start + args.batch_size]
+        images = [ImageOps.exif_transpose(Image.open(p)) for p in chunk]
+        for path, image, mask in zip(chunk, images, seg.predict(images, batch_size=args.batch_size)):
+            mask_to_image(mask, n).save(out / f"{path.stem}.mask.png")
+            overlay(image, mask, n).save(out / f"{path.stem}.overlay.png")
+            fractions = np.bincount(mask.ravel(), minlength=n) / mask.size
+            summary = ", ".join(f"{c} {f:.3f}" for c, f in zip(seg.class_names, fractions))
+            print(f"{path}: {out / (path.stem + '.mask.png')} ({summary})")
+        if len(paths) > 1:
+            _progress(min(start + args.batch_size, len(paths)), len(paths))
     return 0
 
 
@@ -246,8 +278,8 @@ def cmd_import(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m model", description=__doc__)
+def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="safetensors weights + config JSON -> TorchScript artifact")
@@ -296,8 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="write mask and overlay PNGs for images")
     _add_model_args(p)
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", help="image files, or folders of them")
     p.add_argument("--out", default=".", help="output directory")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (and in memory at once)")
     p.set_defaults(func=cmd_predict)
 
     from .train import TrainOptions
@@ -347,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Optional[List[str]] = None, prog: str = "python -m model") -> int:
+    args = build_parser(prog).parse_args(argv)
     from .export import ModelLoadError
 
     try:

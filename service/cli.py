@@ -1,0 +1,97 @@
+"""``chanseg``: one command for the server and the model package.
+
+    chanseg serve [--model PATH] [--host H] [--port P] [--device D] [--precision P]
+    chanseg predict photo.jpg photos/ --out masks/
+    chanseg {compile,export,import,info,train,eval,sheet} ...   (python -m model's commands)
+    chanseg bench ...                                           (python -m benchmarks run, from a checkout)
+
+``python -m service`` and ``python -m model`` keep working; this only dispatches.
+``serve``'s options are the settings of the same name (``CHANSEG_*``; the README's
+table has all of them, and any can be set in the environment as well).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+MODEL_COMMANDS = ("predict", "compile", "export", "import", "info", "train", "eval", "sheet")
+USAGE = """usage: chanseg COMMAND [--help]
+
+commands:
+  serve     run the HTTP server (python -m service)
+  predict   masks and overlays for image files or folders
+  compile   torch.export + AOTInductor package for this machine
+  export    safetensors weights + config -> TorchScript artifact
+  import    your own TorchScript segmentation model -> chanseg artifact
+  info      an artifact's metadata
+  train     train the network (synthetic shapes or a folder)
+  eval      per-class IoU, mIoU and pixel accuracy
+  sheet     a PNG of images beside predicted and true masks
+  bench     the serving benchmark (python -m benchmarks run; needs a source checkout)
+"""
+
+
+def serve(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="chanseg serve",
+        description="Run the server. Each option sets the CHANSEG_ setting of the same name; "
+        "every other setting is read from the environment (README, Settings).",
+    )
+    for name, help_ in (
+        ("model", "TorchScript artifact or compiled package (default: the bundled model)"),
+        ("host", "listen address (default 127.0.0.1)"),
+        ("port", "listen port (default 8000)"),
+        ("device", "auto, cpu, cuda or cuda:N"),
+        ("precision", "auto, fp32, fp16 or bf16"),
+        ("max-batch-size", "auto or a number"),
+        ("api-key", "require this key (Authorization: Bearer KEY or X-API-Key)"),
+    ):
+        parser.add_argument(f"--{name}", help=help_)
+    args = parser.parse_args(argv)
+    names = {"model": "MODEL_PATH"}
+    for key, value in vars(args).items():
+        if value is not None:
+            os.environ["CHANSEG_" + names.get(key, key.upper())] = str(value)
+    from .__main__ import main as serve_main
+
+    return serve_main()
+
+
+def bench(argv: List[str]) -> int:
+    if os.path.isfile(os.path.join("benchmarks", "harness.py")) and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a console script's path has its own folder, not the checkout
+    try:
+        from benchmarks.harness import main as bench_main
+    except ImportError:
+        print(
+            "error: chanseg bench runs the benchmarks of a chanseg source checkout "
+            "(benchmarks/ is not installed with the package): run it from the checkout's root",
+            file=sys.stderr,
+        )
+        return 2
+    return bench_main(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        return serve(rest)
+    if command == "bench":
+        return bench(rest)
+    if command in MODEL_COMMANDS:
+        from model.__main__ import main as model_main
+
+        return model_main([command, *rest], prog="chanseg")
+    print(f"chanseg: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
