@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from fastapi import Request
 
+from model.rle import class_rles
 from model.visualize import mask_png_bytes
 
 from .batching import BatchFailed, DeadlineExpired, DynamicBatcher, QueueFull
@@ -72,7 +73,8 @@ class InferItem:
 @dataclass
 class Segmented:
     fractions: List[float]  # per class, summing to 1
-    png: bytes  # the mask as a palette PNG at the image's size
+    png: bytes  # the mask as a palette PNG at the image's size (empty when rle was asked for)
+    rle: Optional[Dict[str, dict]] = None  # per class present, its COCO RLE (model.rle)
 
 
 @dataclass
@@ -271,23 +273,32 @@ def mask_encode_cost(size: Tuple[int, int]) -> int:
     return 2 * int(size[0]) * int(size[1]) + MIB
 
 
-async def encode_masks(state, results: Sequence, images: Sequence[Prepared], deadline: float) -> List[Segmented]:
-    """(labels, _) at the input size -> per image its class fractions and mask PNG at
-    its own size, on the I/O pool; each full-size mask exists only while it is encoded."""
+async def encode_masks(
+    state, results: Sequence, images: Sequence[Prepared], deadline: float, rle: bool = False
+) -> List[Segmented]:
+    """(labels, _) at the input size -> per image its class fractions and mask PNG (or,
+    with ``rle``, per-class COCO RLE) at its own size, on the I/O pool; each full-size
+    mask exists only while it is encoded."""
     segmenter, hist = state.segmenter, state.metrics.postprocess
     num_classes = segmenter.config.num_classes
 
     def encode(labels: torch.Tensor, size: Tuple[int, int], large: bool) -> Segmented:
         t = time.perf_counter()
         counts = segmenter.class_counts(labels, size, num_classes)
-        png = mask_png_bytes(segmenter.restore(labels, size), num_classes)
+        mask = segmenter.restore(labels, size)
+        if rle:
+            done = Segmented([], b"", class_rles(mask, segmenter.config.class_names))
+        else:
+            done = Segmented([], mask_png_bytes(mask, num_classes))
+        del mask
         if large:
             release_free_memory()
         hist.observe(time.perf_counter() - t)
-        return Segmented((counts / max(1, int(size[0]) * int(size[1]))).tolist(), png)
+        done.fractions = (counts / max(1, int(size[0]) * int(size[1]))).tolist()
+        return done
 
     async def one(result, image: Prepared) -> Segmented:
-        cost = mask_encode_cost(image.size)
+        cost = mask_encode_cost(image.size) * (2 if rle else 1)  # RLE: the mask, one class's copy, the runs
         lease = await _reserve(state, cost, deadline, f"the mask of {image.name}")
         try:
             return await pool_call(state, encode, result[0], image.size, cost >= LARGE)

@@ -108,12 +108,16 @@ def _wants_png(request: Request, fmt: Optional[str]) -> bool:
 async def predict(
     request: Request,
     state: State,
-    format: Optional[Literal["json", "png"]] = Query(
-        None, description="png: the mask PNG itself (one image)"
+    format: Optional[Literal["json", "png", "rle"]] = Query(
+        None,
+        description="png: the mask PNG itself (one image); rle: JSON with each class's mask as COCO "
+        "run-length encoding (pycocotools.mask.decode reads it) instead of the PNG",
     ),
 ) -> Response:
     """Segment one or more images. JSON: per image its filename, size, per-class
-    pixel fractions and the mask as a base64 palette PNG (pixel value = class id)."""
+    pixel fractions and the mask as a base64 palette PNG (pixel value = class id),
+    or with ``format=rle`` as ``mask_rle``: per class present, ``{"size": [H, W],
+    "counts": ...}`` in COCO's compressed RLE."""
     s = state.settings
     deadline = deadline_of(request, s.request_timeout_s)
     blobs = await read_images(request, s.max_images_per_request)
@@ -123,7 +127,7 @@ async def predict(
     prepared = await preprocess(state, request, blobs, deadline)
     blobs = None  # the encoded files are not needed any more: let their memory go
     outputs, timing = await segment(state, request, prepared, deadline)
-    results = await encode_masks(state, outputs, prepared, deadline)
+    results = await encode_masks(state, outputs, prepared, deadline, rle=format == "rle")
     headers = timing.headers()
     if as_png:
         return Response(results[0].png, media_type="image/png", headers=headers)
@@ -138,7 +142,11 @@ async def predict(
                     "width": image.size[1],
                     "height": image.size[0],
                     "class_fractions": dict(zip(classes, result.fractions)),
-                    "mask_png": base64.b64encode(result.png).decode("ascii"),
+                    **(
+                        {"mask_rle": result.rle}
+                        if result.rle is not None
+                        else {"mask_png": base64.b64encode(result.png).decode("ascii")}
+                    ),
                 }
                 for image, result in zip(prepared, results)
             ],

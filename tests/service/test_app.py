@@ -264,3 +264,22 @@ async def test_a_compiled_package_is_served_like_the_artifact(tiny_package, tiny
     assert packaged.status_code == 200
     agree = (decode_mask(packaged.content) == decode_mask(scripted.content)).mean()
     assert agree > 0.999
+
+
+async def test_predict_rle_is_what_pycocotools_decodes(tiny_artifact, tiny_segmenter):
+    mask_api = pytest.importorskip("pycocotools.mask", reason="pycocotools is in the dev extra")
+    images = [random_image(5, 48, 40), random_image(6, 100, 70)]
+    async with serve(make_settings(tiny_artifact)) as client:
+        r = await client.post("/predict?format=rle", files=files(*images, names=["a.png", "b.png"]))
+    assert r.status_code == 200, r.text
+    classes = list(tiny_segmenter.class_names)
+    for prediction, image in zip(r.json()["predictions"], images):
+        assert "mask_png" not in prediction
+        expected = tiny_segmenter.predict(image)
+        rebuilt = np.full(expected.shape, 255, np.uint8)
+        for name, rle in prediction["mask_rle"].items():
+            assert rle["size"] == list(expected.shape)
+            rebuilt[mask_api.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)] = classes.index(name)
+        np.testing.assert_array_equal(rebuilt, expected)
+        fractions = np.bincount(expected.ravel(), minlength=len(classes)) / expected.size
+        assert list(prediction["class_fractions"].values()) == pytest.approx(list(fractions))
