@@ -38,6 +38,7 @@ from benchmarks.client import IMAGE_SETS
 from benchmarks.loadgen import measure, run
 from benchmarks.model_speed import ALLOCATORS, find_library
 from benchmarks.servers import SCENARIOS, raw_ceiling, running
+from service.resources import cpu_model
 from service.settings import Settings
 
 CSV_FIELDS = [
@@ -49,14 +50,9 @@ CSV_FIELDS = [
 
 
 def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
+    if cpu == "unknown CPU":
+        cpu = platform.processor() or platform.machine()
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 

@@ -92,7 +92,8 @@ def _compile_imported(artifact, dev, args) -> int:
     reference = load(args.model, device=dev, format="torchscript")
     path = compile_package(
         exportable(artifact.module, artifact.config), args.out, artifact.config, dev, "fp32",
-        version=artifact.version, extra_meta={"name": artifact.name, **_imported_meta(artifact)},
+        version=artifact.version,
+        extra_meta={"name": artifact.name, "imported_from": artifact.meta.get("imported_from")},
     )  # fmt: skip
     package = read_package(path, dev)
     compiled = Segmenter(package.module, package, dev, "fp32", bool(package.meta.get("channels_last")))
@@ -104,10 +105,6 @@ def _compile_imported(artifact, dev, args) -> int:
         raise ModelImportError(f"the compiled package agrees with the TorchScript model on {agreement:.4f} of pixels only")
     print(json.dumps({"out": str(path), "precision": "fp32", "agreement_with_torchscript": agreement}, indent=2))
     return 0
-
-
-def _imported_meta(artifact) -> dict:
-    return {k: artifact.meta[k] for k in ("imported_from",) if k in artifact.meta}
 
 
 def cmd_export(args) -> int:

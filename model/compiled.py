@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Optional, Set
 import torch
 from torch import nn
 
-from .export import Artifact, ModelLoadError
+from .export import Artifact, ModelLoadError, written_atomically
 from .network import ModelConfig
 
 __all__ = [
@@ -145,10 +145,7 @@ def compile_package(
         warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations inside export
         program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".pt2", dir=path.parent)
-    os.close(fd)
-    try:
+    with written_atomically(path, ".pt2") as tmp:  # AOTInductor wants the .pt2 suffix
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             torch._inductor.aoti_compile_and_package(
@@ -177,11 +174,6 @@ def compile_package(
             root = z.namelist()[0].split("/", 1)[0]
             z.writestr(f"{root}/extra/{_CONFIG}", config.to_json())
             z.writestr(f"{root}/extra/{_META}", json.dumps(meta, indent=2))
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600: a cache built as root is read by a service user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -10,13 +10,14 @@ happen when :func:`model.load` puts it on its target.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 from torch import nn
@@ -91,19 +92,28 @@ def export_torchscript(
     }
     files = {_CONFIG_FILE: config.to_json(), _META_FILE: json.dumps(meta, indent=2)}
     path = Path(path)
+    with written_atomically(path, ".tmp") as tmp, open(tmp, "wb") as f:
+        torch.jit.save(scripted, f, _extra_files=files)
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+@contextlib.contextmanager
+def written_atomically(path: Path, suffix: str) -> Iterator[str]:
+    """A temporary file beside ``path`` to write; when the block ends without an error it
+    replaces ``path`` (readable by everyone), otherwise it is removed: the file appears
+    complete or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.jit.save(scripted, f, _extra_files=files)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600: a cache built as root is read by a service user
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
 
 
 def read_artifact(path: str | os.PathLike) -> Artifact:

@@ -284,17 +284,16 @@ async def encode_masks(
 
     def encode(labels: torch.Tensor, size: Tuple[int, int], large: bool) -> Segmented:
         t = time.perf_counter()
-        counts = segmenter.class_counts(labels, size, num_classes)
+        fractions = (segmenter.class_counts(labels, size, num_classes) / max(1, int(size[0]) * int(size[1]))).tolist()
         mask = segmenter.restore(labels, size)
         if rle:
-            done = Segmented([], b"", class_rles(mask, segmenter.config.class_names))
+            done = Segmented(fractions, b"", class_rles(mask, segmenter.config.class_names))
         else:
-            done = Segmented([], mask_png_bytes(mask, num_classes))
+            done = Segmented(fractions, mask_png_bytes(mask, num_classes))
         del mask
         if large:
             release_free_memory()
         hist.observe(time.perf_counter() - t)
-        done.fractions = (counts / max(1, int(size[0]) * int(size[1]))).tolist()
         return done
 
     async def one(result, image: Prepared) -> Segmented:

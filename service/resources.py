@@ -55,6 +55,17 @@ def available_cpus() -> int:
     return max(1, cpus)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or ``unknown CPU``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def memory_limit_bytes() -> Optional[int]:
     """The cgroup's memory limit (a container's), or None when unlimited or unknown."""
     for path in (_CGROUP / "memory.max", _CGROUP / "memory" / "memory.limit_in_bytes"):

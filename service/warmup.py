@@ -34,7 +34,7 @@ import torch
 import model
 from model.pretrained import cache_dir
 
-from .resources import allocator, available_cpus
+from .resources import allocator, available_cpus, cpu_model
 
 log = logging.getLogger("chanseg.warmup")
 
@@ -182,15 +182,7 @@ def device_description(device: torch.device) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
         return f"{torch.cuda.get_device_name(index)} (compute {major}.{minor})"
-    name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {available_cpus()} CPUs, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {available_cpus()} CPUs, {torch.get_num_threads()} threads"
 
 
 def measurement_key(segmenter, limit: int, budget_s: float) -> Dict[str, str]:
