@@ -21,6 +21,7 @@ from PIL import Image
 
 import model
 from benchmarks.client import IMAGE_SETS
+from model.predictor import FORMATS
 
 
 def main() -> int:
@@ -31,10 +32,11 @@ def main() -> int:
     parser.add_argument("--images", choices=list(IMAGE_SETS), help="make this set instead of reading stdin")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=["auto", *model.PRECISIONS])
+    parser.add_argument("--format", default="auto", choices=list(FORMATS), help="as the server's MODEL_FORMAT")
     args = parser.parse_args()
     encoded = IMAGE_SETS[args.images]() if args.images else [bytes.fromhex(h) for h in json.load(sys.stdin)]
     images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in encoded]
-    segmenter = model.load(args.model, device=args.device, precision=args.precision)
+    segmenter = model.load(args.model, device=args.device, precision=args.precision, format=args.format)
     sync = torch.cuda.synchronize if segmenter.device.type == "cuda" else (lambda: None)
     per_batch = {}
     for batch in args.batches:

@@ -217,6 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     where = {
         "device": extra_env.get("CHANSEG_DEVICE", "auto"),
         "precision": extra_env.get("CHANSEG_PRECISION", "auto"),  # the server's default
+        "format": extra_env.get("CHANSEG_MODEL_FORMAT", "auto"),  # the same artifact the server runs
     }
 
     def ceilings() -> Dict[str, dict]:

@@ -214,11 +214,12 @@ def raw_ceiling(
     seconds: float = 4.0,
     device: str = "auto",
     precision: str = "fp32",
+    format: str = "auto",
 ) -> dict:
     """``Segmenter.predict`` on decoded images per batch size, in a fresh process
     with the same allocator; no HTTP. See ``benchmarks.ceiling``."""
     cmd = [sys.executable, "-m", "benchmarks.ceiling", "--seconds", str(seconds)]
-    cmd += ["--device", device, "--precision", precision]
+    cmd += ["--device", device, "--precision", precision, "--format", format]
     if model_path:
         cmd += ["--model", str(model_path)]
     out = subprocess.run(
