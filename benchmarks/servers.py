@@ -57,8 +57,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(preload: Optional[str], extra: Dict[str, str]) -> Dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def _env(preload: Optional[str], extra: Dict[str, str], root: Path = ROOT) -> Dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(root))
     env.pop("LD_PRELOAD", None)
     if preload:
         env["LD_PRELOAD"] = preload
@@ -72,9 +72,12 @@ class ServiceProcess:
     ``LD_PRELOAD``), its output in ``log``. The benchmarks and the tests both start
     the server through this; ``wait_ready`` polls ``/readyz``.
 
+    ``root``: the source tree it runs (another checkout: ``benchmarks.ab``).
     Attributes: ``port``, ``url``, ``log`` (the file, or None), ``proc`` (the Popen)."""
 
-    def __init__(self, env: Dict[str, str], log: Optional[Path] = None, port: Optional[int] = None) -> None:
+    def __init__(
+        self, env: Dict[str, str], log: Optional[Path] = None, port: Optional[int] = None, root: Path = ROOT
+    ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -83,8 +86,8 @@ class ServiceProcess:
             out = stack.enter_context(open(log, "wb")) if log else subprocess.DEVNULL
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "service"],
-                env=_env(None, settings),
-                cwd=ROOT,
+                env=_env(None, settings, root),
+                cwd=root,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -39,7 +39,7 @@ from .preprocess import (
     to_rgb_tensor,
 )
 
-__all__ = ["FORMATS", "PRECISIONS", "Segmenter", "load", "measure_recipe", "resolve_device"]
+__all__ = ["FORMATS", "PRECISIONS", "Segmenter", "load", "measure_recipe", "resolve_device", "top_probability"]
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -407,6 +407,15 @@ class Segmenter:
         h, w = self.config.input_size
         dummy = torch.zeros(batch_size, h, w, 3, dtype=torch.uint8)
         self.infer(list(dummy))
+
+
+@torch.inference_mode()
+def top_probability(logits: Tensor) -> Tensor:
+    """Logits ``(N, C, h, w)`` -> ``(N, h, w)`` uint8: the top class's softmax probability
+    x 255, rounded (a confidence map; 255 = certain, 255 / C = a tie of all classes)."""
+    x = logits.float()
+    p = 1 / torch.exp(x - x.max(1, keepdim=True).values).sum(1)
+    return (p * 255).round_().to(torch.uint8)
 
 
 def _upsample(

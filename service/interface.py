@@ -16,6 +16,8 @@ start torch's parallel CPU kernels, see ``model.preprocess.resize_image``):
    ``labels(logits)`` -> ``(N, h, w)`` uint8 class ids on the CPU; ``infer`` is
    the two together (warm-up and the batch-size measurement time it).
 3. ``restore(labels, size, out)`` -> the ``(H, W)`` mask at the image's size;
+   (``restore`` also upsamples the ``(h, w)`` uint8 confidence map the server makes
+   from the logits with ``model.predictor.top_probability``);
    ``probabilities(logits, size, out)`` -> ``(classes, H, W)`` float32 softmax;
    ``class_counts(labels, size, classes)`` -> pixels per class of the restored
    mask, without making it; on the I/O pool.
@@ -34,10 +36,13 @@ import torch
 
 from model import ModelConfig
 
-__all__ = ["ServedModel", "v2_inputs", "v2_outputs", "IMAGE", "IMAGE_BYTES", "MASK", "PROBABILITIES"]
+__all__ = [
+    "ServedModel", "v2_inputs", "v2_outputs", "IMAGE", "IMAGE_BYTES", "MASK", "PROBABILITIES", "CONFIDENCE", "MASK_RLE",
+]  # fmt: skip
 
 IMAGE, IMAGE_BYTES = "IMAGE", "IMAGE_BYTES"  # v2 inputs: pixels, or encoded files
 MASK, PROBABILITIES = "MASK", "PROBABILITIES"  # v2 outputs
+CONFIDENCE, MASK_RLE = "CONFIDENCE", "MASK_RLE"  # v2 outputs: top-class probability x 255, per-class COCO RLE
 
 
 @runtime_checkable
@@ -87,8 +92,11 @@ def v2_inputs(served: ServedModel) -> List[dict]:
 
 
 def v2_outputs(served: ServedModel) -> List[dict]:
-    """The v2 model metadata's outputs, at each image's own size."""
+    """The v2 model metadata's outputs, at each image's own size. ``MASK_RLE``: per image
+    one JSON document, ``{class name: {"size": [H, W], "counts": COCO compressed RLE}}``."""
     return [
         {"name": MASK, "datatype": "UINT8", "shape": [-1, -1, -1]},
         {"name": PROBABILITIES, "datatype": "FP32", "shape": [-1, served.config.num_classes, -1, -1]},
+        {"name": CONFIDENCE, "datatype": "UINT8", "shape": [-1, -1, -1]},
+        {"name": MASK_RLE, "datatype": "BYTES", "shape": [-1]},
     ]

@@ -20,14 +20,15 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from fastapi import Request
 
+from model.regions import regions
 from model.rle import class_rles
-from model.visualize import mask_png_bytes
+from model.visualize import grey_png_bytes, mask_png_bytes
 
 from .batching import BatchFailed, DeadlineExpired, DynamicBatcher, QueueFull
 from .budget import MIB, BudgetExceeded, Lease
@@ -37,6 +38,7 @@ from .resources import release_free_memory
 
 __all__ = [
     "InferItem",
+    "Inferred",
     "Prepared",
     "Segmented",
     "Timing",
@@ -67,14 +69,29 @@ class InferItem:
 
     tensor: torch.Tensor
     want_probabilities: bool = False
+    want_confidence: bool = False
     request_id: str = ""
+
+
+class Inferred(NamedTuple):
+    """What the batch gives back per image, all on the CPU at the model's input size."""
+
+    labels: torch.Tensor  # (h, w) uint8 class ids
+    logits: Optional[torch.Tensor] = None  # (classes, h, w) float32, when asked for
+    confidence: Optional[torch.Tensor] = None  # (h, w) uint8: the top class's probability x 255, when asked for
 
 
 @dataclass
 class Segmented:
+    """One image's answer, at the image's own size."""
+
+    counts: List[int]  # pixels per class
     fractions: List[float]  # per class, summing to 1
-    png: bytes  # the mask as a palette PNG at the image's size (empty when rle was asked for)
+    png: bytes = b""  # the mask as a palette PNG (empty when rle was asked for)
     rle: Optional[Dict[str, dict]] = None  # per class present, its COCO RLE (model.rle)
+    regions: Optional[List[dict]] = None  # the largest connected regions (model.regions), when asked for
+    region_count: int = 0  # the regions in all
+    confidence_png: Optional[bytes] = None  # the top class's probability as an 8-bit grey PNG, when asked for
 
 
 @dataclass
@@ -218,15 +235,20 @@ async def _disconnected(request: Request) -> None:
 
 
 async def segment(
-    state, request: Request, images: Sequence[Prepared], deadline: float, probabilities: bool = False
-) -> Tuple[List, Timing]:
-    """Queue images on the batcher; per image (labels, logits or None), or the right ApiError."""
+    state,
+    request: Request,
+    images: Sequence[Prepared],
+    deadline: float,
+    probabilities: bool = False,
+    confidence: bool = False,
+) -> Tuple[List[Inferred], Timing]:
+    """Queue images on the batcher; per image its :class:`Inferred`, or the right ApiError."""
     batcher: DynamicBatcher = state.batcher
     if batcher is None:  # requests that got in before a drain still finish: no draining check here
         raise NotReady("the model is not ready yet", retry_after_s=5)
     rid = request_id(request)
     try:
-        jobs = batcher.submit([InferItem(im.tensor, probabilities, rid) for im in images], deadline)
+        jobs = batcher.submit([InferItem(im.tensor, probabilities, confidence, rid) for im in images], deadline)
     except QueueFull as exc:
         raise overloaded(exc) from None
     gathered = asyncio.gather(*(job.future for job in jobs))
@@ -274,33 +296,47 @@ def mask_encode_cost(size: Tuple[int, int]) -> int:
 
 
 async def encode_masks(
-    state, results: Sequence, images: Sequence[Prepared], deadline: float, rle: bool = False
+    state,
+    results: Sequence[Inferred],
+    images: Sequence[Prepared],
+    deadline: float,
+    mask: Optional[str] = "png",
+    details: bool = False,
 ) -> List[Segmented]:
-    """(labels, _) at the input size -> per image its class fractions and mask PNG (or,
-    with ``rle``, per-class COCO RLE) at its own size, on the I/O pool; each full-size
-    mask exists only while it is encoded."""
+    """Per image at its own size, on the I/O pool: pixels per class, and the mask as a
+    PNG (``mask="png"``), per-class COCO RLE (``"rle"``) or not at all (None); with
+    ``details`` its connected regions too; the confidence map as a grey PNG when the
+    batch computed it. Each full-size mask exists only while it is encoded."""
     segmenter, hist = state.segmenter, state.metrics.postprocess
-    num_classes = segmenter.config.num_classes
+    num_classes, names = segmenter.config.num_classes, segmenter.config.class_names
 
-    def encode(labels: torch.Tensor, size: Tuple[int, int], large: bool) -> Segmented:
+    def encode(result: Inferred, size: Tuple[int, int], large: bool) -> Segmented:
         t = time.perf_counter()
-        fractions = (segmenter.class_counts(labels, size, num_classes) / max(1, int(size[0]) * int(size[1]))).tolist()
-        mask = segmenter.restore(labels, size)
-        if rle:
-            done = Segmented(fractions, b"", class_rles(mask, segmenter.config.class_names))
-        else:
-            done = Segmented(fractions, mask_png_bytes(mask, num_classes))
-        del mask
+        counts = segmenter.class_counts(result.labels, size, num_classes)
+        done = Segmented(counts.tolist(), (counts / max(1, int(size[0]) * int(size[1]))).tolist())
+        if mask is not None:
+            full = segmenter.restore(result.labels, size)
+            if mask == "rle":
+                done.rle = class_rles(full, names)
+            else:
+                done.png = mask_png_bytes(full, num_classes)
+            del full
+        if details:
+            done.regions, done.region_count = regions(result.labels.numpy(), size, names)
+        if result.confidence is not None:
+            done.confidence_png = grey_png_bytes(segmenter.restore(result.confidence, size))
         if large:
             release_free_memory()
         hist.observe(time.perf_counter() - t)
         return done
 
-    async def one(result, image: Prepared) -> Segmented:
-        cost = mask_encode_cost(image.size) * (2 if rle else 1)  # RLE: the mask, one class's copy, the runs
+    async def one(result: Inferred, image: Prepared) -> Segmented:
+        # The mask and its PNG; RLE: one class's copy and the runs too; a confidence map: its own mask and PNG.
+        copies = (mask is not None) + (mask == "rle") + (result.confidence is not None)
+        cost = mask_encode_cost(image.size) * max(1, copies)
         lease = await _reserve(state, cost, deadline, f"the mask of {image.name}")
         try:
-            return await pool_call(state, encode, result[0], image.size, cost >= LARGE)
+            return await pool_call(state, encode, result, image.size, cost >= LARGE)
         finally:
             lease.release()
 

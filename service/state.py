@@ -15,12 +15,14 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
+from model.predictor import top_probability
+
 from .batching import DynamicBatcher
 from .budget import MemoryBudget
 from .errors import DeviceLost, device_lost
 from .interface import ServedModel
 from .metrics import Metrics
-from .pipeline import InferItem
+from .pipeline import InferItem, Inferred
 from .settings import Settings
 from .warmup import BatchChoice
 
@@ -89,13 +91,13 @@ class ServerState:
             half = len(items) // 2
             return self.run_batch(items[:half]) + self.run_batch(items[half:])
 
-    def _forward(self, items: List[InferItem]) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    def _forward(self, items: List[InferItem]) -> List[Inferred]:
         with torch.inference_mode():
             logits = self.segmenter.logits([item.tensor for item in items])
             labels = self.segmenter.labels(logits)
-            want = [i for i, item in enumerate(items) if item.want_probabilities]
-            wanted = dict(zip(want, logits[want].float().cpu())) if want else {}  # one copy to the host
-            return [(labels[i], wanted.get(i)) for i in range(len(items))]
+            raw = _selected(logits, [item.want_probabilities for item in items], lambda x: x.float())
+            confidence = _selected(logits, [item.want_confidence for item in items], top_probability)
+            return [Inferred(labels[i], raw[i], confidence[i]) for i in range(len(items))]
 
     def lose_device(self, exc: BaseException) -> None:
         """After an unrecoverable device error (on the inference thread): every batch
@@ -148,3 +150,11 @@ class ServerState:
         if self.shutdown_deadline is None:
             return self.settings.drain_timeout_s
         return max(0.0, self.shutdown_deadline - time.monotonic())
+
+
+
+def _selected(logits: torch.Tensor, wanted: List[bool], fn) -> List[Optional[torch.Tensor]]:
+    """``fn`` of the logits of the wanted images (one call, one copy to the host), None for the others."""
+    index = [i for i, want in enumerate(wanted) if want]
+    done = dict(zip(index, fn(logits[index]).cpu())) if index else {}
+    return [done.get(i) for i in range(len(wanted))]

@@ -363,11 +363,26 @@ class Output:
     datatype: str
     shape: Tuple[int, ...]
     binary: bool
-    fill: Callable[[np.ndarray], None]
+    fill: Optional[Callable[[np.ndarray], None]] = None
+    items: Optional[List[bytes]] = None  # a BYTES output's elements, made beforehand
 
     @property
     def nbytes(self) -> int:
+        if self.items is not None:  # binary BYTES: each element after its 4-byte length
+            return sum(4 + len(item) for item in self.items)
         return math.prod(self.shape) * np.dtype(DTYPES[self.datatype]).itemsize
+
+    def write(self, buffer: bytearray, offset: int) -> None:
+        """The binary form of this output into ``buffer`` at ``offset``."""
+        if self.items is not None:
+            for item in self.items:
+                buffer[offset : offset + 4] = struct.pack("<I", len(item))
+                buffer[offset + 4 : offset + 4 + len(item)] = item
+                offset += 4 + len(item)
+            return
+        dtype = np.dtype(DTYPES[self.datatype]).newbyteorder("<")
+        view = np.frombuffer(buffer, dtype=dtype, count=math.prod(self.shape), offset=offset)
+        self.fill(view.reshape(self.shape))
 
 
 def encode_response(
@@ -384,6 +399,8 @@ def encode_response(
         entry: Dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": list(out.shape)}
         if out.binary:
             entry["parameters"] = {"binary_data_size": out.nbytes}
+        elif out.items is not None:
+            entry["data"] = [item.decode("utf-8") for item in out.items]
         else:
             array = np.empty(out.shape, dtype=DTYPES[out.datatype])
             out.fill(array)
@@ -405,9 +422,7 @@ def encode_response(
     body[: len(header)] = header
     offset = len(header)
     for out in binary:
-        dtype = np.dtype(DTYPES[out.datatype]).newbyteorder("<")
-        view = np.frombuffer(body, dtype=dtype, count=math.prod(out.shape), offset=offset).reshape(out.shape)
-        out.fill(view)
+        out.write(body, offset)
         offset += out.nbytes
     return body, len(header)
 

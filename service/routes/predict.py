@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import List, Literal, Optional, Tuple
+from typing import List, Literal, Optional, Sequence, Tuple
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -26,7 +26,7 @@ from ..errors import (
     UnsupportedMediaType,
     responses,
 )
-from ..pipeline import deadline_of, encode_masks, preprocess, segment
+from ..pipeline import Prepared, Segmented, deadline_of, encode_masks, preprocess, segment
 
 router = APIRouter(tags=["predict"])
 
@@ -91,11 +91,12 @@ async def read_images(request: Request, max_images: int) -> List[Tuple[str, byte
     )
 
 
-def _wants_png(request: Request, fmt: Optional[str]) -> bool:
+def _single_png(request: Request, fmt: Optional[str]) -> Optional[str]:
+    """"png" or "confidence" when the response is that one PNG, None for JSON."""
     if fmt is not None:
-        return fmt == "png"
+        return fmt if fmt in ("png", "confidence") else None
     accept = request.headers.get("accept", "")
-    return "image/png" in accept and "application/json" not in accept
+    return "png" if "image/png" in accept and "application/json" not in accept else None
 
 
 @router.post(
@@ -108,48 +109,69 @@ def _wants_png(request: Request, fmt: Optional[str]) -> bool:
 async def predict(
     request: Request,
     state: State,
-    format: Optional[Literal["json", "png", "rle"]] = Query(
+    format: Optional[Literal["json", "png", "rle", "confidence"]] = Query(
         None,
-        description="png: the mask PNG itself (one image); rle: JSON with each class's mask as COCO "
-        "run-length encoding (pycocotools.mask.decode reads it) instead of the PNG",
+        description="json (the default): per image its class fractions and pixels, connected regions and "
+        "the mask as a base64 palette PNG; rle: the same with each class's mask as COCO run-length "
+        "encoding (pycocotools.mask.decode reads it) instead of the PNG; png: the mask PNG itself (one "
+        "image); confidence: the confidence map itself (one image), an 8-bit grey PNG of the top class's "
+        "probability x 255",
+    ),
+    confidence: bool = Query(
+        False, description="JSON: each prediction also carries confidence_png, the confidence map (base64)"
     ),
 ) -> Response:
     """Segment one or more images. JSON: per image its filename, size, per-class
-    pixel fractions and the mask as a base64 palette PNG (pixel value = class id),
-    or with ``format=rle`` as ``mask_rle``: per class present, ``{"size": [H, W],
+    pixel fractions and counts, its connected regions (class, COCO bounding box
+    ``[x, y, width, height]`` and pixels; the largest 100, background left out) and
+    the mask as a base64 palette PNG (pixel value = class id), or with
+    ``format=rle`` as ``mask_rle``: per class present, ``{"size": [H, W],
     "counts": ...}`` in COCO's compressed RLE."""
     s = state.settings
     deadline = deadline_of(request, s.request_timeout_s)
     blobs = await read_images(request, s.max_images_per_request)
-    as_png = _wants_png(request, format)
-    if as_png and len(blobs) != 1:
-        raise BadImage(f"a PNG response holds one mask; this request has {len(blobs)} images (use JSON)")
+    single = _single_png(request, format)
+    if single and len(blobs) != 1:
+        raise BadImage(f"a PNG response holds one image; this request has {len(blobs)} images (use JSON)")
     prepared = await preprocess(state, request, blobs, deadline)
     blobs = None  # the encoded files are not needed any more: let their memory go
-    outputs, timing = await segment(state, request, prepared, deadline)
-    results = await encode_masks(state, outputs, prepared, deadline, rle=format == "rle")
+    want_confidence = single == "confidence" or (confidence and single is None)
+    outputs, timing = await segment(state, request, prepared, deadline, confidence=want_confidence)
+    mask = {"png": "png", "confidence": None}.get(single, "rle" if format == "rle" else "png")
+    results = await encode_masks(state, outputs, prepared, deadline, mask=mask, details=single is None)
     headers = timing.headers()
-    if as_png:
-        return Response(results[0].png, media_type="image/png", headers=headers)
+    if single:
+        png = results[0].png if single == "png" else results[0].confidence_png
+        return Response(png, media_type="image/png", headers=headers)
     classes = state.segmenter.config.class_names
     return JSONResponse(
         {
             "model": {"name": state.segmenter.name, "version": state.segmenter.version},
             "request_id": request.scope["chanseg"]["request_id"],
-            "predictions": [
-                {
-                    "filename": image.name,
-                    "width": image.size[1],
-                    "height": image.size[0],
-                    "class_fractions": dict(zip(classes, result.fractions)),
-                    **(
-                        {"mask_rle": result.rle}
-                        if result.rle is not None
-                        else {"mask_png": base64.b64encode(result.png).decode("ascii")}
-                    ),
-                }
-                for image, result in zip(prepared, results)
-            ],
+            "predictions": [_prediction(image, result, classes) for image, result in zip(prepared, results)],
         },
         headers=headers,
     )
+
+
+def _prediction(image: Prepared, result: Segmented, classes: Sequence[str]) -> dict:
+    out = {
+        "filename": image.name,
+        "width": image.size[1],
+        "height": image.size[0],
+        "class_fractions": dict(zip(classes, result.fractions)),
+        "class_pixels": dict(zip(classes, result.counts)),
+        "regions": result.regions,
+        "region_count": result.region_count,
+    }
+    if result.rle is not None:
+        out["mask_rle"] = result.rle
+    else:
+        out["mask_png"] = _b64(result.png)
+    if result.confidence_png is not None:
+        out["confidence_png"] = _b64(result.confidence_png)
+    return out
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

@@ -3,8 +3,10 @@
 Inputs (exactly one per request):
 - ``IMAGE``: ``UINT8 [N, H, W, 3]`` RGB pixels;
 - ``IMAGE_BYTES``: ``BYTES [N]`` encoded image files (PNG, JPEG, ...; base64 strings in JSON).
-Outputs: ``MASK`` ``UINT8 [N, H, W]`` class ids (by default); ``PROBABILITIES``
-``FP32 [N, C, H, W]`` only when requested. Requests share the batcher, limits,
+Outputs: ``MASK`` ``UINT8 [N, H, W]`` class ids (by default); when requested,
+``PROBABILITIES`` ``FP32 [N, C, H, W]``, ``CONFIDENCE`` ``UINT8 [N, H, W]`` (the top
+class's probability x 255) and ``MASK_RLE`` ``BYTES [N]`` (per image a JSON document:
+per class present its COCO compressed RLE, as ``/predict?format=rle``). Requests share the batcher, limits,
 deadlines, memory budget, API key and metrics with ``/predict``.
 
 Nothing heavy runs on the event loop: the body is parsed and the response
@@ -17,6 +19,7 @@ Responses are streamed from one buffer in 1 MiB pieces.
 
 from __future__ import annotations
 
+import json
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -25,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 import model
+from model.rle import class_rles
 
 from ..budget import MIB
 from ..deps import Admitted, Authorized, Ready, State
@@ -44,8 +48,8 @@ from ..errors import (
     responses,
 )
 from ..imaging import size_problem
-from ..interface import IMAGE, IMAGE_BYTES, MASK, PROBABILITIES, v2_inputs, v2_outputs
-from ..pipeline import deadline_of, pool_call, preprocess, reserve_output, segment
+from ..interface import CONFIDENCE, IMAGE, IMAGE_BYTES, MASK, MASK_RLE, PROBABILITIES, v2_inputs, v2_outputs
+from ..pipeline import deadline_of, mask_encode_cost, pool_call, preprocess, reserve_output, segment
 from ..settings import JSON_PARSE_COST
 from ..v2_codec import (
     DTYPES,
@@ -65,6 +69,7 @@ _INFER_BODY = {"requestBody": {"required": True, "content": {"application/json":
 # in pieces, the joined body): measured 5.5 (class ids) and 44 (floats) here.
 _JSON_BYTES_PER_ELEMENT = {"UINT8": 8, "FP32": 56}
 _CHUNK = MIB
+_OUTPUTS = (MASK, PROBABILITIES, CONFIDENCE, MASK_RLE)
 
 
 _NOT_READY = responses(NotReady)
@@ -164,9 +169,9 @@ async def infer(request: Request, state: State, name: str, version: Optional[str
     except V2Error as exc:
         raise InvalidRequest(str(exc)) from None
     wanted = req.outputs or {MASK: req.binary_default}
-    unknown = set(wanted) - {MASK, PROBABILITIES}
+    unknown = set(wanted) - set(_OUTPUTS)
     if unknown:
-        raise InvalidRequest(f"unknown output(s) {sorted(unknown)}; this model has {MASK} and {PROBABILITIES}")
+        raise InvalidRequest(f"unknown output(s) {sorted(unknown)}; this model has {', '.join(_OUTPUTS)}")
     classes, reply_id = seg.config.num_classes, req.id
 
     def check(sizes: Sequence[Tuple[int, int]]) -> None:
@@ -187,8 +192,14 @@ async def infer(request: Request, state: State, name: str, version: Optional[str
     del sources, body
     parse_lease.release()
 
-    results, timing = await segment(state, request, prepared, deadline, probabilities=PROBABILITIES in wanted)
-    outputs = _outputs(seg, wanted, results, prepared[0].size)
+    results, timing = await segment(
+        state, request, prepared, deadline, probabilities=PROBABILITIES in wanted, confidence=CONFIDENCE in wanted
+    )
+    rles = None
+    if MASK_RLE in wanted:  # one full-size mask, one class's copy of it and the runs at a time
+        await reserve_output(state, request, 2 * mask_encode_cost(prepared[0].size), deadline, "the masks' RLE")
+        rles = await pool_call(state, _rle_documents, seg, results, prepared[0].size)
+    outputs = _outputs(seg, wanted, results, prepared[0].size, rles)
     await reserve_output(state, request, _output_cost(outputs), deadline, "the response")
     payload, header_length_out = await pool_call(
         state, encode_response, seg.name, seg.version, reply_id, outputs
@@ -257,7 +268,11 @@ def _check_output_size(
     wanted: dict, n: int, size: Tuple[int, int], classes: int, input_size: Tuple[int, int], limit: int
 ) -> None:
     h, w = size
-    per_output = {MASK: ("UINT8", (n, h, w)), PROBABILITIES: ("FP32", (n, classes, h, w))}
+    # MASK_RLE: bounded like MASK (a run takes at least one character, a pixel at most one run).
+    per_output = {
+        MASK: ("UINT8", (n, h, w)), PROBABILITIES: ("FP32", (n, classes, h, w)), CONFIDENCE: ("UINT8", (n, h, w)),
+        MASK_RLE: ("UINT8", (n, h, w)),
+    }  # fmt: skip
     for name, binary in wanted.items():
         datatype, shape = per_output[name]
         elements = int(np.prod(shape, dtype=object))
@@ -280,33 +295,54 @@ def _check_output_size(
             )
 
 
-def _outputs(seg, wanted: dict, results: list, size: Tuple[int, int]) -> List[Output]:
+def _outputs(seg, wanted: dict, results: list, size: Tuple[int, int], rles: Optional[List[bytes]]) -> List[Output]:
     n, (h, w) = len(results), size
     outputs = []
     if MASK in wanted:
 
         def masks(out: np.ndarray) -> None:
-            for i, (labels, _) in enumerate(results):
-                seg.restore(labels, size, out=out[i])
+            for i, result in enumerate(results):
+                seg.restore(result.labels, size, out=out[i])
 
         outputs.append(Output(MASK, "UINT8", (n, h, w), wanted[MASK], masks))
     if PROBABILITIES in wanted:
 
         def probabilities(out: np.ndarray) -> None:
-            for i, (_, logits) in enumerate(results):
-                seg.probabilities(logits, size, out=out[i])
+            for i, result in enumerate(results):
+                seg.probabilities(result.logits, size, out=out[i])
 
         outputs.append(
             Output(PROBABILITIES, "FP32", (n, seg.config.num_classes, h, w), wanted[PROBABILITIES], probabilities)
         )
+    if CONFIDENCE in wanted:
+
+        def confidence(out: np.ndarray) -> None:
+            for i, result in enumerate(results):
+                seg.restore(result.confidence, size, out=out[i])
+
+        outputs.append(Output(CONFIDENCE, "UINT8", (n, h, w), wanted[CONFIDENCE], confidence))
+    if MASK_RLE in wanted:
+        outputs.append(Output(MASK_RLE, "BYTES", (n,), wanted[MASK_RLE], items=rles))
     return outputs
+
+
+def _rle_documents(seg, results: list, size: Tuple[int, int]) -> List[bytes]:
+    """Per image, its classes' COCO RLEs as one JSON document (``MASK_RLE``); one full-size mask at a time."""
+    return [
+        json.dumps(class_rles(seg.restore(r.labels, size), seg.config.class_names), separators=(",", ":")).encode()
+        for r in results
+    ]
 
 
 def _output_cost(outputs: List[Output]) -> int:
     total = MIB
     for out in outputs:
-        elements = out.nbytes // np.dtype(DTYPES[out.datatype]).itemsize
-        total += out.nbytes if out.binary else elements * _JSON_BYTES_PER_ELEMENT[out.datatype]
+        if out.binary:
+            total += out.nbytes
+        elif out.items is not None:  # JSON strings: the text, and the bytes it came from
+            total += 2 * out.nbytes
+        else:
+            total += out.nbytes // np.dtype(DTYPES[out.datatype]).itemsize * _JSON_BYTES_PER_ELEMENT[out.datatype]
     return total
 
 

@@ -130,3 +130,27 @@ def test_gpu_check_steps_survive_failures_and_keep_the_deadline(tmp_path):
     assert "== hangs: TIMED OUT after 2 s" in summary
     assert "== works: ok" in summary
     assert "== late: skipped (deadline" in summary  # 21 s deadline: under 20 s left after the 2 s
+
+
+def test_ab_runs_an_earlier_commit_beside_the_working_tree(tiny_artifact, capsys):
+    from benchmarks import ab
+
+    assert ab.main(["HEAD", "--requests", "4", "--model", tiny_artifact]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines[:2]] == ["before", "after"]
+    medians = [float(line.split("median")[1].split()[0]) for line in lines[:2]]
+    assert all(m > 0 for m in medians)
+    assert "after - before:" in lines[2]
+    worktrees = subprocess.run(["git", "worktree", "list"], capture_output=True, text=True, check=True).stdout
+    assert "chanseg-ab-" not in worktrees  # the checkout is gone again
+
+
+def test_formats_prints_each_format_at_both_sizes(capsys):
+    from benchmarks import formats
+
+    assert formats.main(["--repeat", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], r[1]) for r in rows] == [
+        (size, fmt) for size in ("256x256", "2048x2048") for fmt in ("mask", "RLE", "confidence", "regions")
+    ]
+    assert all(int(r[-2]) > 0 and float(r[-1]) > 0 for r in rows)

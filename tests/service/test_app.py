@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import re
 
 import numpy as np
 import pytest
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.client import metric_samples
@@ -283,3 +285,38 @@ async def test_predict_rle_is_what_pycocotools_decodes(tiny_artifact, tiny_segme
         np.testing.assert_array_equal(rebuilt, expected)
         fractions = np.bincount(expected.ravel(), minlength=len(classes)) / expected.size
         assert list(prediction["class_fractions"].values()) == pytest.approx(list(fractions))
+
+
+async def test_predict_counts_pixels_and_boxes_each_region(tiny_artifact, tiny_segmenter):
+    from tests.model.test_regions import reference
+
+    images = [random_image(7, 90, 130), random_image(8, 20, 25)]  # larger and smaller than the input size
+    async with serve(make_settings(tiny_artifact)) as client:
+        r = await client.post("/predict", files=files(*images))
+    assert r.status_code == 200, r.text
+    classes = list(tiny_segmenter.class_names)
+    for prediction, image in zip(r.json()["predictions"], images):
+        mask = tiny_segmenter.predict(image)
+        assert list(prediction["class_pixels"].values()) == np.bincount(mask.ravel(), minlength=len(classes)).tolist()
+        expected = reference(mask, classes)
+        assert prediction["region_count"] == len(expected)
+        got = [(g["class"], g["bbox"], g["pixels"]) for g in prediction["regions"]]
+        assert sorted(got, key=lambda g: (-g[2], g[0], g[1])) == expected[:100]
+
+
+async def test_confidence_map_as_png_and_in_json(tiny_artifact, tiny_segmenter):
+    image = random_image(9, 60, 45)
+    expected = np.rint(tiny_segmenter.predict_proba(image).max(0) * 255)
+    async with serve(make_settings(tiny_artifact)) as client:
+        alone = await client.post("/predict?format=confidence", files=files(image))
+        flagged = await client.post("/predict?confidence=true", files=files(image))
+        plain = await client.post("/predict", files=files(image))
+        two = await client.post("/predict?format=confidence", files=files(image, image))
+    assert alone.status_code == 200 and alone.headers["content-type"] == "image/png"
+    grey = Image.open(io.BytesIO(alone.content))
+    assert grey.mode == "L" and grey.size == (45, 60)
+    np.testing.assert_allclose(np.asarray(grey), expected, atol=1)
+    body = flagged.json()["predictions"][0]
+    assert base64.b64decode(body["confidence_png"]) == alone.content
+    assert "mask_png" in body and "confidence_png" not in plain.json()["predictions"][0]
+    assert two.status_code == 400 and "one image" in two.json()["detail"]

@@ -39,7 +39,12 @@ def test_tritonclient_metadata_and_health(server):  # noqa: F811
         ("IMAGE", "UINT8"),
         ("IMAGE_BYTES", "BYTES"),
     }
-    assert [o["shape"] for o in meta["outputs"]] == [[-1, -1, -1], [-1, 4, -1, -1]]
+    assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [
+        ("MASK", "UINT8", [-1, -1, -1]),
+        ("PROBABILITIES", "FP32", [-1, 4, -1, -1]),
+        ("CONFIDENCE", "UINT8", [-1, -1, -1]),
+        ("MASK_RLE", "BYTES", [-1]),
+    ]
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
 
 
@@ -75,6 +80,32 @@ def test_tritonclient_bytes_input_and_both_outputs(server, tiny_segmenter):  # n
     assert probs.shape == (1, 4, 50, 50) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     np.testing.assert_allclose(probs[0], tiny_segmenter.predict_proba(image), atol=1e-5)
+
+
+@pytest.mark.real_part("tritonclient")
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_confidence_and_rle_outputs(server, tiny_segmenter, binary):  # noqa: F811
+    from pycocotools import mask as coco
+
+    httpclient = triton()
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    images = np.stack([random_image(6, 70, 90), random_image(7, 70, 90)])
+    inp = httpclient.InferInput("IMAGE", list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images, binary_data=binary)
+    wanted = ["MASK", "CONFIDENCE", "MASK_RLE"]
+    outputs = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in wanted]
+    result = client.infer("tiny", [inp], outputs=outputs)
+    masks, confidence, rles = (result.as_numpy(name) for name in wanted)
+    assert confidence.shape == (2, 70, 90) and confidence.dtype == np.uint8 and rles.shape == (2,)
+    classes = tiny_segmenter.config.class_names
+    for i, image in enumerate(images):
+        probs = tiny_segmenter.predict_proba(image)
+        np.testing.assert_allclose(confidence[i], probs.max(0) * 255, atol=1.01)  # rounded to 8 bits
+        rebuilt = np.zeros_like(masks[i])
+        for name, rle in json.loads(rles[i]).items():
+            rebuilt[coco.decode({"size": rle["size"], "counts": rle["counts"].encode()}) == 1] = classes.index(name)
+        np.testing.assert_array_equal(rebuilt, masks[i])
+        np.testing.assert_array_equal(masks[i], tiny_segmenter.predict(image))
 
 
 @pytest.mark.real_part("tritonclient")

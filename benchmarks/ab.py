@@ -1,0 +1,82 @@
+"""Before/after: the c=1 latency of ``POST /predict`` on an earlier commit and on the
+working tree, measured in one run.
+
+``python -m benchmarks.ab HEAD~1 --images png256 jpeg1024 --requests 300``
+
+The earlier commit is checked out in a temporary git worktree; both servers run
+the same model with the same settings, side by side, and are asked in turn (one
+request at a time, the order swapped every round), so that the machine's drift
+falls on both alike. Prints per image set the median and p90 of each and the
+difference of the medians; the first tenth of the requests is warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import httpx
+import numpy as np
+
+from benchmarks.client import IMAGE_SETS
+from benchmarks.servers import ServiceProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def measure(urls: Dict[str, str], bodies: List[bytes], requests: int, query: str) -> Dict[str, List[float]]:
+    latency: Dict[str, List[float]] = {name: [] for name in urls}
+    with httpx.Client(timeout=120) as client:
+        for i in range(requests):
+            order = list(urls.items()) if i % 2 else list(urls.items())[::-1]
+            for name, url in order:
+                started = time.perf_counter()
+                r = client.post(url + "/predict" + query, files={"file": ("image", bodies[i % len(bodies)])})
+                latency[name].append((time.perf_counter() - started) * 1000)
+                r.raise_for_status()
+    return latency
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("before", help="the earlier commit (any git revision)")
+    parser.add_argument("--images", nargs="+", choices=list(IMAGE_SETS), default=["png256"])
+    parser.add_argument("--requests", type=int, default=200, help="per server and image set")
+    parser.add_argument("--query", default="", help="appended to /predict, e.g. '?format=rle'")
+    parser.add_argument("--model", help="CHANSEG_MODEL_PATH (default: the bundled model)")
+    args = parser.parse_args(argv)
+    env = {"CHANSEG_DEVICE": "cpu", "CHANSEG_MAX_BATCH_SIZE": "4", "CHANSEG_LOG_LEVEL": "warning"}
+    if args.model:
+        env["CHANSEG_MODEL_PATH"] = args.model
+    with tempfile.TemporaryDirectory(prefix="chanseg-ab-") as tmp:
+        before = Path(tmp) / "before"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(before), args.before], check=True)
+        started = []
+        try:
+            for root in (before, ROOT):
+                started.append(ServiceProcess(env, root=root))
+            for proc in started:
+                proc.wait_ready(600)
+            urls = {f"before ({args.before})": started[0].url, "after (working tree)": started[1].url}
+            for name in args.images:
+                latency = measure(urls, IMAGE_SETS[name](), args.requests, args.query)
+                skip = args.requests // 10
+                medians = {k: statistics.median(v[skip:]) for k, v in latency.items()}
+                for k, v in latency.items():
+                    print(f"{name:10} {k:28} median {medians[k]:7.2f} ms   p90 {np.percentile(v[skip:], 90):7.2f} ms")
+                before_ms, after_ms = medians.values()
+                print(f"{name:10} after - before: {after_ms - before_ms:+.2f} ms ({after_ms / before_ms - 1:+.1%})")
+        finally:
+            for proc in started:
+                proc.stop()
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
