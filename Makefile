@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 # tcmalloc when installed (apt-get install libtcmalloc-minimal4): see README, "Allocator".
 TCMALLOC := $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4))
 
-.PHONY: install test lint serve reliability bench-model bench-serve clean
+.PHONY: install test lint serve reliability bench-model bench-serve screenshot clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: install lint
 # The reliability suite's long forms (60 s held load, 20 s overload, 5 min soak); `make test` runs the short ones.
 reliability: install
 	CHANSEG_RELIABILITY=long $(BIN)/pytest -s -m reliability tests/reliability
+
+# docs/page.png, the README's picture of the page at /: the browser test, keeping its screenshot.
+screenshot: install
+	CHANSEG_SCREENSHOT=docs/page.png $(BIN)/pytest -q tests/service/test_page.py
 
 # The first time on a machine: the bundled model compiled for it (torch.export +
 # AOTInductor, each precision the CPU has, the fastest within 0.005 mIoU of fp32; a

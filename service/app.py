@@ -48,7 +48,7 @@ from .logs import configure_logging
 from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .resources import allocator, available_cpus, memory_limit_bytes, release_free_memory, rss_bytes
-from .routes import health, metrics, model_info, predict, v2
+from .routes import health, metrics, model_info, page, predict, v2
 from .settings import Settings
 from .state import ServerState
 from .warmup import (
@@ -116,7 +116,7 @@ def create_app(settings: Optional[Settings] = None, segmenter: Optional[ServedMo
     )
     app.state.chanseg = state
     register_handlers(app)
-    for router in (health.router, predict.router, model_info.router, metrics.router, v2.router):
+    for router in (health.router, predict.router, model_info.router, metrics.router, v2.router, page.router):
         app.include_router(router)
     app.add_middleware(
         RequestMiddleware,

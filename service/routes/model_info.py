@@ -7,6 +7,8 @@ from typing import Dict, List, Optional, Tuple
 from fastapi import APIRouter
 from pydantic import BaseModel
 
+from model.visualize import palette
+
 from ..deps import Authorized, Ready, State
 from ..errors import NotReady, Unauthorized, responses
 
@@ -27,6 +29,7 @@ class ModelMetadata(BaseModel):
     name: str
     version: str
     classes: List[str]
+    palette: List[Tuple[int, int, int]]  # per class the RGB colour its masks and overlays use
     input_size: Tuple[int, int]
     mean: List[float]
     std: List[float]
@@ -49,6 +52,7 @@ async def model_metadata(state: State) -> ModelMetadata:
         name=seg.name,
         version=seg.version,
         classes=list(seg.config.class_names),
+        palette=palette(seg.config.num_classes),
         input_size=tuple(seg.config.input_size),
         mean=list(seg.config.mean),
         std=list(seg.config.std),
