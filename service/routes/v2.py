@@ -296,34 +296,30 @@ def _check_output_size(
 
 
 def _outputs(seg, wanted: dict, results: list, size: Tuple[int, int], rles: Optional[List[bytes]]) -> List[Output]:
-    n, (h, w) = len(results), size
+    n, (h, w), classes = len(results), size, seg.config.num_classes
+    made = {
+        MASK: lambda: ("UINT8", (n, h, w), _filled(seg.restore, [r.labels for r in results], size)),
+        PROBABILITIES: lambda: ("FP32", (n, classes, h, w), _filled(seg.probabilities, [r.logits for r in results], size)),
+        CONFIDENCE: lambda: ("UINT8", (n, h, w), _filled(seg.restore, [r.confidence for r in results], size)),
+    }
     outputs = []
-    if MASK in wanted:
-
-        def masks(out: np.ndarray) -> None:
-            for i, result in enumerate(results):
-                seg.restore(result.labels, size, out=out[i])
-
-        outputs.append(Output(MASK, "UINT8", (n, h, w), wanted[MASK], masks))
-    if PROBABILITIES in wanted:
-
-        def probabilities(out: np.ndarray) -> None:
-            for i, result in enumerate(results):
-                seg.probabilities(result.logits, size, out=out[i])
-
-        outputs.append(
-            Output(PROBABILITIES, "FP32", (n, seg.config.num_classes, h, w), wanted[PROBABILITIES], probabilities)
-        )
-    if CONFIDENCE in wanted:
-
-        def confidence(out: np.ndarray) -> None:
-            for i, result in enumerate(results):
-                seg.restore(result.confidence, size, out=out[i])
-
-        outputs.append(Output(CONFIDENCE, "UINT8", (n, h, w), wanted[CONFIDENCE], confidence))
+    for name in (MASK, PROBABILITIES, CONFIDENCE):
+        if name in wanted:
+            datatype, shape, fill = made[name]()
+            outputs.append(Output(name, datatype, shape, wanted[name], fill))
     if MASK_RLE in wanted:
         outputs.append(Output(MASK_RLE, "BYTES", (n,), wanted[MASK_RLE], items=rles))
     return outputs
+
+
+def _filled(upsample, tensors: list, size: Tuple[int, int]):
+    """An output's ``fill``: each image's ``upsample(tensor, size, out=...)`` into its slice."""
+
+    def fill(out: np.ndarray) -> None:
+        for i, tensor in enumerate(tensors):
+            upsample(tensor, size, out=out[i])
+
+    return fill
 
 
 def _rle_documents(seg, results: list, size: Tuple[int, int]) -> List[bytes]:

@@ -114,6 +114,8 @@ def test_image_serves_measures_and_stops_cleanly(container):
         and (mask[truth == 0] == 0).mean() > 0.9
     )
     assert "chanseg_requests_total" in httpx.get(url + "/metrics").text
+    page = httpx.get(url + "/")  # the page is package data: the installed image has it
+    assert page.status_code == 200 and 'id="files"' in page.text
 
     user = sh("docker", "exec", cid, "id", "-u").stdout.strip()
     assert user == "10001"

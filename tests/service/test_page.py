@@ -118,6 +118,14 @@ def test_page_segments_an_image_and_shows_the_servers_errors(browser, tmp_path):
         error = _wait(browser, "article.result[data-file='big.png'][data-state='error'] .error")
         assert error.get_attribute("role") == "alert"
         assert error.text.startswith("413: ") and f"over the limit of {UPLOAD_LIMIT}" in error.text
+
+        # Not an image: the server's 400 and its words, in this file's own card.
+        text = tmp_path / "notes.png"
+        text.write_text("not an image at all")
+        browser.find_element(By.ID, "files").send_keys(str(text))
+        error = _wait(browser, "article.result[data-file='notes.png'][data-state='error'] .error")
+        assert error.text.startswith("400: ") and "notes.png" in error.text
+        assert len(browser.find_elements(By.CSS_SELECTOR, "article.result[data-state='done']")) == 1
     finally:
         server.stop()
 
