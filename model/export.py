@@ -24,7 +24,7 @@ from torch import nn
 
 from .network import ChannelAttentionUNet, ModelConfig
 
-__all__ = ["ARTIFACT_FORMAT", "ModelLoadError", "Artifact", "export_torchscript", "read_artifact"]
+__all__ = ["ARTIFACT_FORMAT", "ModelLoadError", "Artifact", "export_torchscript", "read_artifact", "read_metadata"]
 
 ARTIFACT_FORMAT = 1
 _CONFIG_FILE, _META_FILE = "config.json", "meta.json"
@@ -143,6 +143,27 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
     if int(meta.get("format", 0)) > ARTIFACT_FORMAT:
         raise ModelLoadError(f"{path}: artifact format {meta['format']} is newer than this chanseg supports")
     return Artifact(module, config, meta, path)
+
+
+def read_metadata(path: str | os.PathLike) -> tuple[ModelConfig, Dict[str, Any]]:
+    """The config and metadata of an artifact or a compiled package, read from the archive
+    without loading its code (a model repository's index lists files this way).
+
+    Raises:
+        ModelLoadError: not a chanseg artifact or package.
+    """
+    from .compiled import is_package, read_meta
+
+    if is_package(path):
+        return read_meta(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            member = {n.rsplit("/extra/", 1)[-1]: n for n in z.namelist() if "/extra/" in n}
+            config = ModelConfig.from_json(z.read(member[_CONFIG_FILE]).decode())
+            meta = json.loads(z.read(member[_META_FILE]) if _META_FILE in member else "{}")
+    except (OSError, KeyError, zipfile.BadZipFile, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{path}: not a chanseg artifact ({type(exc).__name__}: {exc})") from exc
+    return config, meta
 
 
 def _text(value: str | bytes) -> str:

@@ -47,8 +47,9 @@ from .interface import ServedModel
 from .logs import configure_logging
 from .metrics import Metrics
 from .middleware import RequestMiddleware
+from .repository import ModelRepository
 from .resources import allocator, available_cpus, memory_limit_bytes, release_free_memory, rss_bytes
-from .routes import health, metrics, model_info, page, predict, v2
+from .routes import health, metrics, model_info, page, predict, repository, v2
 from .settings import Settings
 from .state import ServerState
 from .warmup import (
@@ -98,6 +99,7 @@ def create_app(settings: Optional[Settings] = None, segmenter: Optional[ServedMo
     state = ServerState(settings=settings, metrics=Metrics(min(bucket_limit, settings.max_queue)))
     state.body_budget = MemoryBudget("body", settings.body_budget_bytes, state.metrics)
     state.work_budget = MemoryBudget("work", settings.work_budget_bytes, state.metrics)
+    state.repository = ModelRepository(state)
     state.metrics.batch_running.set_function(lambda: state.batcher.busy_for if state.batcher else 0.0)
 
     @asynccontextmanager
@@ -116,7 +118,8 @@ def create_app(settings: Optional[Settings] = None, segmenter: Optional[ServedMo
     )
     app.state.chanseg = state
     register_handlers(app)
-    for router in (health.router, predict.router, model_info.router, metrics.router, v2.router, page.router):
+    routers = (health, predict, model_info, metrics, v2, repository, page)
+    for router in (module.router for module in routers):
         app.include_router(router)
     app.add_middleware(
         RequestMiddleware,

@@ -48,6 +48,8 @@ async def require_ready(request: Request) -> None:
         raise NotReady("the server is shutting down", retry_after_s=5)
     if not state.ready:
         raise NotReady("the model is not ready yet", retry_after_s=5)
+    if state.segmenter is None:
+        raise NotReady("no model loaded: it was unloaded through the model repository", retry_after_s=5)
 
 
 async def require_room(request: Request) -> None:

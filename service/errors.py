@@ -27,6 +27,8 @@ __all__ = [
     "NotReady",
     "DeadlineExceeded",
     "InferenceFailed",
+    "Forbidden",
+    "Conflict",
     "DeviceLost",
     "device_lost",
     "ClientGone",
@@ -163,6 +165,18 @@ class NotFound(ApiError):
     """404: unknown model name or version."""
 
     status = 404
+
+
+class Forbidden(ApiError):
+    """403: the model repository is off (MODEL_REPOSITORY unset)."""
+
+    status = 403
+
+
+class Conflict(ApiError):
+    """409: another model load is in progress; retry when it is done."""
+
+    status = 409
 
 
 def responses(*errors: type) -> Dict[int, dict]:

@@ -34,6 +34,7 @@ from .batching import BatchFailed, DeadlineExpired, DynamicBatcher, QueueFull
 from .budget import MIB, BudgetExceeded, Lease
 from .errors import ClientGone, DeadlineExceeded, InferenceFailed, NotReady, Overloaded, PayloadTooLarge
 from .imaging import Probed, decode_cost, prepare_probed, probe_image
+from .interface import ServedModel
 from .resources import release_free_memory
 
 __all__ = [
@@ -71,6 +72,7 @@ class InferItem:
     want_probabilities: bool = False
     want_confidence: bool = False
     request_id: str = ""
+    model: Optional[ServedModel] = None  # the version the request is pinned to; None: the one serving
 
 
 class Inferred(NamedTuple):
@@ -99,6 +101,7 @@ class Timing:
     queue_ms: float = 0.0
     inference_ms: float = 0.0
     batch_sizes: Tuple[int, ...] = ()
+    model_version: str = ""
 
     def headers(self) -> Dict[str, str]:
         """The response headers every inference endpoint sends."""
@@ -106,6 +109,7 @@ class Timing:
             "X-Queue-Time-Ms": f"{self.queue_ms:.1f}",
             "X-Inference-Time-Ms": f"{self.inference_ms:.1f}",
             "X-Batch-Size": ",".join(map(str, self.batch_sizes)),
+            "X-Model-Version": self.model_version,
         }
 
 
@@ -154,14 +158,16 @@ async def _reserve(state, nbytes: int, deadline: float, what: str) -> Lease:
 
 async def preprocess(
     state,
+    served: ServedModel,
     request: Request,
     sources: Sequence[Tuple[str, Source]],
     deadline: float,
     check: Optional[Callable[[List[Tuple[int, int]]], None]] = None,
 ) -> List[Prepared]:
-    """Decode (bytes) and prepare each image; the first bad image raises. ``check``
-    sees every image's (height, width) from the headers, before anything is decoded."""
-    s, segmenter, hist = state.settings, state.segmenter, state.metrics.preprocess
+    """Decode (bytes) and prepare each image for ``served`` (the version the request is
+    pinned to); the first bad image raises. ``check`` sees every image's (height, width)
+    from the headers, before anything is decoded."""
+    s, segmenter, hist = state.settings, served, state.metrics.preprocess
     target = tuple(segmenter.config.input_size)
 
     if state.batcher is None:
@@ -236,19 +242,20 @@ async def _disconnected(request: Request) -> None:
 
 async def segment(
     state,
+    served: ServedModel,
     request: Request,
     images: Sequence[Prepared],
     deadline: float,
     probabilities: bool = False,
     confidence: bool = False,
 ) -> Tuple[List[Inferred], Timing]:
-    """Queue images on the batcher; per image its :class:`Inferred`, or the right ApiError."""
+    """Queue images on the batcher for ``served``; per image its :class:`Inferred`, or the right ApiError."""
     batcher: DynamicBatcher = state.batcher
     if batcher is None:  # requests that got in before a drain still finish: no draining check here
         raise NotReady("the model is not ready yet", retry_after_s=5)
     rid = request_id(request)
     try:
-        jobs = batcher.submit([InferItem(im.tensor, probabilities, confidence, rid) for im in images], deadline)
+        jobs = batcher.submit([InferItem(im.tensor, probabilities, confidence, rid, served) for im in images], deadline)
     except QueueFull as exc:
         raise overloaded(exc) from None
     gathered = asyncio.gather(*(job.future for job in jobs))
@@ -282,6 +289,7 @@ async def segment(
         queue_ms=max(j.queue_s for j in jobs) * 1000,
         inference_ms=max(j.inference_s for j in jobs) * 1000,
         batch_sizes=tuple(j.batch_size for j in jobs),
+        model_version=served.version,
     )
     request.scope.setdefault("chanseg", {}).update(
         images=len(jobs), queue_ms=timing.queue_ms, inference_ms=timing.inference_ms
@@ -297,6 +305,7 @@ def mask_encode_cost(size: Tuple[int, int]) -> int:
 
 async def encode_masks(
     state,
+    served: ServedModel,
     results: Sequence[Inferred],
     images: Sequence[Prepared],
     deadline: float,
@@ -307,7 +316,7 @@ async def encode_masks(
     PNG (``mask="png"``), per-class COCO RLE (``"rle"``) or not at all (None); with
     ``details`` its connected regions too; the confidence map as a grey PNG when the
     batch computed it. Each full-size mask exists only while it is encoded."""
-    segmenter, hist = state.segmenter, state.metrics.postprocess
+    segmenter, hist = served, state.metrics.postprocess
     num_classes, names = segmenter.config.num_classes, segmenter.config.class_names
 
     def encode(result: Inferred, size: Tuple[int, int], large: bool) -> Segmented:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
@@ -240,7 +241,19 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self._drain_task: Optional[asyncio.Task] = None
+        self._reload_task: Optional[asyncio.Task] = None
         state.exit_hook = self.request_exit
+        signal.signal(signal.SIGHUP, self.handle_hangup)
+
+    def handle_hangup(self, sig, frame) -> None:
+        """SIGHUP: load ``MODEL_PATH`` again and swap it in (``service.repository``; off
+        unless ``MODEL_REPOSITORY`` is set). One at a time; ignored while draining."""
+        if not self.state.ready or self.state.draining:
+            return
+        if self._reload_task is not None and not self._reload_task.done():
+            log.warning("SIGHUP ignored: a reload is in progress")
+            return
+        self._reload_task = asyncio.get_event_loop().create_task(self.state.repository.reload())
 
     def request_exit(self) -> None:
         """Stop serving, from any thread (after the device was lost: the exit status is 1).

@@ -91,6 +91,11 @@ class Settings(BaseSettings):
         "(affinity mask and container CPU quota) + 2, at most 64",
     )
     api_key: Optional[SecretStr] = None
+    model_repository: Optional[Path] = Field(
+        None,
+        description="a folder of artifacts the server may load at run time (v2 model-repository extension, "
+        "SIGHUP re-reads MODEL_PATH), nothing outside it; unset: reloading is off",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["text", "json"] = "text"
     drain_timeout_s: float = Field(
@@ -103,6 +108,13 @@ class Settings(BaseSettings):
     remeasure_batch_size: bool = Field(
         False, description="measure 'auto' afresh instead of reusing the measurement kept in the cache"
     )
+
+    @field_validator("model_repository")
+    @classmethod
+    def _repository(cls, value: Optional[Path]) -> Optional[Path]:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"{value} is not a folder")
+        return value.resolve() if value is not None else None
 
     @field_validator("device")
     @classmethod

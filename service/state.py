@@ -11,7 +11,7 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -37,7 +37,8 @@ class ServerState:
 
     settings: Settings
     metrics: Metrics
-    segmenter: Optional[ServedModel] = None
+    segmenter: Optional[ServedModel] = None  # the version serving new requests (service.repository swaps it)
+    repository: Any = None  # service.repository.ModelRepository
     batcher: Optional[DynamicBatcher] = None
     pool: Optional[ThreadPoolExecutor] = None  # decoding, encoding: PIL and numpy only
     inference: Optional[ThreadPoolExecutor] = None  # the one thread that runs torch
@@ -92,9 +93,23 @@ class ServerState:
             return self.run_batch(items[:half]) + self.run_batch(items[half:])
 
     def _forward(self, items: List[InferItem]) -> List[Inferred]:
+        """One forward pass per model version in the batch: one, except for the batch
+        that straddles a swap (its requests are pinned to the version they came in on)."""
+        groups: Dict[int, List[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(id(item.model), []).append(i)
+        out: List[Any] = [None] * len(items)
+        for index in groups.values():
+            served = items[index[0]].model or self.segmenter
+            for i, result in zip(index, self._forward_one(served, [items[i] for i in index])):
+                out[i] = result
+        return out
+
+    @staticmethod
+    def _forward_one(served: ServedModel, items: List[InferItem]) -> List[Inferred]:
         with torch.inference_mode():
-            logits = self.segmenter.logits([item.tensor for item in items])
-            labels = self.segmenter.labels(logits)
+            logits = served.logits([item.tensor for item in items])
+            labels = served.labels(logits)
             raw = _selected(logits, [item.want_probabilities for item in items], lambda x: x.float())
             confidence = _selected(logits, [item.want_confidence for item in items], top_probability)
             return [Inferred(labels[i], raw[i], confidence[i]) for i in range(len(items))]
@@ -113,8 +128,9 @@ class ServerState:
 
     @property
     def serving(self) -> bool:
-        """Readiness: loaded and warmed up, not draining, device and inference thread well."""
-        return self.ready and not self.draining and self.unhealthy() is None
+        """Readiness: loaded and warmed up, not draining, a model loaded (not unloaded
+        through the repository), device and inference thread well."""
+        return self.ready and not self.draining and self.segmenter is not None and self.unhealthy() is None
 
     def unhealthy(self) -> Optional[Tuple[str, str]]:
         """(status, detail) while liveness must fail: the device was lost, or a batch is stuck."""

@@ -155,20 +155,49 @@ def warm_up(
     costs its batch time a few times: cheap on a GPU, seconds for large batches on
     a CPU, where an odd size's first call is only ~20% slow)."""
     seconds: Dict[int, float] = dict(skip or {})
-    common = set(_common_sizes(max_batch_size))
     started, skipped = time.perf_counter(), 0
     for batch in warmup_sizes(max_batch_size):
         if batch in seconds:
             continue
-        if batch not in common and time.perf_counter() - started > budget_s:
+        if not _in_budget(batch, max_batch_size, started, budget_s):
             skipped += 1
             continue
-        images = _dummy(segmenter, batch)
-        for _ in range(_untimed_calls(segmenter)):
-            segmenter.infer(images)
-        seconds[batch] = _time(segmenter, images)
+        seconds[batch] = warm_batch(segmenter, batch)
     if skipped:
         log.info("warm-up: %d odd batch size(s) left cold (the %.0f s warm-up budget was spent)", skipped, budget_s)
+    return _common_times(seconds, max_batch_size)
+
+
+async def warm_up_in_turns(segmenter, max_batch_size: int, budget_s: float, run) -> Dict[int, float]:
+    """:func:`warm_up` with each forward pass a job of its own through ``run(fn, *args)``
+    (the inference thread's queue, where a new version warms up while another serves):
+    batches queued meanwhile wait for one warm-up pass at most, not for all of them."""
+    seconds: Dict[int, float] = {}
+    started = time.perf_counter()
+    for batch in warmup_sizes(max_batch_size):
+        if _in_budget(batch, max_batch_size, started, budget_s):
+            images = _dummy(segmenter, batch)
+            for _ in range(_untimed_calls(segmenter)):
+                await run(segmenter.infer, images)
+            seconds[batch] = await run(_time, segmenter, images)
+    return _common_times(seconds, max_batch_size)
+
+
+def warm_batch(segmenter, batch: int) -> float:
+    """One batch size warmed (its untimed calls), then timed once: seconds."""
+    images = _dummy(segmenter, batch)
+    for _ in range(_untimed_calls(segmenter)):
+        segmenter.infer(images)
+    return _time(segmenter, images)
+
+
+def _in_budget(batch: int, max_batch_size: int, started: float, budget_s: float) -> bool:
+    """The common sizes always; the odd ones while the budget lasts."""
+    return batch in _common_sizes(max_batch_size) or time.perf_counter() - started <= budget_s
+
+
+def _common_times(seconds: Dict[int, float], max_batch_size: int) -> Dict[int, float]:
+    common = set(_common_sizes(max_batch_size))
     return {b: t for b, t in seconds.items() if b <= max_batch_size and b in common}
 
 

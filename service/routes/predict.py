@@ -127,26 +127,26 @@ async def predict(
     the mask as a base64 palette PNG (pixel value = class id), or with
     ``format=rle`` as ``mask_rle``: per class present, ``{"size": [H, W],
     "counts": ...}`` in COCO's compressed RLE."""
-    s = state.settings
+    s, served = state.settings, state.segmenter  # the version this request is pinned to
     deadline = deadline_of(request, s.request_timeout_s)
     blobs = await read_images(request, s.max_images_per_request)
     single = _single_png(request, format)
     if single and len(blobs) != 1:
         raise BadImage(f"a PNG response holds one image; this request has {len(blobs)} images (use JSON)")
-    prepared = await preprocess(state, request, blobs, deadline)
+    prepared = await preprocess(state, served, request, blobs, deadline)
     blobs = None  # the encoded files are not needed any more: let their memory go
     want_confidence = single == "confidence" or (confidence and single is None)
-    outputs, timing = await segment(state, request, prepared, deadline, confidence=want_confidence)
+    outputs, timing = await segment(state, served, request, prepared, deadline, confidence=want_confidence)
     mask = {"png": "png", "confidence": None}.get(single, "rle" if format == "rle" else "png")
-    results = await encode_masks(state, outputs, prepared, deadline, mask=mask, details=single is None)
+    results = await encode_masks(state, served, outputs, prepared, deadline, mask=mask, details=single is None)
     headers = timing.headers()
     if single:
         png = results[0].png if single == "png" else results[0].confidence_png
         return Response(png, media_type="image/png", headers=headers)
-    classes = state.segmenter.config.class_names
+    classes = served.config.class_names
     return JSONResponse(
         {
-            "model": {"name": state.segmenter.name, "version": state.segmenter.version},
+            "model": {"name": served.name, "version": served.version},
             "request_id": request.scope["chanseg"]["request_id"],
             "predictions": [_prediction(image, result, classes) for image, result in zip(prepared, results)],
         },

@@ -97,8 +97,9 @@ def _model(state, name: str, version: Optional[str]):
 
 
 @router.get("", name="v2_server")
-async def server_metadata() -> dict:
-    return {"name": "chanseg", "version": model.__version__, "extensions": ["binary_tensor_data"]}
+async def server_metadata(state: State) -> dict:
+    extensions = ["binary_tensor_data"] + (["model_repository"] if state.settings.model_repository else [])
+    return {"name": "chanseg", "version": model.__version__, "extensions": extensions}
 
 
 @router.get("/health/live", name="v2_health", responses={503: {"description": "the device failed, or the inference thread is stuck"}})
@@ -188,12 +189,12 @@ async def infer(request: Request, state: State, name: str, version: Optional[str
     except V2Error as exc:
         raise InvalidRequest(str(exc)) from None
     del req, tensor
-    prepared = await preprocess(state, request, sources, deadline, check=check)
+    prepared = await preprocess(state, seg, request, sources, deadline, check=check)
     del sources, body
     parse_lease.release()
 
     results, timing = await segment(
-        state, request, prepared, deadline, probabilities=PROBABILITIES in wanted, confidence=CONFIDENCE in wanted
+        state, seg, request, prepared, deadline, probabilities=PROBABILITIES in wanted, confidence=CONFIDENCE in wanted
     )
     rles = None
     if MASK_RLE in wanted:  # one full-size mask, one class's copy of it and the runs at a time

@@ -1,0 +1,208 @@
+"""Model versions at run time: the Open Inference Protocol's model-repository extension
+(``/v2/repository/...``, as Triton implements it) and ``SIGHUP`` (re-read ``MODEL_PATH``).
+
+Off unless ``MODEL_REPOSITORY`` names a folder: the server may then load any chanseg
+artifact or compiled package inside it, nothing outside it (``resolve``).
+
+A load (``ModelRepository.load``) reads the new version and warms it up for every
+batch size the batcher forms, on the inference thread, as jobs in its queue (the
+load, then one per batch size): batches queued meanwhile run between them. The swap is one more job there, so it falls between
+two batches. Each request is pinned to the version that served when it came in (the
+routes pass ``served`` down the pipeline; a batch that straddles the swap runs each
+request on its own version), so nothing in flight fails or changes model half-way;
+the old version is freed when its last request is answered. A version that fails to
+load or warm up is refused with the reason, and the old one keeps serving. At most
+two versions are resident: a load waits for the version the last swap retired to go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gc
+import logging
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import model
+from model.export import read_metadata
+
+from .errors import Conflict, Forbidden, InvalidRequest
+from .interface import ServedModel
+from .resources import release_free_memory
+from .warmup import warm_up_in_turns
+
+log = logging.getLogger("chanseg.repository")
+
+__all__ = ["ModelRepository"]
+
+
+class ModelRepository:
+    """The versions a server may load (``MODEL_REPOSITORY``), and the swap."""
+
+    def __init__(self, state) -> None:
+        self.state = state
+        self.root: Optional[Path] = state.settings.model_repository
+        self._lock = asyncio.Lock()
+        self._retired: Optional[weakref.ref] = None
+        self.last_swap: Dict[str, Any] = {}  # what the last load measured (for the log and tests)
+
+    def _need(self) -> Path:
+        if self.root is None:
+            raise Forbidden("the model repository is off: set MODEL_REPOSITORY to a folder of artifacts to enable it")
+        return self.root
+
+    def resolve(self, given: str) -> Path:
+        """``given`` (relative to the repository, or absolute) as a file inside the repository."""
+        root = self._need()
+        path = (root / given).resolve()
+        if not path.is_relative_to(root):
+            raise InvalidRequest(f"{given}: outside the model repository; only files inside it can be loaded")
+        if not path.is_file():
+            raise InvalidRequest(f"{given}: no such file in the model repository")
+        return path
+
+    def index(self) -> List[dict]:
+        """Each chanseg artifact or package in the repository: name, version, path, state
+        (``READY`` for the one serving, else ``UNAVAILABLE``) and why not."""
+        root = self._need()
+        served = self.state.segmenter
+        serving = Path(served.path).resolve() if served is not None and served.path else None
+        rows = []
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            try:
+                config, meta = read_metadata(path)
+            except model.ModelLoadError:
+                continue  # not a model: a README, a checksum file
+            ready = path == serving
+            rows.append(
+                {
+                    "name": str(meta.get("name", config.name)),
+                    "version": str(meta.get("version", "0")),
+                    "path": str(path.relative_to(root)),
+                    "state": "READY" if ready else "UNAVAILABLE",
+                    "reason": "" if ready else "not loaded",
+                }
+            )
+        return rows
+
+    def find(self, name: str, given: Optional[str]) -> Path:
+        """The file to load for model ``name``: ``given``, or the only artifact of that name."""
+        if given is not None:
+            path = self.resolve(given)
+            try:
+                config, meta = read_metadata(path)
+            except model.ModelLoadError as exc:
+                raise InvalidRequest(f"failed to load {self._shown(exc)}; {self._kept()}") from None
+            found = str(meta.get("name", config.name))
+            if found != name:
+                raise InvalidRequest(f"{given} holds model '{found}', not '{name}'")
+            return path
+        matches = [row["path"] for row in self.index() if row["name"] == name]
+        if len(matches) != 1:
+            what = "no artifact" if not matches else f"{len(matches)} artifacts ({', '.join(matches)})"
+            raise InvalidRequest(
+                f"{what} of model '{name}' in the model repository: name one with "
+                '{"parameters": {"path": "<file in the repository>"}}'
+            )
+        return self.root / matches[0]
+
+    async def load(self, path: Path) -> ServedModel:
+        """Load ``path``, warm it up and swap it in; the old version keeps serving if any step fails."""
+        if self._lock.locked():
+            raise Conflict("another model load is in progress; retry when it is done")
+        async with self._lock:
+            await self._wait_for_retired()
+            s, state = self.state.settings, self.state
+            started = time.perf_counter()
+            try:
+                new = await self._on_inference_thread(
+                    functools.partial(model.load, path, s.device, s.precision, format=s.model_format)
+                )
+                if new.max_batch is not None and new.max_batch < state.max_batch_size:
+                    raise model.ModelLoadError(
+                        f"it runs batches of at most {new.max_batch}, this server forms {state.max_batch_size}"
+                    )
+                loaded = time.perf_counter()
+                seconds = await warm_up_in_turns(
+                    new, state.max_batch_size, s.auto_batch_budget_s, self._on_inference_thread
+                )
+            except Exception as exc:  # any failure refuses the version: the one serving stays
+                log.error("model at %s refused: %s: %s; %s", path, type(exc).__name__, exc, self._kept())
+                raise InvalidRequest(f"failed to load {self._shown(exc)}; {self._kept()}") from None
+            old = await self._on_inference_thread(self._swap, new)
+            if s.watchdog_s == "auto":
+                state.watchdog_s = max(10.0, 20 * max(seconds.values(), default=0.0))
+            self._retire(old)
+            self.last_swap = {
+                "load_s": loaded - started, "warm_up_s": time.perf_counter() - loaded, "version": new.version,
+            }  # fmt: skip
+            log.info(
+                "model %s %s now serving (was %s): loaded in %.2f s, warmed up in %.2f s",
+                new.name, new.version, f"{old.name} {old.version}" if old is not None else "none",
+                self.last_swap["load_s"], self.last_swap["warm_up_s"],
+            )  # fmt: skip
+            return new
+
+    async def unload(self, name: str) -> None:
+        """Stop serving model ``name``: ``/readyz`` and new work 503 until a load; requests in flight finish."""
+        self._need()
+        current = self.state.segmenter
+        if current is None or current.name != name:
+            raise InvalidRequest(f"model '{name}' is not loaded")
+        async with self._lock:
+            self._retire(await self._on_inference_thread(self._swap, None))
+            log.warning("model %s %s unloaded: not ready until a model is loaded", current.name, current.version)
+
+    async def reload(self) -> None:
+        """``SIGHUP``: load ``MODEL_PATH`` again (a file replaced on disk), swapped in like any load."""
+        if self.root is None:
+            log.warning("SIGHUP ignored: reloading is off (MODEL_REPOSITORY unset)")
+            return
+        try:
+            await self.load(self.state.settings.model_path)
+        except Exception as exc:  # refused or busy: logged by load, or here
+            log.error("SIGHUP reload of %s failed: %s", self.state.settings.model_path, exc)
+
+    def _kept(self) -> str:
+        current = self.state.segmenter
+        return f"{current.name} {current.version} keeps serving" if current is not None else "nothing is loaded"
+
+    def _shown(self, exc: BaseException) -> str:
+        """An error's first line with paths inside the repository relative to it."""
+        text = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        return text.replace(f"{self.root}/", "") if self.root is not None else text
+
+    # -- on the inference thread ------------------------------------------------------
+
+    def _on_inference_thread(self, fn: Callable, *args):
+        return asyncio.get_running_loop().run_in_executor(self.state.inference, fn, *args)
+
+    def _swap(self, new: Optional[ServedModel]) -> Optional[ServedModel]:
+        """Between two batches: ``new`` serves every request from now on."""
+        old, self.state.segmenter = self.state.segmenter, new
+        if new is not None:
+            self.state.metrics.set_model(new.name, new.version, str(new.device), new.precision)
+        else:
+            self.state.metrics.model_info.info({})
+        return old
+
+    def _retire(self, old: Optional[ServedModel]) -> None:
+        self._retired = weakref.ref(old) if old is not None else None
+
+    async def _wait_for_retired(self) -> None:
+        """At most two versions resident: wait (up to REQUEST_TIMEOUT_S) until the version
+        the last swap retired has answered its last request and is freed."""
+        deadline = time.monotonic() + self.state.settings.request_timeout_s
+        while self._retired is not None and self._retired() is not None:
+            gc.collect()
+            if self._retired() is None:
+                break
+            if time.monotonic() > deadline:
+                raise Conflict("the version the last load replaced still answers requests; retry")
+            await asyncio.sleep(0.05)
+        self._retired = None
+        await self._on_inference_thread(release_free_memory)
+

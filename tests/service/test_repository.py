@@ -1,0 +1,173 @@
+"""Model versions at run time: the v2 model-repository extension and the swap
+(service/repository.py), in-process; under load in a real process with SIGHUP in
+tests/service/test_swap.py."""
+
+from __future__ import annotations
+
+import asyncio
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import model
+from benchmarks.client import metric_samples
+from service.pipeline import InferItem
+from tests.conftest import make_net
+from tests.service.conftest import decode_mask, make_settings, png_bytes, random_image, serve
+
+pytestmark = pytest.mark.anyio
+
+IMAGE = random_image(21, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A repository: versions 7 and 8 of "tiny" (other weights), a corrupt file, a README, one elsewhere."""
+    root = tmp_path_factory.mktemp("repository")
+    model.export_torchscript(make_net(seed=0), root / "a.pt", version="7")
+    (root / "b").mkdir()
+    model.export_torchscript(make_net(seed=1), root / "b" / "model.pt", version="8")
+    data = (root / "a.pt").read_bytes()
+    (root / "corrupt.pt").write_bytes(data[: len(data) // 2])
+    (root / "README.txt").write_text("versions of tiny\n")
+    with zipfile.ZipFile(root / "a.pt") as src, zipfile.ZipFile(root / "broken.pt", "w") as dst:
+        for item in src.infolist():  # its metadata intact, its code not
+            dst.writestr(item, b"garbage" if item.filename.endswith("data.pkl") else src.read(item))
+    model.export_torchscript(make_net(seed=2), root.parent / "outside.pt", version="9")
+    return root
+
+
+@pytest.fixture(scope="module")
+def masks(repo):
+    found = {v: model.load(p, device="cpu").predict(IMAGE) for v, p in (("7", repo / "a.pt"), ("8", repo / "b" / "model.pt"))}
+    assert (found["7"] != found["8"]).any(), "the two versions must answer differently"
+    return found
+
+
+async def _predict(client, **headers):
+    r = await client.post("/predict?format=png", files={"file": ("x.png", png_bytes(IMAGE), "image/png")}, headers=headers)
+    return r
+
+
+async def test_off_unless_a_repository_is_set(tiny_artifact):
+    async with serve(make_settings(tiny_artifact)) as client:
+        r = await client.post("/v2/repository/index")
+        assert r.status_code == 403 and "MODEL_REPOSITORY" in r.json()["error"]
+        assert (await client.post("/v2/repository/models/tiny/load")).status_code == 403
+        assert "model_repository" not in (await client.get("/v2")).json()["extensions"]
+
+
+async def test_load_swaps_versions_and_everything_follows(repo, masks):
+    async with serve(make_settings(str(repo / "a.pt"), model_repository=repo)) as client:
+        assert "model_repository" in (await client.get("/v2")).json()["extensions"]
+        index = (await client.post("/v2/repository/index")).json()
+        assert [(row["path"], row["version"], row["state"]) for row in index] == [
+            ("a.pt", "7", "READY"), ("b/model.pt", "8", "UNAVAILABLE"), ("broken.pt", "7", "UNAVAILABLE"),
+        ]  # the corrupt file and the README are not models
+        r = await _predict(client)
+        assert r.headers["x-model-version"] == "7"
+        np.testing.assert_array_equal(decode_mask(r.content), masks["7"])
+
+        r = await client.post("/v2/repository/models/tiny/load", json={"parameters": {"path": "b/model.pt"}})
+        assert r.status_code == 200, r.text
+        assert r.json()["version"] == "8" and r.json()["warm_up_s"] >= 0
+        r = await _predict(client)
+        assert r.headers["x-model-version"] == "8"
+        np.testing.assert_array_equal(decode_mask(r.content), masks["8"])
+        assert (await client.get("/v1/model")).json()["version"] == "8"
+        info = metric_samples((await client.get("/metrics")).text)
+        assert any(name == "chanseg_model_info" and dict(labels).get("version") == "8" for name, labels in info)
+        assert (await client.get("/v2/models/tiny/versions/8/ready")).status_code == 200
+        assert (await client.get("/v2/models/tiny/versions/7/ready")).status_code == 404
+        assert [row["state"] for row in (await client.post("/v2/repository/index")).json()] == [
+            "UNAVAILABLE", "READY", "UNAVAILABLE",
+        ]
+        ready = (await client.post("/v2/repository/index", json={"ready": True})).json()
+        assert [row["version"] for row in ready] == ["8"]
+
+        # Back to 7: the only artifact of that name is not enough (there are two), the path is.
+        r = await client.post("/v2/repository/models/tiny/load")
+        assert r.status_code == 400 and "3 artifacts" in r.json()["error"]
+        r = await client.post("/v2/repository/models/tiny/load", json={"parameters": {"path": "a.pt"}})
+        assert r.status_code == 200 and (await _predict(client)).headers["x-model-version"] == "7"
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"parameters": {"path": "corrupt.pt"}}, 400, "failed to load corrupt.pt: not a chanseg artifact"),
+        ({"parameters": {"path": "broken.pt"}}, 400, "failed to load broken.pt: not a loadable TorchScript"),
+        ({"parameters": {"path": "../outside.pt"}}, 400, "outside the model repository"),
+        ({"parameters": {"path": "/etc/passwd"}}, 400, "outside the model repository"),
+        ({"parameters": {"path": "missing.pt"}}, 400, "no such file"),
+        ({"parameters": {"path": "README.txt"}}, 400, "not a chanseg artifact"),
+        ({"parameters": {"path": 7}}, 400, "must be a string"),
+        ({"parameters": []}, 400, "must be an object"),
+        ("[1, 2]", 400, "JSON object"),
+        ("{nope", 400, "not JSON"),
+    ],
+    ids=["corrupt", "broken", "dotdot", "absolute", "missing", "not-a-model", "path-type", "parameters-type", "array", "not-json"],
+)
+async def test_a_bad_load_is_refused_and_the_old_version_keeps_serving(repo, masks, body, status, words):
+    async with serve(make_settings(str(repo / "a.pt"), model_repository=repo)) as client:
+        kwargs = {"content": body} if isinstance(body, str) else {"json": body}
+        r = await client.post("/v2/repository/models/tiny/load", **kwargs)
+        assert r.status_code == status and words in r.json()["error"], r.text
+        r = await _predict(client)
+        assert r.status_code == 200 and r.headers["x-model-version"] == "7"
+        np.testing.assert_array_equal(decode_mask(r.content), masks["7"])
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_wrong_name_and_api_key(repo):
+    settings = make_settings(str(repo / "a.pt"), model_repository=repo, api_key="k")
+    async with serve(settings) as client:
+        assert (await client.post("/v2/repository/index")).status_code == 401
+        r = await client.post("/v2/repository/models/other/load", json={"parameters": {"path": "a.pt"}}, headers={"X-API-Key": "k"})
+        assert r.status_code == 400 and "holds model 'tiny'" in r.json()["error"]
+
+
+async def test_unload_then_load(repo, masks):
+    async with serve(make_settings(str(repo / "a.pt"), model_repository=repo)) as client:
+        assert (await client.post("/v2/repository/models/other/unload")).status_code == 400
+        assert (await client.post("/v2/repository/models/tiny/unload")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 503
+        r = await _predict(client)
+        assert r.status_code == 503 and "unloaded" in r.json()["detail"]
+        assert (await client.get("/healthz")).status_code == 200  # alive: nothing to restart
+        r = await client.post("/v2/repository/models/tiny/load", json={"parameters": {"path": "b/model.pt"}})
+        assert r.status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+        np.testing.assert_array_equal(decode_mask((await _predict(client)).content), masks["8"])
+
+
+async def test_one_load_at_a_time(repo):
+    async with serve(make_settings(str(repo / "a.pt"), model_repository=repo)) as client:
+        body = {"parameters": {"path": "b/model.pt"}}
+        first, second = await asyncio.gather(
+            client.post("/v2/repository/models/tiny/load", json=body),
+            client.post("/v2/repository/models/tiny/load", json=body),
+        )
+        assert sorted([first.status_code, second.status_code]) == [200, 409]
+
+
+async def test_a_batch_straddling_the_swap_runs_each_request_on_its_own_version(repo, masks):
+    async with serve(make_settings(str(repo / "a.pt"), model_repository=repo)) as client:
+        state = client.app.state.chanseg
+        old = state.segmenter
+        new = model.load(repo / "b" / "model.pt", device="cpu")
+        tensor = old.prepare(IMAGE)
+        results = state.run_batch([InferItem(tensor, model=old), InferItem(tensor, model=new), InferItem(tensor, model=old)])
+        for result, version in zip(results, ["7", "8", "7"]):
+            np.testing.assert_array_equal(old.restore(result.labels, IMAGE.shape[:2]), masks[version])
+
+
+def test_repository_setting_must_be_a_folder(tmp_path):
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match="not a folder"):
+        Settings(model_repository=tmp_path / "nowhere")
