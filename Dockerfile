@@ -38,7 +38,7 @@ COPY pyproject.toml README.md ./
 # DL3013 (pin pip versions): versions come from pyproject.toml's ranges (and the torch pinned above).
 # hadolint ignore=DL3013
 RUN mkdir model service && touch model/__init__.py service/__init__.py \
-    && pip install ".[serve]" && pip uninstall -y chanseg && rm -rf model service build ./*.egg-info
+    && pip install ".[serve,grpc]" && pip uninstall -y chanseg && rm -rf model service build ./*.egg-info
 
 # Then the code, and the default model compiled at build time: to TorchScript, and
 # (COMPILE=auto) to packages for the build machine's CPU (g++ above is for
@@ -71,7 +71,7 @@ COPY --from=build /opt/chanseg /opt/chanseg
 
 # Settings: every CHANSEG_* with a fixed default, as the server would take it
 # (README, "Settings"), but HOST (all interfaces), DRAIN_TIMEOUT_S (inside
-# Docker's 10 s) and LOG_FORMAT (json). Left unset on purpose: MODEL_PATH, NUM_THREADS
+# Docker's 10 s), LOG_FORMAT (json) and GRPC_PORT (8001, as Triton's: gRPC on). Left unset on purpose: MODEL_PATH, NUM_THREADS
 # and API_KEY (unset is their default), and the settings whose defaults follow
 # others (MAX_QUEUE, MEMORY_BUDGET_MB, MAX_REQUEST_PIXELS, MAX_UPLOAD_BYTES,
 # MAX_JSON_BYTES, MAX_IMAGES_PER_REQUEST): set here, they would stop a container
@@ -84,6 +84,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     CHANSEG_CACHE_DIR=/opt/chanseg/cache \
     CHANSEG_HOST=0.0.0.0 \
     CHANSEG_PORT=8000 \
+    CHANSEG_GRPC_PORT=8001 \
     CHANSEG_DEVICE=auto \
     CHANSEG_PRECISION=auto \
     CHANSEG_MODEL_FORMAT=auto \
@@ -105,7 +106,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 USER 10001
 WORKDIR /tmp
-EXPOSE 8000
+EXPOSE 8000 8001
 # Docker's default stop timeout is 10 s: the shutdown budget (DRAIN_TIMEOUT_S=8,
 # + ~1.5 s to exit) ends first (tests/deploy/test_manifests.py checks it).
 STOPSIGNAL SIGTERM

@@ -24,6 +24,7 @@ __all__ = [
     "IMAGE_SETS",
     "Client",
     "Connection",
+    "GrpcClient",
     "Payload",
     "base64_json",
     "make_images",
@@ -31,6 +32,7 @@ __all__ = [
     "metric_total",
     "multipart",
     "require_loopback",
+    "v2_binary",
 ]
 
 BOUNDARY = "chanseg-bench-boundary"
@@ -82,6 +84,7 @@ class Payload:
 
     body: bytes
     content_type: str
+    headers: Tuple[Tuple[str, str], ...] = ()  # more request headers
 
 
 def metric_samples(text: str) -> dict:
@@ -118,6 +121,65 @@ def base64_json(image: bytes) -> Payload:
     import base64
 
     return Payload(json.dumps({"image": base64.b64encode(image).decode()}).encode(), "application/json")
+
+
+def v2_binary(image: bytes) -> Payload:
+    """``image``'s pixels as the v2 ``IMAGE`` input, ``UINT8 [1, H, W, 3]``, in the binary
+    tensor data extension (a JSON header, then the raw bytes), asking for ``MASK`` in binary."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))[None]
+    header = json.dumps(
+        {
+            "inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": list(pixels.shape),
+                        "parameters": {"binary_data_size": pixels.nbytes}}],
+            "outputs": [{"name": "MASK", "parameters": {"binary_data": True}}],
+        }  # fmt: skip
+    ).encode()
+    return Payload(
+        header + pixels.tobytes(), "application/octet-stream", (("Inference-Header-Content-Length", str(len(header))),)
+    )
+
+
+class GrpcClient:
+    """The same interface as :class:`Client` over gRPC (``GRPCInferenceService.ModelInfer``):
+    a ``v2_binary`` payload becomes a ModelInferRequest with raw contents; one channel
+    (HTTP/2 multiplexes the concurrent calls). Needs ``tritonclient[grpc]``."""
+
+    def __init__(self, target: str, model_name: str, timeout_s: float) -> None:
+        import grpc
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        self._pb, self._grpc = service_pb2, grpc
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        self.model_name, self.timeout_s = model_name, timeout_s
+
+    def prepare(self, payload: Payload):
+        length = int(dict(payload.headers)["Inference-Header-Content-Length"])
+        header = json.loads(payload.body[:length])
+        request = self._pb.ModelInferRequest(model_name=self.model_name)
+        for tensor in header["inputs"]:
+            request.inputs.add(name=tensor["name"], datatype=tensor["datatype"], shape=tensor["shape"])
+        for out in header.get("outputs", []):
+            request.outputs.add(name=out["name"])
+        request.raw_input_contents.append(payload.body[length:])
+        return request
+
+    async def send(self, request) -> Tuple[str, bool]:
+        try:
+            await self.stub.ModelInfer(request, timeout=self.timeout_s)
+        except self._grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            return ("503" if code == self._grpc.StatusCode.UNAVAILABLE else code.name), False
+        return "200", False
+
+    def close(self) -> None:
+        """Nothing to do at once: the channel is closed by ``aclose`` (a coroutine)."""
+
+    async def aclose(self) -> None:
+        await self.channel.close()
 
 
 class Connection(asyncio.Protocol):
@@ -185,8 +247,9 @@ class Client:
         self.all: List[Connection] = []
 
     def prepare(self, payload: Payload) -> bytes:
+        extra = "".join(f"{name}: {value}\r\n" for name, value in payload.headers)
         head = (
-            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{extra}"
             f"Content-Type: {payload.content_type}\r\nContent-Length: {len(payload.body)}\r\n\r\n"
         )
         return head.encode() + payload.body

@@ -214,8 +214,12 @@ async def measure(
     timeout_s: float = 60.0,
     drain_s: float = 10.0,
     seed: int = 0,
+    client=None,
 ) -> Measurement:
-    """One load level (``concurrency`` or ``rate``), measured in windows until stable."""
+    """One load level (``concurrency`` or ``rate``), measured in windows until stable.
+    ``client``: what sends the requests (``prepare``, ``send``, ``close``); default an
+    HTTP :class:`~benchmarks.client.Client` to ``url`` + ``path`` (``url`` is scraped for
+    the server's own split either way)."""
     if (concurrency is None) == (rate is None):
         raise ValueError("give either concurrency or rate")
     if (concurrency is not None and concurrency < 1) or (rate is not None and rate <= 0):
@@ -224,7 +228,7 @@ async def measure(
     samples: List[Sample] = []
     sent = skipped = 0
     stop = asyncio.Event()
-    client = Client(url, path, timeout_s)
+    client = client or Client(url, path, timeout_s)
     requests = [client.prepare(p) for p in payloads]
 
     async with httpx.AsyncClient(base_url=url, timeout=10) as scraper:

@@ -173,6 +173,8 @@ async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
         executor=state.inference,
     )
     await state.batcher.start()
+    if s.grpc_port is not None:
+        state.grpc = await _start_grpc(state)
     state.metrics.set_model(segmenter.name, segmenter.version, str(segmenter.device), segmenter.precision)
     state.ready = True
     _check_memory(s)
@@ -238,8 +240,20 @@ async def _choose_batch_size(state: ServerState, segmenter: ServedModel, on_infe
     )
 
 
+async def _start_grpc(state: ServerState):
+    try:
+        from .grpc_server import start_grpc_server
+    except ImportError as exc:
+        raise RuntimeError(
+            f"GRPC_PORT is set, but gRPC needs the grpc extra (pip install 'chanseg[grpc]'): {exc}"
+        ) from None
+    return await start_grpc_server(state)
+
+
 async def _stop(state: ServerState) -> None:
     state.start_draining(state.settings.drain_timeout_s)
+    if state.grpc is not None:  # calls in flight finish within the budget; new ones are refused
+        await state.grpc.stop(grace=max(0.1, state.shutdown_remaining() / 2))
     if state.batcher is not None:
         state.drained = await state.batcher.stop(state.shutdown_remaining())
         log.info("batcher stopped (%s)", "drained" if state.drained else "shutdown budget spent")

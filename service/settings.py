@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    grpc_port: Optional[int] = Field(
+        None, ge=1, le=65535, description="the Open Inference Protocol over gRPC on this port (the grpc extra); unset: off"
+    )
     max_batch_size: Union[Literal["auto"], PositiveInt] = Field(
         "auto", description="'auto': measured at warm-up on the device; or a number"
     )

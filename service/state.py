@@ -39,6 +39,7 @@ class ServerState:
     metrics: Metrics
     segmenter: Optional[ServedModel] = None  # the version serving new requests (service.repository swaps it)
     repository: Any = None  # service.repository.ModelRepository
+    grpc: Any = None  # the gRPC server (service.grpc_server), when GRPC_PORT is set
     batcher: Optional[DynamicBatcher] = None
     pool: Optional[ThreadPoolExecutor] = None  # decoding, encoding: PIL and numpy only
     inference: Optional[ThreadPoolExecutor] = None  # the one thread that runs torch

@@ -53,6 +53,7 @@ from ..pipeline import deadline_of, mask_encode_cost, pool_call, preprocess, res
 from ..settings import JSON_PARSE_COST
 from ..v2_codec import (
     DTYPES,
+    InferRequest,
     Output,
     Tensor,
     V2Error,
@@ -87,7 +88,7 @@ _INFER_ROUTE = dict(
 )
 
 
-def _model(state, name: str, version: Optional[str]):
+def served_model(state, name: str, version: Optional[str]):
     seg = state.segmenter
     if seg is None or name != seg.name:
         raise NotFound(f"unknown model '{name}'; this server serves '{seg.name if seg else '?'}'")
@@ -117,7 +118,7 @@ async def ready(state: State) -> JSONResponse:
 @router.get("/models/{name}", **_METADATA_ROUTE)
 @router.get("/models/{name}/versions/{version}", **_METADATA_ROUTE)
 async def model_metadata(state: State, name: str, version: Optional[str] = None) -> dict:
-    seg = _model(state, name, version)
+    seg = served_model(state, name, version)
     return {
         "name": seg.name,
         "versions": [seg.version],
@@ -134,7 +135,7 @@ async def model_metadata(state: State, name: str, version: Optional[str] = None)
 @router.get("/models/{name}/ready", **_READY_ROUTE)
 @router.get("/models/{name}/versions/{version}/ready", **_READY_ROUTE)
 async def model_ready(state: State, name: str, version: Optional[str] = None) -> JSONResponse:
-    seg = _model(state, name, version)
+    seg = served_model(state, name, version)
     ok = state.serving
     return JSONResponse({"name": seg.name, "ready": ok}, status_code=200 if ok else 503)
 
@@ -142,7 +143,7 @@ async def model_ready(state: State, name: str, version: Optional[str] = None) ->
 @router.post("/models/{name}/infer", **_INFER_ROUTE)
 @router.post("/models/{name}/versions/{version}/infer", **_INFER_ROUTE)
 async def infer(request: Request, state: State, name: str, version: Optional[str] = None) -> Response:
-    seg = _model(state, name, version)
+    seg = served_model(state, name, version)
     s = state.settings
     deadline = deadline_of(request, s.request_timeout_s)
     header_length = request.headers.get("inference-header-content-length")
@@ -164,44 +165,14 @@ async def infer(request: Request, state: State, name: str, version: Optional[str
     )
     try:
         req = await pool_call(state, decode_request, body, header_length)
-        tensor = _input(req.inputs, s)
     except V2TooLarge as exc:
         raise PayloadTooLarge(str(exc)) from None
     except V2Error as exc:
         raise InvalidRequest(str(exc)) from None
-    wanted = req.outputs or {MASK: req.binary_default}
-    unknown = set(wanted) - set(_OUTPUTS)
-    if unknown:
-        raise InvalidRequest(f"unknown output(s) {sorted(unknown)}; this model has {', '.join(_OUTPUTS)}")
-    classes, reply_id = seg.config.num_classes, req.id
-
-    def check(sizes: Sequence[Tuple[int, int]]) -> None:
-        if len(set(sizes)) > 1:
-            raise InvalidRequest(
-                "the images of one request must have the same size (outputs are [N, H, W] tensors)"
-            )
-        _check_output_size(wanted, len(sizes), sizes[0], classes, seg.config.input_size, s.max_output_bytes)
-
-    if tensor.name == IMAGE:
-        check([(tensor.shape[1], tensor.shape[2])] * tensor.shape[0])
-    try:
-        sources = await pool_call(state, _sources, tensor)
-    except V2Error as exc:
-        raise InvalidRequest(str(exc)) from None
-    del req, tensor
-    prepared = await preprocess(state, seg, request, sources, deadline, check=check)
-    del sources, body
-    parse_lease.release()
-
-    results, timing = await segment(
-        state, seg, request, prepared, deadline, probabilities=PROBABILITIES in wanted, confidence=CONFIDENCE in wanted
-    )
-    rles = None
-    if MASK_RLE in wanted:  # one full-size mask, one class's copy of it and the runs at a time
-        await reserve_output(state, request, 2 * mask_encode_cost(prepared[0].size), deadline, "the masks' RLE")
-        rles = await pool_call(state, _rle_documents, seg, results, prepared[0].size)
-    outputs = _outputs(seg, wanted, results, prepared[0].size, rles)
-    await reserve_output(state, request, _output_cost(outputs), deadline, "the response")
+    del body
+    outputs, timing = await run_inference(state, seg, request, req, deadline, parse_lease)
+    reply_id = req.id
+    del req
     payload, header_length_out = await pool_call(
         state, encode_response, seg.name, seg.version, reply_id, outputs
     )
@@ -211,6 +182,55 @@ async def infer(request: Request, state: State, name: str, version: Optional[str
         headers["Inference-Header-Content-Length"] = str(header_length_out)
         media_type = "application/octet-stream"
     return StreamingResponse(_chunks(payload), media_type=media_type, headers=headers)
+
+
+async def run_inference(state, seg, request, req: InferRequest, deadline: float, parse_lease=None):
+    """An infer request, parsed, to its outputs (to encode) and timings: what the HTTP
+    route and the gRPC service (``service.grpc_server``) share. ``request`` is the
+    HTTP request or what stands for it (its scope, its disconnect)."""
+    s = state.settings
+    try:
+        tensor = _input(req.inputs, s)
+    except V2TooLarge as exc:
+        raise PayloadTooLarge(str(exc)) from None
+    except V2Error as exc:
+        raise InvalidRequest(str(exc)) from None
+    req.inputs = []  # the caller keeps req: only ``tensor`` holds the parsed data, until it is materialised
+    wanted = req.outputs or {MASK: req.binary_default}
+    unknown = set(wanted) - set(_OUTPUTS)
+    if unknown:
+        raise InvalidRequest(f"unknown output(s) {sorted(unknown)}; this model has {', '.join(_OUTPUTS)}")
+    classes = seg.config.num_classes
+
+    def check(sizes: Sequence[Tuple[int, int]]) -> None:
+        if len(set(sizes)) > 1:
+            raise InvalidRequest(
+                "the images of one request must have the same size (outputs are [N, H, W] tensors)"
+            )
+        check_output_size(wanted, len(sizes), sizes[0], classes, seg.config.input_size, s.max_output_bytes)
+
+    if tensor.name == IMAGE:
+        check([(tensor.shape[1], tensor.shape[2])] * tensor.shape[0])
+    try:
+        sources = await pool_call(state, _sources, tensor)
+    except V2Error as exc:
+        raise InvalidRequest(str(exc)) from None
+    del tensor
+    prepared = await preprocess(state, seg, request, sources, deadline, check=check)
+    del sources
+    if parse_lease is not None:
+        parse_lease.release()
+
+    results, timing = await segment(
+        state, seg, request, prepared, deadline, probabilities=PROBABILITIES in wanted, confidence=CONFIDENCE in wanted
+    )
+    rles = None
+    if MASK_RLE in wanted:  # one full-size mask, one class's copy of it and the runs at a time
+        await reserve_output(state, request, 2 * mask_encode_cost(prepared[0].size), deadline, "the masks' RLE")
+        rles = await pool_call(state, rle_documents, seg, results, prepared[0].size)
+    outputs = outputs_for(seg, wanted, results, prepared[0].size, rles)
+    await reserve_output(state, request, _output_cost(outputs), deadline, "the response")
+    return outputs, timing
 
 
 def _int(text: str) -> int:
@@ -265,7 +285,7 @@ def _sources(tensor: Tensor) -> list:
     return [(f"{IMAGE_BYTES}[{i}]", bytes(blob)) for i, blob in enumerate(tensor.items())]
 
 
-def _check_output_size(
+def check_output_size(
     wanted: dict, n: int, size: Tuple[int, int], classes: int, input_size: Tuple[int, int], limit: int
 ) -> None:
     h, w = size
@@ -296,7 +316,7 @@ def _check_output_size(
             )
 
 
-def _outputs(seg, wanted: dict, results: list, size: Tuple[int, int], rles: Optional[List[bytes]]) -> List[Output]:
+def outputs_for(seg, wanted: dict, results: list, size: Tuple[int, int], rles: Optional[List[bytes]]) -> List[Output]:
     n, (h, w), classes = len(results), size, seg.config.num_classes
     made = {
         MASK: lambda: ("UINT8", (n, h, w), _filled(seg.restore, [r.labels for r in results], size)),
@@ -323,7 +343,7 @@ def _filled(upsample, tensors: list, size: Tuple[int, int]):
     return fill
 
 
-def _rle_documents(seg, results: list, size: Tuple[int, int]) -> List[bytes]:
+def rle_documents(seg, results: list, size: Tuple[int, int]) -> List[bytes]:
     """Per image, its classes' COCO RLEs as one JSON document (``MASK_RLE``); one full-size mask at a time."""
     return [
         json.dumps(class_rles(seg.restore(r.labels, size), seg.config.class_names), separators=(",", ":")).encode()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from benchmarks.client import make_images
@@ -154,3 +155,13 @@ def test_formats_prints_each_format_at_both_sizes(capsys):
         (size, fmt) for size in ("256x256", "2048x2048") for fmt in ("mask", "RLE", "confidence", "regions")
     ]
     assert all(int(r[-2]) > 0 and float(r[-1]) > 0 for r in rows)
+
+
+def test_protocols_measures_predict_v2_http_and_grpc(tiny_artifact, capsys):
+    pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is in the dev extra")
+    from benchmarks import protocols
+
+    assert protocols.main(["--concurrency", "2", "--window", "0.5", "--max-windows", "1", "--model", tiny_artifact]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[0], r[1]) for r in rows] == [("predict", "2"), ("v2-http", "2"), ("v2-grpc", "2")]
+    assert all(float(r[2]) > 0 and "not" not in " ".join(r) for r in rows)  # every request answered 200

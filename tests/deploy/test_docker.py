@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from benchmarks.servers import free_port
 from tests.real_parts import missing
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,11 +64,9 @@ def engine():
 
 @pytest.fixture
 def container(engine):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port, grpc_port = free_port(), free_port()
     t = time.perf_counter()
-    cid = sh("docker", "run", "-d", "-p", f"127.0.0.1:{port}:8000", TAG).stdout.strip()
+    cid = sh("docker", "run", "-d", "-p", f"127.0.0.1:{port}:8000", "-p", f"127.0.0.1:{grpc_port}:8001", TAG).stdout.strip()
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -84,7 +82,7 @@ def container(engine):
                 "container not ready:\n" + sh("docker", "logs", cid, check=False).stderr[-3000:]
             )
         print(f"container start to ready: {time.perf_counter() - t:.1f} s")
-        yield cid, url
+        yield cid, url, f"127.0.0.1:{grpc_port}"
     finally:
         sh("docker", "rm", "-f", cid, check=False)
 
@@ -101,7 +99,7 @@ def shapes_png() -> tuple[bytes, np.ndarray]:
 
 @pytest.mark.real_part("docker engine")
 def test_image_serves_measures_and_stops_cleanly(container):
-    cid, url = container
+    cid, url, grpc_target = container
     body, truth = shapes_png()
     r = httpx.post(
         url + "/predict?format=png", content=body, headers={"content-type": "image/png"}, timeout=60
@@ -116,6 +114,13 @@ def test_image_serves_measures_and_stops_cleanly(container):
     assert "chanseg_requests_total" in httpx.get(url + "/metrics").text
     page = httpx.get(url + "/")  # the page is package data: the installed image has it
     assert page.status_code == 200 and 'id="files"' in page.text
+    import tritonclient.grpc as grpcclient  # the image serves gRPC on 8001 (the grpc extra is in it)
+
+    client = grpcclient.InferenceServerClient(grpc_target)
+    pixels = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"))[None]
+    inp = grpcclient.InferInput("IMAGE", list(pixels.shape), "UINT8")
+    inp.set_data_from_numpy(pixels)
+    np.testing.assert_array_equal(client.infer("chanseg", [inp]).as_numpy("MASK")[0], mask)
 
     user = sh("docker", "exec", cid, "id", "-u").stdout.strip()
     assert user == "10001"

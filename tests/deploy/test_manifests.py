@@ -184,7 +184,7 @@ _DERIVED = {
     "max_images_per_request",
 }  # fmt: skip
 _UNSET = {"model_path", "num_threads", "api_key", "model_repository"}
-_IMAGE_OWN = {"host": "0.0.0.0", "drain_timeout_s": "8", "log_format": "json"}
+_IMAGE_OWN = {"host": "0.0.0.0", "drain_timeout_s": "8", "log_format": "json", "grpc_port": "8001"}
 
 
 def test_dockerfile_writes_every_fixed_default_as_env():
