@@ -38,7 +38,7 @@ COPY pyproject.toml README.md ./
 # DL3013 (pin pip versions): versions come from pyproject.toml's ranges (and the torch pinned above).
 # hadolint ignore=DL3013
 RUN mkdir model service && touch model/__init__.py service/__init__.py \
-    && pip install ".[serve,grpc]" && pip uninstall -y chanseg && rm -rf model service build ./*.egg-info
+    && pip install ".[serve,grpc,tracing]" && pip uninstall -y chanseg && rm -rf model service build ./*.egg-info
 
 # Then the code, and the default model compiled at build time: to TorchScript, and
 # (COMPILE=auto) to packages for the build machine's CPU (g++ above is for
@@ -102,6 +102,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     CHANSEG_IO_THREADS=auto \
     CHANSEG_DRAIN_TIMEOUT_S=8 \
     CHANSEG_LOG_FORMAT=json \
+    CHANSEG_TRACING=false \
     CHANSEG_LOG_LEVEL=info
 
 USER 10001

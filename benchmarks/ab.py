@@ -49,6 +49,10 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=200, help="per server and image set")
     parser.add_argument("--query", default="", help="appended to /predict, e.g. '?format=rle'")
     parser.add_argument("--model", help="CHANSEG_MODEL_PATH (default: the bundled model)")
+    parser.add_argument(
+        "--after-env", nargs="+", default=[], metavar="NAME=VALUE",
+        help="settings for the working tree's server only, e.g. CHANSEG_TRACING=true (a setting's cost, same code)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     env = {"CHANSEG_DEVICE": "cpu", "CHANSEG_MAX_BATCH_SIZE": "4", "CHANSEG_LOG_LEVEL": "warning"}
     if args.model:
@@ -58,17 +62,19 @@ def main(argv: List[str] | None = None) -> int:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(before), args.before], check=True)
         started = []
         try:
-            for root in (before, ROOT):
-                started.append(ServiceProcess(env, root=root))
+            after_env = dict(item.split("=", 1) for item in args.after_env)
+            started.append(ServiceProcess(env, root=before))
+            started.append(ServiceProcess({**env, **after_env}, root=ROOT))
             for proc in started:
                 proc.wait_ready(600)
-            urls = {f"before ({args.before})": started[0].url, "after (working tree)": started[1].url}
+            after = "after (working tree" + (", " + " ".join(args.after_env) if args.after_env else "") + ")"
+            urls = {f"before ({args.before})": started[0].url, after: started[1].url}
             for name in args.images:
                 latency = measure(urls, IMAGE_SETS[name](), args.requests, args.query)
                 skip = args.requests // 10
                 medians = {k: statistics.median(v[skip:]) for k, v in latency.items()}
                 for k, v in latency.items():
-                    print(f"{name:10} {k:28} median {medians[k]:7.2f} ms   p90 {np.percentile(v[skip:], 90):7.2f} ms")
+                    print(f"{name:10} {k:40} median {medians[k]:7.2f} ms   p90 {np.percentile(v[skip:], 90):7.2f} ms")
                 before_ms, after_ms = medians.values()
                 print(f"{name:10} after - before: {after_ms - before_ms:+.2f} ms ({after_ms / before_ms - 1:+.1%})")
         finally:

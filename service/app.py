@@ -52,6 +52,7 @@ from .resources import allocator, available_cpus, memory_limit_bytes, release_fr
 from .routes import health, metrics, model_info, page, predict, repository, v2
 from .settings import Settings
 from .state import ServerState
+from .tracing import start_tracing
 from .warmup import (
     BatchChoice,
     MeasurementCache,
@@ -87,9 +88,12 @@ def io_threads(setting: int | str) -> int:
     return setting if isinstance(setting, int) else min(64, available_cpus() + 2)
 
 
-def create_app(settings: Optional[Settings] = None, segmenter: Optional[ServedModel] = None) -> FastAPI:
+def create_app(
+    settings: Optional[Settings] = None, segmenter: Optional[ServedModel] = None, span_exporter=None
+) -> FastAPI:
     """Build the app. ``settings`` default to the environment; ``segmenter`` (any
-    :class:`~service.interface.ServedModel`, e.g. a ``model.Segmenter``) replaces loading one."""
+    :class:`~service.interface.ServedModel`, e.g. a ``model.Segmenter``) replaces loading one;
+    ``span_exporter`` (with ``TRACING``) replaces the one the OTEL_* variables configure."""
     settings = settings or Settings()
     if not logging.getLogger("chanseg").handlers:
         configure_logging(settings.log_level, settings.log_format)
@@ -129,6 +133,8 @@ def create_app(settings: Optional[Settings] = None, segmenter: Optional[ServedMo
         read_timeout_s=settings.read_timeout_s,
         request_timeout_s=settings.request_timeout_s,
     )
+    if settings.tracing:
+        state.tracing = start_tracing(app, span_exporter)
     return app
 
 
@@ -261,6 +267,7 @@ async def _stop(state: ServerState) -> None:
         state.pool.shutdown(wait=False, cancel_futures=True)
     if state.inference is not None:
         state.inference.shutdown(wait=False, cancel_futures=True)
+    state.tracing.shutdown()  # the spans still buffered go out
 
 
 def __getattr__(name: str):

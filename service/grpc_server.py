@@ -98,7 +98,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return await self._handled("model_metadata", context, self._model_metadata, request, context)
 
     async def ModelInfer(self, request, context):
-        return await self._handled("infer", context, self._infer, request, context)
+        with self.state.tracing.server_span("ModelInfer", dict(context.invocation_metadata() or ())):
+            return await self._handled("infer", context, self._infer, request, context)
 
     # -- the work ------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -73,6 +73,7 @@ class InferItem:
     want_confidence: bool = False
     request_id: str = ""
     model: Optional[ServedModel] = None  # the version the request is pinned to; None: the one serving
+    batch_context: Any = None  # the batch's span context, when tracing (service.tracing)
 
 
 class Inferred(NamedTuple):
@@ -201,12 +202,14 @@ async def preprocess(
             cost, what = decode_cost(w, h, "RGB", "RAW", target=target), f"{name} ({w}x{h} pixels)"
         else:
             cost, what = item.cost, f"decoding {name} ({item.width}x{item.height} {item.mode})"
-        lease = await _reserve(state, cost, deadline, what)
-        try:
-            return await pool_call(state, prepare, name, item, started, cost >= LARGE)
-        finally:
-            lease.release()
+        with state.tracing.span("decode", **{"chanseg.image": name}):
+            lease = await _reserve(state, cost, deadline, what)
+            try:
+                return await pool_call(state, prepare, name, item, started, cost >= LARGE)
+            finally:
+                lease.release()
 
+    state.tracing.annotate(request_id(request))
     with announce:  # a forming batch waits for these rather than closing early
         started = time.perf_counter()
         items = list(await asyncio.gather(*(pool_call(state, probe, name, src) for name, src in sources)))
@@ -285,6 +288,12 @@ async def segment(
             f"inference failed for the batch holding this request (request id {rid}); the server log has the details"
         ) from None
     state.metrics.images.inc(len(jobs))
+    state.tracing.record_wait(
+        min(j.enqueued for j in jobs),
+        max(j.started for j in jobs),
+        max(j.started + j.inference_s for j in jobs),
+        [j.payload.batch_context for j in jobs],
+    )
     timing = Timing(
         queue_ms=max(j.queue_s for j in jobs) * 1000,
         inference_ms=max(j.inference_s for j in jobs) * 1000,
@@ -343,11 +352,12 @@ async def encode_masks(
         # The mask and its PNG; RLE: one class's copy and the runs too; a confidence map: its own mask and PNG.
         copies = (mask is not None) + (mask == "rle") + (result.confidence is not None)
         cost = mask_encode_cost(image.size) * max(1, copies)
-        lease = await _reserve(state, cost, deadline, f"the mask of {image.name}")
-        try:
-            return await pool_call(state, encode, result, image.size, cost >= LARGE)
-        finally:
-            lease.release()
+        with state.tracing.span("encode", **{"chanseg.image": image.name}):
+            lease = await _reserve(state, cost, deadline, f"the mask of {image.name}")
+            try:
+                return await pool_call(state, encode, result, image.size, cost >= LARGE)
+            finally:
+                lease.release()
 
     return list(await asyncio.gather(*(one(r, im) for r, im in zip(results, images))))
 

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
         description="a folder of artifacts the server may load at run time (v2 model-repository extension, "
         "SIGHUP re-reads MODEL_PATH), nothing outside it; unset: reloading is off",
     )
+    tracing: bool = Field(
+        False,
+        description="OpenTelemetry traces (the tracing extra), exported as the standard OTEL_* variables say "
+        "(OTLP over HTTP by default)",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["text", "json"] = "text"
     drain_timeout_s: float = Field(

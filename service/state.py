@@ -24,6 +24,7 @@ from .interface import ServedModel
 from .metrics import Metrics
 from .pipeline import InferItem, Inferred
 from .settings import Settings
+from .tracing import OFF, Tracing
 from .warmup import BatchChoice
 
 log = logging.getLogger("chanseg.state")
@@ -40,6 +41,7 @@ class ServerState:
     segmenter: Optional[ServedModel] = None  # the version serving new requests (service.repository swaps it)
     repository: Any = None  # service.repository.ModelRepository
     grpc: Any = None  # the gRPC server (service.grpc_server), when GRPC_PORT is set
+    tracing: Tracing = OFF  # service.tracing: spans, or nothing when TRACING is off
     batcher: Optional[DynamicBatcher] = None
     pool: Optional[ThreadPoolExecutor] = None  # decoding, encoding: PIL and numpy only
     inference: Optional[ThreadPoolExecutor] = None  # the one thread that runs torch
@@ -96,6 +98,12 @@ class ServerState:
     def _forward(self, items: List[InferItem]) -> List[Inferred]:
         """One forward pass per model version in the batch: one, except for the batch
         that straddles a swap (its requests are pinned to the version they came in on)."""
+        with self.tracing.batch_span(len(items), [item.request_id for item in items]) as context:
+            for item in items:
+                item.batch_context = context
+            return self._forward_groups(items)
+
+    def _forward_groups(self, items: List[InferItem]) -> List[Inferred]:
         groups: Dict[int, List[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(id(item.model), []).append(i)

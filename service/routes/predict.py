@@ -129,7 +129,8 @@ async def predict(
     "counts": ...}`` in COCO's compressed RLE."""
     s, served = state.settings, state.segmenter  # the version this request is pinned to
     deadline = deadline_of(request, s.request_timeout_s)
-    blobs = await read_images(request, s.max_images_per_request)
+    with state.tracing.span("read"):
+        blobs = await read_images(request, s.max_images_per_request)
     single = _single_png(request, format)
     if single and len(blobs) != 1:
         raise BadImage(f"a PNG response holds one image; this request has {len(blobs)} images (use JSON)")

@@ -151,7 +151,8 @@ async def infer(request: Request, state: State, name: str, version: Optional[str
     if header_length is None and declared.isdigit() and int(declared) > s.max_json_bytes:
         raise _json_too_large(int(declared), s.max_json_bytes)
     try:
-        body = await request.body()  # size-limited by the middleware; no Content-Type needed
+        with state.tracing.span("read"):
+            body = await request.body()  # size-limited by the middleware; no Content-Type needed
     except ClientDisconnect:
         raise ClientGone("client disconnected while sending its request") from None
     json_bytes = len(body) if header_length is None else min(len(body), max(0, _int(header_length)))
@@ -173,9 +174,10 @@ async def infer(request: Request, state: State, name: str, version: Optional[str
     outputs, timing = await run_inference(state, seg, request, req, deadline, parse_lease)
     reply_id = req.id
     del req
-    payload, header_length_out = await pool_call(
-        state, encode_response, seg.name, seg.version, reply_id, outputs
-    )
+    with state.tracing.span("encode"):
+        payload, header_length_out = await pool_call(
+            state, encode_response, seg.name, seg.version, reply_id, outputs
+        )
     headers = {**timing.headers(), "Content-Length": str(len(payload))}
     media_type = "application/json"
     if header_length_out is not None:

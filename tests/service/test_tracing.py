@@ -1,0 +1,65 @@
+"""Traces (service/tracing.py) with the OpenTelemetry SDK's in-memory exporter: the
+spans of one request, their parents, the trace id propagated from ``traceparent``,
+and the batch span the inference links to."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.tracing import OFF
+from tests.service.conftest import make_settings, png_bytes, random_image, serve
+
+pytestmark = pytest.mark.anyio
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+
+
+@pytest.fixture
+def exporter():
+    memory = pytest.importorskip(
+        "opentelemetry.sdk.trace.export.in_memory_span_exporter", reason="the tracing extra (in make test's extras)"
+    )
+    return memory.InMemorySpanExporter()
+
+
+async def test_one_request_is_one_trace_with_a_span_per_stage(tiny_artifact, exporter):
+    files = [("file", (f"{i}.png", png_bytes(random_image(50 + i, 60, 70)), "image/png")) for i in range(2)]
+    async with serve(make_settings(tiny_artifact, tracing=True), span_exporter=exporter) as client:
+        r = await client.post("/predict", files=files, headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
+        assert r.status_code == 200
+    spans = exporter.get_finished_spans()
+    server = next(s for s in spans if s.name == "POST /predict")
+    assert format(server.context.trace_id, "032x") == TRACE_ID  # the client's trace goes on
+    assert format(server.parent.span_id, "016x") == PARENT_ID
+    assert server.attributes["chanseg.request_id"] == r.headers["x-request-id"]
+
+    children = [s for s in spans if s.parent is not None and s.parent.span_id == server.context.span_id]
+    names = sorted(s.name for s in children)
+    assert names == ["decode", "decode", "encode", "encode", "inference", "queue", "read"], names
+    assert all(s.context.trace_id == server.context.trace_id for s in children)
+    assert sorted(s.attributes["chanseg.image"] for s in children if s.name == "decode") == ["0.png", "1.png"]
+
+    batches = [s for s in spans if s.name == "batch"]
+    assert batches and all(s.parent is None for s in batches)  # a batch is its own root
+    ours = [b for b in batches if r.headers["x-request-id"] in b.attributes["chanseg.request_ids"]]
+    assert ours and sum(b.attributes["chanseg.batch_size"] for b in ours) >= 2
+    inference = next(s for s in children if s.name == "inference")
+    assert {link.context.span_id for link in inference.links} == {b.context.span_id for b in ours}
+    queue = next(s for s in children if s.name == "queue")
+    assert queue.start_time <= queue.end_time <= inference.start_time + 1_000_000 <= inference.end_time + 1_000_000
+    assert server.start_time <= queue.start_time and inference.end_time <= server.end_time
+
+
+async def test_v2_infer_is_traced_too(tiny_artifact, exporter):
+    body = {"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [1, 16, 16, 3], "data": [0] * 768}]}
+    async with serve(make_settings(tiny_artifact, tracing=True), span_exporter=exporter) as client:
+        assert (await client.post("/v2/models/tiny/infer", json=body)).status_code == 200
+    names = {s.name for s in exporter.get_finished_spans()}
+    assert {"POST /v2/models/{name}/infer", "read", "decode", "queue", "inference", "encode", "batch"} <= names
+
+
+async def test_off_by_default(tiny_artifact):
+    async with serve(make_settings(tiny_artifact)) as client:
+        assert client.app.state.chanseg.tracing is OFF
+        assert (await client.post("/predict", files={"file": ("a.png", png_bytes(random_image(1)))})).status_code == 200
