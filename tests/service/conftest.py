@@ -101,8 +101,8 @@ class ServerProcess(ServiceProcess):
     """``python -m service`` on the CPU, batches of up to 4, its log in ``tmp``;
     ``artifact=None``: the bundled model. (The launcher is the benchmarks' own.)"""
 
-    def __init__(self, artifact: Optional[str], tmp: Path, **env: str) -> None:
-        port = free_port()
+    def __init__(self, artifact: Optional[str], tmp: Path, port: Optional[int] = None, **env: str) -> None:
+        port = port or free_port()
         settings = {"CHANSEG_DEVICE": "cpu", "CHANSEG_MAX_BATCH_SIZE": "4", "CHANSEG_LOG_LEVEL": "info"}
         if artifact is not None:
             settings["CHANSEG_MODEL_PATH"] = artifact

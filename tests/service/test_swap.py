@@ -59,7 +59,7 @@ def test_versions_swap_under_load_without_a_failed_request(tmp_path):
         swaps = []
 
         def swap(action, *args):
-            time.sleep(1.0)
+            time.sleep(0.5)
             began = time.monotonic()
             result = action(*args)
             swaps.append((began, time.monotonic()))

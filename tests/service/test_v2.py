@@ -12,9 +12,19 @@ import pytest
 
 from benchmarks.client import metric_samples
 from tests.real_parts import missing
-from tests.service.conftest import make_settings, png_bytes, random_image, serve
+from tests.service.conftest import ServerProcess, make_settings, png_bytes, random_image, serve
 from tests.service.test_app import files
-from tests.service.test_process import server  # noqa: F401  (fixture: a real server process)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact, tmp_path_factory):
+    """One real server process for this module's tritonclient tests."""
+    proc = ServerProcess(tiny_artifact, tmp_path_factory.mktemp("v2"))
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
 
 
 def triton():
@@ -27,7 +37,7 @@ def triton():
 
 
 @pytest.mark.real_part("tritonclient")
-def test_tritonclient_metadata_and_health(server):  # noqa: F811
+def test_tritonclient_metadata_and_health(server):
     httpclient = triton()
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready()
@@ -50,7 +60,7 @@ def test_tritonclient_metadata_and_health(server):  # noqa: F811
 
 @pytest.mark.real_part("tritonclient")
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
-def test_tritonclient_uint8_infer(server, tiny_segmenter, binary):  # noqa: F811
+def test_tritonclient_uint8_infer(server, tiny_segmenter, binary):
     httpclient = triton()
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     images = np.stack([random_image(1, 40, 30), random_image(2, 40, 30)])
@@ -67,7 +77,7 @@ def test_tritonclient_uint8_infer(server, tiny_segmenter, binary):  # noqa: F811
 
 
 @pytest.mark.real_part("tritonclient")
-def test_tritonclient_bytes_input_and_both_outputs(server, tiny_segmenter):  # noqa: F811
+def test_tritonclient_bytes_input_and_both_outputs(server, tiny_segmenter):
     httpclient = triton()
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     image = random_image(3, 50, 50)
@@ -84,7 +94,7 @@ def test_tritonclient_bytes_input_and_both_outputs(server, tiny_segmenter):  # n
 
 @pytest.mark.real_part("tritonclient")
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
-def test_tritonclient_confidence_and_rle_outputs(server, tiny_segmenter, binary):  # noqa: F811
+def test_tritonclient_confidence_and_rle_outputs(server, tiny_segmenter, binary):
     from pycocotools import mask as coco
 
     httpclient = triton()
@@ -109,7 +119,7 @@ def test_tritonclient_confidence_and_rle_outputs(server, tiny_segmenter, binary)
 
 
 @pytest.mark.real_part("tritonclient")
-def test_tritonclient_defaults_binary_on(server, tiny_segmenter):  # noqa: F811
+def test_tritonclient_defaults_binary_on(server, tiny_segmenter):
     httpclient = triton()
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     image = random_image(4, 24, 24)[None]
