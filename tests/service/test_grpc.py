@@ -130,30 +130,41 @@ def test_malformed_requests_are_invalid_argument(server, case):
     assert httpx.get(server.url + "/readyz").status_code == 200
 
 
-@pytest.mark.real_part("tritonclient")
-def test_overload_is_unavailable(tmp_path):
-    g = grpcclient()
+def _slow_server(tmp_path, **env) -> ServerProcess:
+    """A real server with gRPC, on a 256x256 network (~30 ms an image here): calls overlap."""
     slow = tmp_path / "slow.pt"
     model.export_torchscript(make_net(ModelConfig(widths=(8, 16, 32), input_size=(256, 256), name="slow")), slow)
     port = free_port()
-    proc = ServerProcess(str(slow), tmp_path, CHANSEG_GRPC_PORT=str(port), CHANSEG_MAX_QUEUE="2", CHANSEG_MAX_BATCH_SIZE="1")
+    proc = ServerProcess(str(slow), tmp_path, CHANSEG_GRPC_PORT=str(port), **env)
+    proc.grpc_url = f"127.0.0.1:{port}"
     try:
         proc.wait_ready()
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
+def _infer(target: str, image: np.ndarray):
+    """One gRPC infer of ``image`` on the slow model: the mask's shape, or the status it failed with."""
+    g = grpcclient()
+    client = g.InferenceServerClient(target)
+    inp = g.InferInput("IMAGE", list(image.shape), "UINT8")
+    inp.set_data_from_numpy(image)
+    try:
+        return client.infer("slow", [inp]).as_numpy("MASK").shape
+    except g.InferenceServerException as exc:
+        return _status(exc)
+
+
+@pytest.mark.real_part("tritonclient")
+def test_overload_is_unavailable(tmp_path):
+    proc = _slow_server(tmp_path, CHANSEG_MAX_QUEUE="2", CHANSEG_MAX_BATCH_SIZE="1")
+    try:
         image = random_image(43, 256, 256)[None]
-
-        def call(_):
-            client = g.InferenceServerClient(f"127.0.0.1:{port}")
-            inp = g.InferInput("IMAGE", list(image.shape), "UINT8")
-            inp.set_data_from_numpy(image)
-            try:
-                client.infer("slow", [inp])
-                return "OK"
-            except g.InferenceServerException as exc:
-                return _status(exc)
-
         with ThreadPoolExecutor(16) as pool:
-            codes = list(pool.map(call, range(32)))
-        assert set(codes) == {"OK", "StatusCode.UNAVAILABLE"}, codes
+            codes = list(pool.map(lambda _: _infer(proc.grpc_url, image), range(32)))
+        assert set(codes) == {(1, 256, 256), "StatusCode.UNAVAILABLE"}, codes
         assert httpx.get(proc.url + "/readyz").status_code == 200
     finally:
         proc.stop()
@@ -164,26 +175,11 @@ def test_sigterm_drains_grpc_calls_in_flight(tmp_path):
     import signal
     import time
 
-    g = grpcclient()
-    slow = tmp_path / "slow.pt"
-    model.export_torchscript(make_net(ModelConfig(widths=(8, 16, 32), input_size=(256, 256), name="slow")), slow)
-    port = free_port()
-    proc = ServerProcess(str(slow), tmp_path, CHANSEG_GRPC_PORT=str(port), CHANSEG_MAX_BATCH_DELAY_MS="5")
+    proc = _slow_server(tmp_path, CHANSEG_MAX_BATCH_DELAY_MS="5")
     try:
-        proc.wait_ready()
         image = random_image(44, 256, 256)[None]
-
-        def call(_):
-            client = g.InferenceServerClient(f"127.0.0.1:{port}")
-            inp = g.InferInput("IMAGE", list(image.shape), "UINT8")
-            inp.set_data_from_numpy(image)
-            try:
-                return client.infer("slow", [inp]).as_numpy("MASK").shape
-            except g.InferenceServerException as exc:
-                return _status(exc)
-
         with ThreadPoolExecutor(12) as pool:
-            futures = [pool.submit(call, i) for i in range(12)]
+            futures = [pool.submit(_infer, proc.grpc_url, image) for _ in range(12)]
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:  # SIGTERM once the calls are queued in the server
                 depth = metric_samples(httpx.get(proc.url + "/metrics").text).get(("chanseg_queue_depth", ()), 0)
