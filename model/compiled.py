@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Optional, Set
 import torch
 from torch import nn
 
-from .export import Artifact, ModelLoadError, written_atomically
+from .export import Artifact, ModelLoadError, extra_member, written_atomically
 from .network import ModelConfig
 
 __all__ = [
@@ -89,16 +89,11 @@ def missing_instructions(isa: str, flags: Optional[Set[str]] = None) -> Set[str]
     return {name for name in isa.split() if not _ISA_FLAGS.get(name, set()) <= flags}
 
 
-def _extra(z: zipfile.ZipFile, name: str) -> Optional[str]:
-    """The archive member holding extra file ``name``, if any."""
-    return next((n for n in z.namelist() if n.endswith(f"/extra/{name}")), None)
-
-
 def is_package(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a compiled package (not a TorchScript artifact)."""
     try:
         with zipfile.ZipFile(path) as z:
-            member = _extra(z, _META)
+            member = extra_member(z, _META)
             return member is not None and json.loads(z.read(member)).get("format") == PACKAGE_FORMAT
     except (OSError, zipfile.BadZipFile, ValueError):
         return False
@@ -181,8 +176,8 @@ def read_meta(path: str | os.PathLike) -> tuple[ModelConfig, Dict[str, Any]]:
     """A package's config and metadata, without loading its code."""
     try:
         with zipfile.ZipFile(path) as z:
-            config = ModelConfig.from_json(z.read(_extra(z, _CONFIG) or _CONFIG).decode())
-            meta = json.loads(z.read(_extra(z, _META) or _META))
+            config = ModelConfig.from_json(z.read(extra_member(z, _CONFIG) or _CONFIG).decode())
+            meta = json.loads(z.read(extra_member(z, _META) or _META))
     except (OSError, KeyError, zipfile.BadZipFile, ValueError, TypeError) as exc:
         raise ModelLoadError(f"{path}: not a chanseg package ({exc})") from exc
     return config, meta

@@ -158,12 +158,18 @@ def read_metadata(path: str | os.PathLike) -> tuple[ModelConfig, Dict[str, Any]]
         return read_meta(path)
     try:
         with zipfile.ZipFile(path) as z:
-            member = {n.rsplit("/extra/", 1)[-1]: n for n in z.namelist() if "/extra/" in n}
-            config = ModelConfig.from_json(z.read(member[_CONFIG_FILE]).decode())
-            meta = json.loads(z.read(member[_META_FILE]) if _META_FILE in member else "{}")
+            config = ModelConfig.from_json(z.read(extra_member(z, _CONFIG_FILE) or _CONFIG_FILE).decode())
+            meta_member = extra_member(z, _META_FILE)
+            meta = json.loads(z.read(meta_member) if meta_member else "{}")
     except (OSError, KeyError, zipfile.BadZipFile, ValueError, TypeError) as exc:
         raise ModelLoadError(f"{path}: not a chanseg artifact ({type(exc).__name__}: {exc})") from exc
     return config, meta
+
+
+def extra_member(z: zipfile.ZipFile, name: str) -> Optional[str]:
+    """The archive member holding extra file ``name`` (``torch.jit.save``'s and the
+    packages' ``<root>/extra/<name>``), if any."""
+    return next((n for n in z.namelist() if n.endswith(f"/extra/{name}")), None)
 
 
 def _text(value: str | bytes) -> str:

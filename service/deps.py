@@ -22,6 +22,9 @@ __all__ = [
     "require_api_key",
     "require_ready",
     "require_room",
+    "check_api_key",
+    "check_ready",
+    "check_room",
 ]
 
 
@@ -29,21 +32,22 @@ async def get_state(request: Request):
     return request.app.state.chanseg
 
 
-async def require_api_key(request: Request) -> None:
-    """401 unless the request carries the API key (when one is set)."""
-    key = request.app.state.chanseg.settings.api_key
+def check_api_key(state, headers) -> None:
+    """401 unless ``headers`` (HTTP headers, or gRPC metadata as a dict) carry the API
+    key, when one is set: ``X-API-Key: KEY`` or ``Authorization: Bearer KEY``."""
+    key = state.settings.api_key
     if key is None:
         return
-    given = request.headers.get("x-api-key")
-    auth = request.headers.get("authorization", "")
+    given = headers.get("x-api-key")
+    auth = headers.get("authorization", "")
     if given is None and auth[:7].lower() == "bearer ":
         given = auth[7:].strip()
     if not given or not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
         raise Unauthorized()
 
 
-async def require_ready(request: Request) -> None:
-    state = request.app.state.chanseg
+def check_ready(state) -> None:
+    """503 while the server drains, starts, or has no model loaded."""
     if state.draining:
         raise NotReady("the server is shutting down", retry_after_s=5)
     if not state.ready:
@@ -52,11 +56,22 @@ async def require_ready(request: Request) -> None:
         raise NotReady("no model loaded: it was unloaded through the model repository", retry_after_s=5)
 
 
-async def require_room(request: Request) -> None:
+def check_room(state) -> None:
     """503 before the body is read when the queue could not take even one more image."""
-    batcher = request.app.state.chanseg.batcher
-    if batcher is not None and not batcher.has_room(1):
+    if state.batcher is not None and not state.batcher.has_room(1):
         raise Overloaded("server busy: the queue is full; retry later", retry_after_s=1)
+
+
+async def require_api_key(request: Request) -> None:
+    check_api_key(request.app.state.chanseg, request.headers)
+
+
+async def require_ready(request: Request) -> None:
+    check_ready(request.app.state.chanseg)
+
+
+async def require_room(request: Request) -> None:
+    check_room(request.app.state.chanseg)
 
 
 State = Annotated[object, Depends(get_state)]

@@ -20,7 +20,6 @@ The service definitions come from ``tritonclient[grpc]`` (its generated
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 import uuid
@@ -33,7 +32,8 @@ from tritonclient.grpc import service_pb2_grpc
 
 import model
 
-from .errors import ApiError, InvalidRequest, NotReady, Overloaded, Unauthorized
+from .deps import check_api_key, check_ready, check_room
+from .errors import ApiError, InvalidRequest
 from .interface import v2_inputs, v2_outputs
 from .routes.v2 import run_inference, served_model
 from .v2_codec import DTYPES, InferRequest, Tensor
@@ -122,12 +122,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request, context) -> Any:
         state = self.state
         self._authorize(context)
-        if state.draining:
-            raise NotReady("the server is shutting down", retry_after_s=5)
-        if not state.ready or state.segmenter is None:
-            raise NotReady("the model is not ready", retry_after_s=5)
-        if state.batcher is not None and not state.batcher.has_room(1):
-            raise Overloaded("server busy: the queue is full; retry later", retry_after_s=1)
+        check_ready(state)
+        check_room(state)
         seg = served_model(state, request.model_name, request.model_version or None)
         call = _Call(context, request.id or uuid.uuid4().hex)
         deadline = call.scope["chanseg"]["started"] + state.settings.request_timeout_s
@@ -145,16 +141,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             call.release()
 
     def _authorize(self, context) -> None:
-        key = self.state.settings.api_key
-        if key is None:
-            return
-        metadata = dict(context.invocation_metadata() or ())
-        given = metadata.get("x-api-key")
-        auth = metadata.get("authorization", "")
-        if given is None and auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        if not given or not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
-            raise Unauthorized()
+        check_api_key(self.state, dict(context.invocation_metadata() or ()))
 
     async def _handled(self, endpoint: str, context, fn, *args) -> Any:
         """``fn(*args)``, its ApiError as the gRPC status it maps to, and the call counted."""

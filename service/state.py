@@ -177,7 +177,6 @@ class ServerState:
         return max(0.0, self.shutdown_deadline - time.monotonic())
 
 
-
 def _selected(logits: torch.Tensor, wanted: List[bool], fn) -> List[Optional[torch.Tensor]]:
     """``fn`` of the logits of the wanted images (one call, one copy to the host), None for the others."""
     index = [i for i, want in enumerate(wanted) if want]

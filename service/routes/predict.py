@@ -138,7 +138,7 @@ async def predict(
     blobs = None  # the encoded files are not needed any more: let their memory go
     want_confidence = single == "confidence" or (confidence and single is None)
     outputs, timing = await segment(state, served, request, prepared, deadline, confidence=want_confidence)
-    mask = {"png": "png", "confidence": None}.get(single, "rle" if format == "rle" else "png")
+    mask = None if single == "confidence" else "rle" if format == "rle" else "png"
     results = await encode_masks(state, served, outputs, prepared, deadline, mask=mask, details=single is None)
     headers = timing.headers()
     if single:

@@ -20,7 +20,7 @@ Responses are streamed from one buffer in 1 MiB pieces.
 from __future__ import annotations
 
 import json
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -290,12 +290,8 @@ def _sources(tensor: Tensor) -> list:
 def check_output_size(
     wanted: dict, n: int, size: Tuple[int, int], classes: int, input_size: Tuple[int, int], limit: int
 ) -> None:
-    h, w = size
     # MASK_RLE: bounded like MASK (a run takes at least one character, a pixel at most one run).
-    per_output = {
-        MASK: ("UINT8", (n, h, w)), PROBABILITIES: ("FP32", (n, classes, h, w)), CONFIDENCE: ("UINT8", (n, h, w)),
-        MASK_RLE: ("UINT8", (n, h, w)),
-    }  # fmt: skip
+    per_output = {**_tensor_outputs(n, size, classes), MASK_RLE: ("UINT8", (n, *size))}
     for name, binary in wanted.items():
         datatype, shape = per_output[name]
         elements = int(np.prod(shape, dtype=object))
@@ -318,20 +314,26 @@ def check_output_size(
             )
 
 
+def _tensor_outputs(n: int, size: Tuple[int, int], classes: int) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
+    """Each numeric output's datatype and shape for ``n`` images of ``size``."""
+    h, w = size
+    return {MASK: ("UINT8", (n, h, w)), PROBABILITIES: ("FP32", (n, classes, h, w)), CONFIDENCE: ("UINT8", (n, h, w))}
+
+
 def outputs_for(seg, wanted: dict, results: list, size: Tuple[int, int], rles: Optional[List[bytes]]) -> List[Output]:
-    n, (h, w), classes = len(results), size, seg.config.num_classes
-    made = {
-        MASK: lambda: ("UINT8", (n, h, w), _filled(seg.restore, [r.labels for r in results], size)),
-        PROBABILITIES: lambda: ("FP32", (n, classes, h, w), _filled(seg.probabilities, [r.logits for r in results], size)),
-        CONFIDENCE: lambda: ("UINT8", (n, h, w), _filled(seg.restore, [r.confidence for r in results], size)),
-    }
+    """The outputs asked for, each filled when the response is encoded (``MASK_RLE`` made beforehand)."""
+    # Each numeric output: how an image's tensor is upsampled to its size, and which tensor.
+    sources = {
+        MASK: (seg.restore, "labels"), PROBABILITIES: (seg.probabilities, "logits"), CONFIDENCE: (seg.restore, "confidence"),
+    }  # fmt: skip
     outputs = []
-    for name in (MASK, PROBABILITIES, CONFIDENCE):
+    for name, (datatype, shape) in _tensor_outputs(len(results), size, seg.config.num_classes).items():
         if name in wanted:
-            datatype, shape, fill = made[name]()
+            upsample, field = sources[name]
+            fill = _filled(upsample, [getattr(r, field) for r in results], size)
             outputs.append(Output(name, datatype, shape, wanted[name], fill))
     if MASK_RLE in wanted:
-        outputs.append(Output(MASK_RLE, "BYTES", (n,), wanted[MASK_RLE], items=rles))
+        outputs.append(Output(MASK_RLE, "BYTES", (len(results),), wanted[MASK_RLE], items=rles))
     return outputs
 
 

@@ -36,6 +36,16 @@ def triton():
     return http
 
 
+def _infer_pixels(server, images: np.ndarray, outputs: list, binary: bool, **options):
+    """tritonclient's infer of UINT8 ``images`` as IMAGE, asking for ``outputs`` (binary or JSON)."""
+    httpclient = triton()
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    inp = httpclient.InferInput("IMAGE", list(images.shape), "UINT8")
+    inp.set_data_from_numpy(images, binary_data=binary)
+    requested = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in outputs]
+    return client.infer("tiny", [inp], outputs=requested, **options)
+
+
 @pytest.mark.real_part("tritonclient")
 def test_tritonclient_metadata_and_health(server):
     httpclient = triton()
@@ -61,13 +71,8 @@ def test_tritonclient_metadata_and_health(server):
 @pytest.mark.real_part("tritonclient")
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_tritonclient_uint8_infer(server, tiny_segmenter, binary):
-    httpclient = triton()
-    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     images = np.stack([random_image(1, 40, 30), random_image(2, 40, 30)])
-    inp = httpclient.InferInput("IMAGE", list(images.shape), "UINT8")
-    inp.set_data_from_numpy(images, binary_data=binary)
-    outputs = [httpclient.InferRequestedOutput("MASK", binary_data=binary)]
-    result = client.infer("tiny", [inp], outputs=outputs, request_id="req-1")
+    result = _infer_pixels(server, images, ["MASK"], binary, request_id="req-1")
     masks = result.as_numpy("MASK")
     assert masks.shape == (2, 40, 30) and masks.dtype == np.uint8
     for mask, image in zip(masks, images):
@@ -97,14 +102,9 @@ def test_tritonclient_bytes_input_and_both_outputs(server, tiny_segmenter):
 def test_tritonclient_confidence_and_rle_outputs(server, tiny_segmenter, binary):
     from pycocotools import mask as coco
 
-    httpclient = triton()
-    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     images = np.stack([random_image(6, 70, 90), random_image(7, 70, 90)])
-    inp = httpclient.InferInput("IMAGE", list(images.shape), "UINT8")
-    inp.set_data_from_numpy(images, binary_data=binary)
     wanted = ["MASK", "CONFIDENCE", "MASK_RLE"]
-    outputs = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in wanted]
-    result = client.infer("tiny", [inp], outputs=outputs)
+    result = _infer_pixels(server, images, wanted, binary)
     masks, confidence, rles = (result.as_numpy(name) for name in wanted)
     assert confidence.shape == (2, 70, 90) and confidence.dtype == np.uint8 and rles.shape == (2,)
     classes = tiny_segmenter.config.class_names
