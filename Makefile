@@ -5,7 +5,7 @@ VENV ?= .venv
 # build of torch. Override for a GPU machine, e.g.
 #   make TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128' test
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= serve,grpc,tracing,dev,bench
+EXTRAS ?= serve,grpc,tracing,dev,bench,ray
 BIN := $(VENV)/bin
 
 # tcmalloc when installed (apt-get install libtcmalloc-minimal4): see README, "Allocator".

@@ -1,0 +1,325 @@
+"""chanseg on a real two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``:
+a head node and a second node joining it, each its own raylet and object store),
+through Ray Serve's HTTP proxy, with the application ``service.ray_serve:build``
+makes (one replica, up to two under load, at most one per node):
+
+- the replicas run on both nodes and both answer requests (Ray's state API for where
+  each replica actor lives, the ``X-Ray-Replica``/``X-Ray-Node`` headers for which one
+  answered);
+- masks through Ray equal ``/predict`` on a single chanseg app, and bad input gets the
+  same 4xx;
+- under load (6 requests in flight, a target of 2 per replica) Serve scales out from one
+  replica to two;
+- one replica killed (``ray.kill``) under a closed loop of requests: Serve starts a new
+  one on the same node, the load goes on, and only requests that were sent before the
+  kill and not yet answered may fail;
+- a redeploy under load (Serve starts the new version, then stops each old replica: Ray
+  waits for its requests, then chanseg's lifespan drains it): every request answers 200;
+- ``deploy/ray/serve.yaml`` passes Serve's schema and its arguments build the app.
+
+The head node's proxy spreads requests over both nodes here
+(``RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0``); in a real cluster every node runs
+a proxy that prefers its own replicas. Prints the figures (``pytest -s``)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import List
+
+import httpx
+import numpy as np
+import pytest
+
+from benchmarks.servers import free_port
+from tests.real_parts import missing
+from tests.service.conftest import decode_mask, make_settings, png_bytes, random_image, serve
+
+try:
+    import ray
+    from ray import serve as ray_serve
+    from ray.cluster_utils import Cluster
+    from ray.util.state import list_actors
+except ImportError:  # pragma: no cover - the ray extra is part of make test
+    ray = None
+
+pytestmark = pytest.mark.real_part("ray cluster")
+
+APP = "chanseg"
+IMAGES = [png_bytes(random_image(seed, h, w)) for seed, (h, w) in enumerate([(48, 40), (300, 200), (64, 64)])]
+
+
+def _replica_actors() -> list:
+    """The live replica actors of the deployment, from Ray's state API."""
+    return list_actors(filters=[("class_name", "=", f"ServeReplica:{APP}:chanseg"), ("state", "=", "ALIVE")])
+
+
+def _replicas() -> dict:
+    """Replica id (as in ``X-Ray-Replica``) -> the id of the node its actor lives on."""
+    return {a.name.rsplit("#", 1)[-1]: a.node_id for a in _replica_actors()}
+
+
+def _running_replicas() -> int:
+    status = ray_serve.status().applications.get(APP)
+    return status.deployments["chanseg"].replica_states.get("RUNNING", 0) if status else 0
+
+
+def _wait(condition, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_artifact, tmp_path_factory):
+    """Two Ray nodes on loopback, Serve's proxy on the head, chanseg deployed on both."""
+    if ray is None:
+        missing("ray (Ray Serve)", "pip install 'chanseg[ray]'")
+    env = {
+        "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        # ongoing-request counts reach the autoscaler every second, not every 10 s
+        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+        "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+    }
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # the nodes' processes inherit it
+    nodes = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "dashboard_port": free_port(), "include_dashboard": True},
+    )
+    try:
+        nodes.add_node(num_cpus=1)
+        nodes.wait_for_nodes()
+        ray.init(address=nodes.address, logging_level="warning", log_to_driver=False)
+        port = free_port()
+        ray_serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        args = dict(
+            model_path=tiny_artifact,
+            device="cpu",
+            max_batch_size=4,
+            max_upload_bytes=1 << 20,
+            log_level="warning",
+            num_cpus=1,
+            min_replicas=1,  # scales out to the second node under load
+            max_replicas=2,
+            max_replicas_per_node=1,
+            target_ongoing_requests=2,
+            upscale_delay_s=1,
+            look_back_period_s=2,
+        )
+        from service.ray_serve import build
+
+        started = time.perf_counter()
+        ray_serve.run(build(args), name=APP, route_prefix="/")
+        print(f"\nRay: the first replica ready {time.perf_counter() - started:.1f} s after the deploy")
+        yield {
+            "url": f"http://127.0.0.1:{port}",
+            "args": args,
+            "node_ids": {n["NodeID"] for n in ray.nodes()},
+        }
+    finally:
+        if ray.is_initialized():
+            ray_serve.shutdown()
+            ray.shutdown()
+        nodes.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class Load:
+    """A closed loop of ``clients`` threads posting images through Ray's proxy."""
+
+    def __init__(self, url: str, clients: int = 4) -> None:
+        self.url, self.stop = url, threading.Event()
+        self.results: List[tuple] = []  # (sent, answered, status, replica, node)
+        self.threads = [threading.Thread(target=self._loop, args=(i,)) for i in range(clients)]
+
+    def _loop(self, index: int) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self.stop.is_set():
+                sent = time.monotonic()
+                try:
+                    r = client.post(
+                        self.url + "/predict?format=png", files={"file": ("i.png", IMAGES[index % 3])}
+                    )
+                    status, replica, node = (
+                        r.status_code,
+                        r.headers.get("x-ray-replica"),
+                        r.headers.get("x-ray-node"),
+                    )
+                except httpx.HTTPError:
+                    status, replica, node = 0, None, None
+                self.results.append((sent, time.monotonic(), status, replica, node))
+
+    def __enter__(self) -> "Load":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(90)
+
+    def count(self) -> int:
+        return len(self.results)
+
+
+def test_scales_out_to_both_nodes_and_both_serve(cluster):
+    """One replica idle; under load (6 in flight, target 2 per replica) Serve adds the
+    second, on the other node, and both answer."""
+    assert len(_replica_actors()) == 1
+    with Load(cluster["url"], clients=6) as load:
+        started = time.monotonic()
+        _wait(lambda: _running_replicas() == 2, "Serve scaled out to two replicas")
+        scaled = time.monotonic() - started
+        settled = load.count()
+        _wait(lambda: load.count() >= settled + 60, "60 requests through Ray on two replicas")
+    actors = _replica_actors()
+    assert len(actors) == 2
+    assert {a.node_id for a in actors} == cluster["node_ids"], (
+        "one replica on each node (max_replicas_per_node=1)"
+    )
+    statuses = Counter(r[2] for r in load.results)
+    assert statuses == {200: len(load.results)}, statuses
+    answered = Counter((r[3], r[4]) for r in load.results)
+    assert set(answered) == set(_replicas().items()), answered  # both replicas, each on its own node
+    print(
+        f"Ray: scaled out {scaled:.1f} s after the load began; {len(load.results)} requests, "
+        f"per replica {dict(Counter(r[3] for r in load.results))}"
+    )
+
+
+@pytest.mark.anyio
+async def test_masks_and_errors_equal_a_single_server(cluster, tiny_artifact):
+    single = make_settings(tiny_artifact, max_batch_size=4, max_upload_bytes=1 << 20)
+    async with serve(single) as alone, httpx.AsyncClient(base_url=cluster["url"], timeout=60) as via_ray:
+        for image in IMAGES:
+            files = {"file": ("i.png", image, "image/png")}
+            mine, theirs = (
+                await via_ray.post("/predict?format=png", files=files),
+                await alone.post("/predict?format=png", files=files),
+            )
+            assert mine.status_code == theirs.status_code == 200
+            assert np.array_equal(decode_mask(mine.content), decode_mask(theirs.content))
+            mine, theirs = (
+                await via_ray.post("/predict", files=files),
+                await alone.post("/predict", files=files),
+            )
+            assert (
+                mine.json()["predictions"][0]["class_fractions"]
+                == theirs.json()["predictions"][0]["class_fractions"]
+            )
+        bad = [
+            {"files": {"file": ("a.txt", b"not an image", "text/plain")}},  # 400
+            {"files": {"file": ("big.png", b"\0" * (2 << 20), "image/png")}},  # 413: over MAX_UPLOAD_BYTES
+            {"content": b"{}", "headers": {"content-type": "application/json"}},  # 4xx: not multipart
+        ]
+        for request in bad:
+            mine, theirs = await via_ray.post("/predict", **request), await alone.post("/predict", **request)
+            assert 400 <= mine.status_code < 500 and mine.status_code == theirs.status_code, mine.text
+            assert mine.json()["detail"] == theirs.json()["detail"]
+        info = await via_ray.get("/v1/model")
+        assert info.status_code == 200 and info.json()["version"] == "7"
+
+
+def _failed_only_in_flight(results: list, killed_at: float) -> tuple:
+    """Requests that failed, and those of them sent after the kill."""
+    failed = [r for r in results if r[2] != 200]
+    return failed, [r for r in failed if r[0] > killed_at]
+
+
+def test_killed_replica_is_replaced_under_load(cluster):
+    before = {a.name.rsplit("#", 1)[-1]: a for a in _replica_actors()}
+    victim_id, victim = sorted(before.items())[0]
+    with Load(cluster["url"]) as load:
+        _wait(lambda: load.count() >= 20, "load through Ray before the kill")
+        killed_at = time.monotonic()
+        ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
+        _wait(
+            lambda: _running_replicas() == 2 and _replicas().keys() - before.keys(),
+            "Serve replaced the killed replica",
+        )
+        replaced_at = time.monotonic()
+        settled = load.count()
+        _wait(lambda: load.count() >= settled + 30, "load after the replacement")
+    ((new_id, new_node),) = [(i, node) for i, node in _replicas().items() if i not in before]
+    failed = [r for r in load.results if r[2] != 200]
+    during = [r for r in load.results if killed_at < r[0] < replaced_at]
+    after = [r for r in load.results if r[0] > replaced_at]
+    print(
+        f"Ray: replica {victim_id} killed; {new_id} running {replaced_at - killed_at:.1f} s later; "
+        f"{len(load.results)} requests, {len(failed)} failed (statuses {dict(Counter(r[2] for r in failed))}), "
+        f"{sum(r[2] == 200 for r in during)} answered 200 while it was replaced"
+    )
+    assert new_node == victim.node_id, "max_replicas_per_node=1: the new replica takes the free node"
+    assert not [r for r in failed if r[0] > killed_at], "only requests sent before the kill may fail"
+    assert len(failed) <= 4, "at most the clients' requests in flight at the kill"
+    assert sum(r[2] == 200 for r in during) > 0, "the load went on while the replica was replaced"
+    assert after and all(r[2] == 200 for r in after)
+    assert new_id in {r[3] for r in after}, "the new replica serves"
+
+
+def test_redeploy_under_load_drains_every_old_replica(cluster):
+    """A new version (here: one replica, another batch delay) under load: Serve starts the
+    new replica, stops routing to the old ones, waits for their requests, then chanseg's
+    lifespan drains each; every request answers 200."""
+    from service.ray_serve import build
+
+    before = _replicas()
+    assert len(before) == 2
+    args = {**cluster["args"], "max_batch_delay_ms": 4, "min_replicas": 1, "max_replicas": 1}
+    with Load(cluster["url"]) as load:
+        _wait(lambda: load.count() >= 20, "load through Ray before the redeploy")
+        started = time.monotonic()
+        ray_serve.run(build(args), name=APP, route_prefix="/", blocking=False)
+        _wait(
+            lambda: len(_replicas()) == 1 and not _replicas().keys() & before.keys(), "the old replicas gone"
+        )
+        took = time.monotonic() - started
+        settled = load.count()
+        _wait(lambda: load.count() >= settled + 20, "load after the redeploy")
+    statuses = Counter(r[2] for r in load.results)
+    print(
+        f"Ray: redeploy under load took {took:.1f} s; {len(load.results)} requests, statuses {dict(statuses)}"
+    )
+    assert statuses == {200: len(load.results)}, statuses
+    assert {r[3] for r in load.results[-10:]} == _replicas().keys(), "the new replica serves"
+
+
+def test_serve_config_builds():
+    """deploy/ray/serve.yaml passes Serve's own schema, and its arguments build the app."""
+    if ray is None:
+        missing("ray (Ray Serve)", "pip install 'chanseg[ray]'")
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from service.ray_serve import RAY_KEYS, build, deployment_options
+    from service.settings import Settings
+
+    path = Path(__file__).resolve().parents[2] / "deploy" / "ray" / "serve.yaml"
+    (app,) = ServeDeploySchema(**yaml.safe_load(path.read_text())).applications
+    assert app.import_path == "service.ray_serve:build"
+    assert isinstance(build(app.args), ray_serve.Application)
+    settings = Settings(**{k: v for k, v in app.args.items() if k not in RAY_KEYS})
+    options = deployment_options(settings, {k: v for k, v in app.args.items() if k in RAY_KEYS})
+    assert options["graceful_shutdown_timeout_s"] == settings.drain_timeout_s == 25
+    assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0}
+    scaling = options["autoscaling_config"]
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 8, 16)
+    assert options["max_ongoing_requests"] == 32
+    on_gpu = deployment_options(Settings(device="cuda"), {})
+    assert on_gpu["ray_actor_options"]["num_gpus"] == 1
