@@ -17,11 +17,16 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_FIND_LINKS=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
 
+# COMPILE: the precision(s) of the compiled packages made below, or none.
+ARG COMPILE=auto
+
 # DL3008 (pin apt versions): the base image's release pins them; exact Debian
 # versions disappear from the mirrors with every point release and break builds.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv g++ \
+# g++ compiles the packages (AOTInductor), so COMPILE=none needs none. SC2086: $compiler may be empty.
+# hadolint ignore=DL3008,SC2086
+RUN compiler=g++; if [ "$COMPILE" = none ]; then compiler=; fi; \
+    apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv $compiler \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
@@ -45,7 +50,6 @@ RUN mkdir model service && touch model/__init__.py service/__init__.py \
 # AOTInductor; the final stage needs none). Where the serving CPU lacks an
 # instruction set the package was compiled for, the server says so and serves
 # TorchScript; `docker run ... python -m model compile` in a volume compiles for it.
-ARG COMPILE=auto
 COPY model ./model
 COPY service ./service
 # DL3013 (pin pip versions): this installs the project itself, from the copied source.

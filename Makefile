@@ -28,9 +28,11 @@ test: install lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The reliability suite's long forms (60 s held load, 20 s overload, 5 min soak, a rolling update of all
-# three replicas behind HAProxy); `make test` runs the short ones.
+# three replicas behind HAProxy, Ray Serve scaling out and redeployed under load); `make test` runs the
+# short ones.
 reliability: install
 	CHANSEG_RELIABILITY=long $(BIN)/pytest -s -m reliability tests/reliability tests/deploy/test_rolling_update.py
+	CHANSEG_RELIABILITY=long $(BIN)/pytest -s tests/deploy/test_ray.py
 
 # docs/page.png, the README's picture of the page at /: the browser test, keeping its screenshot.
 screenshot: install

@@ -1,19 +1,20 @@
 """chanseg on a real two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``:
 a head node and a second node joining it, each its own raylet and object store),
 through Ray Serve's HTTP proxy, with the application ``service.ray_serve:build``
-makes (one replica, up to two under load, at most one per node):
+makes (two replicas, at most one per node; the long form, ``CHANSEG_RELIABILITY=long``
+or ``make reliability``, starts with one and adds the redeploy):
 
 - the replicas run on both nodes and both answer requests (Ray's state API for where
   each replica actor lives, the ``X-Ray-Replica``/``X-Ray-Node`` headers for which one
   answered);
 - masks through Ray equal ``/predict`` on a single chanseg app, and bad input gets the
   same 4xx;
-- under load (6 requests in flight, a target of 2 per replica) Serve scales out from one
-  replica to two;
+- (long form) under load (6 requests in flight, a target of 2 per replica) Serve scales
+  out from one replica to two;
 - one replica killed (``ray.kill``) under a closed loop of requests: Serve starts a new
   one on the same node, the load goes on, and only requests in flight at the kill (sent
   before it, or in the second until the actor is gone) may fail;
-- a redeploy under load (Serve starts the new version, then stops each old replica: Ray
+- (long form) a redeploy under load (Serve starts the new version, then stops each old replica: Ray
   waits for its requests, then chanseg's lifespan drains it): every request answers 200;
 - ``deploy/ray/serve.yaml`` passes Serve's schema and its arguments build the app.
 
@@ -50,6 +51,10 @@ except ImportError:  # pragma: no cover - the ray extra is part of make test
 pytestmark = pytest.mark.real_part("ray cluster")
 
 APP = "chanseg"
+# make test: two replicas from the start, both nodes serving, masks, errors, a killed replica.
+# CHANSEG_RELIABILITY=long (make reliability): one replica scaling out to two under load
+# first, and a redeploy under load at the end.
+LONG = os.environ.get("CHANSEG_RELIABILITY", "short") == "long"
 KILL_SETTLES_S = 1.0  # from ray.kill to the actor's death and the routers knowing it
 IMAGES = [png_bytes(random_image(seed, h, w)) for seed, (h, w) in enumerate([(48, 40), (300, 200), (64, 64)])]
 
@@ -112,7 +117,7 @@ def cluster(tiny_artifact, tmp_path_factory):
             max_upload_bytes=1 << 20,
             log_level="warning",
             num_cpus=1,
-            min_replicas=1,  # scales out to the second node under load
+            min_replicas=1 if LONG else 2,  # long form: scales out to the second node under load
             max_replicas=2,
             max_replicas_per_node=1,
             target_ongoing_requests=2,
@@ -123,7 +128,9 @@ def cluster(tiny_artifact, tmp_path_factory):
 
         started = time.perf_counter()
         ray_serve.run(build(args), name=APP, route_prefix="/")
-        print(f"\nRay: the first replica ready {time.perf_counter() - started:.1f} s after the deploy")
+        print(
+            f"\nRay: {'the first replica' if LONG else 'two replicas'} ready {time.perf_counter() - started:.1f} s after the deploy"
+        )
         yield {
             "url": f"http://127.0.0.1:{port}",
             "args": args,
@@ -180,14 +187,16 @@ class Load:
         return len(self.results)
 
 
-def test_scales_out_to_both_nodes_and_both_serve(cluster):
-    """One replica idle; under load (6 in flight, target 2 per replica) Serve adds the
-    second, on the other node, and both answer."""
-    assert len(_replica_actors()) == 1
+def test_replicas_on_both_nodes_serve(cluster):
+    """Long form: one replica idle, then under load (6 in flight, target 2 per replica)
+    Serve adds the second, on the other node. Both forms: both replicas answer."""
+    scaled = None
     with Load(cluster["url"], clients=6) as load:
-        started = time.monotonic()
-        _wait(lambda: _running_replicas() == 2, "Serve scaled out to two replicas")
-        scaled = time.monotonic() - started
+        if LONG:
+            assert len(_replica_actors()) == 1
+            started = time.monotonic()
+            _wait(lambda: _running_replicas() == 2, "Serve scaled out to two replicas")
+            scaled = time.monotonic() - started
         settled = load.count()
         _wait(lambda: load.count() >= settled + 60, "60 requests through Ray on two replicas")
     actors = _replica_actors()
@@ -200,8 +209,8 @@ def test_scales_out_to_both_nodes_and_both_serve(cluster):
     answered = Counter((r[3], r[4]) for r in load.results)
     assert set(answered) == set(_replicas().items()), answered  # both replicas, each on its own node
     print(
-        f"Ray: scaled out {scaled:.1f} s after the load began; {len(load.results)} requests, "
-        f"per replica {dict(Counter(r[3] for r in load.results))}"
+        (f"Ray: scaled out {scaled:.1f} s after the load began; " if scaled is not None else "Ray: ")
+        + f"{len(load.results)} requests, per replica {dict(Counter(r[3] for r in load.results))}"
     )
 
 
@@ -282,6 +291,8 @@ def test_redeploy_under_load_drains_every_old_replica(cluster):
     """A new version (here: one replica, another batch delay) under load: Serve starts the
     new replica, stops routing to the old ones, waits for their requests, then chanseg's
     lifespan drains each; every request answers 200."""
+    if not LONG:
+        pytest.skip("the long form's (CHANSEG_RELIABILITY=long, make reliability)")
     from service.ray_serve import build
 
     before = _replicas()
