@@ -60,6 +60,10 @@ AUTOSCALING_KEYS = (
     "look_back_period_s",
 )
 RAY_KEYS = ("num_cpus", "num_gpus", "max_replicas_per_node", "runtime_env", *AUTOSCALING_KEYS)
+# MAX_BATCH_SIZE=auto is measured on the replica, after Serve's options are fixed: the
+# ongoing-request targets then assume batches of 8 (auto chose 1 to 16 on CPUs here); set
+# max_batch_size, or target_ongoing_requests, to match a measured choice.
+AUTO_BATCH_ASSUMED = 8
 
 
 class ReplicaHeaders:
@@ -109,7 +113,7 @@ def deployment_options(settings: Settings, ray_args: Dict[str, Any]) -> Dict[str
     """Serve's options for one chanseg deployment: resources, autoscaling, shutdown budget."""
     num_cpus = float(ray_args.get("num_cpus", 1))
     num_gpus = float(ray_args.get("num_gpus", 1 if settings.device.startswith("cuda") else 0))
-    batch = settings.max_batch_size if isinstance(settings.max_batch_size, int) else 8
+    batch = settings.max_batch_size if isinstance(settings.max_batch_size, int) else AUTO_BATCH_ASSUMED
     options: Dict[str, Any] = dict(
         name="chanseg",
         ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},

@@ -59,6 +59,11 @@ KILL_SETTLES_S = 1.0  # from ray.kill to the actor's death and the routers knowi
 IMAGES = [png_bytes(random_image(seed, h, w)) for seed, (h, w) in enumerate([(48, 40), (300, 200), (64, 64)])]
 
 
+def _need_ray() -> None:
+    if ray is None:
+        missing("ray (Ray Serve)", "pip install 'chanseg[ray]'")
+
+
 def _replica_actors() -> list:
     """The live replica actors of the deployment, from Ray's state API."""
     return list_actors(filters=[("class_name", "=", f"ServeReplica:{APP}:chanseg"), ("state", "=", "ALIVE")])
@@ -87,10 +92,9 @@ def anyio_backend():
 
 
 @pytest.fixture(scope="module")
-def cluster(tiny_artifact, tmp_path_factory):
+def cluster(tiny_artifact):
     """Two Ray nodes on loopback, Serve's proxy on the head, chanseg deployed on both."""
-    if ray is None:
-        missing("ray (Ray Serve)", "pip install 'chanseg[ray]'")
+    _need_ray()
     env = {
         "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
@@ -318,8 +322,7 @@ def test_redeploy_under_load_drains_every_old_replica(cluster):
 
 def test_serve_config_builds():
     """deploy/ray/serve.yaml passes Serve's own schema, and its arguments build the app."""
-    if ray is None:
-        missing("ray (Ray Serve)", "pip install 'chanseg[ray]'")
+    _need_ray()
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
@@ -344,8 +347,7 @@ def test_serve_config_builds():
 def test_check_health_fails_when_liveness_would():
     """Serve's health check is /healthz's: a stuck batch or a lost device fails it, so Serve
     replaces the replica."""
-    if ray is None:
-        missing("ray (Ray Serve)", "pip install 'chanseg[ray]'")
+    _need_ray()
     from service.ray_serve import ChansegReplica
     from service.state import ServerState
 
