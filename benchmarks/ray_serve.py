@@ -29,14 +29,19 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
 import httpx
+import torch
 from fastapi import FastAPI, File, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
+import model
 from benchmarks.client import make_images, multipart
 from benchmarks.loadgen import measure
 from benchmarks.model_speed import ALLOCATORS, find_library
 from benchmarks.servers import ServiceProcess, free_port
+from model.visualize import mask_png_bytes
+from service.imaging import prepare_probed, probe_image
+from service.settings import Settings
 
 
 def batched_application(settings: Dict[str, object], num_cpus: int, max_batch_size: int, runtime_env: dict):
@@ -54,11 +59,6 @@ def batched_application(settings: Dict[str, object], num_cpus: int, max_batch_si
     @serve.ingress(api)
     class Batched:
         def __init__(self) -> None:
-            import torch
-
-            import model
-            from service.settings import Settings
-
             s = Settings(**settings)
             torch.set_num_threads(num_cpus)
             self.inference = ThreadPoolExecutor(1)  # torch work on one thread, as chanseg does
@@ -71,17 +71,11 @@ def batched_application(settings: Dict[str, object], num_cpus: int, max_batch_si
                 self.inference.submit(self.segmenter.infer, [sample] * batch).result()
 
         def _prepare(self, data: bytes):
-            from service.imaging import prepare_probed, probe_image
-
             probed = probe_image(data, self.limits, target=self.segmenter.config.input_size)
             size = (probed.height, probed.width)
-            import torch
-
             return torch.from_numpy(prepare_probed(probed, self.segmenter.config.input_size)), size
 
         def _encode(self, labels, size) -> bytes:
-            from model.visualize import mask_png_bytes
-
             return mask_png_bytes(self.segmenter.restore(labels, size), self.segmenter.config.num_classes)
 
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=0.005)

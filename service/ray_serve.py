@@ -39,7 +39,7 @@ series matter.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import ray
 from ray import serve
@@ -48,7 +48,7 @@ from ray.serve.config import AutoscalingConfig
 from .app import create_app
 from .settings import Settings
 
-__all__ = ["ChansegReplica", "build", "deployment_options"]
+__all__ = ["ChansegReplica", "build", "deployment_options", "split_args"]
 
 # Builder arguments that are Serve's, not chanseg's settings.
 AUTOSCALING_KEYS = (
@@ -136,10 +136,15 @@ def deployment_options(settings: Settings, ray_args: Dict[str, Any]) -> Dict[str
     return options
 
 
+def split_args(args: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Builder arguments -> (chanseg's settings, Serve's fields)."""
+    settings = {k: v for k, v in args.items() if k not in RAY_KEYS}
+    return settings, {k: v for k, v in args.items() if k in RAY_KEYS}
+
+
 def build(args: Optional[Dict[str, Any]] = None) -> serve.Application:
     """The Serve application (``serve run service.ray_serve:build key=value ...``)."""
-    args = dict(args or {})
-    ray_args = {key: args.pop(key) for key in RAY_KEYS if key in args}
+    args, ray_args = split_args(args or {})
     if "num_threads" not in args:
         args["num_threads"] = max(1, int(float(ray_args.get("num_cpus", 1))))
     settings = Settings(**args)  # checked here, on the driver: a bad value fails the deploy, not each replica

@@ -25,18 +25,17 @@ a proxy that prefers its own replicas. Prints the figures (``pytest -s``)."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
-from typing import List
 
 import httpx
 import numpy as np
 import pytest
 
 from benchmarks.servers import free_port
+from tests.deploy.closed_loop import ClosedLoop
 from tests.real_parts import missing
 from tests.service.conftest import decode_mask, make_settings, png_bytes, random_image, serve
 
@@ -152,50 +151,16 @@ def cluster(tiny_artifact):
                 os.environ[key] = value
 
 
-class Load:
-    """A closed loop of ``clients`` threads posting images through Ray's proxy."""
-
-    def __init__(self, url: str, clients: int = 4) -> None:
-        self.url, self.stop = url, threading.Event()
-        self.results: List[tuple] = []  # (sent, answered, status, replica, node)
-        self.threads = [threading.Thread(target=self._loop, args=(i,)) for i in range(clients)]
-
-    def _loop(self, index: int) -> None:
-        with httpx.Client(timeout=60) as client:
-            while not self.stop.is_set():
-                sent = time.monotonic()
-                try:
-                    r = client.post(
-                        self.url + "/predict?format=png", files={"file": ("i.png", IMAGES[index % 3])}
-                    )
-                    status, replica, node = (
-                        r.status_code,
-                        r.headers.get("x-ray-replica"),
-                        r.headers.get("x-ray-node"),
-                    )
-                except httpx.HTTPError:
-                    status, replica, node = 0, None, None
-                self.results.append((sent, time.monotonic(), status, replica, node))
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(90)
-
-    def count(self) -> int:
-        return len(self.results)
+def _load(url: str, clients: int = 4) -> ClosedLoop:
+    """Clients posting the three images through Ray's proxy; answers keep who answered."""
+    return ClosedLoop(url, IMAGES, ("x-ray-replica", "x-ray-node"), clients)
 
 
 def test_replicas_on_both_nodes_serve(cluster):
     """Long form: one replica idle, then under load (6 in flight, target 2 per replica)
     Serve adds the second, on the other node. Both forms: both replicas answer."""
     scaled = None
-    with Load(cluster["url"], clients=6) as load:
+    with _load(cluster["url"], clients=6) as load:
         if LONG:
             assert len(_replica_actors()) == 1
             started = time.monotonic()
@@ -208,13 +173,13 @@ def test_replicas_on_both_nodes_serve(cluster):
     assert {a.node_id for a in actors} == cluster["node_ids"], (
         "one replica on each node (max_replicas_per_node=1)"
     )
-    statuses = Counter(r[2] for r in load.results)
-    assert statuses == {200: len(load.results)}, statuses
-    answered = Counter((r[3], r[4]) for r in load.results)
+    statuses = Counter(r[2] for r in load.answers)
+    assert statuses == {200: len(load.answers)}, statuses
+    answered = Counter((r[3], r[4]) for r in load.answers)
     assert set(answered) == set(_replicas().items()), answered  # both replicas, each on its own node
     print(
         (f"Ray: scaled out {scaled:.1f} s after the load began; " if scaled is not None else "Ray: ")
-        + f"{len(load.results)} requests, per replica {dict(Counter(r[3] for r in load.results))}"
+        + f"{len(load.answers)} requests, per replica {dict(Counter(r[3] for r in load.answers))}"
     )
 
 
@@ -260,7 +225,7 @@ def _failed_only_in_flight(results: list, killed_at: float) -> tuple:
 def test_killed_replica_is_replaced_under_load(cluster):
     before = {a.name.rsplit("#", 1)[-1]: a for a in _replica_actors()}
     victim_id, victim = sorted(before.items())[0]
-    with Load(cluster["url"]) as load:
+    with _load(cluster["url"]) as load:
         _wait(lambda: load.count() >= 20, "load through Ray before the kill")
         killed_at = time.monotonic()
         ray.kill(ray.get_actor(victim.name, namespace="serve"), no_restart=True)
@@ -272,12 +237,12 @@ def test_killed_replica_is_replaced_under_load(cluster):
         settled = load.count()
         _wait(lambda: load.count() >= settled + 30, "load after the replacement")
     ((new_id, new_node),) = [(i, node) for i, node in _replicas().items() if i not in before]
-    failed = [r for r in load.results if r[2] != 200]
-    during = [r for r in load.results if killed_at < r[0] < replaced_at]
-    after = [r for r in load.results if r[0] > replaced_at]
+    failed = [r for r in load.answers if r[2] != 200]
+    during = [r for r in load.answers if killed_at < r[0] < replaced_at]
+    after = [r for r in load.answers if r[0] > replaced_at]
     print(
         f"Ray: replica {victim_id} killed; {new_id} running {replaced_at - killed_at:.1f} s later; "
-        f"{len(load.results)} requests, {len(failed)} failed (statuses {dict(Counter(r[2] for r in failed))}), "
+        f"{len(load.answers)} requests, {len(failed)} failed (statuses {dict(Counter(r[2] for r in failed))}), "
         f"{sum(r[2] == 200 for r in during)} answered 200 while it was replaced"
     )
     assert new_node == victim.node_id, "max_replicas_per_node=1: the new replica takes the free node"
@@ -302,7 +267,7 @@ def test_redeploy_under_load_drains_every_old_replica(cluster):
     before = _replicas()
     assert len(before) == 2
     args = {**cluster["args"], "max_batch_delay_ms": 4, "min_replicas": 1, "max_replicas": 1}
-    with Load(cluster["url"]) as load:
+    with _load(cluster["url"]) as load:
         _wait(lambda: load.count() >= 20, "load through Ray before the redeploy")
         started = time.monotonic()
         ray_serve.run(build(args), name=APP, route_prefix="/", blocking=False)
@@ -312,12 +277,12 @@ def test_redeploy_under_load_drains_every_old_replica(cluster):
         took = time.monotonic() - started
         settled = load.count()
         _wait(lambda: load.count() >= settled + 20, "load after the redeploy")
-    statuses = Counter(r[2] for r in load.results)
+    statuses = Counter(r[2] for r in load.answers)
     print(
-        f"Ray: redeploy under load took {took:.1f} s; {len(load.results)} requests, statuses {dict(statuses)}"
+        f"Ray: redeploy under load took {took:.1f} s; {len(load.answers)} requests, statuses {dict(statuses)}"
     )
-    assert statuses == {200: len(load.results)}, statuses
-    assert {r[3] for r in load.results[-10:]} == _replicas().keys(), "the new replica serves"
+    assert statuses == {200: len(load.answers)}, statuses
+    assert {r[3] for r in load.answers[-10:]} == _replicas().keys(), "the new replica serves"
 
 
 def test_serve_config_builds():
@@ -326,15 +291,16 @@ def test_serve_config_builds():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from service.ray_serve import RAY_KEYS, build, deployment_options
+    from service.ray_serve import build, deployment_options, split_args
     from service.settings import Settings
 
     path = Path(__file__).resolve().parents[2] / "deploy" / "ray" / "serve.yaml"
     (app,) = ServeDeploySchema(**yaml.safe_load(path.read_text())).applications
     assert app.import_path == "service.ray_serve:build"
     assert isinstance(build(app.args), ray_serve.Application)
-    settings = Settings(**{k: v for k, v in app.args.items() if k not in RAY_KEYS})
-    options = deployment_options(settings, {k: v for k, v in app.args.items() if k in RAY_KEYS})
+    settings_args, ray_args = split_args(app.args)
+    settings = Settings(**settings_args)
+    options = deployment_options(settings, ray_args)
     assert options["graceful_shutdown_timeout_s"] == settings.drain_timeout_s == 25
     assert options["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 0}
     scaling = options["autoscaling_config"]

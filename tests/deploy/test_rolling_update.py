@@ -18,17 +18,16 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import pytest
 
 import model
 from benchmarks.servers import free_port
 from tests.conftest import make_net
+from tests.deploy.closed_loop import ClosedLoop
 from tests.real_parts import need_tool
 from tests.service.conftest import ServerProcess, png_bytes, random_image
 
@@ -78,34 +77,6 @@ class Balancer:
         self.proc.wait(10)
 
 
-class Load:
-    """A closed loop of ``clients`` through the balancer; each answer (start, end, status, replica, version)."""
-
-    def __init__(self, url: str, body: bytes, clients: int = 3) -> None:
-        self.answers: list = []
-        self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._loop, args=(url, body)) for _ in range(clients)]
-        for t in self.threads:
-            t.start()
-
-    def _loop(self, url: str, body: bytes) -> None:
-        with httpx.Client(base_url=url, timeout=60) as client:
-            while not self.stop.is_set():
-                started = time.monotonic()
-                try:
-                    r = client.post("/predict?format=png", files={"file": ("x.png", body, "image/png")})
-                    answer = (r.status_code, r.headers.get("x-replica"), r.headers.get("x-model-version"))
-                except httpx.TransportError as exc:
-                    answer = (type(exc).__name__, None, None)
-                self.answers.append((started, time.monotonic(), *answer))
-
-    def finish(self) -> list:
-        self.stop.set()
-        for t in self.threads:
-            t.join(60)
-        return self.answers
-
-
 @pytest.mark.reliability
 @pytest.mark.real_part("haproxy")
 def test_rolling_update_and_a_killed_replica_behind_haproxy(tmp_path):
@@ -120,7 +91,7 @@ def test_rolling_update_and_a_killed_replica_behind_haproxy(tmp_path):
             proc.wait_ready(120)
         balancer = Balancer(replicas, tmp_path)
         balancer.wait_until(lambda: balancer.up() == {"r1", "r2", "r3"}, "replicas never all up")
-        load = Load(balancer.url, png_bytes(random_image(61, 64, 64)))
+        load = ClosedLoop(balancer.url, [png_bytes(random_image(61, 64, 64))], ("x-replica", "x-model-version"))
         time.sleep(1.0)
 
         # The rolling update: one replica at a time.
