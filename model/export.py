@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ from torch import nn
 
 from .network import ChannelAttentionUNet, ModelConfig
 
-__all__ = ["ARTIFACT_FORMAT", "ModelLoadError", "Artifact", "export_torchscript", "read_artifact", "read_metadata"]
+__all__ = [
+    "ARTIFACT_FORMAT", "ModelLoadError", "Artifact", "export_torchscript", "read_artifact", "read_metadata", "script",
+]  # fmt: skip
 
 ARTIFACT_FORMAT = 1
 _CONFIG_FILE, _META_FILE = "config.json", "meta.json"
@@ -79,7 +82,7 @@ def export_torchscript(
     was_training = net.training
     net = net.eval()
     try:
-        scripted = torch.jit.script(net.cpu())
+        scripted = script(net.cpu())
     finally:
         net.train(was_training)
     meta = {
@@ -97,6 +100,43 @@ def export_torchscript(
         f.flush()
         os.fsync(f.fileno())
     return path
+
+
+def script(module: nn.Module) -> torch.jit.ScriptModule:
+    """``torch.jit.script``, after :func:`forget_freed_builtins`: what every scripting
+    step of this package calls."""
+    forget_freed_builtins()
+    return torch.jit.script(module)
+
+
+def forget_freed_builtins() -> None:
+    """Drop the entries of TorchScript's builtin table whose functions are gone.
+
+    TorchScript recognises builtin functions by ``id()`` (``torch.jit._builtins``).
+    When ``torch.library`` adds an overload to an op whose packet was already looked
+    up, the packet gets a new op object and the old one is freed, but its id stays
+    in the table. Inductor's quantization passes do this to ``quantized_decomposed``'s
+    ops, so in a process that compiled a package (``python -m model compile``, the
+    test suite) any later object allocated at such an address, say a ``Conv2d``'s
+    padding list, is taken for that op, and scripting fails at random with "builtin
+    cannot be used as a value". Kept: the table's own list of builtins, the current
+    op of every op packet, and every callable a loaded module holds (where the other
+    registrations live).
+    """
+    from torch.jit import _builtins
+
+    table = getattr(_builtins, "_builtin_table", None)
+    if not table:
+        return
+    kept = {id(fn) for fn, _ in getattr(_builtins, "_builtin_ops", ())}
+    for namespace in list(vars(torch.ops).values()):
+        if isinstance(namespace, torch._ops._OpNamespace):
+            ops = list(vars(namespace).values())
+            kept.update(id(p._op) for p in ops if isinstance(p, torch._ops.OpOverloadPacket))
+    for module in list(sys.modules.values()):
+        kept.update(id(v) for v in list(getattr(module, "__dict__", {}).values()) if callable(v))
+    for key in [key for key in table if key not in kept]:
+        del table[key]
 
 
 @contextlib.contextmanager

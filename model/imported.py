@@ -28,7 +28,7 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .export import ModelLoadError, export_torchscript
+from .export import ModelLoadError, export_torchscript, script
 from .network import ModelConfig
 
 __all__ = ["import_torchscript", "exportable", "ModelImportError"]
@@ -107,7 +107,7 @@ def import_torchscript(
         raise ModelImportError(f"bad model description: {exc}") from exc
     module = module.eval()
     if output_key is not None:
-        module = torch.jit.script(_SelectOutput(module, output_key))
+        module = script(_SelectOutput(module, output_key))
     _check_outputs(module, config, output_key)
     return export_torchscript(
         module, out, config=config, version=version, extra_meta={"imported_from": source.name}

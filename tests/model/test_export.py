@@ -10,6 +10,7 @@ import torch
 
 import model
 from model import ModelConfig, ModelLoadError, export_torchscript, read_artifact
+from model.export import forget_freed_builtins, script
 from tests.conftest import TINY, make_net
 
 
@@ -62,7 +63,7 @@ def _corrupt_files(tmp_path, tiny_artifact):
     (tmp_path / "empty.pt").write_bytes(b"")
     with zipfile.ZipFile(tmp_path / "zip.pt", "w") as z:
         z.writestr("hello.txt", "a zip, but not TorchScript")
-    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "plain.pt"))
+    torch.jit.save(script(torch.nn.Linear(2, 2)), str(tmp_path / "plain.pt"))
     return ["truncated.pt", "text.pt", "empty.pt", "zip.pt", "plain.pt", "missing.pt"]
 
 
@@ -105,3 +106,45 @@ def test_cuda_matches_cpu(tiny_artifact, precision):
         b = gpu.logits([gpu.prepare(i) for i in images]).float().cpu()
     tol = 1e-3 if precision == "fp32" else 0.1
     assert (a - b).abs().max() < tol * max(1.0, a.abs().max().item())
+
+
+def test_scripting_ignores_builtins_whose_objects_are_gone():
+    """TorchScript finds builtins by id(). An entry whose function was freed made any
+    later object at that address a "builtin" (seen: a Conv2d's padding list, after
+    Inductor's quantization passes refreshed quantized_decomposed's ops). Simulated
+    here with an entry for a live conv's padding list: torch.jit.script fails on it,
+    ``script`` does not."""
+    from torch.jit import _builtins
+
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    padding = conv._reversed_padding_repeated_twice
+    _builtins._register_builtin(padding, "quantized_decomposed::quantize_per_tensor")
+    try:
+        with pytest.raises(RuntimeError, match="builtin cannot be used as a value"):
+            torch.jit.script(conv)
+        x = torch.randn(1, 3, 8, 8)
+        torch.testing.assert_close(script(conv)(x), conv(x))
+        assert id(padding) not in _builtins._builtin_table
+    finally:
+        _builtins._builtin_table.pop(id(padding), None)
+
+
+def test_a_refreshed_op_leaves_no_freed_builtin_behind():
+    """The mechanism itself: an overload added to an op already looked up replaces
+    the packet's op object; the old one's id is forgotten, the new one's and every
+    other builtin kept."""
+    from torch.jit import _builtins
+
+    forget_freed_builtins()  # what earlier tests in this process left
+    lib = torch.library.Library("chanseg_refresh_test", "DEF")
+    lib.define("op(Tensor x) -> Tensor")
+    old = torch.ops.chanseg_refresh_test.op._op
+    lib.define("op.scaled(Tensor x, float k) -> Tensor")
+    new = torch.ops.chanseg_refresh_test.op._op
+    assert new is not old and id(old) in _builtins._builtin_table  # what torch leaves
+    before = dict(_builtins._builtin_table)
+    forget_freed_builtins()
+    table = _builtins._builtin_table
+    assert id(old) not in table and table[id(new)] == "chanseg_refresh_test::op"
+    assert set(before) - set(table) == {id(old)}  # nothing else was dropped
+    assert table[id(torch.jit._async.wait)] == "aten::wait" and table[id(torch.relu)] == "aten::relu"

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import model
+from model.export import script
 from model.imported import ModelImportError, import_torchscript
 
 monai_nets = pytest.importorskip("monai.networks.nets", reason="monai is in the dev extra")
@@ -47,7 +48,7 @@ def reference_mask(net: nn.Module, image: np.ndarray, size=(64, 64)) -> np.ndarr
 
 
 def scripted(net: nn.Module, path: Path) -> Path:
-    torch.jit.save(torch.jit.script(net.eval()), str(path))
+    torch.jit.save(script(net.eval()), str(path))
     return path
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 import model
+from model.export import script
 from service.server import EXIT_MARGIN_S
 from tests.conftest import TINY, make_net
 from tests.service.conftest import ServerProcess, png_bytes, random_image
@@ -111,7 +112,7 @@ def test_a_normal_batch_never_trips_the_watchdog(tiny_artifact, tmp_path):
 
 
 def test_hanging_model_is_fine_on_other_images():
-    net = torch.jit.script(HangsOnWhite(make_net()))
+    net = script(HangsOnWhite(make_net()))
     assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 64, 64)
 
 
