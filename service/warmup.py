@@ -6,7 +6,8 @@ batches win (see README): no fixed default serves both, so the server measures
 throughput per batch size (1, 2, 4, ...) and takes the smallest size within
 ``tolerance`` of the best (smaller batches wait less to fill). It stops once the
 curve has clearly peaked (two sizes in a row no better than the best) or its
-time budget (``AUTO_BATCH_BUDGET_S``) is spent.
+time budget (``AUTO_BATCH_BUDGET_S``) is spent, then times the sizes it found
+again in turns, so that the machine's drift does not pass for a difference.
 
 The answer only changes with the device, the model, the precision, torch,
 chanseg and the allocator, so it is kept in the cache directory under a key of
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 TOLERANCE = 0.10  # the noise between runs of the same thing on a shared machine (README)
+ROUNDS = 3  # timed calls per size taken in turns after the search (measure_throughput)
 
 
 @dataclass
@@ -98,34 +100,54 @@ def _time(segmenter, images: List[torch.Tensor]) -> float:
 
 
 def measure_throughput(
-    segmenter, limit: int, budget_s: float = 10.0, runs: int = 3, tolerance: float = TOLERANCE
+    segmenter,
+    limit: int,
+    budget_s: float = 10.0,
+    runs: int = 3,
+    tolerance: float = TOLERANCE,
+    rounds: int = ROUNDS,
 ) -> Tuple[Dict[int, float], Dict[int, float]]:
-    """Images/s per batch size 1, 2, 4, ... up to ``limit`` (median of ``runs`` timed
-    calls after the untimed ones a new shape needs), and each size's batch time in
-    seconds.
+    """Images/s per batch size 1, 2, 4, ... up to ``limit``, and each size's batch
+    time in seconds.
 
-    Stops when the curve has clearly peaked (two sizes in a row no more than
-    ``tolerance`` better than the best so far: one dip alone never stops it), or
-    when ``budget_s`` is spent."""
-    throughput: Dict[int, float] = {}
-    seconds: Dict[int, float] = {}
+    First the search: each size gets the untimed calls a new shape needs, then
+    ``runs`` timed ones (median); it stops when the curve has clearly peaked (two
+    sizes in a row no more than ``tolerance`` better than the best so far: one dip
+    alone never stops it), or when ``budget_s`` is spent. Then, while the budget
+    lasts, ``rounds`` rounds that time each size found once, in turns (1, 2, 4, 1,
+    2, 4, ...), and those rounds' medians are the answer: a shared machine's speed
+    drifts by tens of percent within seconds, and sizes timed one after another
+    carry that drift as a difference between them (seen here: batch 1 timed at 24
+    images/s and batch 2 at 19, one after the other; in turns, minutes later, 19.6
+    and 22.4)."""
+    searched: Dict[int, float] = {}
     started = time.perf_counter()
     best, since_best, batch = 0.0, 0, 1
     while batch <= limit:
         images = _dummy(segmenter, batch)
         for _ in range(_untimed_calls(segmenter)):
             segmenter.infer(images)
-        seconds[batch] = statistics.median(_time(segmenter, images) for _ in range(runs))
-        throughput[batch] = batch / seconds[batch]
-        log.info("measuring: batch %d -> %.1f images/s", batch, throughput[batch])
-        if throughput[batch] > (1 + tolerance) * best:
-            best, since_best = throughput[batch], 0
+        searched[batch] = statistics.median(_time(segmenter, images) for _ in range(runs))
+        throughput = batch / searched[batch]
+        log.info("measuring: batch %d -> %.1f images/s", batch, throughput)
+        if throughput > (1 + tolerance) * best:
+            best, since_best = throughput, 0
         else:
-            best, since_best = max(best, throughput[batch]), since_best + 1
+            best, since_best = max(best, throughput), since_best + 1
         if since_best >= 2 or time.perf_counter() - started > budget_s:
             break
         batch = batch * 2 if batch * 2 <= limit or batch == limit else limit
-    return throughput, seconds
+    in_turns: Dict[int, List[float]] = {b: [] for b in searched}
+    done = 0
+    while done < rounds and len(searched) > 1 and time.perf_counter() - started <= budget_s:
+        for b in in_turns:
+            in_turns[b].append(_time(segmenter, _dummy(segmenter, b)))
+        done += 1
+    seconds = {b: statistics.median(in_turns[b]) if done else searched[b] for b in searched}
+    if done:
+        shown = ", ".join(f"batch {b} -> {b / t:.1f} images/s" for b, t in seconds.items())
+        log.info("measuring in turns (%d rounds): %s", done, shown)
+    return {b: b / t for b, t in seconds.items()}, seconds
 
 
 def _common_sizes(max_batch_size: int) -> List[int]:

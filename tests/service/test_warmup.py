@@ -89,7 +89,32 @@ def test_measuring_waits_for_a_shape_to_settle_and_rides_out_one_dip(monkeypatch
     assert throughput[2] > 1.5 * throughput[1]
     assert throughput[4] < throughput[2]  # the dip...
     assert max(throughput) == 32 and choose_batch_size(throughput) == 32  # ...did not end it
-    assert all(seg.seen[n] == 3 + 3 for n in throughput)  # 3 untimed + 3 timed calls per size
+    assert all(seg.seen[n] == 3 + 3 + 3 for n in throughput)  # 3 untimed, 3 timed, 3 in turns per size
+
+
+class Drifting(Timed):
+    """Batch 2 and larger run 1.3x batch 1's images/s, but the machine is 1.5x slower
+    from the 6th call on (another process woke up): timed one size after another,
+    batch 1 had the fast machine to itself."""
+
+    def __init__(self):
+        super().__init__(lambda n: 0.0)
+
+    def infer(self, images):
+        n = len(images)
+        self.calls.append(n)
+        slower = 1.5 if len(self.calls) > 5 else 1.0
+        time.sleep(slower * 0.004 * n * (1.3 if n == 1 else 1.0))
+
+
+def test_measuring_in_turns_cancels_the_machines_drift():
+    one_after_another, _ = measure_throughput(Drifting(), limit=8, runs=3, rounds=0)
+    assert choose_batch_size(one_after_another) == 1  # the drift passed for batch 1 being faster
+    drifting = Drifting()
+    in_turns, seconds = measure_throughput(drifting, limit=8, runs=3)
+    assert choose_batch_size(in_turns) == 2
+    assert in_turns[2] > 1.15 * in_turns[1] and set(seconds) == set(in_turns) == {1, 2, 4}
+    assert drifting.calls[-9:] == [1, 2, 4] * 3  # the rounds, in turns
 
 
 def test_measuring_keeps_to_its_budget():
