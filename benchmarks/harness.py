@@ -7,9 +7,13 @@ client (``benchmarks.loadgen``) with the same images:
   no HTTP; measured before and after the servers, the mean is the reference
 - chanseg with its default batching, and with ``MAX_BATCH_SIZE=1``
 - naive: FastAPI with the model inside the request handler
-- litserve: LitServe serving the same artifact with its own batching, at the
+- litserve: LitServe with its own batching, at the
   batch size chanseg's auto measurement chose (``bench`` extra; skipped with a
   note when not installed)
+
+Every server and the ceiling run the same file: ``--model``, or the one chanseg
+loads with its settings (for the bundled model, its compiled package for this
+machine when there is one; the ceiling reports it, ``model`` in the JSON).
 
 Image sets: 256x256 PNGs (concurrency sweep) and 1024x1024 JPEGs (fewer
 levels); open-loop Poisson rates for chanseg. Writes JSON, CSV and a PNG plot,
@@ -225,6 +229,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     print("[raw ceiling, before]", flush=True)
     before = ceilings()
+    # The file chanseg serves with these settings (for the bundled model, its compiled
+    # package for this machine when there is one): naive and LitServe serve it too.
+    served = args.model or next(iter(before.values()))["path"]
+    report["model"] = served
 
     auto_batch = None
     for name in args.scenarios:
@@ -239,7 +247,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         log_path = out.parent / f"{out.name}-{name}.log"
         sample = next(iter(images.values()))[0]
         timings: Dict[str, float] = {}
-        with running(scenario, sample, args.model, preload, litserve_batch, log_path, timings=timings) as url:
+        model_path = args.model if scenario.kind == "chanseg" else served
+        with running(scenario, sample, model_path, preload, litserve_batch, log_path, timings=timings) as url:
             info: Dict = {"label": scenario.label, "env": scenario.env, **timings}
             print(f"[{name}] serving {timings['startup_s']:.1f} s after its process started", flush=True)
             if scenario.kind == "chanseg":

@@ -57,6 +57,7 @@ def test_run_writes_json_csv_plot_and_table(tiny_artifact, tmp_path):
     report = json.loads(out.with_suffix(".json").read_text())
     assert all(0 < report["servers"][s]["startup_s"] < 120 for s in ("chanseg", "naive"))
     assert report["servers"]["chanseg"]["batching"]["max_batch_size_source"] == "measured"
+    assert report["model"] == tiny_artifact  # what every server and the ceiling ran
     loads = [(r["scenario"], r["mode"], r["load"]) for r in report["rows"]]
     assert loads[:3] == [("chanseg", "concurrency", 1), ("chanseg", "concurrency", 2), ("chanseg", "rate", loads[2][2])]
     assert loads[3:] == [("naive", "concurrency", 1), ("naive", "concurrency", 2)]
@@ -87,6 +88,7 @@ def test_ceiling_makes_its_own_images(tiny_artifact):
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert result["device"] == "cpu" and result["precision"] == "fp32"
+    assert result["path"] == tiny_artifact and result["format"] == "torchscript"  # the file the servers get
     assert set(result["per_batch"]) == {"1", "2"} and result["predict_batch1_ms"] > 0
 
 
