@@ -20,7 +20,7 @@ Responses are streamed from one buffer in 1 MiB pieces.
 from __future__ import annotations
 
 import json
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -367,7 +367,9 @@ def _output_cost(outputs: List[Output]) -> int:
     return total
 
 
-def _chunks(payload) -> Iterator[memoryview]:
+async def _chunks(payload) -> AsyncIterator[memoryview]:
+    # Async: Starlette iterates a plain generator on AnyIO's worker threads, a thread
+    # hop per chunk, and those threads come and go with the traffic.
     view = memoryview(payload)
     for start in range(0, len(view), _CHUNK):
         yield view[start : start + _CHUNK]
