@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import os
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from PIL import Image
 
+from benchmarks.client import metric_samples
 from benchmarks.servers import ServiceProcess, free_port
 from service.app import create_app
 from service.settings import Settings
@@ -75,23 +78,49 @@ async def serve(settings: Settings, segmenter: Any = None, **app_options: Any):
 
 
 class SlowSegmenter:
-    """A real Segmenter whose batches take at least `delay` seconds (and can be made to fail)."""
+    """A real Segmenter whose batches take at least `delay` seconds (and can be made to fail).
+
+    Every batch also waits for ``gate`` (open unless a test closes it); ``fail_next``
+    is read when a batch starts, so a batch held at the gate has already taken it."""
 
     def __init__(self, inner, delay: float = 0.3) -> None:
         self.inner, self.delay = inner, delay
         self.fail_next = False
         self.batches: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
     def logits(self, prepared):
         self.batches.append(len(prepared))
+        fail, self.fail_next = self.fail_next, False
         time.sleep(self.delay)
-        if self.fail_next:
-            self.fail_next = False
+        self.gate.wait(30)
+        if fail:
             raise RuntimeError("simulated kernel failure")
         return self.inner.logits(prepared)
+
+
+@asynccontextmanager
+async def held_inference(client, segmenter: SlowSegmenter, images: int):
+    """Inside, the inference thread is held on one image, so the requests started
+    there queue up behind it; on leaving, waits until their ``images`` images are
+    queued and lets it go: they form the next batch together, however slowly each
+    request was decoded. Yields the held request (a task)."""
+    segmenter.gate.clear()
+    held = asyncio.create_task(
+        client.post("/predict", content=png_bytes(random_image(99)), headers={"content-type": "image/png"})
+    )
+    while not segmenter.batches:
+        await asyncio.sleep(0.01)
+    yield held
+    for _ in range(1000):
+        if metric_samples((await client.get("/metrics")).text)[("chanseg_queue_depth", ())] == 1 + images:
+            break
+        await asyncio.sleep(0.01)
+    segmenter.gate.set()
 
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from benchmarks.client import metric_samples
-from tests.service.conftest import SlowSegmenter, make_settings, png_bytes, random_image, serve
+from tests.service.conftest import (
+    SlowSegmenter,
+    held_inference,
+    make_settings,
+    png_bytes,
+    random_image,
+    serve,
+)
 from tests.service.test_app import files
 
 pytestmark = pytest.mark.anyio
@@ -112,12 +119,12 @@ async def test_a_batch_that_fails_once_is_retried_in_halves(tiny_artifact, tiny_
     async with serve(
         make_settings(tiny_artifact, max_batch_size=2, max_batch_delay_ms=50), segmenter=slow
     ) as client:
-        slow.fail_next = True
-        first = await asyncio.gather(
-            *(client.post("/predict", files=files(random_image(i))) for i in range(2))
-        )
-    assert [r.status_code for r in first] == [200, 200]
-    assert slow.batches == [2, 1, 1]  # the failed batch, then each half alone
+        async with held_inference(client, slow, images=2) as held:
+            slow.fail_next = True
+            first = asyncio.gather(*(client.post("/predict", files=files(random_image(i))) for i in range(2)))
+        held, first = await held, await first
+    assert [r.status_code for r in first] == [200, 200] and held.status_code == 200
+    assert slow.batches == [1, 2, 1, 1]  # the failed batch, then each half alone
     retries = [rec for rec in chanseg_logs.records if rec.name == "chanseg.state" and "retrying in halves" in rec.getMessage()]
     assert len(retries) == 1 and "simulated kernel failure" in retries[0].getMessage()
 
@@ -127,6 +134,7 @@ class Poisoned(SlowSegmenter):
 
     def logits(self, prepared):
         self.batches.append(len(prepared))
+        self.gate.wait(30)
         if any(bool((p == 255).all()) for p in prepared):
             raise RuntimeError("simulated kernel failure on this input")
         return self.inner.logits(prepared)
@@ -138,17 +146,19 @@ async def test_an_image_that_always_fails_fails_only_its_request(tiny_artifact, 
     async with serve(
         make_settings(tiny_artifact, max_batch_size=4, max_batch_delay_ms=100), segmenter=poisoned
     ) as client:
-        results = await asyncio.gather(
-            client.post("/predict", files=files(random_image(1))),
-            client.post("/predict", files=files(white)),
-            client.post("/predict", files=files(random_image(2), random_image(3))),
-        )
+        async with held_inference(client, poisoned, images=4) as held:
+            results = asyncio.gather(
+                client.post("/predict", files=files(random_image(1))),
+                client.post("/predict", files=files(white)),
+                client.post("/predict", files=files(random_image(2), random_image(3))),
+            )
+        held, results = await held, await results
         after = await client.post("/predict", files=files(random_image(4)))
-    assert [r.status_code for r in results] == [200, 500, 200] and after.status_code == 200
+    assert [r.status_code for r in results] == [200, 500, 200] and held.status_code == after.status_code == 200
     detail = results[1].json()["detail"]  # a generic message with the request id; the detail stays in the log
     assert "inference failed" in detail and results[1].headers["x-request-id"] in detail
     assert "simulated" not in detail and "conftest" not in detail
-    assert poisoned.batches[0] == 4 and poisoned.batches.count(1) >= 2  # bisected down to the image
+    assert poisoned.batches[:2] == [1, 4] and poisoned.batches.count(1) >= 3  # bisected down to the image
     failures = [rec for rec in chanseg_logs.records if rec.levelname == "ERROR" and rec.name == "chanseg.state"]
     assert len(failures) == 1  # once, for the one image, with its request's id
     assert results[1].headers["x-request-id"] in failures[0].getMessage()
