@@ -52,6 +52,9 @@ __all__ = [
 
 TOLERANCE = 0.10  # the noise between runs of the same thing on a shared machine (README)
 ROUNDS = 3  # timed calls per size taken in turns after the search (measure_throughput)
+# How a size is measured and chosen: part of the cache key, so that a choice made
+# the old way (sizes timed one after another, before ROUNDS) is measured again.
+METHOD = f"search, {ROUNDS} rounds in turns, within {TOLERANCE:g} of the best"
 
 
 @dataclass
@@ -252,6 +255,7 @@ def measurement_key(segmenter, limit: int, budget_s: float) -> Dict[str, str]:
         "allocator": allocator(),
         "limit": str(limit),
         "budget_s": f"{budget_s:g}",
+        "method": METHOD,
     }
 
 

@@ -146,7 +146,7 @@ def test_measurement_on_a_real_model(tiny_segmenter):
 
 def test_cache_round_trip_and_key(tmp_path, tiny_segmenter):
     key = measurement_key(tiny_segmenter, 32, 10.0)
-    assert {"device", "model_sha256", "precision", "torch", "chanseg", "allocator"} <= set(key)
+    assert {"device", "model_sha256", "precision", "torch", "chanseg", "allocator", "method"} <= set(key)
     cache = MeasurementCache(key, tmp_path)
     assert cache.load() is None
     path = cache.save(BatchChoice(4, "measured", {1: 10.0, 2: 19.0, 4: 30.0}, "2026-11-28T10:00:00+00:00"))
@@ -154,6 +154,8 @@ def test_cache_round_trip_and_key(tmp_path, tiny_segmenter):
     assert again == BatchChoice(4, "reused", {1: 10.0, 2: 19.0, 4: 30.0}, "2026-11-28T10:00:00+00:00")
     other = MeasurementCache({**key, "precision": "bf16"}, tmp_path)
     assert other.load() is None  # another precision is another measurement
+    older = MeasurementCache({**key, "method": "search"}, tmp_path)
+    assert older.load() is None  # another way of measuring is another measurement
     path.write_text("{not json")
     assert MeasurementCache(key, tmp_path).load() is None  # corrupt: measured again, not a crash
 
