@@ -94,8 +94,8 @@ class SlowSegmenter:
         return getattr(self.inner, name)
 
     def logits(self, prepared):
+        fail, self.fail_next = self.fail_next, False  # before the batch shows in ``batches``
         self.batches.append(len(prepared))
-        fail, self.fail_next = self.fail_next, False
         time.sleep(self.delay)
         self.gate.wait(30)
         if fail:

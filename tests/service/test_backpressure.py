@@ -124,7 +124,7 @@ async def test_a_batch_that_fails_once_is_retried_in_halves(tiny_artifact, tiny_
             first = asyncio.gather(*(client.post("/predict", files=files(random_image(i))) for i in range(2)))
         held, first = await held, await first
     assert [r.status_code for r in first] == [200, 200] and held.status_code == 200
-    assert slow.batches == [1, 2, 1, 1]  # the failed batch, then each half alone
+    assert slow.batches == [1, 2, 1, 1]  # the held one, the failed batch, then each half alone
     retries = [rec for rec in chanseg_logs.records if rec.name == "chanseg.state" and "retrying in halves" in rec.getMessage()]
     assert len(retries) == 1 and "simulated kernel failure" in retries[0].getMessage()
 
