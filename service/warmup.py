@@ -10,8 +10,8 @@ time budget (``AUTO_BATCH_BUDGET_S``) is spent, then times the sizes it found
 again in turns, so that the machine's drift does not pass for a difference.
 
 The answer only changes with the device, the model, the precision, torch,
-chanseg and the allocator, so it is kept in the cache directory under a key of
-all of them (:class:`MeasurementCache`) and reused on the next start: a restart
+chanseg, the allocator and the way it is measured (``METHOD``), so it is kept in
+the cache directory under a key of all of them (:class:`MeasurementCache`) and reused on the next start: a restart
 on the same kind of machine only warms up the chosen sizes.
 ``REMEASURE_BATCH_SIZE`` forces a fresh measurement.
 """
@@ -140,12 +140,11 @@ def measure_throughput(
         if since_best >= 2 or time.perf_counter() - started > budget_s:
             break
         batch = batch * 2 if batch * 2 <= limit or batch == limit else limit
-    in_turns: Dict[int, List[float]] = {b: [] for b in searched}
-    done = 0
-    while done < rounds and len(searched) > 1 and time.perf_counter() - started <= budget_s:
+    in_turns: Dict[int, List[float]] = {b: [] for b in searched}  # always holds batch 1
+    while len(in_turns[1]) < rounds and len(searched) > 1 and time.perf_counter() - started <= budget_s:
         for b in in_turns:
             in_turns[b].append(_time(segmenter, _dummy(segmenter, b)))
-        done += 1
+    done = len(in_turns[1])
     seconds = {b: statistics.median(in_turns[b]) if done else searched[b] for b in searched}
     if done:
         shown = ", ".join(f"batch {b} -> {b / t:.1f} images/s" for b, t in seconds.items())
