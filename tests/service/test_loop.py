@@ -1,4 +1,5 @@
-"""The event loop stays free: ``/healthz`` answers in milliseconds while the largest
+"""The event loop stays free: ``/healthz`` answers in milliseconds, and the loop
+itself spends no more than a few milliseconds on anything else, while the largest
 legal v2 requests are parsed and their responses encoded (a real process; the
 probe runs in a process of its own, so the test's own threads cannot delay it)."""
 
@@ -19,20 +20,28 @@ from PIL import Image
 from service.v2_codec import MAX_JSON_VALUES
 from tests.service.conftest import ServerProcess
 
+# One keep-alive connection; for each /healthz: its wall time and the CPU time the
+# server's event loop (its main thread) spent meanwhile, from /proc's schedstat.
 PROBE = r"""
-import socket, sys, time
-port, seconds = int(sys.argv[1]), float(sys.argv[2])
+import json, socket, sys, time
+port, pid, seconds = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+schedstat = f"/proc/{pid}/task/{pid}/schedstat"  # the server's main thread, its event loop
+
+def loop_cpu_ms():
+    with open(schedstat) as f:
+        return int(f.read().split()[0]) / 1e6  # time on a CPU, in ns
+
 sock = socket.create_connection(("127.0.0.1", port))
-latencies, end = [], time.monotonic() + seconds
+probes, end = [], time.monotonic() + seconds
 while time.monotonic() < end:
-    t = time.perf_counter()
+    cpu, t = loop_cpu_ms(), time.perf_counter()
     sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     data = b""
-    while not data.endswith(b'"ok"}') and not data.endswith(b"}"):
+    while not data.endswith(b"}"):
         data += sock.recv(4096)
-    latencies.append((time.perf_counter() - t) * 1000)
+    probes.append(((time.perf_counter() - t) * 1000, loop_cpu_ms() - cpu))
     time.sleep(0.01)
-print(len(latencies), max(latencies), sorted(latencies)[len(latencies) // 2])
+print(json.dumps(probes))
 """
 
 
@@ -80,7 +89,7 @@ def test_healthz_answers_fast_while_the_largest_v2_requests_run(tiny_artifact, t
     try:
         server.wait_ready()
         probe = subprocess.Popen(
-            [sys.executable, "-c", PROBE, str(server.port), "12"], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", PROBE, str(server.port), str(server.proc.pid), "12"], stdout=subprocess.PIPE, text=True
         )
         statuses = []
 
@@ -97,8 +106,21 @@ def test_healthz_answers_fast_while_the_largest_v2_requests_run(tiny_artifact, t
             t.join(120)
     finally:
         server.stop()
-    count, worst, median = out.split()
-    print(f"\n/healthz while parsing and encoding: {count} probes, median {float(median):.1f} ms, max {float(worst):.1f} ms")
+    probes = json.loads(out)  # (wall ms, event-loop CPU ms) per /healthz
+    walls = sorted(wall for wall, _ in probes)
+    busiest = max(cpu for _, cpu in probes)
+    print(
+        f"\n/healthz while parsing and encoding: {len(probes)} probes, wall median {walls[len(walls) // 2]:.1f} ms,"
+        f" max {walls[-1]:.1f} ms; the most event-loop CPU within one probe {busiest:.1f} ms"
+    )
     assert statuses == [200] * 9, (statuses, server.log.read_text()[-3000:])
-    assert int(count) > 100
-    assert float(worst) < 100, worst
+    assert len(probes) > 100
+    # The loop's own CPU time within one probe: what work on the loop delays a probe by,
+    # and what a busy shared machine does not inflate (a descheduled server or probe
+    # shows in wall time only). Here at most ~14 ms (reading the 30 MB body); with
+    # the I/O pool's stages run on the loop instead, 38-176 ms in the 8 worst probes.
+    assert busiest < 30, probes
+    # Wall time: the kubelet's readiness probe gives up after 1 s (its default), and
+    # one failure takes the pod out of the Service (deploy/k8s); here the median is
+    # under 1 ms, the worst 15-220 ms (scheduling on 2 vCPUs).
+    assert walls[len(walls) // 2] < 10 and walls[-1] < 1000, walls[-10:]
