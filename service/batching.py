@@ -12,8 +12,16 @@ gets its own result. A result that is an exception fails only its image
 (``BatchFailed``: ``infer`` may isolate a bad image that way); an exception
 raised by ``infer`` is logged once and fails that batch's images; the worker
 goes on. ``busy_for`` says
-how long the running batch has been on the device: the liveness watchdog
-reads it to tell a stuck inference thread from a busy one.
+how long the oldest running batch has been on the device: the liveness
+watchdog reads it to tell a stuck inference thread from a busy one.
+
+Streams (``streams`` > 1): while the queue stays full, up to ``streams``
+batches run side by side, each on a thread of its own (``shared``); a batch
+with nothing queued or on its way behind it runs alone, and no other starts
+until it ends. ``before_batch(shared)`` is called on the batch's thread first:
+the server gives a batch alone all of torch's threads and each of the side by
+side ones its share (``service.state``), so a lone request keeps the latency of
+the whole CPU while a saturated server runs independent forward passes.
 
 No web framework here: the batcher is tested with a plain function as model.
 """
@@ -23,11 +31,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Deque, Iterator, List, Optional, Sequence
+from typing import Any, Callable, ContextManager, Deque, Dict, Iterator, List, Optional, Sequence, Set
 
 __all__ = ["Job", "QueueFull", "DeadlineExpired", "BatchFailed", "collect_batch", "DynamicBatcher"]
 
@@ -115,7 +124,10 @@ class DynamicBatcher:
         executor: the one-thread executor ``infer`` runs on; the caller's
             (kept open by ``stop``) when given, else the batcher's own. The
             server passes its inference thread, which also loaded and warmed
-            up the model: all torch work then runs on one thread.
+            up the model: every batch that runs alone runs there.
+        streams: most batches running at once (see the module docstring); the
+            batcher starts a thread for each beyond the first.
+        before_batch: called with ``shared`` on a batch's thread before ``infer``.
     """
 
     def __init__(
@@ -126,9 +138,11 @@ class DynamicBatcher:
         max_queue: int,
         metrics: Any = None,
         executor: Optional[ThreadPoolExecutor] = None,
+        streams: int = 1,
+        before_batch: Optional[Callable[[bool], None]] = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_delay_s < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1, max_delay_s >= 0")
+        if max_batch_size < 1 or max_queue < 1 or max_delay_s < 0 or streams < 1:
+            raise ValueError("max_batch_size, max_queue and streams must be >= 1, max_delay_s >= 0")
         self.infer = infer
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -137,12 +151,19 @@ class DynamicBatcher:
         self._queue: Deque[Job] = deque()
         self._wakeup = asyncio.Event()
         self._waiting = 0  # in the queue or in the batch being collected
-        self._running = 0  # in the batch being computed
+        self._running = 0  # in the batches being computed
         self._incoming = 0  # announced by requests still decoding, not yet submitted
         self._executor: Optional[ThreadPoolExecutor] = executor
         self._owns_executor = executor is None
+        self.streams = streams
+        self.before_batch = before_batch
+        self._extra: List[ThreadPoolExecutor] = []  # the streams' threads beyond the first
+        self._free: List[ThreadPoolExecutor] = []  # streams not running a batch
+        self._alone = False  # a batch runs alone: no other may start
+        self._finished = asyncio.Event()  # set when a batch ends
+        self._batches: Set[asyncio.Task] = set()
         self._task: Optional[asyncio.Task] = None
-        self._busy_since: Optional[float] = None  # time.monotonic() when the running batch began
+        self._busy_since: Dict[int, float] = {}  # thread ident -> time.monotonic() its batch began
         self._accepting = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -154,9 +175,15 @@ class DynamicBatcher:
 
     @property
     def busy_for(self) -> float:
-        """Seconds the running batch has been computing; 0 when none runs."""
-        since = self._busy_since
+        """Seconds the oldest running batch has been computing; 0 when none runs."""
+        since = min(tuple(self._busy_since.values()), default=None)  # the threads change it
         return time.monotonic() - since if since is not None else 0.0
+
+    @property
+    def busiest_thread(self) -> Optional[int]:
+        """The thread running the oldest batch (for the watchdog's stack dump)."""
+        busy = dict(self._busy_since)
+        return min(busy, key=busy.__getitem__) if busy else None
 
     def has_room(self, count: int = 1) -> bool:
         """Whether ``count`` more images would be admitted now (checked before a
@@ -166,6 +193,10 @@ class DynamicBatcher:
     async def start(self) -> None:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chanseg-infer")
+        self._extra = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"chanseg-infer-{i}") for i in range(1, self.streams)
+        ]
+        self._free = [*reversed(self._extra), self._executor]  # pop() takes the first stream first
         self._accepting = True
         self._task = asyncio.create_task(self._loop(), name="chanseg-batcher")
 
@@ -228,10 +259,13 @@ class DynamicBatcher:
             log.warning("drain timeout: %d image(s) not computed", self.depth)
             for job in list(self._queue):
                 job.future.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._batches]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for executor in self._extra:
+            executor.shutdown(wait=drained, cancel_futures=True)
         if self._executor is not None and self._owns_executor:
             self._executor.shutdown(wait=drained, cancel_futures=True)
         return drained
@@ -243,6 +277,9 @@ class DynamicBatcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            while not self._free or self._alone:
+                self._finished.clear()
+                await self._finished.wait()
             batch = await collect_batch(
                 self._queue,
                 self._wakeup,
@@ -263,28 +300,55 @@ class DynamicBatcher:
                     continue
                 job.started = now
                 live.append(job)
-            self._running = len(live)
+            if not live:
+                self._set_depth()
+                self._check_idle()
+                continue
+            # Side by side while another batch runs or more images wait or are on their way.
+            shared = self.streams > 1 and bool(self._running or self._queue or self._incoming)
+            executor = self._free.pop() if shared else self._take_first_stream()
+            self._alone = not shared
+            self._running += len(live)
             self._set_depth()
-            if live:
-                await self._run(loop, live)
-            self._running = 0
-            self._set_depth()
-            if not self._queue and self._waiting == 0:
-                self._idle.set()
+            task = asyncio.create_task(self._stream(loop, live, executor, shared))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
 
-    def _timed_infer(self, payloads: List[Any]) -> Sequence[Any]:
+    def _take_first_stream(self) -> ThreadPoolExecutor:
+        self._free.remove(self._executor)
+        return self._executor
+
+    async def _stream(self, loop, jobs: List[Job], executor: ThreadPoolExecutor, shared: bool) -> None:
+        try:
+            await self._run(loop, jobs, executor, shared)
+        finally:
+            self._free.append(executor)
+            self._alone = False
+            self._running -= len(jobs)
+            self._set_depth()
+            self._check_idle()
+            self._finished.set()
+
+    def _check_idle(self) -> None:
+        if not self._queue and self._waiting == 0 and self._running == 0:
+            self._idle.set()
+
+    def _timed_infer(self, payloads: List[Any], shared: bool) -> Sequence[Any]:
         # On the inference thread itself: busy_for follows the thread, not the
         # awaiting task (which shutdown may cancel while the thread runs on).
-        self._busy_since = time.monotonic()
+        thread = threading.get_ident()
+        self._busy_since[thread] = time.monotonic()
         try:
+            if self.before_batch is not None:
+                self.before_batch(shared)
             return self.infer(payloads)
         finally:
-            self._busy_since = None
+            del self._busy_since[thread]
 
-    async def _run(self, loop: asyncio.AbstractEventLoop, jobs: List[Job]) -> None:
+    async def _run(self, loop, jobs: List[Job], executor: ThreadPoolExecutor, shared: bool) -> None:
         started = time.perf_counter()
         try:
-            results = await loop.run_in_executor(self._executor, self._timed_infer, [j.payload for j in jobs])
+            results = await loop.run_in_executor(executor, self._timed_infer, [j.payload for j in jobs], shared)
             if len(results) != len(jobs):
                 raise RuntimeError(f"infer returned {len(results)} results for {len(jobs)} inputs")
         except Exception as exc:  # one failed batch must not stop the worker

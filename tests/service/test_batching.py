@@ -235,3 +235,79 @@ async def test_room_is_reserved_before_decoding():
     await b.stop(5)
     with pytest.raises(QueueFull, match="shutting down"):
         b.incoming(1)
+
+
+class StreamModel(FakeModel):
+    """Records, per batch, its thread, whether it ran shared, and how many ran at once."""
+
+    def __init__(self, delay=0.0):
+        super().__init__(delay)
+        self.lock, self.running, self.runs = threading.Lock(), 0, []
+        self.shared = threading.local()
+        self.delay_of = {}  # payload -> extra seconds
+
+    def before_batch(self, shared):
+        self.shared.value = shared
+
+    def __call__(self, payloads):
+        with self.lock:
+            self.running += 1
+            at_once = self.running
+        try:
+            time.sleep(sum(self.delay_of.get(p, 0) for p in payloads))
+            result = super().__call__(payloads)
+        finally:
+            with self.lock:
+                self.running -= 1
+        self.runs.append((threading.current_thread().name, self.shared.value, at_once, len(payloads)))
+        return result
+
+
+async def test_with_streams_a_full_queue_runs_batches_side_by_side():
+    model = StreamModel(delay=0.1)
+    b = await _batcher(model, streams=2, before_batch=model.before_batch)
+    jobs = b.submit(list(range(16)), FAR)
+    assert await asyncio.gather(*(j.future for j in jobs)) == [i * 10 for i in range(16)]
+    assert [n for *_, n in model.runs] == [4, 4, 4, 4]
+    assert all(shared for _, shared, _, _ in model.runs)  # each batch had more behind it or beside it
+    assert max(at_once for _, _, at_once, _ in model.runs) == 2
+    assert {thread.rsplit("_", 1)[0] for thread, *_ in model.runs} == {"chanseg-infer", "chanseg-infer-1"}
+    assert await b.stop(5)
+
+
+async def test_with_streams_a_batch_with_nothing_behind_it_runs_alone_on_the_first_stream():
+    model = StreamModel(delay=0.2)
+    b = await _batcher(model, streams=2, before_batch=model.before_batch)
+    first = b.submit([1], FAR)[0]
+    await asyncio.sleep(0.05)  # running alone now
+    assert 0 < b.busy_for < 0.2
+    later = b.submit([2, 3], FAR)  # waits for the lone batch, then runs alone too
+    assert await asyncio.gather(first.future, *(j.future for j in later)) == [10, 20, 30]
+    assert [(shared, at_once, n) for _, shared, at_once, n in model.runs] == [(False, 1, 1), (False, 1, 2)]
+    assert {thread.rsplit("_", 1)[0] for thread, *_ in model.runs} == {"chanseg-infer"}
+    assert b.busy_for == 0 and b.busiest_thread is None
+    assert await b.stop(5)
+
+
+async def test_with_streams_the_watchdog_sees_the_oldest_batch():
+    model = StreamModel()
+    model.delay_of = {1: 0.5, 2: 0.1, 3: 0.4}
+    b = await _batcher(model, streams=2, max_batch_size=1, before_batch=model.before_batch)
+    jobs = b.submit([1, 2, 3], FAR)  # 1 and 2 side by side, then 3 beside 1
+    await asyncio.sleep(0.25)
+    assert 0.2 < b.busy_for < 0.5  # batch 1's time, not batch 3's
+    oldest = next(t for t in threading.enumerate() if t.ident == b.busiest_thread)
+    assert oldest.name.startswith("chanseg-infer_")  # the first stream took the first batch
+    assert await asyncio.gather(*(j.future for j in jobs)) == [10, 20, 30]
+    assert all(shared for _, shared, _, _ in model.runs)
+    assert max(at_once for _, _, at_once, _ in model.runs) == 2
+    assert await b.stop(5)
+
+
+async def test_with_streams_stop_finishes_both_streams():
+    model = StreamModel(delay=0.05)
+    b = await _batcher(model, streams=2, max_batch_size=2, before_batch=model.before_batch)
+    jobs = b.submit(list(range(9)), FAR)
+    assert await b.stop(10) is True
+    assert [j.future.result() for j in jobs] == [i * 10 for i in range(9)]
+    assert not any(t.name.startswith("chanseg-infer-1") for t in threading.enumerate())
