@@ -48,7 +48,14 @@ from .logs import configure_logging
 from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .repository import ModelRepository
-from .resources import allocator, available_cpus, memory_limit_bytes, release_free_memory, rss_bytes
+from .resources import (
+    allocator,
+    available_cpus,
+    inference_streams,
+    memory_limit_bytes,
+    release_free_memory,
+    rss_bytes,
+)
 from .routes import health, metrics, model_info, page, predict, repository, v2
 from .settings import Settings
 from .state import ServerState
@@ -170,6 +177,8 @@ async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
         s.watchdog_s if s.watchdog_s != "auto" else max(10.0, 20 * max(seconds.values(), default=0.0))
     )
     state.pool = _started_pool(io_threads(s.io_threads))
+    state.threads = await on_inference_thread(torch.get_num_threads)  # as loading and warm-up used them
+    state.streams = inference_streams(s.inference_streams, segmenter.device, state.threads)
     state.batcher = DynamicBatcher(
         state.run_batch,
         state.max_batch_size,
@@ -177,6 +186,8 @@ async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
         s.max_queue,
         metrics=state.metrics,
         executor=state.inference,
+        streams=state.streams,
+        before_batch=state.use_threads,
     )
     await state.batcher.start()
     if s.grpc_port is not None:
@@ -184,13 +195,18 @@ async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
     state.metrics.set_model(segmenter.name, segmenter.version, str(segmenter.device), segmenter.precision)
     state.ready = True
     _check_memory(s)
+    threads = f"{state.threads} inference threads"
+    if state.streams > 1:
+        threads += f", {state.streams} batches of {max(1, state.threads // state.streams)} side by side when busy"
     log.info(
-        "ready in %.1f s (max batch size %d, watchdog %.0f s, memory budget %d MiB)",
+        "ready in %.1f s (max batch size %d, %s, watchdog %.0f s, memory budget %d MiB)",
         time.perf_counter() - started,
         state.max_batch_size,
+        threads,
         state.watchdog_s,
         s.memory_budget_mb,
     )
+
 
 
 def _check_memory(s: Settings) -> None:

@@ -178,7 +178,11 @@ class ModelRepository:
     # -- on the inference thread ------------------------------------------------------
 
     def _on_inference_thread(self, fn: Callable, *args):
-        return asyncio.get_running_loop().run_in_executor(self.state.inference, fn, *args)
+        return asyncio.get_running_loop().run_in_executor(self.state.inference, self._with_all_threads, fn, *args)
+
+    def _with_all_threads(self, fn: Callable, *args):
+        self.state.use_threads()  # the thread may last have run a batch beside another
+        return fn(*args)
 
     def _swap(self, new: Optional[ServedModel]) -> Optional[ServedModel]:
         """Between two batches: ``new`` serves every request from now on."""

@@ -121,3 +121,16 @@ def release_free_memory() -> None:
     release = _releaser()[1]
     if release is not None:
         release()
+
+
+def inference_streams(setting, device, threads: int) -> int:
+    """``INFERENCE_STREAMS`` for this device: ``auto`` is 2 on a CPU with 2 torch threads
+    (measured there: README, Performance), else 1. Streams beyond 1 are for the CPU:
+    side by side forward passes on one GPU would need CUDA streams, not built."""
+    if device.type != "cpu":
+        if setting not in ("auto", 1):
+            raise ValueError(f"INFERENCE_STREAMS={setting} is for CPU inference; on {device} it must be 1 or auto")
+        return 1
+    if setting == "auto":
+        return 2 if threads == 2 else 1
+    return int(setting)

@@ -88,6 +88,12 @@ class Settings(BaseSettings):
     num_threads: Optional[PositiveInt] = Field(
         None, description="torch intra-op threads; unset: torch's default"
     )
+    inference_streams: Union[Literal["auto"], PositiveInt] = Field(
+        "auto",
+        description="most batches running at once while the queue stays full, each with its share of torch's "
+        "threads (a batch with nothing behind it runs alone, with all of them); auto: 2 on a CPU with 2 "
+        "torch threads, else 1 (CUDA: always 1)",
+    )
     io_threads: Union[Literal["auto"], PositiveInt] = Field(
         "auto",
         description="decoding/encoding threads; auto: the CPUs this process may use "

@@ -44,13 +44,16 @@ class ServerState:
     tracing: Tracing = OFF  # service.tracing: spans, or nothing when TRACING is off
     batcher: Optional[DynamicBatcher] = None
     pool: Optional[ThreadPoolExecutor] = None  # decoding, encoding: PIL and numpy only
-    inference: Optional[ThreadPoolExecutor] = None  # the one thread that runs torch
+    inference: Optional[ThreadPoolExecutor] = None  # the thread that loads models and runs lone batches
     body_budget: Optional[MemoryBudget] = None  # request bodies in flight
     work_budget: Optional[MemoryBudget] = None  # decoding, parsing, outputs in flight
     max_batch_size: int = 0
     batching: Optional[BatchChoice] = None  # how max_batch_size was chosen
     watchdog_s: float = float("inf")  # a batch running longer than this is stuck
     inference_thread: Optional[int] = None
+    streams: int = 1  # INFERENCE_STREAMS resolved: most batches running at once
+    threads: int = 0  # torch threads for a batch alone, loading and measuring (0: leave torch's)
+    _stuck_logged: bool = False
     ready: bool = False
     draining: bool = False
     shutdown_deadline: Optional[float] = None  # time.monotonic() by which the process must be gone
@@ -60,7 +63,14 @@ class ServerState:
     # Asks the process to stop, from any thread; ``python -m service`` (DrainingServer)
     # replaces it and exits 1 once device_error is set. Elsewhere: SIGTERM.
     exit_hook: Callable[[], None] = field(default=lambda: signal.raise_signal(signal.SIGTERM))
-    _stuck_logged: bool = False
+
+    def use_threads(self, shared: bool = False) -> None:
+        """On an inference thread, before torch work: all ``threads`` for a batch alone
+        (and for loading and measuring), ``threads // streams`` for a batch beside others
+        (torch's thread count is per thread)."""
+        wanted = max(1, self.threads // self.streams) if shared else self.threads
+        if wanted and torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
 
     def run_batch(self, items: List[InferItem]) -> List[Any]:
         """Batcher callback, on the inference thread: one forward pass for the batch;
@@ -157,7 +167,8 @@ class ServerState:
         detail = f"a batch has been running for {busy:.0f} s (WATCHDOG_S: {self.watchdog_s:.0f} s)"
         if not self._stuck_logged:  # once per episode, with where the thread is
             self._stuck_logged = True
-            frame = sys._current_frames().get(self.inference_thread or -1)
+            thread = self.batcher.busiest_thread if self.batcher is not None else None
+            frame = sys._current_frames().get(thread or self.inference_thread or -1)
             where = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)"
             log.error("inference thread stuck: %s; liveness fails from now\n%s", detail, where)
         return detail

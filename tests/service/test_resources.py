@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from service import resources
+from service.resources import inference_streams
 
 
 @pytest.fixture
@@ -61,3 +63,12 @@ async def test_server_uses_the_io_threads_setting(tiny_artifact):
 
     async with serve(make_settings(tiny_artifact, io_threads=5)) as client:
         assert client.app.state.chanseg.pool._max_workers == 5
+
+
+def test_inference_streams_follow_the_device_and_threads():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert [inference_streams("auto", cpu, t) for t in (1, 2, 4, 16)] == [1, 2, 1, 1]  # 2: measured on 2
+    assert inference_streams(3, cpu, 16) == 3
+    assert inference_streams("auto", cuda, 16) == inference_streams(1, cuda, 16) == 1
+    with pytest.raises(ValueError, match="INFERENCE_STREAMS=2 is for CPU inference"):
+        inference_streams(2, cuda, 16)
