@@ -83,13 +83,18 @@ def test_usage_without_run_command():
 
 def test_ceiling_makes_its_own_images(tiny_artifact):
     cmd = [sys.executable, "-m", "benchmarks.ceiling", "--model", tiny_artifact, "--images", "jpeg1024",
-           "--batches", "1", "2", "--seconds", "0.1", "--device", "cpu"]  # fmt: skip
+           "--batches", "1", "2", "--seconds", "0.1", "--device", "cpu", "--streams", "2"]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert result["device"] == "cpu" and result["precision"] == "fp32"
     assert result["path"] == tiny_artifact and result["format"] == "torchscript"  # the file the servers get
     assert set(result["per_batch"]) == {"1", "2"} and result["predict_batch1_ms"] > 0
+    # Also two predict calls side by side, as a saturated server's two streams; the ceiling is the better way.
+    assert result["streams"] == 2 and set(result["per_batch_streams"]) == {"1", "2"}
+    for batch, side_by_side in result["per_batch_streams"].items():
+        assert 0 < side_by_side <= result["per_batch"][batch]["images_per_s"]
+    assert result["images_per_s"] == max(b["images_per_s"] for b in result["per_batch"].values())
 
 
 def test_gpu_check_says_when_there_is_no_gpu(tmp_path):
