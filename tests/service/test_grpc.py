@@ -182,14 +182,19 @@ def test_sigterm_drains_grpc_calls_in_flight(tmp_path):
             futures = [pool.submit(_infer, proc.grpc_url, image) for _ in range(12)]
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:  # SIGTERM once the calls are queued in the server
-                depth = metric_samples(httpx.get(proc.url + "/metrics").text).get(("chanseg_queue_depth", ()), 0)
+                samples = metric_samples(httpx.get(proc.url + "/metrics").text)
+                depth = samples.get(("chanseg_queue_depth", ()), 0)
                 if depth >= 4:
                     break
                 time.sleep(0.005)
             assert depth >= 4, "the calls never queued together"
+            accepted = depth + samples.get(("chanseg_images_total", ()), 0)  # at least: queued or computed
             proc.proc.send_signal(signal.SIGTERM)
             results = [f.result(timeout=60) for f in futures]
-        assert results == [(1, 256, 256)] * 12, results  # accepted work finishes
-        assert proc.proc.wait(30) == 0
+        # Accepted work finishes; a call that had not reached the queue by then is refused
+        # as a draining server refuses new calls (how many did depends on timing).
+        assert results.count((1, 256, 256)) >= accepted, (accepted, results)
+        assert set(results) <= {(1, 256, 256), "StatusCode.UNAVAILABLE"}, results
+        assert proc.proc.wait(30) == 0  # exit 0: everything accepted was finished within the budget
     finally:
         proc.stop()
