@@ -324,6 +324,6 @@ def test_check_health_fails_when_liveness_would():
     with pytest.raises(RuntimeError, match="illegal memory access"):
         ChansegReplica.check_health(replica)
     state.device_error, state.watchdog_s = None, 1.0
-    state.batcher = SimpleNamespace(busy_for=30.0)  # one batch running for 30 s
+    state.batcher = SimpleNamespace(busy_for=30.0, busiest_thread=None)  # one batch running for 30 s
     with pytest.raises(RuntimeError, match="running for 30 s"):
         ChansegReplica.check_health(replica)
