@@ -29,7 +29,7 @@ from PIL import Image
 import model
 from benchmarks.client import IMAGE_SETS
 from model.predictor import FORMATS
-from service.resources import inference_streams
+from service.resources import inference_streams, stream_threads
 
 
 def main() -> int:
@@ -95,7 +95,7 @@ def _side_by_side(segmenter, images, batch: int, streams: int, threads: int, sec
     barrier = threading.Barrier(streams, action=lambda: started.append(time.perf_counter()))
 
     def run() -> int:
-        torch.set_num_threads(max(1, threads // streams))
+        torch.set_num_threads(stream_threads(threads, streams))
         segmenter.predict(chunk, batch_size=batch)
         barrier.wait()
         done, start = 0, time.perf_counter()

@@ -55,6 +55,7 @@ from .resources import (
     memory_limit_bytes,
     release_free_memory,
     rss_bytes,
+    stream_threads,
 )
 from .routes import health, metrics, model_info, page, predict, repository, v2
 from .settings import Settings
@@ -197,7 +198,7 @@ async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
     _check_memory(s)
     threads = f"{state.threads} inference threads"
     if state.streams > 1:
-        threads += f", {state.streams} batches of {max(1, state.threads // state.streams)} side by side when busy"
+        threads += f", {state.streams} batches of {stream_threads(state.threads, state.streams)} side by side when busy"
     log.info(
         "ready in %.1f s (max batch size %d, %s, watchdog %.0f s, memory budget %d MiB)",
         time.perf_counter() - started,
@@ -206,7 +207,6 @@ async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
         state.watchdog_s,
         s.memory_budget_mb,
     )
-
 
 
 def _check_memory(s: Settings) -> None:

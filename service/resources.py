@@ -134,3 +134,8 @@ def inference_streams(setting, device, threads: int) -> int:
     if setting == "auto":
         return 2 if threads == 2 else 1
     return int(setting)
+
+
+def stream_threads(threads: int, streams: int) -> int:
+    """Torch threads for a batch running beside others: its share of ``threads``."""
+    return max(1, threads // streams)

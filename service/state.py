@@ -23,6 +23,7 @@ from .errors import DeviceLost, device_lost
 from .interface import ServedModel
 from .metrics import Metrics
 from .pipeline import InferItem, Inferred
+from .resources import stream_threads
 from .settings import Settings
 from .tracing import OFF, Tracing
 from .warmup import BatchChoice
@@ -53,7 +54,6 @@ class ServerState:
     inference_thread: Optional[int] = None
     streams: int = 1  # INFERENCE_STREAMS resolved: most batches running at once
     threads: int = 0  # torch threads for a batch alone, loading and measuring (0: leave torch's)
-    _stuck_logged: bool = False
     ready: bool = False
     draining: bool = False
     shutdown_deadline: Optional[float] = None  # time.monotonic() by which the process must be gone
@@ -63,12 +63,13 @@ class ServerState:
     # Asks the process to stop, from any thread; ``python -m service`` (DrainingServer)
     # replaces it and exits 1 once device_error is set. Elsewhere: SIGTERM.
     exit_hook: Callable[[], None] = field(default=lambda: signal.raise_signal(signal.SIGTERM))
+    _stuck_logged: bool = False
 
     def use_threads(self, shared: bool = False) -> None:
         """On an inference thread, before torch work: all ``threads`` for a batch alone
-        (and for loading and measuring), ``threads // streams`` for a batch beside others
+        (and for loading and measuring), its share for a batch beside others
         (torch's thread count is per thread)."""
-        wanted = max(1, self.threads // self.streams) if shared else self.threads
+        wanted = stream_threads(self.threads, self.streams) if shared else self.threads
         if wanted and torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
 

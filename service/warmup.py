@@ -11,8 +11,9 @@ again in turns, so that the machine's drift does not pass for a difference.
 
 The answer only changes with the device, the model, the precision, torch,
 chanseg, the allocator and the way it is measured (``METHOD``), so it is kept in
-the cache directory under a key of all of them (:class:`MeasurementCache`) and reused on the next start: a restart
-on the same kind of machine only warms up the chosen sizes.
+the cache directory under a key of all of them (:class:`MeasurementCache`) and
+reused on the next start: a restart on the same kind of machine only warms up
+the chosen sizes.
 ``REMEASURE_BATCH_SIZE`` forces a fresh measurement.
 """
 
