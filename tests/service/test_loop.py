@@ -108,18 +108,21 @@ def test_healthz_answers_fast_while_the_largest_v2_requests_run(tiny_artifact, t
         server.stop()
     probes = json.loads(out)  # (wall ms, event-loop CPU ms) per /healthz
     walls = sorted(wall for wall, _ in probes)
-    busiest = max(cpu for _, cpu in probes)
+    cpus = sorted(cpu for _, cpu in probes)
     print(
         f"\n/healthz while parsing and encoding: {len(probes)} probes, wall median {walls[len(walls) // 2]:.1f} ms,"
-        f" max {walls[-1]:.1f} ms; the most event-loop CPU within one probe {busiest:.1f} ms"
+        f" max {walls[-1]:.1f} ms; event-loop CPU within one probe: the two most {cpus[-1]:.1f} and {cpus[-2]:.1f} ms"
     )
     assert statuses == [200] * 9, (statuses, server.log.read_text()[-3000:])
     assert len(probes) > 100
     # The loop's own CPU time within one probe: what work on the loop delays a probe by,
     # and what a busy shared machine does not inflate (a descheduled server or probe
     # shows in wall time only). Here at most ~14 ms (reading the 30 MB body); with
-    # the I/O pool's stages run on the loop instead, 38-176 ms in the 8 worst probes.
-    assert busiest < 30, probes
+    # the I/O pool's stages run on the loop instead, 38-176 ms in the 8 worst probes
+    # (each of the 9 requests blocks it). A run now and then shows one or two probes
+    # at 100-180 ms of loop CPU that no run of 12 here could tie to the code (CI once:
+    # 102 ms once, the rest under 30), so up to two such probes pass; eight do not.
+    assert sum(cpu >= 30 for cpu in cpus) <= 2, probes
     # Wall time: the kubelet's readiness probe gives up after 1 s (its default), and
     # one failure takes the pod out of the Service (deploy/k8s); here the median is
     # under 1 ms, the worst 15-220 ms (scheduling on 2 vCPUs).
