@@ -51,11 +51,13 @@ from .repository import ModelRepository
 from .resources import (
     allocator,
     available_cpus,
+    freeze_heap,
     inference_streams,
     memory_limit_bytes,
     release_free_memory,
     rss_bytes,
     stream_threads,
+    thaw_heap,
 )
 from .routes import health, metrics, model_info, page, predict, repository, v2
 from .settings import Settings
@@ -194,6 +196,7 @@ async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
     if s.grpc_port is not None:
         state.grpc = await _start_grpc(state)
     state.metrics.set_model(segmenter.name, segmenter.version, str(segmenter.device), segmenter.precision)
+    freeze_heap()  # what start-up built lives as long as the server: no full collection walks it again
     state.ready = True
     _check_memory(s)
     threads = f"{state.threads} inference threads"
@@ -284,6 +287,7 @@ async def _stop(state: ServerState) -> None:
     if state.inference is not None:
         state.inference.shutdown(wait=False, cancel_futures=True)
     state.tracing.shutdown()  # the spans still buffered go out
+    thaw_heap()  # an app built in a process that goes on (tests, a notebook) leaves nothing frozen
 
 
 def __getattr__(name: str):

@@ -31,7 +31,7 @@ from model.export import read_metadata
 
 from .errors import Conflict, Forbidden, InvalidRequest
 from .interface import ServedModel
-from .resources import release_free_memory
+from .resources import freeze_heap, release_free_memory, thaw_heap
 from .warmup import warm_up_in_turns
 
 log = logging.getLogger("chanseg.repository")
@@ -136,6 +136,7 @@ class ModelRepository:
             if s.watchdog_s == "auto":
                 state.watchdog_s = max(10.0, 20 * max(seconds.values(), default=0.0))
             self._retire(old)
+            freeze_heap()  # the new version, like start-up's, out of every full collection's walk
             self.last_swap = {
                 "load_s": loaded - started, "warm_up_s": time.perf_counter() - loaded, "version": new.version,
             }  # fmt: skip
@@ -200,13 +201,18 @@ class ModelRepository:
         """At most two versions resident: wait (up to REQUEST_TIMEOUT_S) until the version
         the last swap retired has answered its last request and is freed."""
         deadline = time.monotonic() + self.state.settings.request_timeout_s
-        while self._retired is not None and self._retired() is not None:
-            gc.collect()
-            if self._retired() is None:
-                break
-            if time.monotonic() > deadline:
-                raise Conflict("the version the last load replaced still answers requests; retry")
-            await asyncio.sleep(0.05)
+        if self._retired is not None and self._retired() is not None:
+            thaw_heap()  # the start-up version is in the frozen heap: its cycles too
+            try:
+                while self._retired() is not None:
+                    gc.collect()
+                    if self._retired() is None:
+                        break
+                    if time.monotonic() > deadline:
+                        raise Conflict("the version the last load replaced still answers requests; retry")
+                    await asyncio.sleep(0.05)
+            finally:
+                freeze_heap()
         self._retired = None
         await self._on_inference_thread(release_free_memory)
 

@@ -11,13 +11,22 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 import math
 import os
 import re
 from pathlib import Path
 from typing import Callable, Optional
 
-__all__ = ["available_cpus", "memory_limit_bytes", "rss_bytes", "release_free_memory", "allocator"]
+__all__ = [
+    "available_cpus",
+    "memory_limit_bytes",
+    "rss_bytes",
+    "release_free_memory",
+    "allocator",
+    "freeze_heap",
+    "thaw_heap",
+]
 
 _CGROUP = Path("/sys/fs/cgroup")
 
@@ -121,6 +130,27 @@ def release_free_memory() -> None:
     release = _releaser()[1]
     if release is not None:
         release()
+
+
+def freeze_heap() -> None:
+    """Collect garbage, then take every object alive now (the imported modules, the
+    loaded model, the app) out of the cyclic collector's sight (``gc.freeze``).
+
+    A full collection walks every tracked object while holding the GIL, so every
+    thread stops for it: ~210,000 objects in a ready server, 90-150 ms here (the
+    event loop, the I/O pool and the inference threads' Python all wait). It comes
+    whenever enough objects outlive the younger generations. Frozen, the start-up
+    heap is skipped and a full collection takes 0.1-3 ms. Frozen objects are still
+    freed when their last reference goes; only cycles among them wait for
+    :func:`thaw_heap`.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+def thaw_heap() -> None:
+    """Give the frozen objects back to the collector (before collecting a retired model, at shutdown)."""
+    gc.unfreeze()
 
 
 def inference_streams(setting, device, threads: int) -> int:

@@ -5,6 +5,8 @@ tests/service/test_swap.py."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 import zipfile
 from pathlib import Path
 
@@ -140,6 +142,27 @@ async def test_unload_then_load(repo, masks):
         r = await client.post("/v2/repository/models/tiny/load", json={"parameters": {"path": "b/model.pt"}})
         assert r.status_code == 200
         assert (await client.get("/readyz")).status_code == 200
+        np.testing.assert_array_equal(decode_mask((await _predict(client)).content), masks["8"])
+
+
+def _tracked(obj) -> bool:
+    """Whether the cyclic collector walks ``obj`` (frozen objects it does not)."""
+    return any(o is obj for o in gc.get_objects())
+
+
+async def test_a_retired_version_in_the_frozen_heap_is_freed_even_in_a_cycle(repo, masks):
+    """Start-up froze the heap, the first version with it (service.resources.freeze_heap);
+    a version kept alive only by a reference cycle must still be collected before the
+    next load (else: 409 after REQUEST_TIMEOUT_S), and the heap is frozen again after."""
+    async with serve(make_settings(str(repo / "a.pt"), model_repository=repo, request_timeout_s=3)) as client:
+        first = weakref.ref(client.app.state.chanseg.segmenter)
+        first().cycle = first()  # a cycle among frozen objects: reference counting alone never frees it
+        assert not _tracked(first())  # frozen: a collection does not look at it
+        assert (await client.post("/v2/repository/models/tiny/unload")).status_code == 200
+        r = await client.post("/v2/repository/models/tiny/load", json={"parameters": {"path": "b/model.pt"}})
+        assert r.status_code == 200, r.text
+        assert first() is None
+        assert gc.get_freeze_count() > 0 and not _tracked(client.app.state.chanseg.segmenter)
         np.testing.assert_array_equal(decode_mask((await _predict(client)).content), masks["8"])
 
 
