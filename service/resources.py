@@ -26,6 +26,8 @@ __all__ = [
     "allocator",
     "freeze_heap",
     "thaw_heap",
+    "inference_streams",
+    "stream_threads",
 ]
 
 _CGROUP = Path("/sys/fs/cgroup")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import logging
 import os
@@ -56,6 +57,11 @@ def decode_mask(data: bytes) -> np.ndarray:
     image = Image.open(io.BytesIO(data))
     assert image.mode == "P"
     return np.asarray(image)
+
+
+def tracked_by_gc(obj) -> bool:
+    """Whether the cyclic collector walks ``obj`` (objects ``gc.freeze`` froze it does not)."""
+    return any(o is obj for o in gc.get_objects())
 
 
 def make_settings(artifact: str, **overrides: Any) -> Settings:

@@ -14,7 +14,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.client import metric_samples
-from tests.service.conftest import decode_mask, make_settings, png_bytes, random_image, serve
+from tests.service.conftest import decode_mask, make_settings, png_bytes, random_image, serve, tracked_by_gc
 
 pytestmark = pytest.mark.anyio
 
@@ -128,10 +128,9 @@ async def test_start_up_heap_is_frozen_while_serving_and_thawed_after(tiny_artif
     gc.unfreeze()
     async with serve(make_settings(tiny_artifact)) as client:
         state = client.app.state.chanseg
-        tracked = {id(o) for o in gc.get_objects()}
         assert gc.get_freeze_count() > 0
         for built in (client.app, state, state.settings, state.segmenter, state.batcher, state.metrics):
-            assert id(built) not in tracked, type(built).__name__
+            assert not tracked_by_gc(built), type(built).__name__
         assert (await client.post("/predict", files=files(random_image(1)))).status_code == 200
     assert gc.get_freeze_count() == 0
 

@@ -17,7 +17,7 @@ import model
 from benchmarks.client import metric_samples
 from service.pipeline import InferItem
 from tests.conftest import make_net
-from tests.service.conftest import decode_mask, make_settings, png_bytes, random_image, serve
+from tests.service.conftest import decode_mask, make_settings, png_bytes, random_image, serve, tracked_by_gc
 
 pytestmark = pytest.mark.anyio
 
@@ -145,11 +145,6 @@ async def test_unload_then_load(repo, masks):
         np.testing.assert_array_equal(decode_mask((await _predict(client)).content), masks["8"])
 
 
-def _tracked(obj) -> bool:
-    """Whether the cyclic collector walks ``obj`` (frozen objects it does not)."""
-    return any(o is obj for o in gc.get_objects())
-
-
 async def test_a_retired_version_in_the_frozen_heap_is_freed_even_in_a_cycle(repo, masks):
     """Start-up froze the heap, the first version with it (service.resources.freeze_heap);
     a version kept alive only by a reference cycle must still be collected before the
@@ -157,12 +152,12 @@ async def test_a_retired_version_in_the_frozen_heap_is_freed_even_in_a_cycle(rep
     async with serve(make_settings(str(repo / "a.pt"), model_repository=repo, request_timeout_s=3)) as client:
         first = weakref.ref(client.app.state.chanseg.segmenter)
         first().cycle = first()  # a cycle among frozen objects: reference counting alone never frees it
-        assert not _tracked(first())  # frozen: a collection does not look at it
+        assert not tracked_by_gc(first())  # frozen: a collection does not look at it
         assert (await client.post("/v2/repository/models/tiny/unload")).status_code == 200
         r = await client.post("/v2/repository/models/tiny/load", json={"parameters": {"path": "b/model.pt"}})
         assert r.status_code == 200, r.text
         assert first() is None
-        assert gc.get_freeze_count() > 0 and not _tracked(client.app.state.chanseg.segmenter)
+        assert gc.get_freeze_count() > 0 and not tracked_by_gc(client.app.state.chanseg.segmenter)
         np.testing.assert_array_equal(decode_mask((await _predict(client)).content), masks["8"])
 
 
