@@ -252,20 +252,22 @@ class NativeRunner:
             libraries = [n for n in z.namelist() if "/data/aotinductor/model/" in n and n.endswith(".so")]
             if len(libraries) != 1:
                 raise RuntimeError(f"expected one compiled library in the archive, found {len(libraries)}")
+            # The library is extracted, loaded and its container created, then its
+            # file is deleted at once: the mapping outlives the file. A copy kept
+            # until the runner is freed was left behind by every process that never
+            # got there (SIGKILL, an OOM kill, the stuck-batch exit), 9 MiB each time
+            # in a pod's /tmp, which outlives the container and has a size limit.
             workdir = tempfile.mkdtemp(prefix="chanseg-aoti-")
             try:
-                library = z.extract(libraries[0], workdir)
-                lib = ctypes.CDLL(library)
-            except BaseException:
+                lib = ctypes.CDLL(z.extract(libraries[0], workdir))
+                handle = ctypes.c_void_p()
+                instances = ctypes.c_size_t(CONCURRENT_CALLS)
+                if lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(handle), instances, b"cpu", None):
+                    raise RuntimeError("AOTInductorModelContainerCreateWithDevice failed")
+            finally:
                 shutil.rmtree(workdir, ignore_errors=True)
-                raise
-        handle = ctypes.c_void_p()
+        self._finalizer = weakref.finalize(self, lib.AOTInductorModelContainerDelete, handle)
         outputs = ctypes.c_size_t()
-        instances = ctypes.c_size_t(CONCURRENT_CALLS)
-        if lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(handle), instances, b"cpu", None):
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise RuntimeError("AOTInductorModelContainerCreateWithDevice failed")
-        self._finalizer = weakref.finalize(self, _release, lib, handle, workdir)
         if lib.AOTInductorModelContainerGetNumOutputs(handle, ctypes.byref(outputs)):
             raise RuntimeError("AOTInductorModelContainerGetNumOutputs failed")
         self._lib, self._handle, self._outputs = lib, handle, outputs.value
@@ -281,11 +283,6 @@ class NativeRunner:
             raise RuntimeError("the compiled model failed (AOTInductorModelContainerRun); its error is on stderr")
         tensors = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs([_new_capsule(p) for p in out])
         return tensors[0] if len(tensors) == 1 else tensors
-
-
-def _release(lib, handle, workdir: str) -> None:
-    lib.AOTInductorModelContainerDelete(handle)
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 _capi = ctypes.pythonapi

@@ -5,6 +5,7 @@ TorchScript artifact, and refused clearly where they cannot run."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -54,11 +55,7 @@ def test_package_runs_every_batch_size_up_to_its_limit(tiny_package):
 def test_package_runs_through_the_c_interface_without_the_gil(tiny_package):
     """On CPU the compiled model is called through AOTInductor's C interface with
     ctypes (which releases the GIL; torch's binding holds it for the whole forward
-    pass): the same outputs as torch's loader, for every call, and the library and
-    its extracted copy are released with the runner."""
-    import gc
-    import os
-
+    pass): the same outputs as torch's loader, for every call."""
     from torch.export.pt2_archive._package import load_pt2
 
     from model.compiled import NativeRunner
@@ -71,11 +68,30 @@ def test_package_runs_through_the_c_interface_without_the_gil(tiny_package):
         x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(batch))
         x = x.contiguous(memory_format=torch.channels_last)
         assert torch.equal(native(x), reference(x))
-    workdir = native._finalizer.peek()[2][2]  # (lib, handle, workdir)
-    assert os.path.isdir(workdir)
-    del native
-    gc.collect()
-    assert not os.path.exists(workdir)
+
+
+def test_a_killed_process_leaves_no_copy_of_the_compiled_library(tiny_package, tmp_path):
+    """The library is extracted to the temporary directory only to be loaded and is
+    deleted at once, so a process killed while serving (SIGKILL, OOM) leaves nothing
+    there: a pod's /tmp outlives its container and has a size limit."""
+    script = (
+        "import sys, numpy as np, model\n"
+        "seg = model.load(sys.argv[1], device='cpu')\n"
+        "seg.predict([np.zeros((40, 40, 3), np.uint8)])\n"
+        "ours = [m for m in open('/proc/self/maps') if 'chanseg-aoti-' in m]\n"
+        "print('mapped, deleted' if ours and all(m.rstrip().endswith('(deleted)') for m in ours) else ours, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tiny_package)], cwd=ROOT, env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "mapped, deleted"
+        assert not list(tmp_path.glob("chanseg-aoti-*"))  # while it serves
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert not list(tmp_path.glob("chanseg-aoti-*"))
 
 
 def test_package_refusals(tiny_package, tiny_artifact, monkeypatch):
