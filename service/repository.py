@@ -34,6 +34,8 @@ from .interface import ServedModel
 from .resources import freeze_heap, release_free_memory, thaw_heap
 from .warmup import warm_up_in_turns
 
+COLLECT_EVERY_S = 1.0  # while a load waits for the version it replaces (_wait_for_retired)
+
 log = logging.getLogger("chanseg.repository")
 
 __all__ = ["ModelRepository"]
@@ -204,8 +206,14 @@ class ModelRepository:
         if self._retired is not None and self._retired() is not None:
             thaw_heap()  # the start-up version is in the frozen heap: its cycles too
             try:
-                while self._retired() is not None:
-                    gc.collect()
+                collected = float("-inf")
+                while True:
+                    # Reference counting frees a version the moment its last request
+                    # lets go; a full collection, for one only a cycle holds, stops the
+                    # event loop ~0.1 s in a thawed heap, so one a second, not every poll.
+                    if time.monotonic() - collected >= COLLECT_EVERY_S:
+                        gc.collect()
+                        collected = time.monotonic()
                     if self._retired() is None:
                         break
                     if time.monotonic() > deadline:

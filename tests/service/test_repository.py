@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 import weakref
 import zipfile
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import model
 from benchmarks.client import metric_samples
 from service.pipeline import InferItem
+from service.repository import COLLECT_EVERY_S
 from tests.conftest import make_net
 from tests.service.conftest import decode_mask, make_settings, png_bytes, random_image, serve, tracked_by_gc
 
@@ -158,6 +160,40 @@ async def test_a_retired_version_in_the_frozen_heap_is_freed_even_in_a_cycle(rep
         assert r.status_code == 200, r.text
         assert first() is None
         assert gc.get_freeze_count() > 0 and not tracked_by_gc(client.app.state.chanseg.segmenter)
+        np.testing.assert_array_equal(decode_mask((await _predict(client)).content), masks["8"])
+
+
+async def test_waiting_for_a_busy_retired_version_does_not_stall_the_event_loop(repo, masks):
+    """A load waits while the version the last swap retired still answers a request. In
+    the thawed heap a full collection stops the event loop ~0.1 s: the wait runs one a
+    second at most (it ran one every 50 ms, stalling the loop for most of the wait), and
+    still frees the version, even one held by a cycle, once its request lets go."""
+    async with serve(make_settings(str(repo / "a.pt"), model_repository=repo, request_timeout_s=10)) as client:
+        body = {"parameters": {"path": "b/model.pt"}}
+        busy = [client.app.state.chanseg.segmenter]  # what a request in flight holds
+        busy[0].cycle = busy[0]
+        first = weakref.ref(busy[0])
+        assert (await client.post("/v2/repository/models/tiny/load", json=body)).status_code == 200
+        full = []
+
+        def count(phase, info):
+            if phase == "start" and info["generation"] == 2:
+                full.append(time.monotonic())
+
+        async def finish_the_request():
+            await asyncio.sleep(2.5)
+            busy.clear()
+
+        gc.callbacks.append(count)
+        try:
+            started = time.monotonic()
+            r, _ = await asyncio.gather(client.post("/v2/repository/models/tiny/load", json=body), finish_the_request())
+            waited = time.monotonic() - started
+        finally:
+            gc.callbacks.remove(count)
+        assert r.status_code == 200, r.text
+        assert first() is None and waited >= 2.5
+        assert 3 <= len(full) <= waited / COLLECT_EVERY_S + 2, (len(full), waited)
         np.testing.assert_array_equal(decode_mask((await _predict(client)).content), masks["8"])
 
 
