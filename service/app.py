@@ -116,9 +116,13 @@ def create_app(
     state.repository = ModelRepository(state)
     state.metrics.batch_running.set_function(lambda: state.batcher.busy_for if state.batcher else 0.0)
 
+    given = [segmenter] if segmenter is not None else []
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        await _start(state, segmenter)
+        # The given model is handed to the state, not kept here: a later load must be
+        # able to free it. An app started again serves what it served last.
+        await _start(state, given.pop() if given else state.segmenter)
         try:
             yield
         finally:

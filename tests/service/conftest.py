@@ -76,6 +76,7 @@ def make_settings(artifact: str, **overrides: Any) -> Settings:
 async def serve(settings: Settings, segmenter: Any = None, **app_options: Any):
     """The app with its lifespan, and an httpx client talking to it in-process."""
     app = create_app(settings, segmenter=segmenter, **app_options)
+    del segmenter  # the app alone holds it, as in a server
     async with LifespanManager(app, startup_timeout=120, shutdown_timeout=60) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://chanseg", timeout=60) as client:

@@ -197,6 +197,21 @@ async def test_waiting_for_a_busy_retired_version_does_not_stall_the_event_loop(
         np.testing.assert_array_equal(decode_mask((await _predict(client)).content), masks["8"])
 
 
+async def test_a_version_given_to_create_app_is_freed_by_a_later_load(repo, masks):
+    """``create_app(segmenter=...)`` hands the model to the server; once a load has
+    replaced it nothing else keeps it (the lifespan kept it for the app's life, so the
+    load after next waited REQUEST_TIMEOUT_S and answered 409)."""
+    settings = make_settings(str(repo / "a.pt"), model_repository=repo, request_timeout_s=3)
+    async with serve(settings, model.load(repo / "a.pt", device="cpu")) as client:
+        first = weakref.ref(client.app.state.chanseg.segmenter)
+        body = {"parameters": {"path": "b/model.pt"}}
+        for _ in range(2):
+            r = await client.post("/v2/repository/models/tiny/load", json=body)
+            assert r.status_code == 200, r.text
+        assert first() is None
+        np.testing.assert_array_equal(decode_mask((await _predict(client)).content), masks["8"])
+
+
 async def test_one_load_at_a_time(repo):
     async with serve(make_settings(str(repo / "a.pt"), model_repository=repo)) as client:
         body = {"parameters": {"path": "b/model.pt"}}
