@@ -206,14 +206,17 @@ class ModelRepository:
         if self._retired is not None and self._retired() is not None:
             thaw_heap()  # the start-up version is in the frozen heap: its cycles too
             try:
-                collected = float("-inf")
+                next_collection = 0.0
                 while True:
                     # Reference counting frees a version the moment its last request
                     # lets go; a full collection, for one only a cycle holds, stops the
-                    # event loop ~0.1 s in a thawed heap, so one a second, not every poll.
-                    if time.monotonic() - collected >= COLLECT_EVERY_S:
+                    # event loop (~0.1 s in a server's thawed heap): one a second at
+                    # most, and never more than a tenth of the wait.
+                    if time.monotonic() >= next_collection:
+                        started = time.monotonic()
                         gc.collect()
-                        collected = time.monotonic()
+                        took = time.monotonic() - started
+                        next_collection = started + took + max(COLLECT_EVERY_S, 10 * took)
                     if self._retired() is None:
                         break
                     if time.monotonic() > deadline:
