@@ -116,13 +116,14 @@ def test_healthz_answers_fast_while_the_largest_v2_requests_run(tiny_artifact, t
     assert statuses == [200] * 9, (statuses, server.log.read_text()[-3000:])
     assert len(probes) > 100
     # The loop's own CPU time within one probe: what work on the loop delays a probe by,
-    # and what a busy shared machine does not inflate (a descheduled server or probe
-    # shows in wall time only). Here at most ~14 ms (reading the 30 MB body); with
-    # the I/O pool's stages run on the loop instead, 38-176 ms in the 8 worst probes
-    # (each of the 9 requests blocks it). A run now and then shows one or two probes
-    # at 100-180 ms of loop CPU that no run of 12 here could tie to the code (CI once:
-    # 102 ms once, the rest under 30), so up to two such probes pass; eight do not.
-    assert sum(cpu >= 30 for cpu in cpus) <= 2, probes
+    # and what a descheduled server or probe does not inflate (that shows in wall time
+    # only). Here the five most are 6-20 ms (reading the 30 MB body, its page faults);
+    # with the I/O pool's stages run on the loop instead, the fifth most is 95-98 ms,
+    # since each of the 9 requests blocks it. A few probes alone say little: CPU time
+    # stretches when the machine's cores are slow (a full-suite run here: four probes
+    # at 30-52 ms), and one run in ~20 shows a single probe at ~100 ms that no
+    # instrumented run has caught. So the check is on the fifth most.
+    assert cpus[-5] < 40, sorted(probes, key=lambda p: -p[1])[:10]
     # Wall time: the kubelet's readiness probe gives up after 1 s (its default), and
     # one failure takes the pod out of the Service (deploy/k8s); here the median is
     # under 1 ms, the worst 15-220 ms (scheduling on 2 vCPUs).
