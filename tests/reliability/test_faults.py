@@ -53,26 +53,42 @@ def test_disconnect_mid_upload_costs_nothing(server):
     assert server.metric("chanseg_batch_size_sum") - computed == 1  # only the good request
 
 
+def _wait_until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
 def test_disconnect_while_queued_is_not_computed(server):
-    """16 images keep the model busy; 10 clients queue behind them and hang up:
-    their images are dropped before compute, and the server frees their sockets."""
+    """32 images (two requests of 16) keep the model busy; 10 clients queue behind
+    them and hang up: their images are dropped before compute, and the server frees
+    their sockets. The test hangs up as soon as /metrics shows the 10 prepared, not
+    after a fixed sleep, which a fast machine outran (it computed 4 of the 10)."""
     images = make_images(16, 256)
+    busy_files = [("file", (f"{i}.png", im)) for i, im in enumerate(images)]
     fds, computed = server.open_fds(), server.metric("chanseg_batch_size_sum")
     gone = server.metric("chanseg_requests_total", status="499")
-    with httpx.Client(base_url=server.url, timeout=60) as client, ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(client.post, "/predict", files=[("file", (f"{i}.png", im)) for i, im in enumerate(images)])
-        time.sleep(0.15)  # the 16 are decoded and queued
+    prepared = server.metric("chanseg_preprocess_duration_seconds_count")
+
+    def prepared_since() -> float:
+        return server.metric("chanseg_preprocess_duration_seconds_count") - prepared
+
+    with httpx.Client(base_url=server.url, timeout=60) as client, ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(client.post, "/predict", files=busy_files) for _ in range(2)]
+        _wait_until(lambda: prepared_since() >= 32, "the 32 busy images are prepared")
         socks = [_raw_request(server.url, images[i]) for i in range(10)]
-        time.sleep(0.15)  # the 10 are queued behind them
+        _wait_until(lambda: prepared_since() >= 42, "the 10 are prepared")
+        depth = server.metric("chanseg_queue_depth")  # queued or computing: the 10 and what is left of the 32
         for s in socks:
             s.close()
-        assert busy.result().status_code == 200
+        assert [b.result().status_code for b in busy] == [200, 200]
     time.sleep(0.5)
     fds_after = _settle(server, fds)
     done = server.metric("chanseg_batch_size_sum") - computed
     dropped = server.metric("chanseg_requests_total", status="499") - gone
-    report("disconnect while queued", computed=done, dropped_499=dropped, fds=(fds, fds_after))
-    assert done == 16, done
+    report("disconnect while queued", depth_at_hang_up=depth, computed=done, dropped_499=dropped, fds=(fds, fds_after))
+    assert done == 32, done
     assert dropped == 10
     assert fds_after <= fds
     log = server.log.read_text()
