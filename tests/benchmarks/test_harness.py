@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -41,6 +42,18 @@ def test_every_server_answers_the_same_masks(tiny_artifact):
         # 300x300 JPEG: resized to 256 and back, naive with PIL's own nearest.
         assert masks[name][2].shape == (300, 300)
         assert (masks[name][2] == masks["chanseg"][2]).mean() > 0.98
+
+
+def test_a_stopped_server_leaves_nothing_in_tmp(tiny_package, tmp_path, monkeypatch):
+    """torch's package loader, which the naive server uses, extracts the compiled
+    library into the temporary directory and never removes it (9.6 MiB per run)."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    image = make_images(1, 256)[0]
+    with running(SCENARIOS["naive"], image, model_path=tiny_package) as url:
+        assert _mask(url, SCENARIOS["naive"], image).shape == (256, 256)
+        assert any(tmp_path.rglob("*.so")), "the loader extracted nothing: this test checks nothing"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_run_writes_json_csv_plot_and_table(tiny_artifact, tmp_path):
