@@ -12,6 +12,14 @@ Two steps, so the server can reserve memory in between:
   the mode is left as decoded (``model.preprocess.prepare_image`` converts
   while it resizes, without full-size copies).
 
+Probed for a model's input size (``target``), a JPEG larger than twice that size
+is decoded smaller: libjpeg scales by 1/2, 1/4 or 1/8 while it decodes (DCT
+scaling, what PIL's ``draft`` and ``thumbnail`` use), as far as the result still
+covers the target on both sides. A 12 MP photo for a 256x256 model decodes at
+1/8 (504x378 pixels): 4.4x faster, 1/64 of the pixels to hold, and masks that
+agree with a full-size decode on 99.9-100% of the pixels (README, "JPEGs decoded
+at a reduced size").
+
 PIL's and libraries' own messages never reach the client: a corrupt image is
 "corrupt or truncated image data", and the detail goes to the debug log.
 """
@@ -22,7 +30,7 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import ExifTags, Image
@@ -70,6 +78,7 @@ class Probed:
     orientation: Optional[Image.Transpose]
     cost: int  # peak bytes to decode and prepare it
     mode: str = ""  # PIL's mode, from the header
+    decoded: Optional[Tuple[int, int]] = None  # (width, height) once decoded, as displayed; None: full size
 
     @property
     def pixels(self) -> int:
@@ -87,14 +96,18 @@ def _pixel_bytes(mode: str) -> int:
 def decode_cost(
     width: int, height: int, mode: str, fmt: str = "PNG", rotated: bool = False,
     progressive: bool = False, transparent: bool = False, target: Sequence[int] = (256, 256),
+    decoded_size: Optional[Tuple[int, int]] = None,
 ) -> int:  # fmt: skip
     """Peak bytes to decode a ``width`` x ``height`` image of ``mode`` and resize
-    it to ``target = (h, w)`` with :func:`model.preprocess.prepare_image`."""
+    it to ``target = (h, w)`` with :func:`model.preprocess.prepare_image`.
+    ``decoded_size``: the (width, height) a JPEG decodes to when scaled while
+    decoding; a progressive one still holds the coefficients of the full size."""
+    coefficients = width * height * _PROGRESSIVE_JPEG_BYTES if fmt in ("JPEG", "MPO") and progressive else 0
+    if decoded_size is not None:
+        width, height = decoded_size
     pixels = width * height
     decoded = _pixel_bytes(mode)
     per_pixel = decoded + _DECODER_BYTES.get(fmt, 0)
-    if fmt in ("JPEG", "MPO") and progressive:
-        per_pixel += _PROGRESSIVE_JPEG_BYTES
     if rotated:
         per_pixel += decoded  # the transposed copy beside the original
     if mode in ("RGB", "L"):
@@ -117,7 +130,7 @@ def decode_cost(
     intermediate = min(tw * height, width * th) * converted
     # PIL keeps a pointer and some bookkeeping per row, and the resize a table of
     # filter coefficients per source column and row: visible in tall and wide strips.
-    return pixels * per_pixel + intermediate + 64 * height + 32 * (width + height) + _FIXED_COST
+    return coefficients + pixels * per_pixel + intermediate + 64 * height + 32 * (width + height) + _FIXED_COST
 
 
 def _bad(name: str, what: str, exc: BaseException) -> BadImage:
@@ -136,9 +149,11 @@ def size_problem(width: int, height: int, max_pixels: int, min_side: int) -> Opt
 
 
 def probe_image(
-    data: bytes, max_pixels: int, min_side: int = 1, name: str = "image", target: Sequence[int] = (256, 256)
+    data: bytes, max_pixels: int, min_side: int = 1, name: str = "image", target: Optional[Sequence[int]] = None
 ) -> Probed:
-    """Read an encoded image's header (no pixels are decoded).
+    """Read an encoded image's header (no pixels are decoded). With ``target``
+    (``(h, w)``, what :func:`prepare_probed` will resize to), the cost includes the
+    resize, and a large JPEG is set to decode at a reduced size.
 
     Raises:
         BadImage: empty, unreadable header, unsupported format, too small.
@@ -168,15 +183,23 @@ def probe_image(
     except Exception as exc:
         log.debug("%s: unreadable EXIF ignored (%s)", name, exc)
         orientation = None
-    if orientation in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
-                       Image.Transpose.ROTATE_90):  # fmt: skip
+    transposed = orientation in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                                 Image.Transpose.ROTATE_90)  # fmt: skip
+    if transposed:
         width, height = height, width
+    decoded = None
+    if target is not None and fmt in ("JPEG", "MPO"):
+        th, tw = int(target[0]), int(target[1])
+        full = image.size
+        image.draft(None, (th, tw) if transposed else (tw, th))  # sizes in the file's own orientation
+        if image.size != full:
+            decoded = image.size[::-1] if transposed else image.size
     cost = decode_cost(
         width, height, mode, fmt, rotated=orientation is not None,
         progressive=bool(image.info.get("progressive") or image.info.get("progression")),
-        transparent="transparency" in image.info, target=target,
+        transparent="transparency" in image.info, target=target or (256, 256), decoded_size=decoded,
     )  # fmt: skip
-    return Probed(image, name, width, height, orientation, cost, mode)
+    return Probed(image, name, width, height, orientation, cost, mode, decoded)
 
 
 def decode_probed(probed: Probed) -> Image.Image:
@@ -198,7 +221,7 @@ def decode_probed(probed: Probed) -> Image.Image:
             image = image.transpose(probed.orientation)
     except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         raise _bad(probed.name, "corrupt or truncated image data", exc) from None
-    if image.size != (probed.width, probed.height):  # a decoder that disagrees with its header
+    if image.size != (probed.decoded or (probed.width, probed.height)):  # a decoder that disagrees with its header
         raise BadImage(f"{probed.name}: corrupt image (its size changed while decoding)")
     return image
 

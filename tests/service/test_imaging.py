@@ -76,6 +76,41 @@ def test_exif_orientation_applied():
     assert out.shape == (40, 20, 3)
 
 
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_a_large_jpeg_decodes_reduced_to_what_the_model_needs(orientation):
+    """Probed for a model's input size, a JPEG more than twice that size decodes at
+    1/2, 1/4 or 1/8 (libjpeg's DCT scaling), still covering the input size: the
+    same picture from far fewer pixels. The full size is what the mask is restored to."""
+    from benchmarks.client import make_images
+    from model.preprocess import prepare_image
+    from service.imaging import prepare_probed
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # 6: shown rotated, 1200 wide and 1600 high
+    photo = Image.open(io.BytesIO(make_images(1, (1200, 1600), "JPEG")[0]))  # 1600 wide in the file
+    data = encode(photo, "JPEG", quality=90, exif=exif.tobytes())
+    shown = (1200, 1600) if orientation == 6 else (1600, 1200)
+    target = (48, 64)  # (h, w): 64 wide and 48 high as shown
+
+    probed = probe_image(data, BIG, 1, "photo.jpg", target)
+    assert (probed.width, probed.height) == shown
+    # 1/8 of each side; as shown, so its longer side is the one shown longer.
+    assert probed.decoded == (shown[0] // 8, shown[1] // 8)
+    full = probe_image(data, BIG, 1, "photo.jpg")  # without a target: decoded at full size, as decode_image does
+    assert full.decoded is None and probed.cost < full.cost / 2  # both include 8 MiB of fixed cost
+
+    reduced = prepare_probed(probed, target)
+    reference = prepare_image(decode_image(data, BIG), target)
+    assert reduced.shape == reference.shape == (48, 64, 3)
+    assert np.abs(reduced.astype(int) - reference).mean() < 3  # the same picture, not another crop or rotation
+
+
+def test_a_jpeg_within_twice_the_input_size_decodes_at_full_size():
+    data = encode(Image.fromarray(random_image(2, 120, 500)), "JPEG")  # 120 high: under 2 x 64
+    probed = probe_image(data, BIG, 1, "strip.jpg", (64, 64))
+    assert probed.decoded is None
+
+
 def _png_claiming(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
@@ -149,6 +184,7 @@ cases = {
     "png grey+alpha": enc(Image.new("LA", S, (100, 50)), "PNG"),
     "png rotated": enc(Image.new("RGB", S, (200, 30, 30)), "PNG", exif=exif),
     "jpeg": enc(noise, "JPEG", quality=90),
+    "jpeg full size": enc(noise, "JPEG", quality=90),  # probed for a 1024x1024 model: not reduced
     "jpeg rotated": enc(noise, "JPEG", quality=90, exif=exif),
     "jpeg progressive": enc(noise, "JPEG", quality=90, progressive=True),
     "jpeg progressive 4:4:4": enc(noise, "JPEG", quality=90, progressive=True, subsampling=0),
@@ -164,11 +200,12 @@ cases = {
 }
 del noise, pal
 for name, data in cases.items():
-    probed = probe_image(data, 10**9, 1, name)
+    target = (1024, 1024) if name == "jpeg full size" else (256, 256)
+    probed = probe_image(data, 10**9, 1, name, target)
     release_free_memory()
     Path("/proc/self/clear_refs").write_text("5")  # the peak starts again from here
     before = rss("VmRSS")
-    prepare_probed(probed, (256, 256))
+    prepare_probed(probed, target)
     print(f"{name}|{rss('VmHWM') - before}|{probed.cost}", flush=True)
     del probed
 """
@@ -184,12 +221,15 @@ def test_decode_cost_covers_the_peak():
         [sys.executable, "-c", _COST_PROBE], capture_output=True, text=True, env=env, timeout=300, check=True
     ).stdout
     rows = [line.split("|") for line in out.splitlines()]
-    assert len(rows) == 21
+    assert len(rows) == 22
     over = {name: (int(peak) / int(cost)) for name, peak, cost in rows if int(peak) > int(cost)}
     assert over == {}, over
     # and the estimate is not wildly pessimistic for the common cases
     ratios = {name: int(peak) / int(cost) for name, peak, cost in rows}
-    assert ratios["png rgb"] > 0.6 and ratios["jpeg"] > 0.5, ratios
+    assert ratios["png rgb"] > 0.6 and ratios["jpeg full size"] > 0.5, ratios
+    # A JPEG reduced while it decodes (2000x2000 at 1/4 for 256x256) holds a fraction of the full size's memory.
+    peaks = {name: int(peak) for name, peak, _ in rows}
+    assert peaks["jpeg"] < peaks["jpeg full size"] / 4 and peaks["jpeg rotated"] < peaks["jpeg full size"] / 4, peaks
 
 
 @pytest.mark.parametrize(
