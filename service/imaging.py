@@ -78,7 +78,7 @@ class Probed:
     orientation: Optional[Image.Transpose]
     cost: int  # peak bytes to decode and prepare it
     mode: str = ""  # PIL's mode, from the header
-    decoded: Optional[Tuple[int, int]] = None  # (width, height) once decoded, as displayed; None: full size
+    decoded_size: Optional[Tuple[int, int]] = None  # (width, height) once decoded, as displayed; None: full size
 
     @property
     def pixels(self) -> int:
@@ -187,19 +187,19 @@ def probe_image(
                                  Image.Transpose.ROTATE_90)  # fmt: skip
     if transposed:
         width, height = height, width
-    decoded = None
+    decoded_size = None
     if target is not None and fmt in ("JPEG", "MPO"):
         th, tw = int(target[0]), int(target[1])
         full = image.size
         image.draft(None, (th, tw) if transposed else (tw, th))  # sizes in the file's own orientation
         if image.size != full:
-            decoded = image.size[::-1] if transposed else image.size
+            decoded_size = image.size[::-1] if transposed else image.size
     cost = decode_cost(
         width, height, mode, fmt, rotated=orientation is not None,
         progressive=bool(image.info.get("progressive") or image.info.get("progression")),
-        transparent="transparency" in image.info, target=target or (256, 256), decoded_size=decoded,
+        transparent="transparency" in image.info, target=target or (256, 256), decoded_size=decoded_size,
     )  # fmt: skip
-    return Probed(image, name, width, height, orientation, cost, mode, decoded)
+    return Probed(image, name, width, height, orientation, cost, mode, decoded_size)
 
 
 def decode_probed(probed: Probed) -> Image.Image:
@@ -221,7 +221,7 @@ def decode_probed(probed: Probed) -> Image.Image:
             image = image.transpose(probed.orientation)
     except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         raise _bad(probed.name, "corrupt or truncated image data", exc) from None
-    if image.size != (probed.decoded or (probed.width, probed.height)):  # a decoder that disagrees with its header
+    if image.size != (probed.decoded_size or (probed.width, probed.height)):  # a decoder that disagrees with its header
         raise BadImage(f"{probed.name}: corrupt image (its size changed while decoding)")
     return image
 

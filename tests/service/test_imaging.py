@@ -95,9 +95,9 @@ def test_a_large_jpeg_decodes_reduced_to_what_the_model_needs(orientation):
     probed = probe_image(data, BIG, 1, "photo.jpg", target)
     assert (probed.width, probed.height) == shown
     # 1/8 of each side; as shown, so its longer side is the one shown longer.
-    assert probed.decoded == (shown[0] // 8, shown[1] // 8)
+    assert probed.decoded_size == (shown[0] // 8, shown[1] // 8)
     full = probe_image(data, BIG, 1, "photo.jpg")  # without a target: decoded at full size, as decode_image does
-    assert full.decoded is None and probed.cost < full.cost / 2  # both include 8 MiB of fixed cost
+    assert full.decoded_size is None and probed.cost < full.cost / 2  # both include 8 MiB of fixed cost
 
     reduced = prepare_probed(probed, target)
     reference = prepare_image(decode_image(data, BIG), target)
@@ -108,7 +108,7 @@ def test_a_large_jpeg_decodes_reduced_to_what_the_model_needs(orientation):
 def test_a_jpeg_within_twice_the_input_size_decodes_at_full_size():
     data = encode(Image.fromarray(random_image(2, 120, 500)), "JPEG")  # 120 high: under 2 x 64
     probed = probe_image(data, BIG, 1, "strip.jpg", (64, 64))
-    assert probed.decoded is None
+    assert probed.decoded_size is None
 
 
 def _png_claiming(width: int, height: int) -> bytes:
