@@ -311,14 +311,21 @@ def test_mutated_files_of_every_format_raise_only_our_errors(fmt, flips, cut):
     """Bit flips and truncations of JPEG, WebP, TIFF, GIF, BMP and PNG files: the
     image decodes, or BadImage / PayloadTooLarge says why; PIL's own exceptions
     (struct.error, KeyError, ZeroDivisionError, ...) never escape, and PIL's
-    messages are not passed on."""
+    messages are not passed on. Both ways: full size, and the server's (probed for
+    an 8x8 input, which has the 24x20 JPEG decode at half its size)."""
+    from service.imaging import prepare_probed
+
     data = _mutate(_SEEDS[fmt], flips, cut)
-    try:
-        out = decode_image(data, 1_000_000, 1, "f")
-    except (BadImage, PayloadTooLarge) as exc:
-        assert str(exc).startswith("f: ")
-        return
-    assert out.ndim == 3 and out.shape[2] == 3 and out.dtype == np.uint8
+    for decode in (
+        lambda: decode_image(data, 1_000_000, 1, "f"),
+        lambda: prepare_probed(probe_image(data, 1_000_000, 1, "f", (8, 8)), (8, 8)),
+    ):
+        try:
+            out = decode()
+        except (BadImage, PayloadTooLarge) as exc:
+            assert str(exc).startswith("f: ")
+            continue
+        assert out.ndim == 3 and out.shape[2] == 3 and out.dtype == np.uint8
 
 
 def test_messages_are_ours_not_pils():
