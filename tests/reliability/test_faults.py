@@ -16,7 +16,7 @@ from PIL import Image
 import model
 from benchmarks.client import make_images
 from tests.reliability.conftest import report
-from tests.service.conftest import SlowSegmenter, make_settings, serve
+from tests.service.conftest import SlowSegmenter, make_settings, serve, until
 
 pytestmark = pytest.mark.reliability
 
@@ -53,13 +53,6 @@ def test_disconnect_mid_upload_costs_nothing(server):
     assert server.metric("chanseg_batch_size_sum") - computed == 1  # only the good request
 
 
-def _wait_until(condition, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.005)
-
-
 def test_disconnect_while_queued_is_not_computed(server):
     """32 images (two requests of 16) keep the model busy; 10 clients queue behind
     them and hang up: their images are dropped before compute, and the server frees
@@ -76,9 +69,9 @@ def test_disconnect_while_queued_is_not_computed(server):
 
     with httpx.Client(base_url=server.url, timeout=60) as client, ThreadPoolExecutor(2) as pool:
         busy = [pool.submit(client.post, "/predict", files=busy_files) for _ in range(2)]
-        _wait_until(lambda: prepared_since() >= 32, "the 32 busy images are prepared")
+        until(lambda: prepared_since() >= 32, "the 32 busy images were never prepared", every=0.005)
         socks = [_raw_request(server.url, images[i]) for i in range(10)]
-        _wait_until(lambda: prepared_since() >= 42, "the 10 are prepared")
+        until(lambda: prepared_since() >= 42, "the 10 were never prepared", every=0.005)
         depth = server.metric("chanseg_queue_depth")  # queued or computing: the 10 and what is left of the 32
         for s in socks:
             s.close()

@@ -64,6 +64,15 @@ def tracked_by_gc(obj) -> bool:
     return any(o is obj for o in gc.get_objects())
 
 
+def until(condition, message: str, timeout: float = 30, every: float = 0.1) -> None:
+    """Poll ``condition`` every ``every`` s; fail the test with ``message`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(message)
+        time.sleep(every)
+
+
 def make_settings(artifact: str, **overrides: Any) -> Settings:
     values = dict(
         model_path=artifact, device="cpu", max_batch_size=8, max_batch_delay_ms=20, log_level="warning"

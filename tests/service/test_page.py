@@ -17,7 +17,7 @@ from PIL import Image
 from model.data import synthetic_sample
 from service.budget import MIB
 from tests.real_parts import missing, need_tool
-from tests.service.conftest import ServerProcess
+from tests.service.conftest import ServerProcess, until
 
 KEY = "page-test-key"
 UPLOAD_LIMIT = 2 * MIB
@@ -68,11 +68,11 @@ def test_page_segments_an_image_and_shows_the_servers_errors(browser, tmp_path):
         model_line = browser.find_element(By.ID, "model")
         _wait(browser, "#model")
         browser.implicitly_wait(0)
-        _until(lambda: "401" in model_line.text, "the page never showed the 401")
+        until(lambda: "401" in model_line.text, "the page never showed the 401")
         assert "API key" in model_line.text
         key = browser.find_element(By.ID, "api-key")
         key.send_keys(KEY, Keys.TAB)  # the change event reloads the model's description
-        _until(lambda: "Model chanseg" in model_line.text, f"no model description: {model_line.text!r}")
+        until(lambda: "Model chanseg" in model_line.text, f"no model description: {model_line.text!r}")
         legend = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#legend li")]
         assert legend == ["background", "circle", "rectangle", "triangle"]
 
@@ -128,16 +128,6 @@ def test_page_segments_an_image_and_shows_the_servers_errors(browser, tmp_path):
         assert len(browser.find_elements(By.CSS_SELECTOR, "article.result[data-state='done']")) == 1
     finally:
         server.stop()
-
-
-def _until(condition, message: str, timeout: float = 30) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(message)
-        time.sleep(0.1)
 
 
 def _screenshot(browser, tmp_path: Path) -> None:
