@@ -6,9 +6,10 @@ pixel total, then for each image reserves the memory its decoding will take
 and resizes it on the I/O pool; what stays is an input-size tensor.
 ``segment`` queues the tensors on the batcher and waits for the labels under
 the request's deadline (dropping them if the client goes away).
-``encode_masks`` turns labels into class fractions and mask PNGs, one image at
-a time within a reservation of its own, keeping only the PNG. Per-image times
-go to the ``chanseg_preprocess/postprocess_duration_seconds`` histograms.
+``encode_masks`` turns labels into mask PNGs (for JSON also class fractions and
+regions), one image at a time within a reservation of its own, keeping only the
+PNG. Per-image times go to the ``chanseg_preprocess/postprocess_duration_seconds``
+histograms.
 
 Memory that a request reserves and holds until its response is sent goes on
 its lease list (``hold_until_sent``); the middleware releases it at the end.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -88,8 +89,8 @@ class Inferred(NamedTuple):
 class Segmented:
     """One image's answer, at the image's own size."""
 
-    counts: List[int]  # pixels per class
-    fractions: List[float]  # per class, summing to 1
+    counts: List[int] = field(default_factory=list)  # pixels per class (JSON only)
+    fractions: List[float] = field(default_factory=list)  # per class, summing to 1 (JSON only)
     png: bytes = b""  # the mask as a palette PNG (empty when rle was asked for)
     rle: Optional[Dict[str, dict]] = None  # per class present, its COCO RLE (model.rle)
     regions: Optional[List[dict]] = None  # the largest connected regions (model.regions), when asked for
@@ -321,17 +322,22 @@ async def encode_masks(
     mask: Optional[str] = "png",
     details: bool = False,
 ) -> List[Segmented]:
-    """Per image at its own size, on the I/O pool: pixels per class, and the mask as a
-    PNG (``mask="png"``), per-class COCO RLE (``"rle"``) or not at all (None); with
-    ``details`` its connected regions too; the confidence map as a grey PNG when the
-    batch computed it. Each full-size mask exists only while it is encoded."""
+    """Per image at its own size, on the I/O pool: the mask as a PNG (``mask="png"``),
+    per-class COCO RLE (``"rle"``) or not at all (None); with ``details`` (JSON
+    responses) its pixels per class and connected regions too; the confidence map as
+    a grey PNG when the batch computed it. Each full-size mask exists only while it
+    is encoded."""
     segmenter, hist = served, state.metrics.postprocess
     num_classes, names = segmenter.config.num_classes, segmenter.config.class_names
 
     def encode(result: Inferred, size: Tuple[int, int], large: bool) -> Segmented:
         t = time.perf_counter()
-        counts = segmenter.class_counts(result.labels, size, num_classes)
-        done = Segmented(counts.tolist(), (counts / max(1, int(size[0]) * int(size[1]))).tolist())
+        done = Segmented()
+        if details:
+            counts = segmenter.class_counts(result.labels, size, num_classes)
+            done.counts = counts.tolist()
+            done.fractions = (counts / max(1, int(size[0]) * int(size[1]))).tolist()
+            done.regions, done.region_count = regions(result.labels.numpy(), size, names)
         if mask is not None:
             full = segmenter.restore(result.labels, size)
             if mask == "rle":
@@ -339,8 +345,6 @@ async def encode_masks(
             else:
                 done.png = mask_png_bytes(full, num_classes)
             del full
-        if details:
-            done.regions, done.region_count = regions(result.labels.numpy(), size, names)
         if result.confidence is not None:
             done.confidence_png = grey_png_bytes(segmenter.restore(result.confidence, size))
         if large:

@@ -79,6 +79,28 @@ async def test_raw_body_and_png_responses(tiny_artifact, tiny_segmenter):
     assert two_as_png.status_code == 400 and "one" in two_as_png.json()["detail"]
 
 
+async def test_a_png_response_skips_what_only_json_carries(tiny_artifact, monkeypatch):
+    """Pixels per class and connected regions are computed for JSON responses only."""
+    from model.predictor import Segmenter
+    from service import pipeline
+
+    calls = []
+    counts, regions = Segmenter.class_counts, pipeline.regions
+    counted = staticmethod(lambda *a: calls.append("counts") or counts(*a))
+    monkeypatch.setattr(Segmenter, "class_counts", counted)
+    monkeypatch.setattr(pipeline, "regions", lambda *a: calls.append("regions") or regions(*a))
+    image = png_bytes(random_image(4, 40, 30))
+    async with serve(make_settings(tiny_artifact)) as client:
+        headers = {"content-type": "image/png"}
+        as_png = await client.post("/predict", content=image, headers={**headers, "accept": "image/png"})
+        png_calls, calls[:] = list(calls), []
+        as_json = await client.post("/predict", content=image, headers=headers)
+    assert as_png.status_code == 200 and as_png.headers["content-type"] == "image/png"
+    assert png_calls == []
+    assert as_json.status_code == 200 and sorted(calls) == ["counts", "regions"]
+    assert sum(as_json.json()["predictions"][0]["class_pixels"].values()) == 40 * 30
+
+
 async def test_a_large_rotated_jpeg_gets_its_mask_at_its_own_size(tiny_artifact, tiny_segmenter):
     """A phone photo (EXIF orientation 6) decodes at 1/8 for the 64x64 model; the mask
     is restored to the photo as shown, and agrees with one from the full-size pixels."""
