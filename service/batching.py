@@ -18,10 +18,12 @@ watchdog reads it to tell a stuck inference thread from a busy one.
 Streams (``streams`` > 1): while the queue stays full, up to ``streams``
 batches run side by side, each on a thread of its own (``shared``); a batch
 with nothing queued or on its way behind it runs alone, and no other starts
-until it ends. ``before_batch(shared)`` is called on the batch's thread first:
-the server gives a batch alone all of torch's threads and each of the side by
-side ones its share (``service.state``), so a lone request keeps the latency of
-the whole CPU while a saturated server runs independent forward passes.
+until it ends, unless requests overlap: when an image came while the last
+batch ran, more will likely come while this one runs, so it runs shared and
+the next can start beside it. ``before_batch(shared)`` is called on the batch's
+thread first: the server gives a batch alone all of torch's threads and each of
+the side by side ones its share (``service.state``), so a lone request keeps the
+latency of the whole CPU while a busy server runs independent forward passes.
 
 No web framework here: the batcher is tested with a plain function as model.
 """
@@ -160,6 +162,7 @@ class DynamicBatcher:
         self._extra: List[ThreadPoolExecutor] = []  # the streams' threads beyond the first
         self._free: List[ThreadPoolExecutor] = []  # streams not running a batch
         self._alone = False  # a batch runs alone: no other may start
+        self._overlapped = False  # an image came while a batch ran, since the last batch began
         self._finished = asyncio.Event()  # set when a batch ends
         self._batches: Set[asyncio.Task] = set()
         self._task: Optional[asyncio.Task] = None
@@ -232,6 +235,7 @@ class DynamicBatcher:
             raise QueueFull(f"queue full ({self._waiting} of {self.max_queue} images waiting)")
         loop = asyncio.get_running_loop()
         jobs = [Job(p, deadline, loop.create_future()) for p in payloads]
+        self._overlapped = self._overlapped or self._running > 0
         self._queue.extend(jobs)
         self._waiting += len(jobs)
         self._idle.clear()
@@ -304,8 +308,11 @@ class DynamicBatcher:
                 self._set_depth()
                 self._check_idle()
                 continue
-            # Side by side while another batch runs or more images wait or are on their way.
-            shared = self.streams > 1 and bool(self._running or self._queue or self._incoming)
+            # Side by side while another batch runs, more images wait or are on their way,
+            # or requests overlap: one came while the last batch ran, so more will come while
+            # this one runs (a lone batch would hold them back).
+            shared = self.streams > 1 and bool(self._running or self._queue or self._incoming or self._overlapped)
+            self._overlapped = False
             executor = self._free.pop() if shared else self._take_first_stream()
             self._alone = not shared
             self._running += len(live)

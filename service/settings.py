@@ -90,9 +90,9 @@ class Settings(BaseSettings):
     )
     inference_streams: Union[Literal["auto"], PositiveInt] = Field(
         "auto",
-        description="most batches running at once while the queue stays full, each with its share of torch's "
-        "threads (a batch with nothing behind it runs alone, with all of them); auto: 2 on a CPU with 2 "
-        "torch threads, else 1 (CUDA: always 1)",
+        description="most batches running at once while requests overlap, each with its share of torch's "
+        "threads (a batch with nothing behind it, after one nothing came during, runs alone, with all of "
+        "them); auto: 2 on a CPU with 2 torch threads, else 1 (CUDA: always 1)",
     )
     io_threads: Union[Literal["auto"], PositiveInt] = Field(
         "auto",

@@ -281,11 +281,31 @@ async def test_with_streams_a_batch_with_nothing_behind_it_runs_alone_on_the_fir
     first = b.submit([1], FAR)[0]
     await asyncio.sleep(0.05)  # running alone now
     assert 0 < b.busy_for < 0.2
-    later = b.submit([2, 3], FAR)  # waits for the lone batch, then runs alone too
-    assert await asyncio.gather(first.future, *(j.future for j in later)) == [10, 20, 30]
+    assert await first.future == 10
+    later = b.submit([2, 3], FAR)  # after it, with nothing beside it: alone too
+    assert await asyncio.gather(*(j.future for j in later)) == [20, 30]
     assert [(shared, at_once, n) for _, shared, at_once, n in model.runs] == [(False, 1, 1), (False, 1, 2)]
     assert {thread.rsplit("_", 1)[0] for thread, *_ in model.runs} == {"chanseg-infer"}
     assert b.busy_for == 0 and b.busiest_thread is None
+    assert await b.stop(5)
+
+
+async def test_with_streams_requests_that_overlap_run_side_by_side():
+    """An image that came while a lone batch ran waits for it, then runs shared, so the
+    next to come starts beside it at once; once requests stop overlapping, alone again."""
+    model = StreamModel(delay=0.2)
+    b = await _batcher(model, streams=2, before_batch=model.before_batch)
+    first = b.submit([1], FAR)[0]
+    await asyncio.sleep(0.05)  # 1 runs alone
+    second = b.submit([2], FAR)[0]  # came while 1 ran
+    assert await first.future == 10
+    await asyncio.sleep(0.05)  # 2 runs, shared, with nothing behind it
+    third = b.submit([3], FAR)[0]  # starts beside 2 rather than after it
+    assert await asyncio.gather(second.future, third.future) == [20, 30]
+    fourth = b.submit([4], FAR)[0]  # nothing came while 3 ran
+    assert await fourth.future == 40
+    runs = [(shared, at_once, n) for _, shared, at_once, n in model.runs]
+    assert runs == [(False, 1, 1), (True, 1, 1), (True, 2, 1), (False, 1, 1)]
     assert await b.stop(5)
 
 
