@@ -1,23 +1,80 @@
-"""The README quotes the last full benchmark run (benchmarks/results/bench.json);
-a figure the harness marked unstable is marked unstable where it is quoted."""
+"""The README quotes the last full benchmark run (benchmarks/results/bench.json)
+as it is: every img/s (p99) cell of its serving tables, the raw ceilings, the
+open-loop rows and the targets table, with each figure the harness marked
+unstable marked unstable where it is quoted."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+from benchmarks.harness import table
+
 ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+REPORT = json.loads((ROOT / "benchmarks" / "results" / "bench.json").read_text())
+HEADER = re.compile(r"^\| (\w+): img/s \(p99 ms\) \|(( c\d+ \|)+)$")
 
 
-def test_unstable_figures_are_marked_where_the_readme_quotes_them():
-    readme = (ROOT / "README.md").read_text()
-    rows = json.loads((ROOT / "benchmarks" / "results" / "bench.json").read_text())["rows"]
-    open_loop = next(p for p in readme.split("\n\n") if "Open loop (Poisson)" in p)
-    unstable = [r for r in rows if r["scenario"] == "chanseg" and r["status"] == "unstable"]
-    assert unstable  # the last run had some: this test is not vacuous
-    for row in unstable:
-        if row["mode"] == "rate":
-            assert f"{row['load']} req/s" in open_loop and "unstable" in open_loop, row["load"]
-        else:
-            figure = f"{row['images_per_s']:.1f}"
-            assert f"{figure} (unstable)" in readme, f"{figure} img/s ({row['images']}, c{row['load']:.0f})"
+def _tables():
+    """(image set, concurrency levels, [(first cell, [cells])]) for each serving table."""
+    lines = README.splitlines()
+    for i, line in enumerate(lines):
+        match = HEADER.match(line)
+        if not match:
+            continue
+        levels = [int(c.strip()[1:]) for c in match.group(2).strip(" |").split("|")]
+        rows = []
+        for row in lines[i + 2 :]:
+            if not row.startswith("|"):
+                break
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            rows.append((cells[0], cells[1:]))
+        yield match.group(1), levels, rows
+
+
+def _row(scenario, images, mode, load):
+    found = [
+        r for r in REPORT["rows"]
+        if (r["scenario"], r["images"], r["mode"], r["load"]) == (scenario, images, mode, load)
+    ]  # fmt: skip
+    assert len(found) == 1, (scenario, images, mode, load)
+    return found[0]
+
+
+def _cell(row) -> str:
+    unstable = ", unstable" if row["status"] == "unstable" else ""
+    return f"{row['images_per_s']:.1f} ({row['p99_ms']:.0f}{unstable})"
+
+
+def test_every_serving_table_cell_is_the_runs_figure():
+    tables = list(_tables())
+    assert {images for images, _, _ in tables} == set(REPORT["ceiling"])  # every image set is quoted
+    for images, levels, rows in tables:
+        assert {label.split()[0] for label, _ in rows} == set(REPORT["servers"]), images
+        for label, cells in rows:
+            assert len(cells) == len(levels), label
+            for level, cell in zip(levels, cells):
+                expected = _cell(_row(label.split()[0], images, "concurrency", level))
+                assert cell == expected, f"{images} {label} c{level}: README {cell}, run {expected}"
+        ceiling = REPORT["ceiling"][images]["images_per_s"]
+        assert f"{images} raw ceiling {ceiling:.1f} img/s" in README
+
+
+def test_open_loop_rows_and_targets_are_the_runs():
+    open_loop = " ".join(next(p for p in README.split("\n\n") if "Open loop (Poisson)" in p).split())
+    rates = [r for r in REPORT["rows"] if r["mode"] == "rate"]
+    assert rates
+    for row in rates:
+        quoted = (
+            f"{row['load']:g} req/s: {row['images_per_s']:.1f} img/s, "
+            f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms"
+        )
+        if row["status"] == "unstable":
+            quoted += " (unstable)"
+        assert quoted in open_loop
+    targets = table(REPORT).split("| target (png256) |", 1)[1].splitlines()[2:]
+    assert targets
+    for line in targets:
+        assert line in README.splitlines(), line
