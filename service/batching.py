@@ -15,7 +15,7 @@ goes on. ``busy_for`` says
 how long the oldest running batch has been on the device: the liveness
 watchdog reads it to tell a stuck inference thread from a busy one.
 
-Streams (``streams`` > 1): while the queue stays full, up to ``streams``
+Streams (``streams`` > 1): while images keep coming, up to ``streams``
 batches run side by side, each on a thread of its own (``shared``); a batch
 with nothing queued or on its way behind it runs alone, and no other starts
 until it ends, unless requests overlap: when an image came while the last
@@ -311,7 +311,8 @@ class DynamicBatcher:
             # Side by side while another batch runs, more images wait or are on their way,
             # or requests overlap: one came while the last batch ran, so more will come while
             # this one runs (a lone batch would hold them back).
-            shared = self.streams > 1 and bool(self._running or self._queue or self._incoming or self._overlapped)
+            busy = self._running or self._queue or self._incoming or self._overlapped
+            shared = self.streams > 1 and bool(busy)
             self._overlapped = False
             executor = self._free.pop() if shared else self._take_first_stream()
             self._alone = not shared
