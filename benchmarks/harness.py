@@ -15,9 +15,10 @@ Every server and the ceiling run the same file: ``--model``, or the one chanseg
 loads with its settings (for the bundled model, its compiled package for this
 machine when there is one; the ceiling reports it, ``model`` in the JSON).
 
-Image sets: 256x256 PNGs (concurrency sweep) and 1024x1024 JPEGs (fewer
-levels); open-loop Poisson rates for chanseg. Writes JSON, CSV and a PNG plot,
-prints the table and the serving targets (``targets``: the README's table).
+Image sets: 256x256 PNGs (concurrency sweep), 1024x1024 JPEGs and 12 Mpx photos (fewer
+levels); open-loop Poisson rates for chanseg. Writes JSON, CSV, a PNG plot and
+Markdown (the tables, the serving targets: ``targets``, and the run as the README
+quotes it: ``readme_tables``), and prints the tables and targets.
 
     python -m benchmarks run [--quick] [--scenarios chanseg naive ...] [--out DIR/NAME]
 """
@@ -168,6 +169,44 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def readme_cell(row: dict) -> str:
+    """How the README quotes a row: img/s (p99 ms), marked when unstable."""
+    unstable = ", unstable" if row["status"] == "unstable" else ""
+    return f"{row['images_per_s']:.1f} ({row['p99_ms']:.0f}{unstable})"
+
+
+def readme_rate(row: dict) -> str:
+    """How the README quotes an open-loop row."""
+    unstable = " (unstable)" if row["status"] == "unstable" else ""
+    return (
+        f"{row['load']:g} req/s: {row['images_per_s']:.1f} img/s, "
+        f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms{unstable}"
+    )
+
+
+def readme_tables(report: dict) -> str:
+    """The run as the README quotes it (``tests/benchmarks/test_readme_figures.py``
+    checks the README against it): per image set its raw ceiling and an img/s (p99)
+    table of the closed-loop levels (the README adds a few words after each
+    scenario's name), then the open-loop rows."""
+    lines = []
+    for images, ceiling in report["ceiling"].items():
+        rows = [r for r in report["rows"] if r["images"] == images and r["mode"] == "concurrency"]
+        levels = sorted({r["load"] for r in rows})
+        lines += [
+            f"\n{images} raw ceiling {ceiling['images_per_s']:.1f} img/s\n",
+            f"| {images}: img/s (p99 ms) |" + "".join(f" c{c:g} |" for c in levels),
+            "|---|" + "---|" * len(levels),
+        ]
+        for scenario in dict.fromkeys(r["scenario"] for r in rows):
+            cells = {r["load"]: readme_cell(r) for r in rows if r["scenario"] == scenario}
+            lines.append(f"| {scenario} | " + " | ".join(cells.get(c, "-") for c in levels) + " |")
+    rates = [readme_rate(r) for r in report["rows"] if r["mode"] == "rate"]
+    if rates:
+        lines += ["", "Open loop (Poisson) on chanseg: " + "; ".join(rates)]
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks run",
@@ -313,7 +352,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     plot(report, out.with_suffix(".png"))
     text = f"machine: {report['machine']}; allocator: {report['allocator']}; {report['date']}\n" + table(report)
-    out.with_suffix(".md").write_text(text + "\n")
+    out.with_suffix(".md").write_text(f"{text}\n\n## As the README quotes it\n{readme_tables(report)}\n")
     print(text)
     print(f"\nwritten: {out}.json .csv .png .md")
     return 0

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from benchmarks.harness import table
+from benchmarks.harness import _find, readme_cell, readme_rate, readme_tables, table
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -34,20 +34,6 @@ def _tables():
         yield match.group(1), levels, rows
 
 
-def _row(scenario, images, mode, load):
-    found = [
-        r for r in REPORT["rows"]
-        if (r["scenario"], r["images"], r["mode"], r["load"]) == (scenario, images, mode, load)
-    ]  # fmt: skip
-    assert len(found) == 1, (scenario, images, mode, load)
-    return found[0]
-
-
-def _cell(row) -> str:
-    unstable = ", unstable" if row["status"] == "unstable" else ""
-    return f"{row['images_per_s']:.1f} ({row['p99_ms']:.0f}{unstable})"
-
-
 def test_every_serving_table_cell_is_the_runs_figure():
     tables = list(_tables())
     assert {images for images, _, _ in tables} == set(REPORT["ceiling"])  # every image set is quoted
@@ -56,8 +42,12 @@ def test_every_serving_table_cell_is_the_runs_figure():
         for label, cells in rows:
             assert len(cells) == len(levels), label
             for level, cell in zip(levels, cells):
-                expected = _cell(_row(label.split()[0], images, "concurrency", level))
+                row = _find(REPORT["rows"], label.split()[0], images, level)
+                assert row is not None, f"{images} {label} c{level}: not in the run"
+                expected = readme_cell(row)
                 assert cell == expected, f"{images} {label} c{level}: README {cell}, run {expected}"
+            # what bench.md's "As the README quotes it" gives, but for the words after the name
+            assert f"| {label.split()[0]} | {' | '.join(cells)} |" in readme_tables(REPORT).splitlines()
         ceiling = REPORT["ceiling"][images]["images_per_s"]
         assert f"{images} raw ceiling {ceiling:.1f} img/s" in README
 
@@ -67,13 +57,7 @@ def test_open_loop_rows_and_targets_are_the_runs():
     rates = [r for r in REPORT["rows"] if r["mode"] == "rate"]
     assert rates
     for row in rates:
-        quoted = (
-            f"{row['load']:g} req/s: {row['images_per_s']:.1f} img/s, "
-            f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms"
-        )
-        if row["status"] == "unstable":
-            quoted += " (unstable)"
-        assert quoted in open_loop
+        assert readme_rate(row) in open_loop
     targets = table(REPORT).split("| target (png256) |", 1)[1].splitlines()[2:]
     assert targets
     for line in targets:
