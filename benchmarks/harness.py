@@ -89,7 +89,10 @@ def _row(scenario: str, images: str, m) -> dict:
     }
 
 
-def _find(rows: List[dict], scenario: str, images: str, load: float, mode: str = "concurrency") -> Optional[dict]:
+def find_row(
+    rows: List[dict], scenario: str, images: str, load: float, mode: str = "concurrency"
+) -> Optional[dict]:
+    """The run's row for one scenario, image set and load; None when it has none."""
     for r in rows:
         if r["scenario"] == scenario and r["images"] == images and r["mode"] == mode and r["load"] == load:
             return r
@@ -104,9 +107,9 @@ def targets(report: dict, images: str = "png256") -> List[dict]:
     def add(name: str, value: Optional[float], goal: str, ok: Optional[bool]) -> None:
         out.append({"target": name, "value": value, "goal": goal, "met": ok})
 
-    c1, c16, c64 = (_find(rows, "chanseg", images, c) for c in (1, 16, 64))
-    naive16, naive64 = _find(rows, "naive", images, 16), _find(rows, "naive", images, 64)
-    lit16, lit64 = _find(rows, "litserve", images, 16), _find(rows, "litserve", images, 64)
+    c1, c16, c64 = (find_row(rows, "chanseg", images, c) for c in (1, 16, 64))
+    naive16, naive64 = find_row(rows, "naive", images, 16), find_row(rows, "naive", images, 64)
+    lit16, lit64 = find_row(rows, "litserve", images, 16), find_row(rows, "litserve", images, 64)
     if c16:
         v = c16["images_per_s"] / ceiling["images_per_s"]
         add("c16 throughput / raw ceiling", v, ">= 0.90", v >= 0.90)

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from benchmarks.harness import _find, readme_cell, readme_rate, readme_tables, table
+from benchmarks.harness import find_row, readme_cell, readme_rate, readme_tables, table
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -42,7 +42,7 @@ def test_every_serving_table_cell_is_the_runs_figure():
         for label, cells in rows:
             assert len(cells) == len(levels), label
             for level, cell in zip(levels, cells):
-                row = _find(REPORT["rows"], label.split()[0], images, level)
+                row = find_row(REPORT["rows"], label.split()[0], images, level)
                 assert row is not None, f"{images} {label} c{level}: not in the run"
                 expected = readme_cell(row)
                 assert cell == expected, f"{images} {label} c{level}: README {cell}, run {expected}"
