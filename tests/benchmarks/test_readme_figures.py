@@ -13,13 +13,15 @@ from benchmarks.harness import find_row, readme_cell, readme_rate, readme_tables
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
+README_LINES = README.splitlines()
 REPORT = json.loads((ROOT / "benchmarks" / "results" / "bench.json").read_text())
+QUOTED_LINES = readme_tables(REPORT).splitlines()  # what bench.md's "As the README quotes it" gives
 HEADER = re.compile(r"^\| (\w+): img/s \(p99 ms\) \|(( c\d+ \|)+)$")
 
 
 def _tables():
     """(image set, concurrency levels, [(first cell, [cells])]) for each serving table."""
-    lines = README.splitlines()
+    lines = README_LINES
     for i, line in enumerate(lines):
         match = HEADER.match(line)
         if not match:
@@ -46,8 +48,8 @@ def test_every_serving_table_cell_is_the_runs_figure():
                 assert row is not None, f"{images} {label} c{level}: not in the run"
                 expected = readme_cell(row)
                 assert cell == expected, f"{images} {label} c{level}: README {cell}, run {expected}"
-            # what bench.md's "As the README quotes it" gives, but for the words after the name
-            assert f"| {label.split()[0]} | {' | '.join(cells)} |" in readme_tables(REPORT).splitlines()
+            # as the harness quotes it, but for the words after the name
+            assert f"| {label.split()[0]} | {' | '.join(cells)} |" in QUOTED_LINES
         ceiling = REPORT["ceiling"][images]["images_per_s"]
         assert f"{images} raw ceiling {ceiling:.1f} img/s" in README
 
@@ -61,4 +63,4 @@ def test_open_loop_rows_and_targets_are_the_runs():
     targets = table(REPORT).split("| target (png256) |", 1)[1].splitlines()[2:]
     assert targets
     for line in targets:
-        assert line in README.splitlines(), line
+        assert line in README_LINES, line
