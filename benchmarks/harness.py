@@ -16,9 +16,11 @@ loads with its settings (for the bundled model, its compiled package for this
 machine when there is one; the ceiling reports it, ``model`` in the JSON).
 
 Image sets: 256x256 PNGs (concurrency sweep), 1024x1024 JPEGs and 12 Mpx photos (fewer
-levels); open-loop Poisson rates for chanseg. Writes JSON, CSV, a PNG plot and
-Markdown (the tables, the serving targets: ``targets``, and the run as the README
-quotes it: ``readme_tables``), and prints the tables and targets.
+levels); open-loop Poisson rates for chanseg. Every row also says where the CPU went per
+image: each server's processes by thread role (``benchmarks.cpu``) and the load
+generator's. Writes JSON, CSV, a PNG plot and Markdown (the tables, the CPU split
+at c16 against the ceiling's: ``cpu_table``, the serving targets: ``targets``, and
+the run as the README quotes it: ``readme_tables``), and prints the tables and targets.
 
     python -m benchmarks run [--quick] [--scenarios chanseg naive ...] [--out DIR/NAME]
 """
@@ -43,14 +45,14 @@ from benchmarks.client import IMAGE_SETS
 from benchmarks.loadgen import measure, run
 from benchmarks.model_speed import ALLOCATORS, find_library
 from benchmarks.servers import SCENARIOS, raw_ceiling, running
-from service.resources import cpu_model
+from service.resources import available_cpus, cpu_model
 from service.settings import Settings
 
 CSV_FIELDS = [
     "scenario", "images", "mode", "load", "status", "images_per_s", "pct_of_ceiling",
     "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "ok", "requests", "rejected", "errors",
     "rejected_p99_ms", "server_queue_ms", "server_inference_ms_per_batch", "server_batch_size",
-    "client_cpu_ms_per_request",
+    "client_cpu_ms_per_request", "server_cpu_ms_per_image",
 ]  # fmt: skip
 
 
@@ -84,6 +86,8 @@ def _row(scenario: str, images: str, m) -> dict:
         "server_inference_ms_per_batch": server.get("inference_ms_per_batch"),
         "server_batch_size": server.get("batch_size"),
         "client_cpu_ms_per_request": m.client_cpu_ms_per_request,
+        "server_cpu_ms_per_image": (m.server_cpu_ms_per_image or {}).get("total"),
+        "server_cpu": m.server_cpu_ms_per_image,  # by thread role (benchmarks.cpu)
         "statuses": m.statuses,
         "windows": len(m.windows),
     }
@@ -137,6 +141,52 @@ def targets(report: dict, images: str = "png256") -> List[dict]:
     return out
 
 
+CPU_LEVEL = 16  # the concurrency whose CPU split bench.md shows
+
+
+def cpu_budget(report: dict, row: dict) -> Optional[dict]:
+    """Where a row's CPU went, ms per image: the server's by thread role and ``total``
+    (``benchmarks.cpu``), the load generator's (``client``) and, for comparison, the
+    ceiling's forward passes (``ceiling``: the CPUs it kept busy over its images/s).
+    Where the server's threads say which ran the model (chanseg), also ``host``: the
+    CPU that was not inference, client included, and ``cap``: the fraction of the
+    ceiling the CPUs could serve if inference ran at the ceiling's speed with that
+    host work beside it, ``ceiling / (ceiling + host)``. None without the split."""
+    cpu = row.get("server_cpu")
+    if not cpu or not report.get("cpus"):
+        return None
+    ceiling = report["cpus"] * 1000 / report["ceiling"][row["images"]]["images_per_s"]
+    out = {**cpu, "client": row["client_cpu_ms_per_request"], "ceiling": ceiling}
+    if cpu["inference"] > 0:
+        out["host"] = cpu["total"] - cpu["inference"] + out["client"]
+        out["cap"] = ceiling / (ceiling + out["host"])
+    return out
+
+
+def _cpu_rows(report: dict) -> List[tuple]:
+    """(row, its cpu_budget) for each closed-loop row at CPU_LEVEL that has one."""
+    found = [(r, cpu_budget(report, r)) for r in report["rows"] if r["mode"] == "concurrency"]
+    return [(r, b) for r, b in found if r["load"] == CPU_LEVEL and b is not None]
+
+
+def cpu_table(report: dict) -> List[str]:
+    """bench.md's lines on where the CPU went at CPU_LEVEL (:func:`cpu_budget`); none without the split."""
+    budgets = _cpu_rows(report)
+    if not budgets:
+        return []
+    keys = ("total", "inference", "io", "main", "other", "client", "host", "ceiling", "cap")
+    lines = [
+        f"\nCPU per image at c{CPU_LEVEL}, ms ({report['cpus']} CPUs; server: its processes by thread, "
+        "benchmarks/cpu.py; host: all but inference, client included; cap: ceiling / (ceiling + host))",
+        "| images | scenario | img/s | server | inference | I/O | main thread | other | client | host | ceiling | cap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r, b in budgets:
+        cells = " | ".join(f"{b[k]:.2f}" if k in b else "-" for k in keys)
+        lines.append(f"| {r['images']} | {r['scenario']} | {r['images_per_s']:.2f} | {cells} |")
+    return lines
+
+
 def write_csv(rows: List[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
@@ -164,6 +214,7 @@ def table(report: dict) -> str:
                 f"| {r['scenario']} | {load} | {r['images_per_s']:.2f} | {r['pct_of_ceiling']:.0f}% "
                 f"| {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r['p99_ms']:.0f} | {other or '-'} | {r['status']} |"
             )
+    lines += cpu_table(report)
     lines.append("\n| target (png256) | measured | goal | met |")
     lines.append("|---|---|---|---|")
     for t in report["targets"]:
@@ -207,7 +258,26 @@ def readme_tables(report: dict) -> str:
     rates = [readme_rate(r) for r in report["rows"] if r["mode"] == "rate"]
     if rates:
         lines += ["", "Open loop (Poisson) on chanseg: " + "; ".join(rates)]
+    budgets = [b for b in (readme_cpu(report, images) for images in report["ceiling"]) if b]
+    if budgets:
+        lines += ["", *budgets]
     return "\n".join(lines)
+
+
+def readme_cpu(report: dict, images: str) -> Optional[str]:
+    """How the README quotes where the CPU went at CPU_LEVEL on one image set."""
+    found = {r["scenario"]: b for r, b in _cpu_rows(report) if r["images"] == images}
+    mine = found.get("chanseg")
+    if mine is None or "cap" not in mine:
+        return None
+    others = "".join(f", {name} {b['total']:.1f}" for name, b in found.items() if name != "chanseg")
+    return (
+        f"{images} c{CPU_LEVEL}, CPU per image: chanseg {mine['total']:.1f} ms (inference "
+        f"{mine['inference']:.1f}, I/O {mine['io']:.1f}, event loop {mine['main']:.1f}, other "
+        f"{mine['other']:.1f}){others}; load generator {mine['client']:.1f}; the ceiling's forward "
+        f"passes {mine['ceiling']:.1f}: host work of {mine['host']:.1f} ms leaves at most "
+        f"{mine['cap']:.2f} of the ceiling"
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -251,6 +321,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     levels = {name: args.concurrency if name == "png256" else args.jpeg_concurrency for name in IMAGE_SETS}
     report: Dict = {
         "machine": _machine(),
+        "cpus": available_cpus(),
         "allocator": args.allocator if preload or not ALLOCATORS[args.allocator] else "glibc",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "method": {"window_s": args.window, "warmup_s": args.warmup, "max_windows": args.max_windows},
@@ -291,6 +362,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         timings: Dict[str, float] = {}
         model_path = args.model if scenario.kind == "chanseg" else served
         with running(scenario, sample, model_path, preload, litserve_batch, log_path, timings=timings) as url:
+            pgid = int(timings.pop("pgid"))
             info: Dict = {"label": scenario.label, "env": scenario.env, **timings}
             print(f"[{name}] serving {timings['startup_s']:.1f} s after its process started", flush=True)
             if scenario.kind == "chanseg":
@@ -320,6 +392,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                             warmup_s=args.warmup,
                             max_windows=args.max_windows,
                             poisson=mode == "rate",
+                            server_pgid=pgid,
                             **{mode: value},
                         )
                     )

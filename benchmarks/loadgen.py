@@ -10,7 +10,8 @@ the window in which its answer arrived. Windows repeat until the last
 throughput and p95, or until ``max_windows``: then the result says
 "unstable". Figures are over those last windows. When the server exposes
 chanseg's ``/metrics``, the server-side split (queue wait, inference time per
-batch, batch size) is read before and after them.
+batch, batch size) is read before and after them; given the server's process
+group, so is its CPU time, by thread role (``benchmarks.cpu``).
 
 Bounds: at most ``max_requests`` requests and ``warmup_s + max_windows *
 window_s`` seconds per measurement, plus up to ``drain_s`` for the requests in
@@ -47,6 +48,7 @@ from benchmarks.client import (
     multipart,
     require_loopback,
 )
+from benchmarks.cpu import group_cpu, per_image
 
 __all__ = ["Measurement", "Window", "is_stable", "measure", "percentile", "run", "server_split"]
 
@@ -100,6 +102,7 @@ class Measurement:
     skipped: int  # open loop: arrivals not sent because max_inflight were pending
     client_cpu_ms_per_request: float
     server: Optional[dict] = None  # queue/inference split from /metrics
+    server_cpu_ms_per_image: Optional[dict] = None  # per role and total (benchmarks.cpu), given server_pgid
     latencies_ms: List[float] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict:
@@ -116,6 +119,7 @@ class _Mark:
     answered: int  # requests answered so far
     cpu_s: float  # the client's CPU time so far
     scrape: Optional[dict]  # chanseg's histogram sums and counts
+    server_cpu: Optional[dict] = None  # the server's CPU time so far, by role (benchmarks.cpu)
 
 
 _SERVER_METRICS = {
@@ -215,11 +219,13 @@ async def measure(
     drain_s: float = 10.0,
     seed: int = 0,
     client=None,
+    server_pgid: Optional[int] = None,
 ) -> Measurement:
     """One load level (``concurrency`` or ``rate``), measured in windows until stable.
     ``client``: what sends the requests (``prepare``, ``send``, ``close``); default an
     HTTP :class:`~benchmarks.client.Client` to ``url`` + ``path`` (``url`` is scraped for
-    the server's own split either way)."""
+    the server's own split either way). ``server_pgid``: the server's process group,
+    whose CPU time per image over the same windows is ``server_cpu_ms_per_image``."""
     if (concurrency is None) == (rate is None):
         raise ValueError("give either concurrency or rate")
     if (concurrency is not None and concurrency < 1) or (rate is not None and rate <= 0):
@@ -276,7 +282,8 @@ async def measure(
             # Time, count and CPU together, before the scrape's await lets answers in:
             # samples[a.answered:b.answered] are then exactly the answers between a and b.
             at, answered, cpu_s = time.perf_counter(), len(samples), _cpu_seconds()
-            marks.append(_Mark(at, answered, cpu_s, await _scrape(scraper)))
+            server_cpu = group_cpu(server_pgid) if server_pgid is not None else None
+            marks.append(_Mark(at, answered, cpu_s, await _scrape(scraper), server_cpu))
 
         try:
             await asyncio.sleep(warmup_s)
@@ -329,6 +336,7 @@ async def measure(
         skipped=skipped,
         client_cpu_ms_per_request=1000 * (last.cpu_s - first.cpu_s) / max(1, len(chosen)),
         server=server_split(first.scrape, last.scrape),
+        server_cpu_ms_per_image=per_image(first.server_cpu, last.server_cpu, len(ok)),
         latencies_ms=ok,
     )
 

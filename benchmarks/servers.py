@@ -143,7 +143,8 @@ def running(
     timings: Optional[Dict[str, float]] = None,
 ) -> Iterator[str]:
     """Start the scenario's server; yield its URL once ``sample`` gets a 200.
-    ``timings["startup_s"]`` (when given): from the process's start to that 200."""
+    ``timings`` (when given) gets ``startup_s``, from the process's start to that 200,
+    and ``pgid``, the server's process group (all its processes: ``benchmarks.cpu``)."""
     port = free_port()
     extra = dict(scenario.env)
     with contextlib.ExitStack() as stack:
@@ -171,6 +172,7 @@ def running(
             _wait_ready(proc, url, scenario, sample, ready_timeout_s)
             if timings is not None:
                 timings["startup_s"] = round(time.monotonic() - started, 2)
+                timings["pgid"] = proc.pid  # a session of its own: the group is the server's
             yield url
         finally:
             _stop_group(proc)

@@ -40,7 +40,7 @@ from fastapi import FastAPI
 
 import model
 
-from .batching import DynamicBatcher
+from .batching import DynamicBatcher, inference_pool
 from .budget import MIB, MemoryBudget
 from .errors import register_handlers
 from .interface import ServedModel
@@ -54,6 +54,7 @@ from .resources import (
     freeze_heap,
     inference_streams,
     memory_limit_bytes,
+    name_os_thread,
     release_free_memory,
     rss_bytes,
     stream_threads,
@@ -82,7 +83,7 @@ def _started_pool(workers: int) -> ThreadPoolExecutor:
     """The I/O pool with all its threads running now: the executor would otherwise start
     them one by one as load first needs them, and a server's thread count should be
     flat from readiness on (the soak test holds it to that)."""
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chanseg-io")
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chanseg-io", initializer=name_os_thread)
     barrier = threading.Barrier(workers + 1)
     for _ in range(workers):
         pool.submit(barrier.wait)  # each task holds its thread until all have one
@@ -157,7 +158,7 @@ async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
     if s.num_threads:
         torch.set_num_threads(s.num_threads)
     started = time.perf_counter()
-    state.inference = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chanseg-infer")
+    state.inference = inference_pool("chanseg-infer")
     loop = asyncio.get_running_loop()
 
     def on_inference_thread(fn, *args):

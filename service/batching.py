@@ -40,9 +40,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Deque, Dict, Iterator, List, Optional, Sequence, Set
 
-__all__ = ["Job", "QueueFull", "DeadlineExpired", "BatchFailed", "collect_batch", "DynamicBatcher"]
+from .resources import name_os_thread
+
+__all__ = [
+    "Job", "QueueFull", "DeadlineExpired", "BatchFailed", "collect_batch", "DynamicBatcher", "inference_pool",
+]  # fmt: skip
 
 log = logging.getLogger("chanseg.batching")
+
+
+def inference_pool(name: str) -> ThreadPoolExecutor:
+    """One inference thread, named for ``top -H`` and perf as well (its OpenMP workers inherit the name)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=name_os_thread)
 
 
 class QueueFull(Exception):
@@ -195,10 +204,8 @@ class DynamicBatcher:
 
     async def start(self) -> None:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chanseg-infer")
-        self._extra = [
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"chanseg-infer-{i}") for i in range(1, self.streams)
-        ]
+            self._executor = inference_pool("chanseg-infer")
+        self._extra = [inference_pool(f"chanseg-infer-{i}") for i in range(1, self.streams)]
         self._free = [*reversed(self._extra), self._executor]  # pop() takes the first stream first
         self._accepting = True
         self._task = asyncio.create_task(self._loop(), name="chanseg-batcher")

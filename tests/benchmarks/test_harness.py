@@ -17,6 +17,8 @@ import pytest
 from PIL import Image
 
 from benchmarks.client import make_images
+from benchmarks.cpu import ROLES, group_cpu
+from benchmarks.harness import cpu_budget, cpu_table, readme_cpu
 from benchmarks.servers import SCENARIOS, running
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,6 +77,16 @@ def test_run_writes_json_csv_plot_and_table(tiny_artifact, tmp_path):
     assert loads[:3] == [("chanseg", "concurrency", 1), ("chanseg", "concurrency", 2), ("chanseg", "rate", loads[2][2])]
     assert loads[3:] == [("naive", "concurrency", 1), ("naive", "concurrency", 2)]
     assert all(r["ok"] > 0 and r["errors"] == 0 for r in report["rows"])
+    # Where the CPU went: chanseg's named threads split it; the naive server's forward
+    # passes run on its main thread, so it has no inference share; the parts add up.
+    for r in report["rows"]:
+        cpu = r["server_cpu"]
+        assert cpu["total"] > 0 and r["server_cpu_ms_per_image"] == cpu["total"]
+        assert sum(cpu[k] for k in ("inference", "io", "main", "other")) == pytest.approx(cpu["total"], rel=0.05)
+        if r["scenario"] == "chanseg":
+            assert cpu["inference"] > 0 and cpu["io"] > 0 and cpu["main"] > 0
+        else:
+            assert cpu["inference"] == cpu["io"] == 0 and cpu["main"] > 0
     ceiling = report["ceiling"]["png256"]
     assert ceiling["images_per_s"] > 0 and ceiling["best_batch"] in (1, 2, 4, 8)
     assert report["servers"]["chanseg"]["batching"]["max_batch_size_setting"] == "auto"
@@ -90,6 +102,78 @@ def test_run_writes_json_csv_plot_and_table(tiny_artifact, tmp_path):
     assert "| png256: img/s (p99 ms) | c1 | c2 |" in quoted and "\n| naive | " in quoted
     assert "Open loop (Poisson) on chanseg: " in quoted
     assert "| chanseg |" in done.stdout  # printed too
+
+
+def test_cpu_budget_splits_a_rows_cpu_against_the_ceiling():
+    def row(scenario, images, inference, client=0.2):
+        cpu = {"inference": inference, "io": 2.0 if inference else 0.0, "main": 1.5, "other": 0.3}
+        cpu["total"] = sum(cpu.values())
+        return {"scenario": scenario, "images": images, "mode": "concurrency", "load": 16, "images_per_s": 60.0,
+                "client_cpu_ms_per_request": client, "server_cpu": cpu}  # fmt: skip
+
+    report = {
+        "cpus": 2, "ceiling": {"png256": {"images_per_s": 80.0}},
+        "rows": [row("chanseg", "png256", 26.0), row("naive", "png256", 0.0), {**row("chanseg", "png256", 26.0), "load": 4}],
+    }  # fmt: skip
+    mine = cpu_budget(report, report["rows"][0])
+    assert mine["ceiling"] == 25.0  # 2 CPUs busy for 1/80 s per image
+    assert mine["host"] == pytest.approx(2.0 + 1.5 + 0.3 + 0.2)  # all but inference, the client's too
+    assert mine["cap"] == pytest.approx(25.0 / 29.0)
+    theirs = cpu_budget(report, report["rows"][1])
+    assert "cap" not in theirs and theirs["total"] == pytest.approx(1.8)  # no named inference threads
+    assert cpu_budget(report, {**report["rows"][0], "server_cpu": None}) is None
+    assert readme_cpu(report, "png256") == (
+        "png256 c16, CPU per image: chanseg 29.8 ms (inference 26.0, I/O 2.0, event loop 1.5, other 0.3), "
+        "naive 1.8; load generator 0.2; the ceiling's forward passes 25.0: host work of 4.0 ms leaves at most "
+        "0.86 of the ceiling"
+    )
+    assert cpu_table(report)[3:] == [
+        "| png256 | chanseg | 60.00 | 29.80 | 26.00 | 2.00 | 1.50 | 0.30 | 0.20 | 4.00 | 25.00 | 0.86 |",
+        "| png256 | naive | 60.00 | 1.80 | 0.00 | 0.00 | 1.50 | 0.30 | 0.20 | - | 25.00 | - |",
+    ]  # c16 only
+
+
+PARENT = """
+import subprocess, sys, threading, time
+from service.resources import name_os_thread
+CHILD = "import sys, time\\nend = time.thread_time() + 0.4\\nwhile time.thread_time() < end: pass\\nprint(flush=True)\\nsys.stdin.read()"
+done, release = threading.Event(), threading.Event()
+def spin():
+    name_os_thread()
+    end = time.thread_time() + 0.4
+    while time.thread_time() < end:
+        pass
+    done.set()
+    release.wait()  # alive while the test reads it: an exited thread counts as "other"
+thread = threading.Thread(target=spin, name="chanseg-io_0")
+thread.start()
+child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE)
+child.stdout.readline()
+done.wait()
+print("ready", flush=True)
+sys.stdin.read()
+release.set()
+thread.join()
+child.wait()
+"""
+
+
+def test_group_cpu_counts_every_process_of_the_group_by_thread_name():
+    """0.4 s of CPU in a thread named chanseg-io_0, 0.4 s in a child process's main thread."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PARENT], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        cpu = group_cpu(proc.pid)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert 0.38 <= cpu["io"] <= 0.5, cpu
+    assert cpu["main"] >= 0.38 and cpu["inference"] == 0, cpu  # each process's main thread
+    assert cpu["total"] == pytest.approx(sum(cpu[k] for k in ROLES), abs=0.02), cpu
+    assert group_cpu(os.getpgid(0))["io"] < 0.38  # another group: not the same threads
 
 
 def test_usage_without_run_command():

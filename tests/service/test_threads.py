@@ -59,7 +59,8 @@ SCRIPT = textwrap.dedent(
                 assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
             during = native_only_threads()
             threads = state.threads
-        print(json.dumps({"before": before, "during": during, "threads": threads}))
+            names = sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+        print(json.dumps({"before": before, "during": during, "threads": threads, "names": names}))
 
     asyncio.run(main(os.environ["ARTIFACT"]))
     """
@@ -84,6 +85,11 @@ def test_one_openmp_team_serves_everything(tiny_artifact, tmp_path):
     assert counts["threads"] == 2
     # One team of 2 = the inference thread plus one OpenMP worker.
     assert counts["during"] - counts["before"] == 1, counts
+    # The OS knows the threads by their names (top -H, perf, benchmarks/cpu.py), and the
+    # OpenMP worker by its inference thread's: two chanseg-infer_0, one chanseg-infer-1.
+    names = counts["names"]
+    assert names.count("chanseg-infer_0") == 2 and names.count("chanseg-infer-1") == 1, names
+    assert {"chanseg-io_0", "chanseg-io_1"} <= set(names), names
 
 
 class ThreadsSeen:
