@@ -146,20 +146,25 @@ CPU_LEVEL = 16  # the concurrency whose CPU split bench.md shows
 
 def cpu_budget(report: dict, row: dict) -> Optional[dict]:
     """Where a row's CPU went, ms per image: the server's by thread role and ``total``
-    (``benchmarks.cpu``), the load generator's (``client``) and, for comparison, the
-    ceiling's forward passes (``ceiling``: the CPUs it kept busy over its images/s).
-    Where the server's threads say which ran the model (chanseg), also ``host``: the
-    CPU that was not inference, client included, and ``cap``: the fraction of the
-    ceiling the CPUs could serve if inference ran at the ceiling's speed with that
-    host work beside it, ``ceiling / (ceiling + host)``. None without the split."""
+    (``benchmarks.cpu``), the load generator's (``client``), and the ceiling's
+    (``ceiling``: its CPUs' time over its images/s). Then the row's throughput as a
+    fraction of the ceiling's (``of_ceiling``) taken apart: ``busy``, the fraction of
+    the CPUs' time that the server and client used; for a server whose threads say
+    which ran the model (chanseg), ``share``, inference's part of that time, and
+    ``speed``, the ceiling's CPU per image over the served inference's; so that
+    ``of_ceiling = busy x share x speed``. None without the split."""
     cpu = row.get("server_cpu")
     if not cpu or not report.get("cpus"):
         return None
-    ceiling = report["cpus"] * 1000 / report["ceiling"][row["images"]]["images_per_s"]
-    out = {**cpu, "client": row["client_cpu_ms_per_request"], "ceiling": ceiling}
+    ceiling = report["ceiling"][row["images"]]["images_per_s"]
+    client = row["client_cpu_ms_per_request"]
+    used = cpu["total"] + client
+    out = {**cpu, "client": client, "ceiling": report["cpus"] * 1000 / ceiling}
+    out["of_ceiling"] = row["images_per_s"] / ceiling
+    out["busy"] = row["images_per_s"] * used / (1000 * report["cpus"])
     if cpu["inference"] > 0:
-        out["host"] = cpu["total"] - cpu["inference"] + out["client"]
-        out["cap"] = ceiling / (ceiling + out["host"])
+        out["share"] = cpu["inference"] / used
+        out["speed"] = out["ceiling"] / cpu["inference"]
     return out
 
 
@@ -174,12 +179,15 @@ def cpu_table(report: dict) -> List[str]:
     budgets = _cpu_rows(report)
     if not budgets:
         return []
-    keys = ("total", "inference", "io", "main", "other", "client", "host", "ceiling", "cap")
+    keys = ("total", "inference", "io", "main", "other", "client", "ceiling", "of_ceiling", "busy", "share", "speed")
     lines = [
         f"\nCPU per image at c{CPU_LEVEL}, ms ({report['cpus']} CPUs; server: its processes by thread, "
-        "benchmarks/cpu.py; host: all but inference, client included; cap: ceiling / (ceiling + host))",
-        "| images | scenario | img/s | server | inference | I/O | main thread | other | client | host | ceiling | cap |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "benchmarks/cpu.py; ceiling: its CPUs' time per image, which for the JPEG sets includes predict "
+        "resizing the full-size image). Of the ceiling = CPUs busy x inference's share of that time x "
+        "its speed (the ceiling's CPU per image over the served inference's)",
+        "| images | scenario | img/s | server | inference | I/O | main thread | other | client | ceiling "
+        "| of ceiling | CPUs busy | inference share | speed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r, b in budgets:
         cells = " | ".join(f"{b[k]:.2f}" if k in b else "-" for k in keys)
@@ -268,15 +276,16 @@ def readme_cpu(report: dict, images: str) -> Optional[str]:
     """How the README quotes where the CPU went at CPU_LEVEL on one image set."""
     found = {r["scenario"]: b for r, b in _cpu_rows(report) if r["images"] == images}
     mine = found.get("chanseg")
-    if mine is None or "cap" not in mine:
+    if mine is None or "share" not in mine:
         return None
     others = "".join(f", {name} {b['total']:.1f}" for name, b in found.items() if name != "chanseg")
     return (
         f"{images} c{CPU_LEVEL}, CPU per image: chanseg {mine['total']:.1f} ms (inference "
         f"{mine['inference']:.1f}, I/O {mine['io']:.1f}, event loop {mine['main']:.1f}, other "
-        f"{mine['other']:.1f}){others}; load generator {mine['client']:.1f}; the ceiling's forward "
-        f"passes {mine['ceiling']:.1f}: host work of {mine['host']:.1f} ms leaves at most "
-        f"{mine['cap']:.2f} of the ceiling"
+        f"{mine['other']:.1f}){others}; load generator {mine['client']:.1f}. chanseg's "
+        f"{mine['of_ceiling']:.2f} of the ceiling: the CPUs busy {mine['busy']:.2f} of the time, "
+        f"inference's share of that {mine['share']:.2f}, and its speed against the ceiling's "
+        f"forward passes ({mine['ceiling']:.1f} ms of CPU per image) {mine['speed']:.2f}"
     )
 
 
