@@ -11,9 +11,9 @@ group: LitServe's worker processes are counted with it. chanseg names its thread
   ASGI stack, the request's own code;
 - ``other``: every other thread, and threads that have exited.
 
-Other servers have no named threads: their time is ``main`` (which for the naive
-server runs the forward passes too) and ``other`` (their OpenMP workers, LitServe's
-inference processes). ``total`` is every process's whole CPU time
+Other servers have no named threads: their time is ``main`` (the naive server's
+runs the forward passes too, and so do LitServe's inference processes') and
+``other`` (their OpenMP workers). ``total`` is every process's whole CPU time
 (``/proc/<pid>/stat`` counts exited threads as well).
 
 Off Linux there is no ``/proc``: :func:`group_cpu` returns None and the benchmarks
