@@ -368,12 +368,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         litserve_batch = args.litserve_batch or auto_batch or 1
         log_path = out.parent / f"{out.name}-{name}.log"
         sample = next(iter(images.values()))[0]
-        timings: Dict[str, float] = {}
+        facts: Dict[str, float] = {}
         model_path = args.model if scenario.kind == "chanseg" else served
-        with running(scenario, sample, model_path, preload, litserve_batch, log_path, timings=timings) as url:
-            pgid = int(timings.pop("pgid"))
-            info: Dict = {"label": scenario.label, "env": scenario.env, **timings}
-            print(f"[{name}] serving {timings['startup_s']:.1f} s after its process started", flush=True)
+        with running(scenario, sample, model_path, preload, litserve_batch, log_path, facts=facts) as url:
+            pgid = int(facts["pgid"])
+            info: Dict = {"label": scenario.label, "env": scenario.env, "startup_s": facts["startup_s"]}
+            print(f"[{name}] serving {facts['startup_s']:.1f} s after its process started", flush=True)
             if scenario.kind == "chanseg":
                 meta = httpx.get(url + "/v1/model", timeout=10).json()
                 info["batching"] = meta["batching"]

@@ -140,10 +140,10 @@ def running(
     litserve_batch: int = 1,
     log_path: Optional[Path] = None,
     ready_timeout_s: float = 240.0,
-    timings: Optional[Dict[str, float]] = None,
+    facts: Optional[Dict[str, float]] = None,
 ) -> Iterator[str]:
     """Start the scenario's server; yield its URL once ``sample`` gets a 200.
-    ``timings`` (when given) gets ``startup_s``, from the process's start to that 200,
+    ``facts`` (when given) gets ``startup_s``, from the process's start to that 200,
     and ``pgid``, the server's process group (all its processes: ``benchmarks.cpu``)."""
     port = free_port()
     extra = dict(scenario.env)
@@ -170,9 +170,9 @@ def running(
         url = f"http://127.0.0.1:{port}"
         try:
             _wait_ready(proc, url, scenario, sample, ready_timeout_s)
-            if timings is not None:
-                timings["startup_s"] = round(time.monotonic() - started, 2)
-                timings["pgid"] = proc.pid  # a session of its own: the group is the server's
+            if facts is not None:
+                facts["startup_s"] = round(time.monotonic() - started, 2)
+                facts["pgid"] = proc.pid  # a session of its own: the group is the server's
             yield url
         finally:
             _stop_group(proc)
