@@ -86,8 +86,8 @@ def _row(scenario: str, images: str, m) -> dict:
         "server_inference_ms_per_batch": server.get("inference_ms_per_batch"),
         "server_batch_size": server.get("batch_size"),
         "client_cpu_ms_per_request": m.client_cpu_ms_per_request,
-        "server_cpu_ms_per_image": (m.server_cpu_ms_per_image or {}).get("total"),
-        "server_cpu": m.server_cpu_ms_per_image,  # by thread role (benchmarks.cpu)
+        "server_cpu_ms_per_image": (m.server_cpu or {}).get("total"),  # the CSV's column
+        "server_cpu": m.server_cpu,  # by thread role (benchmarks.cpu)
         "statuses": m.statuses,
         "windows": len(m.windows),
     }
@@ -170,8 +170,8 @@ def cpu_budget(report: dict, row: dict) -> Optional[dict]:
 
 def _cpu_rows(report: dict) -> List[tuple]:
     """(row, its cpu_budget) for each closed-loop row at CPU_LEVEL that has one."""
-    found = [(r, cpu_budget(report, r)) for r in report["rows"] if r["mode"] == "concurrency"]
-    return [(r, b) for r, b in found if r["load"] == CPU_LEVEL and b is not None]
+    at_level = [r for r in report["rows"] if r["mode"] == "concurrency" and r["load"] == CPU_LEVEL]
+    return [(r, b) for r in at_level if (b := cpu_budget(report, r)) is not None]
 
 
 def cpu_table(report: dict) -> List[str]:

@@ -102,7 +102,7 @@ class Measurement:
     skipped: int  # open loop: arrivals not sent because max_inflight were pending
     client_cpu_ms_per_request: float
     server: Optional[dict] = None  # queue/inference split from /metrics
-    server_cpu_ms_per_image: Optional[dict] = None  # per role and total (benchmarks.cpu), given server_pgid
+    server_cpu: Optional[dict] = None  # ms per image, per role and total (benchmarks.cpu), given server_pgid
     latencies_ms: List[float] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict:
@@ -225,7 +225,7 @@ async def measure(
     ``client``: what sends the requests (``prepare``, ``send``, ``close``); default an
     HTTP :class:`~benchmarks.client.Client` to ``url`` + ``path`` (``url`` is scraped for
     the server's own split either way). ``server_pgid``: the server's process group,
-    whose CPU time per image over the same windows is ``server_cpu_ms_per_image``."""
+    whose CPU time per image over the same windows is ``server_cpu``."""
     if (concurrency is None) == (rate is None):
         raise ValueError("give either concurrency or rate")
     if (concurrency is not None and concurrency < 1) or (rate is not None and rate <= 0):
@@ -336,7 +336,7 @@ async def measure(
         skipped=skipped,
         client_cpu_ms_per_request=1000 * (last.cpu_s - first.cpu_s) / max(1, len(chosen)),
         server=server_split(first.scrape, last.scrape),
-        server_cpu_ms_per_image=per_image(first.server_cpu, last.server_cpu, len(ok)),
+        server_cpu=per_image(first.server_cpu, last.server_cpu, len(ok)),
         latencies_ms=ok,
     )
 

@@ -97,14 +97,20 @@ def rss_bytes() -> int:
 
 
 @functools.lru_cache(maxsize=1)
+def _libc() -> Optional[ctypes.CDLL]:
+    """The process's global symbols (libc's, and a preloaded allocator's)."""
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
 def _releaser() -> tuple[str, Optional[Callable[[], object]]]:
     maps = _read(Path("/proc/self/maps")) or ""
     if "tcmalloc" in maps:
-        try:
-            lib = ctypes.CDLL(None)  # the preloaded tcmalloc's symbols are global
-            return "tcmalloc", lib.MallocExtension_ReleaseFreeMemory
-        except (OSError, AttributeError):
-            return "tcmalloc", None
+        # the preloaded tcmalloc's symbols are global
+        return "tcmalloc", getattr(_libc(), "MallocExtension_ReleaseFreeMemory", None)
     name = ctypes.util.find_library("c")
     try:
         trim = ctypes.CDLL(name).malloc_trim if name else None
@@ -173,14 +179,6 @@ def name_os_thread() -> None:
     if libc is not None:
         name = threading.current_thread().name.encode("utf-8", "replace")[:15]
         libc.prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
-
-
-@functools.lru_cache(maxsize=1)
-def _libc() -> Optional[ctypes.CDLL]:
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
 
 
 def inference_streams(setting, device, threads: int) -> int:
