@@ -42,11 +42,11 @@ from .budget import Lease, MemoryBudget
 from .errors import ClientGone, Overloaded, PayloadTooLarge, RequestTimeout, error_body
 from .metrics import Metrics
 
-__all__ = ["RequestMiddleware", "CONNECTION_SCOPE_KEY"]
+__all__ = ["RequestMiddleware", "CONNECTION_SCOPE_KEY", "SAFE_REQUEST_ID"]
 
 access_log = logging.getLogger("chanseg.access")
 error_log = logging.getLogger("chanseg.errors")
-_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _LINGER_BYTES = 1 << 20  # an unread remainder up to this is drained, not a reason to close
 # What service.server's protocol tells about the connection: when the request's
 # first byte arrived, and whether the connection is over MAX_CONNECTIONS.
@@ -78,7 +78,7 @@ class RequestMiddleware:
         connection = scope.get(CONNECTION_SCOPE_KEY) or {}
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get("x-request-id", "")
-        request_id = given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         # Per-request values for the routes and the access log. Not scope["state"]:
         # that dict is shared with the lifespan state by some servers.
         leases: list[Lease] = []

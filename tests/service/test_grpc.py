@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -15,7 +16,15 @@ from benchmarks.servers import free_port
 from model import ModelConfig
 from tests.conftest import make_net
 from tests.real_parts import missing
-from tests.service.conftest import ServerProcess, decode_mask, png_bytes, random_image
+from tests.service.conftest import (
+    ServerProcess,
+    SlowSegmenter,
+    decode_mask,
+    make_settings,
+    png_bytes,
+    random_image,
+    serve,
+)
 
 KEY = "grpc-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -32,7 +41,9 @@ def grpcclient():
 @pytest.fixture(scope="module")
 def server(tiny_artifact, tmp_path_factory):
     port = free_port()
-    proc = ServerProcess(tiny_artifact, tmp_path_factory.mktemp("grpc"), CHANSEG_GRPC_PORT=str(port), CHANSEG_API_KEY=KEY)
+    proc = ServerProcess(
+        tiny_artifact, tmp_path_factory.mktemp("grpc"), CHANSEG_GRPC_PORT=str(port), CHANSEG_API_KEY=KEY
+    )
     try:
         proc.wait_ready()
         proc.grpc_url = f"127.0.0.1:{port}"
@@ -74,9 +85,13 @@ def test_masks_equal_the_http_apis(server, tiny_segmenter):
     masks = result.as_numpy("MASK")
     assert masks.shape == (2, 256, 256) and result.get_response().id == "r-1"
     for mask, image in zip(masks, images):
-        r = httpx.post(server.url + "/predict?format=png", files={"file": ("a.png", png_bytes(image))}, headers=AUTH)
+        r = httpx.post(
+            server.url + "/predict?format=png", files={"file": ("a.png", png_bytes(image))}, headers=AUTH
+        )
         np.testing.assert_array_equal(mask, decode_mask(r.content))
-    np.testing.assert_allclose(result.as_numpy("PROBABILITIES")[0], tiny_segmenter.predict_proba(images[0]), atol=1e-5)
+    np.testing.assert_allclose(
+        result.as_numpy("PROBABILITIES")[0], tiny_segmenter.predict_proba(images[0]), atol=1e-5
+    )
     assert result.as_numpy("MASK_RLE").shape == (2,)
 
     encoded = g.InferInput("IMAGE_BYTES", [1], "BYTES")
@@ -84,7 +99,10 @@ def test_masks_equal_the_http_apis(server, tiny_segmenter):
     result = client.infer("tiny", [encoded], headers=AUTH, model_version="7")
     np.testing.assert_array_equal(result.as_numpy("MASK")[0], masks[0])
     samples = metric_samples(httpx.get(server.url + "/metrics").text)
-    assert any(name == "chanseg_requests_total" and dict(labels).get("endpoint") == "grpc_infer" for name, labels in samples)
+    assert any(
+        name == "chanseg_requests_total" and dict(labels).get("endpoint") == "grpc_infer"
+        for name, labels in samples
+    )
 
 
 def _raw_call(server, inputs, raw, outputs=()):
@@ -109,11 +127,16 @@ def _raw_call(server, inputs, raw, outputs=()):
 
 MALFORMED = {
     "wrong datatype": ([("IMAGE", "FP32", [1, 16, 16, 3])], [b"\0" * (16 * 16 * 3 * 4)], (), "UINT8"),
-    "short data": ([("IMAGE", "UINT8", [1, 16, 16, 3])], [b"\0" * 10], (), "bytes of data"),
+    "short data": ([("IMAGE", "UINT8", [1, 16, 16, 3])], [b"\0" * 10], (), "10 bytes for shape"),
     "wrong shape": ([("IMAGE", "UINT8", [16, 16, 3])], [b"\0" * (16 * 16 * 3)], (), "shape"),
     "two inputs": ([("IMAGE", "UINT8", [1, 16, 16, 3])] * 2, [b"\0" * (16 * 16 * 3)] * 2, (), "exactly one"),
     "unknown input": ([("PIXELS", "UINT8", [1, 16, 16, 3])], [b"\0" * (16 * 16 * 3)], (), "unknown input"),
-    "unknown output": ([("IMAGE", "UINT8", [1, 16, 16, 3])], [b"\0" * (16 * 16 * 3)], ("LOGITS",), "unknown output"),
+    "unknown output": (
+        [("IMAGE", "UINT8", [1, 16, 16, 3])],
+        [b"\0" * (16 * 16 * 3)],
+        ("LOGITS",),
+        "unknown output",
+    ),
     "not an image": ([("IMAGE_BYTES", "BYTES", [1])], [b"\x04\0\0\0nope"], (), "IMAGE_BYTES[0]"),
     "bad bytes framing": ([("IMAGE_BYTES", "BYTES", [1])], [b"\xff\0\0\0ab"], (), "overruns"),
     "too small": ([("IMAGE", "UINT8", [1, 2, 2, 3])], [b"\0" * 12], (), "small"),
@@ -133,7 +156,9 @@ def test_malformed_requests_are_invalid_argument(server, case):
 def _slow_server(tmp_path, **env) -> ServerProcess:
     """A real server with gRPC, on a 256x256 network (~30 ms an image here): calls overlap."""
     slow = tmp_path / "slow.pt"
-    model.export_torchscript(make_net(ModelConfig(widths=(8, 16, 32), input_size=(256, 256), name="slow")), slow)
+    model.export_torchscript(
+        make_net(ModelConfig(widths=(8, 16, 32), input_size=(256, 256), name="slow")), slow
+    )
     port = free_port()
     proc = ServerProcess(str(slow), tmp_path, CHANSEG_GRPC_PORT=str(port), **env)
     proc.grpc_url = f"127.0.0.1:{port}"
@@ -198,3 +223,158 @@ def test_sigterm_drains_grpc_calls_in_flight(tmp_path):
         assert proc.proc.wait(30) == 0  # exit 0: everything accepted was finished within the budget
     finally:
         proc.stop()
+
+
+def _rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0]) * 1024
+
+
+def _call(target: str, message: bytes, metadata=(), method: str = "ModelInfer"):
+    """One call with serialized ``message``; (status name, details, response bytes, trailing metadata)."""
+    import grpc
+
+    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        stub = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        try:
+            response, call = stub.with_call(message, metadata=metadata, timeout=120)
+            return "OK", "", response, dict(call.trailing_metadata())
+        except grpc.RpcError as exc:
+            return exc.code().name, exc.details(), b"", {}
+
+
+class _Healthz:
+    """The slowest /healthz answer while in use (polled every 20 ms)."""
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        self.url, self.worst, self._stop = url, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        import time
+
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                assert client.get(self.url + "/healthz").status_code == 200
+                self.worst = max(self.worst, time.perf_counter() - started)
+                time.sleep(0.02)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.mark.real_part("tritonclient")
+def test_calls_without_the_key_are_refused_before_their_message_is_read(server):
+    """Issue 31: 16 such calls of 30 MiB took a server from 500 MiB to 1.3 GiB."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name="tiny")
+    request.inputs.add(name="IMAGE", datatype="UINT8", shape=[1, 2000, 5000, 3])
+    request.raw_input_contents.append(b"\0" * (30 << 20))
+    message = request.SerializeToString()
+    before = _rss(server.proc.pid)
+    with ThreadPoolExecutor(16) as pool, _Healthz(server.url) as health:
+        results = list(pool.map(lambda _: _call(server.grpc_url, message), range(16)))
+    grown = _rss(server.proc.pid) - before
+    print(
+        f"16 unauthenticated 30 MiB calls: RSS +{grown / 2**20:.0f} MiB, /healthz worst {health.worst * 1000:.0f} ms"
+    )
+    assert {r[:2] for r in results} == {("UNAUTHENTICATED", "missing or invalid API key")}
+    assert grown < 32 << 20, f"the server grew by {grown / 2**20:.0f} MiB reading messages it refuses"
+    # Every other keyed call is refused unread too; the open ones answer without a key.
+    assert _call(server.grpc_url, b"", method="ModelMetadata")[0] == "UNAUTHENTICATED"
+    assert _call(server.grpc_url, b"", method="RepositoryIndex")[0] == "UNAUTHENTICATED"
+    assert _call(server.grpc_url, b"", method="ServerLive")[0] == "OK"
+
+
+@pytest.mark.real_part("tritonclient")
+def test_calls_chanseg_does_not_implement_say_so(server):
+    code, details, _, _ = _call(server.grpc_url, b"", tuple(AUTH.items()), method="ModelStatistics")
+    assert code == "UNIMPLEMENTED" and "chanseg does not implement ModelStatistics" in details
+
+
+@pytest.mark.real_part("tritonclient")
+def test_large_typed_contents_are_converted_off_the_event_loop(server):
+    """Issue 31: 8 keyed calls of 15 M uint_contents stalled /healthz 5.6-8.8 s (a
+    readiness probe times out at 1 s); each is now an image like any other."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name="tiny")
+    values = np.random.default_rng(5).integers(0, 256, 2500 * 2000 * 3, dtype=np.uint8)
+    request.inputs.add(
+        name="IMAGE", datatype="UINT8", shape=[1, 2500, 2000, 3]
+    ).contents.uint_contents.extend(values.tolist())
+    message = request.SerializeToString()
+    with ThreadPoolExecutor(8) as pool, _Healthz(server.url) as health:
+        results = list(pool.map(lambda _: _call(server.grpc_url, message, tuple(AUTH.items())), range(8)))
+    print(f"8 calls of 15 M typed values: /healthz worst {health.worst * 1000:.0f} ms")
+    assert [r[0] for r in results] == ["OK"] * 8, [r[:2] for r in results]
+    assert health.worst < 1.0, f"/healthz took {health.worst:.2f} s"
+    response = service_pb2.ModelInferResponse.FromString(results[0][2])
+    assert list(response.outputs[0].shape) == [1, 2500, 2000]
+
+
+@pytest.mark.real_part("tritonclient")
+def test_the_request_id_is_checked_as_http_checks_it(server):
+    from tritonclient.grpc import service_pb2
+
+    forged = "x" * 4096 + "\nERROR forged log line"
+    request = service_pb2.ModelInferRequest(model_name="tiny", id=forged)
+    request.inputs.add(name="IMAGE", datatype="UINT8", shape=[1, 16, 16, 3])
+    request.raw_input_contents.append(bytes(16 * 16 * 3))
+    code, _, raw, trailing = _call(server.grpc_url, request.SerializeToString(), tuple(AUTH.items()))
+    assert code == "OK"
+    assert service_pb2.ModelInferResponse.FromString(raw).id == forged  # the protocol echoes it
+    assert len(trailing["x-request-id"]) == 32 and trailing["x-request-id"] != forged  # ours: a fresh one
+    request.id = "client-7"
+    assert (
+        _call(server.grpc_url, request.SerializeToString(), tuple(AUTH.items()))[3]["x-request-id"]
+        == "client-7"
+    )
+    metadata = (*AUTH.items(), ("x-request-id", "trace-42"))
+    assert _call(server.grpc_url, request.SerializeToString(), metadata)[3]["x-request-id"] == "trace-42"
+    assert "forged log line" not in server.output()
+
+
+@pytest.mark.anyio
+async def test_a_message_is_held_in_the_body_budget_until_its_call_ends(tiny_artifact, tiny_segmenter):
+    """gRPC messages count in MEMORY_BUDGET_MB like HTTP bodies: reserved before they
+    are read, held until the call ends; grpc refuses one over MAX_UPLOAD_BYTES."""
+    import asyncio
+
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    slow = SlowSegmenter(tiny_segmenter, delay=0)
+    port = free_port()
+    settings = make_settings(tiny_artifact, grpc_port=port, max_upload_bytes=4 << 20)
+    async with serve(settings, segmenter=slow) as client:
+        state = client.app.state.chanseg
+        request = service_pb2.ModelInferRequest(model_name="tiny")
+        request.inputs.add(name="IMAGE", datatype="UINT8", shape=[1, 512, 512, 3])
+        request.raw_input_contents.append(bytes(512 * 512 * 3))
+        message = request.SerializeToString()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+            slow.gate.clear()  # the call waits in its batch, its message read
+            call = asyncio.ensure_future(infer(message, timeout=60))
+            while not slow.batches:
+                await asyncio.sleep(0.01)
+            assert state.body_budget.in_use == 2 * len(message)
+            slow.gate.set()
+            await call
+            await asyncio.sleep(0.1)  # the call's end reaches the server
+            assert state.body_budget.in_use == 0
+            too_large = service_pb2.ModelInferRequest(model_name="tiny", raw_input_contents=[bytes(5 << 20)])
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await infer(too_large.SerializeToString(), timeout=60)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
