@@ -2,7 +2,7 @@
 
 First SIGTERM/SIGINT: ``/readyz`` and new work get 503 while accepted requests
 finish; the process is gone within ``DRAIN_TIMEOUT_S`` of the signal (plus the
-interpreter's exit), whatever is still running. Exit status 0 when everything
+interpreter's exit), whatever is still running, a stuck batch or model load included. Exit status 0 when everything
 accepted was finished, 1 when the budget ran out first. A second signal stops
 at once.
 """
@@ -39,14 +39,18 @@ def main() -> int:
         lifespan="on",
     )
     server = DrainingServer(config, state)
-    server.run()
-    if not server.started and server.should_exit:
-        return 1
-    code = 0 if state.drained and state.device_error is None else 1
-    if state.batcher is not None and state.batcher.busy_for > 0:
-        # A batch still runs (a stuck device or kernel): Python would wait for its
-        # thread at exit, past every grace period. Go now; the logs are flushed.
-        log.error("exiting with a batch still running for %.0f s", state.batcher.busy_for)
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn's start-up failure: the lifespan raised
+        code = exc.code if isinstance(exc.code, int) else 1
+    else:
+        stopped_starting = not server.started and server.should_exit
+        code = 0 if state.drained and state.device_error is None and not stopped_starting else 1
+    if state.inference_busy:
+        # A batch, load or warm-up still runs (a stuck device, kernel or model): Python would
+        # wait for its thread at exit, past every grace period. Go now; the logs are flushed.
+        log.error("exiting with the inference thread still busy (batch %.0f s, load %.0f s)",
+                  state.batcher.busy_for if state.batcher else 0.0, state.load_running_for)  # fmt: skip
         logging.shutdown()
         os._exit(code or 1)
     return code

@@ -83,7 +83,9 @@ def _started_pool(workers: int) -> ThreadPoolExecutor:
     """The I/O pool with all its threads running now: the executor would otherwise start
     them one by one as load first needs them, and a server's thread count should be
     flat from readiness on (the soak test holds it to that)."""
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chanseg-io", initializer=name_os_thread)
+    pool = ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="chanseg-io", initializer=name_os_thread
+    )
     barrier = threading.Barrier(workers + 1)
     for _ in range(workers):
         pool.submit(barrier.wait)  # each task holds its thread until all have one
@@ -116,6 +118,7 @@ def create_app(
     state.work_budget = MemoryBudget("work", settings.work_budget_bytes, state.metrics)
     state.repository = ModelRepository(state)
     state.metrics.batch_running.set_function(lambda: state.batcher.busy_for if state.batcher else 0.0)
+    state.metrics.load_running.set_function(lambda: state.load_running_for)
 
     given = [segmenter] if segmenter is not None else []
 
@@ -160,32 +163,25 @@ async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
     started = time.perf_counter()
     state.inference = inference_pool("chanseg-infer")
     loop = asyncio.get_running_loop()
-
-    def on_inference_thread(fn, *args):
-        return loop.run_in_executor(state.inference, fn, *args)
-
-    state.inference_thread = await on_inference_thread(threading.get_ident)
-    if segmenter is None:
-        segmenter = await on_inference_thread(
-            functools.partial(model.load, s.model_path, s.device, s.precision, format=s.model_format)
+    state.inference_thread = await loop.run_in_executor(state.inference, threading.get_ident)
+    try:  # a model whose load or warm-up never ends must not keep the server starting for ever
+        segmenter, (state.batching, seconds) = await asyncio.wait_for(
+            _load_and_warm_up(state, segmenter, loop), s.load_timeout_s
         )
-    state.segmenter = segmenter
-    log.info(
-        "model %s %s loaded on %s (%s, %s)",
-        segmenter.name,
-        segmenter.version,
-        segmenter.device,
-        segmenter.precision,
-        segmenter.format,
-    )
-    state.batching, seconds = await _choose_batch_size(state, segmenter, on_inference_thread, loop)
+    except asyncio.TimeoutError:
+        what = state.loading[0] if state.loading else "loading"
+        raise model.ModelLoadError(
+            f"start-up did not finish within LOAD_TIMEOUT_S ({s.load_timeout_s:g} s): {what} was still running"
+        ) from None
     state.max_batch_size = state.batching.max_batch_size
-    await on_inference_thread(release_free_memory)  # what measuring and warming up freed
+    await state.on_inference_thread(
+        "releasing memory", release_free_memory
+    )  # what measuring and warming up freed
     state.watchdog_s = (
         s.watchdog_s if s.watchdog_s != "auto" else max(10.0, 20 * max(seconds.values(), default=0.0))
     )
     state.pool = _started_pool(io_threads(s.io_threads))
-    state.threads = await on_inference_thread(torch.get_num_threads)  # as loading and warm-up used them
+    state.threads = await loop.run_in_executor(state.inference, torch.get_num_threads)  # as loading used them
     state.streams = inference_streams(s.inference_streams, segmenter.device, state.threads)
     state.batcher = DynamicBatcher(
         state.run_batch,
@@ -217,6 +213,28 @@ async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
     )
 
 
+async def _load_and_warm_up(state: ServerState, segmenter: Optional[ServedModel], loop) -> tuple:
+    """Start-up's model (the one given, or ``MODEL_PATH`` loaded), its batch size and each
+    warmed size's batch time; every step a watched job on the inference thread."""
+    s, since = state.settings, time.monotonic()
+    if segmenter is None:
+        segmenter = await state.on_inference_thread(
+            "loading the model",
+            functools.partial(model.load, s.model_path, s.device, s.precision, format=s.model_format),
+            since=since,
+        )
+    state.segmenter = segmenter
+    log.info(
+        "model %s %s loaded on %s (%s, %s)",
+        segmenter.name,
+        segmenter.version,
+        segmenter.device,
+        segmenter.precision,
+        segmenter.format,
+    )
+    return segmenter, await _choose_batch_size(state, segmenter, loop, since)
+
+
 def _check_memory(s: Settings) -> None:
     """Warn when the budget on top of what the process holds now nears the container's limit."""
     log.info("allocator: %s; memory in use after warm-up: %d MiB", allocator(), rss_bytes() // MIB)
@@ -231,7 +249,7 @@ def _check_memory(s: Settings) -> None:
         )
 
 
-async def _choose_batch_size(state: ServerState, segmenter: ServedModel, on_inference_thread, loop) -> tuple:
+async def _choose_batch_size(state: ServerState, segmenter: ServedModel, loop, since: float) -> tuple:
     """MAX_BATCH_SIZE: the setting, the measurement kept in the cache, or a fresh
     measurement (then kept); and every used size warmed up, with its batch time."""
     s = state.settings
@@ -243,8 +261,8 @@ async def _choose_batch_size(state: ServerState, segmenter: ServedModel, on_infe
                 "lower it, or compile the package for larger batches"
             )
         choice = BatchChoice(s.max_batch_size, "setting")
-        return choice, await on_inference_thread(
-            warm_up, segmenter, choice.max_batch_size, None, s.auto_batch_budget_s
+        return choice, await state.on_inference_thread(
+            "warming up", warm_up, segmenter, choice.max_batch_size, None, s.auto_batch_budget_s, since=since
         )
     limit = min(s.auto_batch_limit, s.max_queue, most)
     key = await loop.run_in_executor(None, measurement_key, segmenter, limit, s.auto_batch_budget_s)
@@ -252,8 +270,8 @@ async def _choose_batch_size(state: ServerState, segmenter: ServedModel, on_infe
     choice = None if s.remeasure_batch_size else cache.load()
     measured: Dict[int, float] = {}
     if choice is None:
-        throughput, measured = await on_inference_thread(
-            measure_throughput, segmenter, limit, s.auto_batch_budget_s
+        throughput, measured = await state.on_inference_thread(
+            "measuring batch sizes", measure_throughput, segmenter, limit, s.auto_batch_budget_s, since=since
         )
         choice = BatchChoice(choose_batch_size(throughput), "measured", throughput, now_iso())
         where = cache.save(choice)
@@ -265,8 +283,8 @@ async def _choose_batch_size(state: ServerState, segmenter: ServedModel, on_infe
         )
     else:
         log.info("MAX_BATCH_SIZE=auto: %d, measured %s (reused)", choice.max_batch_size, choice.measured_at)
-    return choice, await on_inference_thread(
-        warm_up, segmenter, choice.max_batch_size, measured, s.auto_batch_budget_s
+    return choice, await state.on_inference_thread(
+        "warming up", warm_up, segmenter, choice.max_batch_size, measured, s.auto_batch_budget_s, since=since
     )
 
 

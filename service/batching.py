@@ -291,43 +291,51 @@ class DynamicBatcher:
             while not self._free or self._alone:
                 self._finished.clear()
                 await self._finished.wait()
-            batch = await collect_batch(
-                self._queue,
-                self._wakeup,
-                self.max_batch_size,
-                self.max_delay_s,
-                incoming=lambda: self._incoming,
+            # No local keeps the batch: its jobs' models must be freeable once answered
+            # (a model unloaded after the last batch is freed before the next one comes).
+            self._dispatch(
+                loop,
+                await collect_batch(
+                    self._queue,
+                    self._wakeup,
+                    self.max_batch_size,
+                    self.max_delay_s,
+                    incoming=lambda: self._incoming,
+                ),
             )
-            if not batch:
+
+    def _dispatch(self, loop, batch: List[Job]) -> None:
+        """Start a collected batch on a stream, less the jobs abandoned or expired meanwhile."""
+        if not batch:
+            return
+        now = time.monotonic()
+        self._waiting -= len(batch)
+        live = []
+        for job in batch:
+            if job.abandoned:
                 continue
-            now = time.monotonic()
-            self._waiting -= len(batch)
-            live = []
-            for job in batch:
-                if job.abandoned:
-                    continue
-                if now >= job.deadline:
-                    job.future.set_exception(DeadlineExpired("deadline passed while queued"))
-                    continue
-                job.started = now
-                live.append(job)
-            if not live:
-                self._set_depth()
-                self._check_idle()
+            if now >= job.deadline:
+                job.future.set_exception(DeadlineExpired("deadline passed while queued"))
                 continue
-            # Side by side while another batch runs, more images wait or are on their way,
-            # or requests overlap: one came while the last batch ran, so more will come while
-            # this one runs (a lone batch would hold them back).
-            busy = self._running or self._queue or self._incoming or self._overlapped
-            shared = self.streams > 1 and bool(busy)
-            self._overlapped = False
-            executor = self._free.pop() if shared else self._take_first_stream()
-            self._alone = not shared
-            self._running += len(live)
+            job.started = now
+            live.append(job)
+        if not live:
             self._set_depth()
-            task = asyncio.create_task(self._stream(loop, live, executor, shared))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
+            self._check_idle()
+            return
+        # Side by side while another batch runs, more images wait or are on their way,
+        # or requests overlap: one came while the last batch ran, so more will come while
+        # this one runs (a lone batch would hold them back).
+        busy = self._running or self._queue or self._incoming or self._overlapped
+        shared = self.streams > 1 and bool(busy)
+        self._overlapped = False
+        executor = self._free.pop() if shared else self._take_first_stream()
+        self._alone = not shared
+        self._running += len(live)
+        self._set_depth()
+        task = asyncio.create_task(self._stream(loop, live, executor, shared))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
 
     def _take_first_stream(self) -> ThreadPoolExecutor:
         self._free.remove(self._executor)
@@ -363,7 +371,9 @@ class DynamicBatcher:
     async def _run(self, loop, jobs: List[Job], executor: ThreadPoolExecutor, shared: bool) -> None:
         started = time.perf_counter()
         try:
-            results = await loop.run_in_executor(executor, self._timed_infer, [j.payload for j in jobs], shared)
+            results = await loop.run_in_executor(
+                executor, self._timed_infer, [j.payload for j in jobs], shared
+            )
             if len(results) != len(jobs):
                 raise RuntimeError(f"infer returned {len(results)} results for {len(jobs)} inputs")
         except Exception as exc:  # one failed batch must not stop the worker

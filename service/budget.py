@@ -37,7 +37,9 @@ class BudgetExceeded(Exception):
     """A reservation larger than the whole ledger: it could never be granted."""
 
     def __init__(self, nbytes: int, capacity: int, ledger: str) -> None:
-        super().__init__(f"{nbytes / MIB:.0f} MiB is more than the {ledger} budget of {capacity / MIB:.0f} MiB")
+        super().__init__(
+            f"{nbytes / MIB:.0f} MiB is more than the {ledger} budget of {capacity / MIB:.0f} MiB"
+        )
         self.nbytes, self.capacity, self.ledger = nbytes, capacity, ledger
 
 

@@ -39,7 +39,15 @@ from model.preprocess import prepare_image, to_rgb_array
 
 from .errors import BadImage, PayloadTooLarge
 
-__all__ = ["ACCEPTED_FORMATS", "Probed", "probe_image", "size_problem", "decode_probed", "decode_image", "decode_cost"]
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "Probed",
+    "probe_image",
+    "size_problem",
+    "decode_probed",
+    "decode_image",
+    "decode_cost",
+]
 
 log = logging.getLogger("chanseg.imaging")
 
@@ -78,7 +86,9 @@ class Probed:
     orientation: Optional[Image.Transpose]
     cost: int  # peak bytes to decode and prepare it
     mode: str = ""  # PIL's mode, from the header
-    decoded_size: Optional[Tuple[int, int]] = None  # (width, height) once decoded, as displayed; None: full size
+    decoded_size: Optional[Tuple[int, int]] = (
+        None  # (width, height) once decoded, as displayed; None: full size
+    )
 
     @property
     def pixels(self) -> int:
@@ -130,7 +140,9 @@ def decode_cost(
     intermediate = min(tw * height, width * th) * converted
     # PIL keeps a pointer and some bookkeeping per row, and the resize a table of
     # filter coefficients per source column and row: visible in tall and wide strips.
-    return coefficients + pixels * per_pixel + intermediate + 64 * height + 32 * (width + height) + _FIXED_COST
+    return (
+        coefficients + pixels * per_pixel + intermediate + 64 * height + 32 * (width + height) + _FIXED_COST
+    )
 
 
 def _bad(name: str, what: str, exc: BaseException) -> BadImage:
@@ -149,7 +161,11 @@ def size_problem(width: int, height: int, max_pixels: int, min_side: int) -> Opt
 
 
 def probe_image(
-    data: bytes, max_pixels: int, min_side: int = 1, name: str = "image", target: Optional[Sequence[int]] = None
+    data: bytes,
+    max_pixels: int,
+    min_side: int = 1,
+    name: str = "image",
+    target: Optional[Sequence[int]] = None,
 ) -> Probed:
     """Read an encoded image's header (no pixels are decoded). With ``target``
     (``(h, w)``, what :func:`prepare_probed` will resize to), the cost includes the
@@ -221,7 +237,9 @@ def decode_probed(probed: Probed) -> Image.Image:
             image = image.transpose(probed.orientation)
     except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, struct.error, ...
         raise _bad(probed.name, "corrupt or truncated image data", exc) from None
-    if image.size != (probed.decoded_size or (probed.width, probed.height)):  # a decoder that disagrees with its header
+    if image.size != (
+        probed.decoded_size or (probed.width, probed.height)
+    ):  # a decoder that disagrees with its header
         raise BadImage(f"{probed.name}: corrupt image (its size changed while decoding)")
     return image
 

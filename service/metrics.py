@@ -85,7 +85,10 @@ class Metrics:
             registry=r,
         )
         self.memory_reserved = Gauge(
-            "chanseg_memory_reserved_bytes", "Bytes reserved by requests in flight, by ledger", ["ledger"], registry=r
+            "chanseg_memory_reserved_bytes",
+            "Bytes reserved by requests in flight, by ledger",
+            ["ledger"],
+            registry=r,
         )
         self.memory_wait = Histogram(
             "chanseg_memory_wait_seconds",
@@ -104,6 +107,12 @@ class Metrics:
         self.batch_running = Gauge(
             "chanseg_batch_running_seconds",
             "How long the batch on the device has been running (0 when idle): the liveness watchdog's input",
+            registry=r,
+        )
+        self.load_running = Gauge(
+            "chanseg_load_running_seconds",
+            "How long the model load or warm-up step on the inference thread has been running (0 when none): "
+            "liveness fails past LOAD_TIMEOUT_S",
             registry=r,
         )
 

@@ -82,7 +82,9 @@ class Inferred(NamedTuple):
 
     labels: torch.Tensor  # (h, w) uint8 class ids
     logits: Optional[torch.Tensor] = None  # (classes, h, w) float32, when asked for
-    confidence: Optional[torch.Tensor] = None  # (h, w) uint8: the top class's probability x 255, when asked for
+    confidence: Optional[torch.Tensor] = (
+        None  # (h, w) uint8: the top class's probability x 255, when asked for
+    )
 
 
 @dataclass
@@ -222,11 +224,17 @@ async def preprocess(
                 f"{total} pixels in {len(items)} images is over the limit of {s.max_request_pixels} "
                 "pixels per request (MAX_REQUEST_PIXELS); send fewer or smaller images per request"
             )
-        return list(await asyncio.gather(*(one(name, item, started) for (name, _), item in zip(sources, items))))
+        return list(
+            await asyncio.gather(*(one(name, item, started) for (name, _), item in zip(sources, items)))
+        )
 
 
 def _size(item: Union[Probed, np.ndarray]) -> Tuple[int, int]:
-    return (int(item.shape[0]), int(item.shape[1])) if isinstance(item, np.ndarray) else (item.height, item.width)
+    return (
+        (int(item.shape[0]), int(item.shape[1]))
+        if isinstance(item, np.ndarray)
+        else (item.height, item.width)
+    )
 
 
 def _pixels(item: Union[Probed, np.ndarray]) -> int:
@@ -259,7 +267,9 @@ async def segment(
         raise NotReady("the model is not ready yet", retry_after_s=5)
     rid = request_id(request)
     try:
-        jobs = batcher.submit([InferItem(im.tensor, probabilities, confidence, rid, served) for im in images], deadline)
+        jobs = batcher.submit(
+            [InferItem(im.tensor, probabilities, confidence, rid, served) for im in images], deadline
+        )
     except QueueFull as exc:
         raise overloaded(exc) from None
     gathered = asyncio.gather(*(job.future for job in jobs))

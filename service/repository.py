@@ -24,12 +24,12 @@ import logging
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import model
 from model.export import read_metadata
 
-from .errors import Conflict, Forbidden, InvalidRequest
+from .errors import Conflict, DeadlineExceeded, Forbidden, InvalidRequest
 from .interface import ServedModel
 from .resources import freeze_heap, release_free_memory, thaw_heap
 from .warmup import warm_up_in_turns
@@ -53,7 +53,9 @@ class ModelRepository:
 
     def _need(self) -> Path:
         if self.root is None:
-            raise Forbidden("the model repository is off: set MODEL_REPOSITORY to a folder of artifacts to enable it")
+            raise Forbidden(
+                "the model repository is off: set MODEL_REPOSITORY to a folder of artifacts to enable it"
+            )
         return self.root
 
     def resolve(self, given: str) -> Path:
@@ -112,7 +114,9 @@ class ModelRepository:
         return self.root / matches[0]
 
     async def load(self, path: Path) -> ServedModel:
-        """Load ``path``, warm it up and swap it in; the old version keeps serving if any step fails."""
+        """Load ``path``, warm it up and swap it in; the old version keeps serving if any step
+        fails. Loading and warming up must end within LOAD_TIMEOUT_S (else 504, and liveness
+        fails while the inference thread is still in it: ``ServerState.stuck``)."""
         if self._lock.locked():
             raise Conflict("another model load is in progress; retry when it is done")
         async with self._lock:
@@ -120,21 +124,21 @@ class ModelRepository:
             s, state = self.state.settings, self.state
             started = time.perf_counter()
             try:
-                new = await self._on_inference_thread(
-                    functools.partial(model.load, path, s.device, s.precision, format=s.model_format)
+                new, loaded, seconds = await asyncio.wait_for(self._load_and_warm_up(path), s.load_timeout_s)
+            except asyncio.TimeoutError:
+                what = state.loading[0] if state.loading else "loading"
+                log.error(
+                    "model at %s refused: not loaded within LOAD_TIMEOUT_S (%s still running)", path, what
                 )
-                if new.max_batch is not None and new.max_batch < state.max_batch_size:
-                    raise model.ModelLoadError(
-                        f"it runs batches of at most {new.max_batch}, this server forms {state.max_batch_size}"
-                    )
-                loaded = time.perf_counter()
-                seconds = await warm_up_in_turns(
-                    new, state.max_batch_size, s.auto_batch_budget_s, self._on_inference_thread
-                )
+                raise DeadlineExceeded(
+                    f"{path.name} did not load and warm up within LOAD_TIMEOUT_S ({s.load_timeout_s:g} s): "
+                    f"{what} is still running on the inference thread; {self._kept()}, and liveness fails "
+                    "while the thread stays in it"
+                ) from None
             except Exception as exc:  # any failure refuses the version: the one serving stays
                 log.error("model at %s refused: %s: %s; %s", path, type(exc).__name__, exc, self._kept())
                 raise InvalidRequest(f"failed to load {self._shown(exc)}; {self._kept()}") from None
-            old = await self._on_inference_thread(self._swap, new)
+            old = await self.state.on_inference_thread("swapping versions", self._swap, new)
             if s.watchdog_s == "auto":
                 state.watchdog_s = max(10.0, 20 * max(seconds.values(), default=0.0))
             self._retire(old)
@@ -149,6 +153,25 @@ class ModelRepository:
             )  # fmt: skip
             return new
 
+    async def _load_and_warm_up(self, path: Path) -> tuple:
+        """(the new version, when it was loaded, its warmed sizes' batch times)."""
+        s, state, since = self.state.settings, self.state, time.monotonic()
+        new = await self.state.on_inference_thread(
+            f"loading {path.name}",
+            functools.partial(model.load, path, s.device, s.precision, format=s.model_format),
+            since=since,
+        )
+        if new.max_batch is not None and new.max_batch < state.max_batch_size:
+            raise model.ModelLoadError(
+                f"it runs batches of at most {new.max_batch}, this server forms {state.max_batch_size}"
+            )
+        loaded = time.perf_counter()
+
+        def run(fn, *args):
+            return self.state.on_inference_thread(f"warming up {path.name}", fn, *args, since=since)
+
+        return new, loaded, await warm_up_in_turns(new, state.max_batch_size, s.auto_batch_budget_s, run)
+
     async def unload(self, name: str) -> None:
         """Stop serving model ``name``: ``/readyz`` and new work 503 until a load; requests in flight finish."""
         self._need()
@@ -156,8 +179,10 @@ class ModelRepository:
         if current is None or current.name != name:
             raise InvalidRequest(f"model '{name}' is not loaded")
         async with self._lock:
-            self._retire(await self._on_inference_thread(self._swap, None))
-            log.warning("model %s %s unloaded: not ready until a model is loaded", current.name, current.version)
+            self._retire(await self.state.on_inference_thread("unloading", self._swap, None))
+            log.warning(
+                "model %s %s unloaded: not ready until a model is loaded", current.name, current.version
+            )
 
     async def reload(self) -> None:
         """``SIGHUP``: load ``MODEL_PATH`` again (a file replaced on disk), swapped in like any load."""
@@ -171,7 +196,9 @@ class ModelRepository:
 
     def _kept(self) -> str:
         current = self.state.segmenter
-        return f"{current.name} {current.version} keeps serving" if current is not None else "nothing is loaded"
+        return (
+            f"{current.name} {current.version} keeps serving" if current is not None else "nothing is loaded"
+        )
 
     def _shown(self, exc: BaseException) -> str:
         """An error's first line with paths inside the repository relative to it."""
@@ -179,13 +206,6 @@ class ModelRepository:
         return text.replace(f"{self.root}/", "") if self.root is not None else text
 
     # -- on the inference thread ------------------------------------------------------
-
-    def _on_inference_thread(self, fn: Callable, *args):
-        return asyncio.get_running_loop().run_in_executor(self.state.inference, self._with_all_threads, fn, *args)
-
-    def _with_all_threads(self, fn: Callable, *args):
-        self.state.use_threads()  # the thread may last have run a batch beside another
-        return fn(*args)
 
     def _swap(self, new: Optional[ServedModel]) -> Optional[ServedModel]:
         """Between two batches: ``new`` serves every request from now on."""
@@ -225,5 +245,4 @@ class ModelRepository:
             finally:
                 freeze_heap()
         self._retired = None
-        await self._on_inference_thread(release_free_memory)
-
+        await self.state.on_inference_thread("releasing memory", release_free_memory)

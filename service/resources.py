@@ -187,7 +187,9 @@ def inference_streams(setting, device, threads: int) -> int:
     side by side forward passes on one GPU would need CUDA streams, not built."""
     if device.type != "cpu":
         if setting not in ("auto", 1):
-            raise ValueError(f"INFERENCE_STREAMS={setting} is for CPU inference; on {device} it must be 1 or auto")
+            raise ValueError(
+                f"INFERENCE_STREAMS={setting} is for CPU inference; on {device} it must be 1 or auto"
+            )
         return 1
     if setting == "auto":
         return 2 if threads == 2 else 1

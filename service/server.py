@@ -42,7 +42,14 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from .middleware import CONNECTION_SCOPE_KEY
 
-__all__ = ["Guards", "GuardedProtocol", "DrainingServer", "protocol_class", "MAX_HEADER_BYTES", "EXIT_MARGIN_S"]
+__all__ = [
+    "Guards",
+    "GuardedProtocol",
+    "DrainingServer",
+    "protocol_class",
+    "MAX_HEADER_BYTES",
+    "EXIT_MARGIN_S",
+]
 
 log = logging.getLogger("chanseg.server")
 access_log = logging.getLogger("chanseg.access")
@@ -199,7 +206,9 @@ class GuardedProtocol(HttpToolsProtocol):
         """Answer ``status`` with a JSON error at the connection level, then close it."""
         self._refused = True
         self._disarm()
-        key = "error" if bytes(getattr(self, "url", b"") or b"").startswith(b"/v2") else "detail"  # as errors.py
+        key = (
+            "error" if bytes(getattr(self, "url", b"") or b"").startswith(b"/v2") else "detail"
+        )  # as errors.py
         body = json.dumps({key: detail}).encode()
         head = b"".join(
             [

@@ -49,7 +49,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     grpc_port: Optional[int] = Field(
-        None, ge=1, le=65535, description="the Open Inference Protocol over gRPC on this port (the grpc extra); unset: off"
+        None,
+        ge=1,
+        le=65535,
+        description="the Open Inference Protocol over gRPC on this port (the grpc extra); unset: off",
     )
     max_batch_size: Union[Literal["auto"], PositiveInt] = Field(
         "auto", description="'auto': measured at warm-up on the device; or a number"
@@ -84,6 +87,11 @@ class Settings(BaseSettings):
         "auto",
         description="liveness fails when one batch runs longer than this; "
         "auto: 20x the longest batch measured at warm-up, at least 10 s",
+    )
+    load_timeout_s: PositiveFloat = Field(
+        300.0,
+        description="a model load and its warm-up (start-up's, or through the repository) must finish within "
+        "this: beyond, the load fails, and liveness fails while the inference thread is still in it",
     )
     num_threads: Optional[PositiveInt] = Field(
         None, description="torch intra-op threads; unset: torch's default"
@@ -189,7 +197,9 @@ class Settings(BaseSettings):
             data["max_upload_bytes"] = int(upload)
         if "max_json_bytes" not in given:
             work = budget * MIB - budget * MIB // 4
-            data["max_json_bytes"] = int(max(1, min(8 * MIB, work // JSON_PARSE_COST, float(data["max_upload_bytes"]))))
+            data["max_json_bytes"] = int(
+                max(1, min(8 * MIB, work // JSON_PARSE_COST, float(data["max_upload_bytes"])))
+            )
         if "max_images_per_request" not in given:
             data["max_images_per_request"] = max(1, min(_DEFAULT_IMAGES_PER_REQUEST, int(queue)))
         return data

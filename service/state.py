@@ -4,6 +4,7 @@ inference thread (``run_batch``: failure isolation, device loss)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import sys
@@ -63,7 +64,38 @@ class ServerState:
     # Asks the process to stop, from any thread; ``python -m service`` (DrainingServer)
     # replaces it and exits 1 once device_error is set. Elsewhere: SIGTERM.
     exit_hook: Callable[[], None] = field(default=lambda: signal.raise_signal(signal.SIGTERM))
+    # The load or warm-up job on the inference thread: (what, time.monotonic() its load began).
+    loading: Optional[Tuple[str, float]] = None
     _stuck_logged: bool = False
+
+    def on_inference_thread(
+        self, what: str, fn: Callable, *args, since: Optional[float] = None
+    ) -> "asyncio.Future":
+        """``fn(*args)`` as a job on the inference thread, with all of torch's threads, watched
+        as ``what`` (a step of a load: :meth:`stuck` once the load, begun at ``since``, has
+        run past ``LOAD_TIMEOUT_S``; by default the job is the load)."""
+        return asyncio.get_running_loop().run_in_executor(
+            self.inference, self._watched, what, since, fn, *args
+        )
+
+    def _watched(self, what: str, since: Optional[float], fn: Callable, *args):
+        self.loading = (what, since if since is not None else time.monotonic())
+        try:
+            self.use_threads()  # the thread may last have run a batch beside another
+            return fn(*args)
+        finally:
+            self.loading = None
+
+    @property
+    def load_running_for(self) -> float:
+        """Seconds the load whose step runs on the inference thread has run; 0 when none runs."""
+        loading = self.loading  # the inference thread changes it
+        return time.monotonic() - loading[1] if loading is not None else 0.0
+
+    @property
+    def inference_busy(self) -> bool:
+        """Whether a batch, load or warm-up runs on an inference thread now (exiting would wait for it)."""
+        return self.loading is not None or (self.batcher is not None and self.batcher.busy_for > 0)
 
     def use_threads(self, shared: bool = False) -> None:
         """On an inference thread, before torch work: all ``threads`` for a batch alone
@@ -102,7 +134,9 @@ class ServerState:
                     extra={"request_ids": [items[0].request_id]},
                 )
                 return [exc]
-            log.warning("batch of %d failed (%s: %s); retrying in halves", len(items), type(exc).__name__, exc)
+            log.warning(
+                "batch of %d failed (%s: %s); retrying in halves", len(items), type(exc).__name__, exc
+            )
             half = len(items) // 2
             return self.run_batch(items[:half]) + self.run_batch(items[half:])
 
@@ -160,15 +194,20 @@ class ServerState:
         return ("stuck", stuck) if stuck else None
 
     def stuck(self) -> Optional[str]:
-        """Why the inference thread looks stuck (a batch far past its measured time), or None."""
+        """Why the inference thread looks stuck (a batch far past its measured time, a load
+        or warm-up past LOAD_TIMEOUT_S), or None."""
         busy = self.batcher.busy_for if self.batcher is not None else 0.0
-        if busy <= self.watchdog_s:
+        loading, load_s = self.loading, self.load_running_for
+        if busy > self.watchdog_s:
+            detail = f"a batch has been running for {busy:.0f} s (WATCHDOG_S: {self.watchdog_s:.0f} s)"
+        elif loading is not None and load_s > self.settings.load_timeout_s:
+            detail = f"{loading[0]} has been running for {load_s:.0f} s (LOAD_TIMEOUT_S: {self.settings.load_timeout_s:g} s)"
+        else:
             self._stuck_logged = False
             return None
-        detail = f"a batch has been running for {busy:.0f} s (WATCHDOG_S: {self.watchdog_s:.0f} s)"
         if not self._stuck_logged:  # once per episode, with where the thread is
             self._stuck_logged = True
-            thread = self.batcher.busiest_thread if self.batcher is not None else None
+            thread = self.batcher.busiest_thread if self.batcher is not None and busy else None
             frame = sys._current_frames().get(thread or self.inference_thread or -1)
             where = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)"
             log.error("inference thread stuck: %s; liveness fails from now\n%s", detail, where)

@@ -96,9 +96,14 @@ class _On(Tracing):
 
     def record_wait(self, enqueued: float, started: float, ended: float, batches: Iterable[Any]) -> None:
         to_ns = time.time_ns() - time.monotonic_ns()  # monotonic -> epoch nanoseconds
-        unique = {(c.trace_id, c.span_id): c for c in batches if c is not None}  # a request's images may share one
+        unique = {
+            (c.trace_id, c.span_id): c for c in batches if c is not None
+        }  # a request's images may share one
         links = [self._trace.Link(context) for context in unique.values()]
-        for name, start, end, span_links in (("queue", enqueued, started, None), ("inference", started, ended, links)):
+        for name, start, end, span_links in (
+            ("queue", enqueued, started, None),
+            ("inference", started, ended, links),
+        ):
             span = self.tracer.start_span(name, start_time=int(start * 1e9) + to_ns, links=span_links)
             span.end(end_time=int(end * 1e9) + to_ns)
 
@@ -119,7 +124,9 @@ def start_tracing(app, exporter=None) -> Tracing:
             SimpleSpanProcessor,
         )
     except ImportError as exc:
-        raise RuntimeError(f"TRACING=true needs the tracing extra (pip install 'chanseg[tracing]'): {exc}") from None
+        raise RuntimeError(
+            f"TRACING=true needs the tracing extra (pip install 'chanseg[tracing]'): {exc}"
+        ) from None
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "chanseg")})
     provider = TracerProvider(resource=resource)
     if exporter is not None:
@@ -132,4 +139,3 @@ def start_tracing(app, exporter=None) -> Tracing:
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     FastAPIInstrumentor.instrument_app(app, tracer_provider=provider, exclude_spans=["receive", "send"])
     return _On(provider)
-

@@ -189,7 +189,9 @@ def warm_up(
             continue
         seconds[batch] = warm_batch(segmenter, batch)
     if skipped:
-        log.info("warm-up: %d odd batch size(s) left cold (the %.0f s warm-up budget was spent)", skipped, budget_s)
+        log.info(
+            "warm-up: %d odd batch size(s) left cold (the %.0f s warm-up budget was spent)", skipped, budget_s
+        )
     return _common_times(seconds, max_batch_size)
 
 

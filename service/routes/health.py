@@ -17,7 +17,9 @@ from ..deps import State
 
 router = APIRouter(tags=["health"])
 
-_UNHEALTHY = {503: {"description": "the device failed (the server is stopping), or the inference thread is stuck"}}
+_UNHEALTHY = {
+    503: {"description": "the device failed (the server is stopping), or the inference thread is stuck"}
+}
 
 
 @router.get("/healthz", name="healthz", responses=_UNHEALTHY)
@@ -30,7 +32,9 @@ async def healthz(state: State) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/readyz", name="readyz", responses={503: {"description": "not ready, draining, stuck or device lost"}})
+@router.get(
+    "/readyz", name="readyz", responses={503: {"description": "not ready, draining, stuck or device lost"}}
+)
 async def readyz(state: State) -> JSONResponse:
     """200 once the model is loaded and warmed up; 503 before that, while draining, when stuck or the device failed."""
     if state.serving:

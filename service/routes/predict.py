@@ -42,7 +42,11 @@ _BODY = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "file": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}
+                        "file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,
+                        }
                     },
                     "required": ["file"],
                 }
@@ -92,7 +96,7 @@ async def read_images(request: Request, max_images: int) -> List[Tuple[str, byte
 
 
 def _single_png(request: Request, fmt: Optional[str]) -> Optional[str]:
-    """"png" or "confidence" when the response is that one PNG, None for JSON."""
+    """ "png" or "confidence" when the response is that one PNG, None for JSON."""
     if fmt is not None:
         return fmt if fmt in ("png", "confidence") else None
     accept = request.headers.get("accept", "")
@@ -139,7 +143,9 @@ async def predict(
     want_confidence = single == "confidence" or (confidence and single is None)
     outputs, timing = await segment(state, served, request, prepared, deadline, confidence=want_confidence)
     mask = None if single == "confidence" else "rle" if format == "rle" else "png"
-    results = await encode_masks(state, served, outputs, prepared, deadline, mask=mask, details=single is None)
+    results = await encode_masks(
+        state, served, outputs, prepared, deadline, mask=mask, details=single is None
+    )
     headers = timing.headers()
     if single:
         png = results[0].png if single == "png" else results[0].confidence_png

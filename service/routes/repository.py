@@ -25,7 +25,9 @@ _BODY = {
             "application/json": {
                 "schema": {
                     "type": "object",
-                    "properties": {"parameters": {"type": "object", "properties": {"path": {"type": "string"}}}},
+                    "properties": {
+                        "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}
+                    },
                 }
             }
         },
@@ -67,7 +69,11 @@ async def index(request: Request, state: State) -> JSONResponse:
 
 
 @router.post(
-    "/models/{name}/load", name="v2_repository", dependencies=[Authorized], responses=_ERRORS, openapi_extra=_BODY
+    "/models/{name}/load",
+    name="v2_repository",
+    dependencies=[Authorized],
+    responses=_ERRORS,
+    openapi_extra=_BODY,
 )
 async def load(request: Request, state: State, name: str) -> JSONResponse:
     """Load a version of ``name`` beside the one serving, warm it up and swap it in."""

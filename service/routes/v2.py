@@ -65,7 +65,9 @@ from ..v2_codec import (
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
-_INFER_BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}}
+_INFER_BODY = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}
+}
 # Peak memory per element of a JSON output while it is written (the array, its text
 # in pieces, the joined body): measured 5.5 (class ids) and 44 (floats) here.
 _JSON_BYTES_PER_ELEMENT = {"UINT8": 8, "FP32": 56}
@@ -75,15 +77,24 @@ _OUTPUTS = (MASK, PROBABILITIES, CONFIDENCE, MASK_RLE)
 
 _NOT_READY = responses(NotReady)
 # Each route below answers at two paths (with and without a version).
-_METADATA_ROUTE = dict(name="v2_model", dependencies=[Authorized], responses=responses(Unauthorized, NotFound))
+_METADATA_ROUTE = dict(
+    name="v2_model", dependencies=[Authorized], responses=responses(Unauthorized, NotFound)
+)
 _READY_ROUTE = dict(name="v2_model", responses=responses(NotFound, NotReady))
 _INFER_ROUTE = dict(
     name="v2_infer",
     dependencies=[Authorized, Ready, Admitted],
     openapi_extra=_INFER_BODY,
     responses=responses(
-        InvalidRequest, BadImage, PayloadTooLarge, InferenceFailed, Overloaded, DeadlineExceeded, Unauthorized,
-        NotFound, RequestTimeout,
+        InvalidRequest,
+        BadImage,
+        PayloadTooLarge,
+        InferenceFailed,
+        Overloaded,
+        DeadlineExceeded,
+        Unauthorized,
+        NotFound,
+        RequestTimeout,
     ),  # fmt: skip
 )
 
@@ -103,7 +114,11 @@ async def server_metadata(state: State) -> dict:
     return {"name": "chanseg", "version": model.__version__, "extensions": extensions}
 
 
-@router.get("/health/live", name="v2_health", responses={503: {"description": "the device failed, or the inference thread is stuck"}})
+@router.get(
+    "/health/live",
+    name="v2_health",
+    responses={503: {"description": "the device failed, or the inference thread is stuck"}},
+)
 async def live(state: State) -> JSONResponse:
     ok = state.unhealthy() is None
     return JSONResponse({"live": ok}, status_code=200 if ok else 503)
@@ -224,11 +239,19 @@ async def run_inference(state, seg, request, req: InferRequest, deadline: float,
         parse_lease.release()
 
     results, timing = await segment(
-        state, seg, request, prepared, deadline, probabilities=PROBABILITIES in wanted, confidence=CONFIDENCE in wanted
+        state,
+        seg,
+        request,
+        prepared,
+        deadline,
+        probabilities=PROBABILITIES in wanted,
+        confidence=CONFIDENCE in wanted,
     )
     rles = None
     if MASK_RLE in wanted:  # one full-size mask, one class's copy of it and the runs at a time
-        await reserve_output(state, request, 2 * mask_encode_cost(prepared[0].size), deadline, "the masks' RLE")
+        await reserve_output(
+            state, request, 2 * mask_encode_cost(prepared[0].size), deadline, "the masks' RLE"
+        )
         rles = await pool_call(state, rle_documents, seg, results, prepared[0].size)
     outputs = outputs_for(seg, wanted, results, prepared[0].size, rles)
     await reserve_output(state, request, _output_cost(outputs), deadline, "the response")
@@ -299,7 +322,9 @@ def check_output_size(
         cost = elements * (itemsize if binary else _JSON_BYTES_PER_ELEMENT[datatype])
         if cost > limit:
             if not binary and elements * itemsize <= limit:
-                instead = f"ask for {name} in binary (parameters: {{\"binary_data\": true}}), or send fewer images"
+                instead = (
+                    f'ask for {name} in binary (parameters: {{"binary_data": true}}), or send fewer images'
+                )
             elif name == PROBABILITIES:
                 instead = (
                     f"ask for {MASK} only, or send fewer or smaller images ({PROBABILITIES} are computed at "
@@ -317,10 +342,16 @@ def check_output_size(
 def _tensor_outputs(n: int, size: Tuple[int, int], classes: int) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
     """Each numeric output's datatype and shape for ``n`` images of ``size``."""
     h, w = size
-    return {MASK: ("UINT8", (n, h, w)), PROBABILITIES: ("FP32", (n, classes, h, w)), CONFIDENCE: ("UINT8", (n, h, w))}
+    return {
+        MASK: ("UINT8", (n, h, w)),
+        PROBABILITIES: ("FP32", (n, classes, h, w)),
+        CONFIDENCE: ("UINT8", (n, h, w)),
+    }
 
 
-def outputs_for(seg, wanted: dict, results: list, size: Tuple[int, int], rles: Optional[List[bytes]]) -> List[Output]:
+def outputs_for(
+    seg, wanted: dict, results: list, size: Tuple[int, int], rles: Optional[List[bytes]]
+) -> List[Output]:
     """The outputs asked for, each filled when the response is encoded (``MASK_RLE`` made beforehand)."""
     # Each numeric output: how an image's tensor is upsampled to its size, and which tensor.
     sources = {
@@ -350,7 +381,9 @@ def _filled(upsample, tensors: list, size: Tuple[int, int]):
 def rle_documents(seg, results: list, size: Tuple[int, int]) -> List[bytes]:
     """Per image, its classes' COCO RLEs as one JSON document (``MASK_RLE``); one full-size mask at a time."""
     return [
-        json.dumps(class_rles(seg.restore(r.labels, size), seg.config.class_names), separators=(",", ":")).encode()
+        json.dumps(
+            class_rles(seg.restore(r.labels, size), seg.config.class_names), separators=(",", ":")
+        ).encode()
         for r in results
     ]
 
@@ -363,7 +396,9 @@ def _output_cost(outputs: List[Output]) -> int:
         elif out.items is not None:  # JSON strings: the text, and the bytes it came from
             total += 2 * out.nbytes
         else:
-            total += out.nbytes // np.dtype(DTYPES[out.datatype]).itemsize * _JSON_BYTES_PER_ELEMENT[out.datatype]
+            total += (
+                out.nbytes // np.dtype(DTYPES[out.datatype]).itemsize * _JSON_BYTES_PER_ELEMENT[out.datatype]
+            )
     return total
 
 

@@ -147,6 +147,30 @@ async def test_unload_then_load(repo, masks):
         np.testing.assert_array_equal(decode_mask((await _predict(client)).content), masks["8"])
 
 
+async def test_unload_right_after_traffic_then_load(repo, masks):
+    """The batcher kept its last batch, and with it the version, until another batch came:
+    with nothing loaded none came, and every load waited REQUEST_TIMEOUT_S for a 409."""
+    async with serve(make_settings(str(repo / "a.pt"), model_repository=repo, request_timeout_s=5)) as client:
+        assert (await _predict(client)).status_code == 200
+        assert (await client.post("/v2/repository/models/tiny/unload")).status_code == 200
+        started = time.monotonic()
+        r = await client.post("/v2/repository/models/tiny/load", json={"parameters": {"path": "b/model.pt"}})
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - started < 4  # not the wait for REQUEST_TIMEOUT_S
+        assert (await client.get("/readyz")).status_code == 200
+        np.testing.assert_array_equal(decode_mask((await _predict(client)).content), masks["8"])
+
+
+async def test_a_quick_rollback_with_no_request_between(repo, masks):
+    """A -> B -> A: the second load waits for A, which B retired, and nothing else holds."""
+    async with serve(make_settings(str(repo / "a.pt"), model_repository=repo, request_timeout_s=5)) as client:
+        assert (await _predict(client)).status_code == 200
+        for path in ("b/model.pt", "a.pt"):
+            r = await client.post("/v2/repository/models/tiny/load", json={"parameters": {"path": path}})
+            assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(decode_mask((await _predict(client)).content), masks["7"])
+
+
 async def test_a_retired_version_in_the_frozen_heap_is_freed_even_in_a_cycle(repo, masks):
     """Start-up froze the heap, the first version with it (service.resources.freeze_heap);
     a version kept alive only by a reference cycle must still be collected before the

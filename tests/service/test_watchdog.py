@@ -153,3 +153,76 @@ def test_a_lost_device_stops_the_server_with_status_1(tmp_path):
     assert "illegal memory access" not in failed.text  # the detail is in the log, not the response
     assert code == 1, log[-2000:]
     assert "device lost" in log and "illegal memory access" in log
+
+
+class HangsOnAnyImage(nn.Module):
+    """The tiny network, except that any image but a black one makes it spin (practically)
+    for ever: its first warm-up pass never returns."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        if bool(x.std() > 0.1):  # warm-up's random images; a black image is flat
+            for _ in range(1_000_000_000):
+                x = x + 0.0
+        return self.inner(x)
+
+
+LOAD_TIMEOUT = 2.0
+
+
+def test_a_load_that_never_ends_fails_liveness_and_shutdown_keeps_its_budget(tiny_artifact, tmp_path):
+    """Issue 31: such a load kept the probes at 200 and every later load at 409, and the
+    process outlived SIGTERM by minutes."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    model.export_torchscript(HangsOnAnyImage(make_net()), repo / "stuck.pt", config=TINY, version="2")
+    server = ServerProcess(
+        tiny_artifact, tmp_path,
+        CHANSEG_MODEL_REPOSITORY=str(repo), CHANSEG_LOAD_TIMEOUT_S=str(LOAD_TIMEOUT), CHANSEG_DRAIN_TIMEOUT_S=str(DRAIN),
+    )  # fmt: skip
+    try:
+        server.wait_ready()
+        started = time.monotonic()
+        r = httpx.post(server.url + "/v2/repository/models/tiny/load", json={"parameters": {"path": "stuck.pt"}}, timeout=60)
+        took = time.monotonic() - started
+        assert r.status_code == 504 and "LOAD_TIMEOUT_S" in r.json()["error"], r.text
+        assert "warming up stuck.pt" in r.json()["error"] and took < LOAD_TIMEOUT + 2
+        live = httpx.get(server.url + "/healthz")
+        assert live.status_code == 503 and live.json()["status"] == "stuck", live.text
+        assert httpx.get(server.url + "/readyz").status_code == 503
+        metrics = httpx.get(server.url + "/metrics").text
+        running = float(next(ln for ln in metrics.splitlines() if ln.startswith("chanseg_load_running_seconds ")).split()[1])
+        assert running > LOAD_TIMEOUT
+
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(30)
+        took = time.monotonic() - signalled
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    print(f"\nstuck load: 504 after LOAD_TIMEOUT_S, liveness 503; SIGTERM to exit {took:.1f} s (budget {DRAIN} s)")
+    assert "inference thread stuck: warming up stuck.pt" in log and "forward" in log
+    assert took < DRAIN + EXIT_MARGIN_S, (took, log[-2000:])
+    assert code == 1
+
+
+def test_a_start_up_load_that_never_ends_stops_the_process(tmp_path):
+    path = tmp_path / "stuck.pt"
+    model.export_torchscript(HangsOnAnyImage(make_net()), path, config=TINY, version="2")
+    server = ServerProcess(str(path), tmp_path, CHANSEG_LOAD_TIMEOUT_S=str(LOAD_TIMEOUT))
+    try:
+        code = server.proc.wait(LOAD_TIMEOUT + 30)
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert code == 3, log[-2000:]  # uvicorn's start-up failure
+    assert "start-up did not finish within LOAD_TIMEOUT_S (2 s): warming up was still running" in log
+
+
+def test_the_stuck_load_model_is_fine_on_a_black_image():
+    net = script(HangsOnAnyImage(make_net()))
+    assert net(torch.zeros(1, 3, 64, 64)).shape == (1, 4, 64, 64)
