@@ -44,7 +44,11 @@ def cmd_compile(args) -> int:
     if args.model is None:
         from .pretrained import default_package_path, precision_record_path
 
-        done = precision_record_path(dev) if args.precision == "auto" else default_package_path(dev, args.precision)
+        done = (
+            precision_record_path(dev)
+            if args.precision == "auto"
+            else default_package_path(dev, args.precision)
+        )
         if args.if_missing and done.is_file():
             print(f"{done} exists: nothing to compile")
             return 0
@@ -102,8 +106,12 @@ def _compile_imported(artifact, dev, args) -> int:
     agreement = float(np.mean([(compiled.predict(im) == reference.predict(im)).mean() for im in images]))
     if agreement < 0.999:
         Path(path).unlink(missing_ok=True)
-        raise ModelImportError(f"the compiled package agrees with the TorchScript model on {agreement:.4f} of pixels only")
-    print(json.dumps({"out": str(path), "precision": "fp32", "agreement_with_torchscript": agreement}, indent=2))
+        raise ModelImportError(
+            f"the compiled package agrees with the TorchScript model on {agreement:.4f} of pixels only"
+        )
+    print(
+        json.dumps({"out": str(path), "precision": "fp32", "agreement_with_torchscript": agreement}, indent=2)
+    )
     return 0
 
 
@@ -161,7 +169,12 @@ def _progress(done: int, total: int) -> None:
     width = 30
     filled = width * done // total
     end = "\n" if done == total or not sys.stderr.isatty() else ""
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images", end=end, file=sys.stderr, flush=True)
+    print(
+        f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} images",
+        end=end,
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def cmd_predict(args) -> int:
@@ -297,7 +310,9 @@ def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
         "--precision", default="auto", choices=["auto", *PRECISIONS],
         help="auto: each precision the hardware has, the fastest within 0.005 held-out mIoU of fp32",
     )  # fmt: skip
-    p.add_argument("--data", default="synthetic", help="held-out data for auto: 'synthetic' (seed 2) or a folder")
+    p.add_argument(
+        "--data", default="synthetic", help="held-out data for auto: 'synthetic' (seed 2) or a folder"
+    )
     p.add_argument("--count", type=int, default=64, help="held-out synthetic images")
     p.add_argument("--if-missing", action="store_true", help="the bundled model: only when not compiled yet")
     p.set_defaults(func=cmd_compile)
@@ -308,7 +323,9 @@ def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
         description="FILE: a torch.jit.save file whose module maps a normalised float (N, 3, H, W) batch to "
         "logits (N, classes, H, W), or to a dict holding them (--output-key).",
     )
-    p.add_argument("file", help="the TorchScript file (torch.jit.script or torch.jit.trace, then torch.jit.save)")
+    p.add_argument(
+        "file", help="the TorchScript file (torch.jit.script or torch.jit.trace, then torch.jit.save)"
+    )
     p.add_argument("--classes", required=True, help="class names, comma-separated, one per output channel")
     p.add_argument("--input-size", required=True, type=int, nargs=2, metavar=("H", "W"))
     p.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406], help="default: ImageNet's")
@@ -327,7 +344,9 @@ def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("images", nargs="+", help="image files, or folders of them")
     p.add_argument("--out", default=".", help="output directory")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (and in memory at once)")
+    p.add_argument(
+        "--batch-size", type=int, default=8, help="images per forward pass (and in memory at once)"
+    )
     p.set_defaults(func=cmd_predict)
 
     from .train import TrainOptions

@@ -40,8 +40,8 @@ from typing import Any, Callable, Dict, Optional, Set
 import torch
 from torch import nn
 
-from .export import Artifact, ModelLoadError, extra_member, written_atomically
-from .network import ModelConfig
+from .export import Artifact, ModelLoadError, checked_meta, extra_member, written_atomically
+from .network import ModelConfig, check_identifier
 
 __all__ = [
     "PACKAGE_FORMAT",
@@ -120,6 +120,7 @@ def compile_package(
     """
     from . import __version__
 
+    version = check_identifier("version", str(version))
     config = config or getattr(net, "config", None)
     if not isinstance(config, ModelConfig):
         raise ValueError("compile_package needs a ModelConfig (pass config=)")
@@ -180,7 +181,7 @@ def read_meta(path: str | os.PathLike) -> tuple[ModelConfig, Dict[str, Any]]:
             meta = json.loads(z.read(extra_member(z, _META) or _META))
     except (OSError, KeyError, zipfile.BadZipFile, ValueError, TypeError) as exc:
         raise ModelLoadError(f"{path}: not a chanseg package ({exc})") from exc
-    return config, meta
+    return config, checked_meta(path, meta)
 
 
 def read_package(path: str | os.PathLike, device: torch.device) -> Artifact:
@@ -214,8 +215,12 @@ def read_package(path: str | os.PathLike, device: torch.device) -> Artifact:
         try:
             return Artifact(NativeRunner(path), config, meta, path)
         except Exception as exc:  # an archive laid out differently by another torch: the loader below
-            log.warning("%s: calling the compiled model through its C interface failed (%s); "
-                        "using torch's loader, which holds the GIL while it runs", path, exc)
+            log.warning(
+                "%s: calling the compiled model through its C interface failed (%s); "
+                "using torch's loader, which holds the GIL while it runs",
+                path,
+                exc,
+            )
     from torch.export.pt2_archive._package import load_pt2
 
     index = (device.index or 0) if device.type == "cuda" else -1
@@ -262,7 +267,9 @@ class NativeRunner:
                 lib = ctypes.CDLL(z.extract(libraries[0], workdir))
                 handle = ctypes.c_void_p()
                 instances = ctypes.c_size_t(CONCURRENT_CALLS)
-                if lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(handle), instances, b"cpu", None):
+                if lib.AOTInductorModelContainerCreateWithDevice(
+                    ctypes.byref(handle), instances, b"cpu", None
+                ):
                     raise RuntimeError("AOTInductorModelContainerCreateWithDevice failed")
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
@@ -273,14 +280,24 @@ class NativeRunner:
         self._lib, self._handle, self._outputs = lib, handle, outputs.value
 
     def __call__(self, *inputs: torch.Tensor):
-        handles = [_capsule_pointer(c) for c in torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(list(inputs))]
+        handles = [
+            _capsule_pointer(c) for c in torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors(list(inputs))
+        ]
         given = (ctypes.c_void_p * len(handles))(*handles)
         out = (ctypes.c_void_p * self._outputs)()
         failed = self._lib.AOTInductorModelContainerRun(
-            self._handle, given, ctypes.c_size_t(len(handles)), out, ctypes.c_size_t(self._outputs), None, None
+            self._handle,
+            given,
+            ctypes.c_size_t(len(handles)),
+            out,
+            ctypes.c_size_t(self._outputs),
+            None,
+            None,
         )  # the GIL is released for the call (ctypes.CDLL)
         if failed:
-            raise RuntimeError("the compiled model failed (AOTInductorModelContainerRun); its error is on stderr")
+            raise RuntimeError(
+                "the compiled model failed (AOTInductorModelContainerRun); its error is on stderr"
+            )
         tensors = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs([_new_capsule(p) for p in out])
         return tensors[0] if len(tensors) == 1 else tensors
 

@@ -23,10 +23,11 @@ from typing import Any, Dict, Iterator, Optional
 import torch
 from torch import nn
 
-from .network import ChannelAttentionUNet, ModelConfig
+from .network import ChannelAttentionUNet, ModelConfig, check_identifier
 
 __all__ = [
     "ARTIFACT_FORMAT", "ModelLoadError", "Artifact", "export_torchscript", "read_artifact", "read_metadata", "script",
+    "checked_meta",
 ]  # fmt: skip
 
 ARTIFACT_FORMAT = 1
@@ -76,6 +77,7 @@ def export_torchscript(
     """
     from . import __version__
 
+    version = check_identifier("version", str(version))
     config = config or getattr(net, "config", None)
     if not isinstance(config, ModelConfig):
         raise ValueError("export_torchscript needs a ModelConfig (pass config=)")
@@ -182,7 +184,18 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
         raise ModelLoadError(f"{path}: invalid chanseg metadata: {exc}") from exc
     if int(meta.get("format", 0)) > ARTIFACT_FORMAT:
         raise ModelLoadError(f"{path}: artifact format {meta['format']} is newer than this chanseg supports")
-    return Artifact(module, config, meta, path)
+    return Artifact(module, config, checked_meta(path, meta), path)
+
+
+def checked_meta(path: str | os.PathLike, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """``meta``, when its name and version (if any) are ones a server can send."""
+    try:
+        for key in ("name", "version"):
+            if key in meta:
+                check_identifier(key, meta[key] if isinstance(meta[key], str) else str(meta[key]))
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: {exc}; export or import it again with another") from None
+    return meta
 
 
 def read_metadata(path: str | os.PathLike) -> tuple[ModelConfig, Dict[str, Any]]:
@@ -203,7 +216,7 @@ def read_metadata(path: str | os.PathLike) -> tuple[ModelConfig, Dict[str, Any]]
             meta = json.loads(z.read(meta_member) if meta_member else "{}")
     except (OSError, KeyError, zipfile.BadZipFile, ValueError, TypeError) as exc:
         raise ModelLoadError(f"{path}: not a chanseg artifact ({type(exc).__name__}: {exc})") from exc
-    return config, meta
+    return config, checked_meta(path, meta)
 
 
 def extra_member(z: zipfile.ZipFile, name: str) -> Optional[str]:

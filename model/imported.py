@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .export import ModelLoadError, export_torchscript, script
-from .network import ModelConfig
+from .network import ModelConfig, check_identifier
 
 __all__ = ["import_torchscript", "exportable", "ModelImportError"]
 
@@ -78,10 +78,18 @@ def import_torchscript(
             not fit (rank, class count, size, a dict without ``output_key``).
     """
     source = Path(source)
+    try:  # before anything is read: the name and version a server will send
+        check_identifier("version", version)
+        check_identifier("name", name or source.stem)
+    except ValueError as exc:
+        hint = "" if name else " (the file's name: give one with --name)"
+        raise ModelImportError(f"{exc}{hint}") from None
     if not source.is_file():
         raise ModelImportError(f"{source}: no such file")
     if not zipfile.is_zipfile(source):
-        raise ModelImportError(f"{source}: not a TorchScript file; save one with torch.jit.save(torch.jit.script(model))")
+        raise ModelImportError(
+            f"{source}: not a TorchScript file; save one with torch.jit.save(torch.jit.script(model))"
+        )
     extra = {"config.json": ""}
     try:
         module = torch.jit.load(str(source), map_location="cpu", _extra_files=extra)
@@ -132,7 +140,9 @@ def _check_outputs(module: torch.jit.ScriptModule, config: ModelConfig, output_k
             "(torchvision's segmentation models: out)"
         )
     if isinstance(y, (tuple, list)):
-        raise ModelImportError(f"the model returns a {type(y).__name__} of {len(y)}: chanseg needs one logits tensor")
+        raise ModelImportError(
+            f"the model returns a {type(y).__name__} of {len(y)}: chanseg needs one logits tensor"
+        )
     if not isinstance(y, Tensor) or y.dim() != 4:
         shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
         raise ModelImportError(

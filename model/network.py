@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, List, Tuple
 
@@ -17,10 +18,24 @@ from torch.nn import functional as F
 
 from .blocks import ChannelBlock
 
-__all__ = ["ModelConfig", "ChannelAttentionUNet"]
+__all__ = ["ModelConfig", "ChannelAttentionUNet", "check_identifier"]
 
 
 NETWORKS = ("channel-attention-unet", "imported")
+# A model's name and version go into URLs, HTTP headers, gRPC metadata, metric labels and logs.
+_IDENTIFIER = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+def check_identifier(what: str, value: Any) -> str:
+    """``value`` if it can be a model's name or version: a letter or digit, then letters,
+    digits, ``.``, ``_``, ``-`` or ``+``, 64 characters at most; else ``ValueError``."""
+    if not isinstance(value, str) or not _IDENTIFIER.fullmatch(value):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+        raise ValueError(
+            f"model {what} {shown}: use letters, digits, '.', '_', '-' and '+' (beginning with a letter or "
+            "digit, at most 64 characters); it goes into URLs, HTTP headers and gRPC metadata"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,7 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        check_identifier("name", self.name)
         if self.in_channels < 1 or self.num_classes < 2:
             raise ValueError("in_channels must be >= 1 and num_classes >= 2")
         if len(self.class_names) != self.num_classes:

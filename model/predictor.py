@@ -39,7 +39,15 @@ from .preprocess import (
     to_rgb_tensor,
 )
 
-__all__ = ["FORMATS", "PRECISIONS", "Segmenter", "load", "measure_recipe", "resolve_device", "top_probability"]
+__all__ = [
+    "FORMATS",
+    "PRECISIONS",
+    "Segmenter",
+    "load",
+    "measure_recipe",
+    "resolve_device",
+    "top_probability",
+]
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -130,7 +138,9 @@ def load(
         if found is not None:
             return _from_package(found, dev, precision)
     elif format == "package":
-        raise ModelLoadError(f"{path} is a TorchScript artifact: compile it with python -m model compile --model {path}")
+        raise ModelLoadError(
+            f"{path} is a TorchScript artifact: compile it with python -m model compile --model {path}"
+        )
     if precision == "auto":
         precision = "fp32"  # measured reduced precisions come with compiled packages
     require(precision, dev)
@@ -176,12 +186,20 @@ def measure_recipe(
 
     cudnn = (False, True) if dev.type == "cuda" else (False,)
     h, w = artifact.config.input_size
-    images = list(torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    images = list(
+        torch.randint(0, 256, (batch, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    )
     before = torch.backends.cudnn.benchmark
     times: dict = {}
     try:
         for channels_last in (False, True):
-            segmenter = Segmenter(_placed(artifact, dev, precision, channels_last, freeze), artifact, dev, precision, channels_last)
+            segmenter = Segmenter(
+                _placed(artifact, dev, precision, channels_last, freeze),
+                artifact,
+                dev,
+                precision,
+                channels_last,
+            )
             for benchmark in cudnn:
                 torch.backends.cudnn.benchmark = benchmark
                 for _ in range(3):
@@ -206,7 +224,9 @@ def _checked(segmenter: "Segmenter") -> "Segmenter":
     try:
         segmenter.check()
     except RuntimeError as exc:
-        raise ModelLoadError(f"the model cannot run in {segmenter.precision} on {segmenter.device}: {exc}") from exc
+        raise ModelLoadError(
+            f"the model cannot run in {segmenter.precision} on {segmenter.device}: {exc}"
+        ) from exc
     return segmenter
 
 
@@ -214,7 +234,9 @@ def _from_package(artifact: Artifact, dev: torch.device, precision: str) -> "Seg
     compiled = str(artifact.meta.get("precision"))
     if precision not in ("auto", compiled):
         raise ModelLoadError(f"{artifact.path} is compiled for {compiled}, not {precision}")
-    return _checked(Segmenter(artifact.module, artifact, dev, compiled, bool(artifact.meta.get("channels_last"))))
+    return _checked(
+        Segmenter(artifact.module, artifact, dev, compiled, bool(artifact.meta.get("channels_last")))
+    )
 
 
 class Segmenter:

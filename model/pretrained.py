@@ -89,7 +89,11 @@ def _key() -> tuple[str, str, str]:
         raise ModelLoadError(f"{weights}: the bundled default weights are missing from the package")
     config_text = (_weights_dir() / "default.json").read_text()
     digest = hashlib.sha256(weights.read_bytes() + config_text.encode()).hexdigest()
-    return digest, f"{digest[:16]}-torch{torch.__version__.replace('+', '_')}-chanseg{__version__}", config_text
+    return (
+        digest,
+        f"{digest[:16]}-torch{torch.__version__.replace('+', '_')}-chanseg{__version__}",
+        config_text,
+    )
 
 
 def _machine(device: torch.device) -> str:
@@ -103,7 +107,9 @@ def _machine(device: torch.device) -> str:
     return "cpu-" + hashlib.sha256(" ".join(isa).encode()).hexdigest()[:8]
 
 
-def default_package_path(device: torch.device, precision: str, directory: str | os.PathLike | None = None) -> Path:
+def default_package_path(
+    device: torch.device, precision: str, directory: str | os.PathLike | None = None
+) -> Path:
     """Where the bundled model compiled for this machine, device and precision lives
     (``python -m model compile`` writes it; it may not exist)."""
     root = Path(directory) if directory is not None else cache_dir()
@@ -170,7 +176,9 @@ def default_package(device: torch.device, precision: str, build: bool = False) -
         return None
 
 
-def compile_default(device: torch.device, precision: str = "auto", data: str = "synthetic", count: int = 64) -> dict:
+def compile_default(
+    device: torch.device, precision: str = "auto", data: str = "synthetic", count: int = 64
+) -> dict:
     """Compile the bundled model for this machine into the cache: one precision, or
     with ``auto`` each one the hardware has, each scored (held-out mIoU) and timed,
     and the choice recorded (``precision_record_path``). Returns the record."""
@@ -190,7 +198,9 @@ def compile_default(device: torch.device, precision: str = "auto", data: str = "
     for p in candidates:
 
         def score(artifact: Artifact, p: str = p) -> dict:
-            return evaluate(Segmenter(artifact.module, artifact, device, p, artifact.meta["channels_last"]), data, count)
+            return evaluate(
+                Segmenter(artifact.module, artifact, device, p, artifact.meta["channels_last"]), data, count
+            )
 
         path = default_package_path(device, p)
         log.info("compiling the bundled model for %s %s into %s", device, p, path)

@@ -48,8 +48,12 @@ def _touching(rows, starts, ends, values, width: int) -> Tuple[np.ndarray, np.nd
     start_key, end_key = rows * key + starts, rows * key + ends
     below = np.flatnonzero(rows > 0)
     above_row = (rows[below] - 1) * key
-    lo = np.searchsorted(end_key, above_row + starts[below], "left")  # first run above ending at or after our start
-    hi = np.searchsorted(start_key, above_row + ends[below], "right")  # last run above starting at or before our end
+    lo = np.searchsorted(
+        end_key, above_row + starts[below], "left"
+    )  # first run above ending at or after our start
+    hi = np.searchsorted(
+        start_key, above_row + ends[below], "right"
+    )  # last run above starting at or before our end
     count = np.maximum(hi - lo, 0)
     b = np.repeat(below, count)
     offsets = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
@@ -124,4 +128,3 @@ def regions(
             }
         )
     return out, int(keep.sum())
-

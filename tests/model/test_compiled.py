@@ -83,8 +83,14 @@ def test_a_killed_process_leaves_no_copy_of_the_compiled_library(tiny_package, t
         "sys.stdin.read()\n"
     )
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tiny_package)], cwd=ROOT, env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tiny_package)],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "mapped, deleted"
         assert not list(tmp_path.glob("chanseg-aoti-*"))  # while it serves

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 import model
 from model import ModelConfig, ModelLoadError, export_torchscript, read_artifact
-from model.export import forget_freed_builtins, script
+from model.export import forget_freed_builtins, read_metadata, script
 from tests.conftest import TINY, make_net
 
 
@@ -148,3 +149,38 @@ def test_a_refreshed_op_leaves_no_freed_builtin_behind():
     assert id(old) not in table and table[id(new)] == "chanseg_refresh_test::op"
     assert set(before) - set(table) == {id(old)}  # nothing else was dropped
     assert table[id(torch.jit._async.wait)] == "aten::wait" and table[id(torch.relu)] == "aten::relu"
+
+
+def _with_meta(src: str, dst: Path, **changes) -> Path:
+    """A copy of the artifact ``src`` whose meta.json says ``changes`` (a hand-made or foreign file)."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(dst, "w") as out:
+        for item in z.infolist():
+            data = z.read(item)
+            if item.filename.endswith("/extra/meta.json"):
+                data = json.dumps({**json.loads(data), **changes}).encode()
+            out.writestr(item, data)
+    return dst
+
+
+@pytest.mark.parametrize("bad", ["1.0\u2013rc1", "v 2", "a" * 65, "x\nforged: 1", "", "-rc"])
+def test_names_and_versions_a_server_cannot_send_are_refused_where_they_enter(
+    tmp_path, tiny_net, tiny_artifact, bad
+):
+    """Issue 31: version '1.0–rc1' loaded and reported ready, then every inference was a 500
+    (X-Model-Version cannot be encoded). Refused at export, in a config, and at load."""
+    with pytest.raises(ValueError, match="letters, digits"):
+        model.export_torchscript(tiny_net, tmp_path / "a.pt", version=bad)
+    with pytest.raises(ValueError, match="letters, digits"):
+        ModelConfig(name=bad)
+    for field in ("version", "name"):
+        foreign = _with_meta(tiny_artifact, tmp_path / f"{field}.pt", **{field: bad})
+        with pytest.raises(model.ModelLoadError, match="letters, digits"):
+            model.load(foreign, device="cpu")
+        with pytest.raises(model.ModelLoadError, match="letters, digits"):
+            read_metadata(foreign)
+
+
+def test_names_and_versions_that_are_fine(tmp_path, tiny_net):
+    for version in ("1", "2.0.1-rc1+build.7", "a" * 64, "20261205_1"):
+        path = model.export_torchscript(tiny_net, tmp_path / "a.pt", version=version)
+        assert model.load(path, device="cpu").version == version

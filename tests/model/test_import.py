@@ -28,8 +28,12 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def monai_models() -> dict:
     torch.manual_seed(0)
     return {
-        "unet": monai_nets.UNet(spatial_dims=2, in_channels=3, out_channels=3, channels=(8, 16, 32), strides=(2, 2)),
-        "basicunet": monai_nets.BasicUNet(spatial_dims=2, in_channels=3, out_channels=3, features=(8, 8, 16, 32, 64, 8)),
+        "unet": monai_nets.UNet(
+            spatial_dims=2, in_channels=3, out_channels=3, channels=(8, 16, 32), strides=(2, 2)
+        ),
+        "basicunet": monai_nets.BasicUNet(
+            spatial_dims=2, in_channels=3, out_channels=3, features=(8, 8, 16, 32, 64, 8)
+        ),
         "segresnet": monai_nets.SegResNet(spatial_dims=2, in_channels=3, out_channels=3, init_filters=8),
     }
 
@@ -93,7 +97,9 @@ def test_dict_outputs_need_and_take_an_output_key(tmp_path):
         import_torchscript(source, tmp_path / "x.pt", ["a", "b", "c"], (64, 64), output_key="logits")
     out = import_torchscript(source, tmp_path / "ok.pt", ["a", "b", "c"], (64, 64), output_key="out")
     image = np.random.default_rng(2).integers(0, 256, (70, 50, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(model.load(out, device="cpu").predict(image), reference_mask(net.inner, image))
+    np.testing.assert_array_equal(
+        model.load(out, device="cpu").predict(image), reference_mask(net.inner, image)
+    )
 
 
 class Classifier(nn.Module):
@@ -139,7 +145,9 @@ def test_an_artifact_is_not_imported_twice(tiny_artifact, tmp_path):
 
 
 def test_an_imported_model_is_not_rebuilt_for_compiling(tmp_path):
-    out = import_torchscript(scripted(monai_models()["unet"], tmp_path / "u.ts"), tmp_path / "u.pt", ["a", "b", "c"], (64, 64))
+    out = import_torchscript(
+        scripted(monai_models()["unet"], tmp_path / "u.ts"), tmp_path / "u.pt", ["a", "b", "c"], (64, 64)
+    )
     with pytest.raises(model.ModelLoadError, match="imported model"):
         model.export.build_network(model.read_artifact(out).config)
 
@@ -176,3 +184,17 @@ def test_an_imported_model_compiles_to_a_package(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 2 and "torch.jit.trace" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_version_or_name_a_server_cannot_send_is_refused_before_anything_is_read(tmp_path):
+    source = tmp_path / "any.ts"
+    source.write_bytes(b"not even read")
+    with pytest.raises(ModelImportError, match="model version '1.0\u2013rc1': use letters"):
+        import_torchscript(source, tmp_path / "out.pt", ["a", "b"], (64, 64), version="1.0\u2013rc1")
+    out = subprocess.run(
+        [sys.executable, "-m", "model", "import", str(source), "--classes", "a,b", "--input-size", "64", "64",
+         "--name", "my model", "-o", str(tmp_path / "out.pt")],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode != 0 and "model name 'my model': use letters" in out.stderr, out.stderr
+    assert not (tmp_path / "out.pt").exists()

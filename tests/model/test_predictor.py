@@ -142,7 +142,10 @@ def test_any_shape_is_resized_on_the_host_before_the_device(tiny_segmenter):
     an extreme aspect ratio (8 x 100000: the device's antialiased resize raised on it)
     reaches no kernel but the network; the batch is stacked once."""
     rng = np.random.default_rng(5)
-    odd = [torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in ((8, 100_000, 3), (301, 7, 3))]
+    odd = [
+        torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8))
+        for shape in ((8, 100_000, 3), (301, 7, 3))
+    ]
     labels = tiny_segmenter.infer(odd)
     h, w = tiny_segmenter.config.input_size
     assert labels.shape == (2, h, w)

@@ -28,7 +28,9 @@ def reference(mask: np.ndarray, names=NAMES) -> list:
 
 def found(labels: np.ndarray, size, names=NAMES, limit=10**6) -> tuple:
     got, total = regions(labels, size, names, limit)
-    return sorted(((r["class"], r["bbox"], r["pixels"]) for r in got), key=lambda r: (-r[2], r[0], r[1])), total
+    return sorted(
+        ((r["class"], r["bbox"], r["pixels"]) for r in got), key=lambda r: (-r[2], r[0], r[1])
+    ), total
 
 
 def test_regions_equal_scipy_on_the_restored_mask_at_any_size():

@@ -18,7 +18,11 @@ from model.preprocess import nearest_indices, prepare_image
 class FakeModel:
     def __init__(self, input_size: Tuple[int, int] = (32, 32)) -> None:
         self.config = ModelConfig(
-            num_classes=3, class_names=("dark", "mid", "light"), input_size=input_size, name="fake", network="imported"
+            num_classes=3,
+            class_names=("dark", "mid", "light"),
+            input_size=input_size,
+            name="fake",
+            network="imported",
         )
         self.device = torch.device("cpu")
         self.precision = "fp32"
@@ -59,7 +63,10 @@ class FakeModel:
 
     @staticmethod
     def _upsample(array: np.ndarray, size, axes, out=None) -> np.ndarray:
-        rows, cols = nearest_indices(array.shape[axes[0]], int(size[0])), nearest_indices(array.shape[axes[1]], int(size[1]))
+        rows, cols = (
+            nearest_indices(array.shape[axes[0]], int(size[0])),
+            nearest_indices(array.shape[axes[1]], int(size[1])),
+        )
         tall = np.take(array, rows, axis=axes[0])
         return np.take(tall, cols, axis=axes[1], out=out)
 

@@ -37,8 +37,6 @@ def files(*arrays, names=None):
     return [("file", (n, png_bytes(a), "image/png")) for n, a in zip(names, arrays)]
 
 
-
-
 async def test_predict_multipart_json(tiny_artifact, tiny_segmenter):
     images = [random_image(1, 48, 40), random_image(2, 100, 70)]
     async with serve(make_settings(tiny_artifact)) as client:
@@ -288,7 +286,9 @@ async def test_readme_lists_every_endpoint_that_stays_open_with_an_api_key(tiny_
         schema = (await client.get("/openapi.json")).json()
         endpoints = [(path, method.upper()) for path, ops in schema["paths"].items() for method in ops]
         # FastAPI's own pages and the page at / are not in the schema
-        endpoints += [(path, "GET") for path in _route_paths(client.app.routes) if path not in schema["paths"]]
+        endpoints += [
+            (path, "GET") for path in _route_paths(client.app.routes) if path not in schema["paths"]
+        ]
         open_paths = set()
         for path, method in endpoints:
             url = path.replace("{name}", "tiny").replace("{version}", "7")
@@ -348,7 +348,9 @@ async def test_predict_rle_is_what_pycocotools_decodes(tiny_artifact, tiny_segme
         rebuilt = np.full(expected.shape, 255, np.uint8)
         for name, rle in prediction["mask_rle"].items():
             assert rle["size"] == list(expected.shape)
-            rebuilt[mask_api.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)] = classes.index(name)
+            rebuilt[mask_api.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)] = (
+                classes.index(name)
+            )
         np.testing.assert_array_equal(rebuilt, expected)
         fractions = np.bincount(expected.ravel(), minlength=len(classes)) / expected.size
         assert list(prediction["class_fractions"].values()) == pytest.approx(list(fractions))
@@ -364,7 +366,10 @@ async def test_predict_counts_pixels_and_boxes_each_region(tiny_artifact, tiny_s
     classes = list(tiny_segmenter.class_names)
     for prediction, image in zip(r.json()["predictions"], images):
         mask = tiny_segmenter.predict(image)
-        assert list(prediction["class_pixels"].values()) == np.bincount(mask.ravel(), minlength=len(classes)).tolist()
+        assert (
+            list(prediction["class_pixels"].values())
+            == np.bincount(mask.ravel(), minlength=len(classes)).tolist()
+        )
         expected = reference(mask, classes)
         assert prediction["region_count"] == len(expected)
         got = [(g["class"], g["bbox"], g["pixels"]) for g in prediction["regions"]]

@@ -125,7 +125,11 @@ async def test_a_batch_that_fails_once_is_retried_in_halves(tiny_artifact, tiny_
         held, first = await held, await first
     assert [r.status_code for r in first] == [200, 200] and held.status_code == 200
     assert slow.batches == [1, 2, 1, 1]  # the held one, the failed batch, then each half alone
-    retries = [rec for rec in chanseg_logs.records if rec.name == "chanseg.state" and "retrying in halves" in rec.getMessage()]
+    retries = [
+        rec
+        for rec in chanseg_logs.records
+        if rec.name == "chanseg.state" and "retrying in halves" in rec.getMessage()
+    ]
     assert len(retries) == 1 and "simulated kernel failure" in retries[0].getMessage()
 
 
@@ -154,12 +158,18 @@ async def test_an_image_that_always_fails_fails_only_its_request(tiny_artifact, 
             )
         held, results = await held, await results
         after = await client.post("/predict", files=files(random_image(4)))
-    assert [r.status_code for r in results] == [200, 500, 200] and held.status_code == after.status_code == 200
+    assert [r.status_code for r in results] == [
+        200,
+        500,
+        200,
+    ] and held.status_code == after.status_code == 200
     detail = results[1].json()["detail"]  # a generic message with the request id; the detail stays in the log
     assert "inference failed" in detail and results[1].headers["x-request-id"] in detail
     assert "simulated" not in detail and "conftest" not in detail
     assert poisoned.batches[:2] == [1, 4] and poisoned.batches.count(1) >= 3  # bisected down to the image
-    failures = [rec for rec in chanseg_logs.records if rec.levelname == "ERROR" and rec.name == "chanseg.state"]
+    failures = [
+        rec for rec in chanseg_logs.records if rec.levelname == "ERROR" and rec.name == "chanseg.state"
+    ]
     assert len(failures) == 1  # once, for the one image, with its request's id
     assert results[1].headers["x-request-id"] in failures[0].getMessage()
     assert "simulated kernel failure" in failures[0].getMessage()
@@ -195,7 +205,9 @@ async def test_a_lost_device_makes_the_server_unhealthy_and_stop(tiny_artifact, 
     assert v2_live.status_code == 503
     assert later.status_code == 503  # not ready: refused before any work
     assert len(stops) == 1  # the process was asked to stop, once
-    assert any(rec.levelname == "CRITICAL" and "device lost" in rec.getMessage() for rec in chanseg_logs.records)
+    assert any(
+        rec.levelname == "CRITICAL" and "device lost" in rec.getMessage() for rec in chanseg_logs.records
+    )
 
 
 def test_device_errors_told_apart():

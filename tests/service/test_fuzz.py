@@ -28,7 +28,13 @@ def _encode(fmt: str, **save) -> bytes:
 
 SEEDS = [SEED_PNG] + [
     _encode(fmt, **save)
-    for fmt, save in [("JPEG", {"quality": 80}), ("WEBP", {}), ("TIFF", {"compression": "tiff_lzw"}), ("GIF", {}), ("BMP", {})]
+    for fmt, save in [
+        ("JPEG", {"quality": 80}),
+        ("WEBP", {}),
+        ("TIFF", {"compression": "tiff_lzw"}),
+        ("GIF", {}),
+        ("BMP", {}),
+    ]
 ]
 
 
@@ -61,7 +67,8 @@ mutated = st.one_of(
         st.sampled_from([0, 2, 3, 4, 6]),
     ).map(lambda t: SEED_PNG[:8] + _ihdr(*t) + SEED_PNG[33:]),
     st.tuples(
-        st.sampled_from(SEEDS), st.lists(st.tuples(st.integers(0, 5000), st.integers(1, 255)), max_size=8),
+        st.sampled_from(SEEDS),
+        st.lists(st.tuples(st.integers(0, 5000), st.integers(1, 255)), max_size=8),
         st.integers(1, 5000),
     ).map(lambda t: _flip(*t)),
 )
@@ -92,7 +99,9 @@ def test_random_multipart_never_5xx(client, parts):
 
 v2_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=6),
-    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
     max_leaves=20,
 )
 v2_inputs = st.fixed_dictionaries(

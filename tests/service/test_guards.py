@@ -204,7 +204,10 @@ def test_a_client_that_stops_reading_is_disconnected_and_its_memory_freed(server
         + body
     )
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and server.metric("chanseg_connections_refused_total", reason="write_stalled") < 1:
+    while (
+        time.monotonic() < deadline
+        and server.metric("chanseg_connections_refused_total", reason="write_stalled") < 1
+    ):
         time.sleep(0.2)
     assert server.metric("chanseg_connections_refused_total", reason="write_stalled") == 1
     time.sleep(0.3)

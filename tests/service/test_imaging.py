@@ -96,13 +96,17 @@ def test_a_large_jpeg_decodes_reduced_to_what_the_model_needs(orientation):
     assert (probed.width, probed.height) == shown
     # 1/8 of each side; as shown, so its longer side is the one shown longer.
     assert probed.decoded_size == (shown[0] // 8, shown[1] // 8)
-    full = probe_image(data, BIG, 1, "photo.jpg")  # without a target: decoded at full size, as decode_image does
+    full = probe_image(
+        data, BIG, 1, "photo.jpg"
+    )  # without a target: decoded at full size, as decode_image does
     assert full.decoded_size is None and probed.cost < full.cost / 2  # both include 8 MiB of fixed cost
 
     reduced = prepare_probed(probed, target)
     reference = prepare_image(decode_image(data, BIG), target)
     assert reduced.shape == reference.shape == (48, 64, 3)
-    assert np.abs(reduced.astype(int) - reference).mean() < 3  # the same picture, not another crop or rotation
+    assert (
+        np.abs(reduced.astype(int) - reference).mean() < 3
+    )  # the same picture, not another crop or rotation
 
 
 def test_a_jpeg_within_twice_the_input_size_decodes_at_full_size():
@@ -229,7 +233,9 @@ def test_decode_cost_covers_the_peak():
     assert ratios["png rgb"] > 0.6 and ratios["jpeg full size"] > 0.5, ratios
     # A JPEG reduced while it decodes (2000x2000 at 1/4 for 256x256) holds a fraction of the full size's memory.
     peaks = {name: int(peak) for name, peak, _ in rows}
-    assert peaks["jpeg"] < peaks["jpeg full size"] / 4 and peaks["jpeg rotated"] < peaks["jpeg full size"] / 4, peaks
+    assert (
+        peaks["jpeg"] < peaks["jpeg full size"] / 4 and peaks["jpeg rotated"] < peaks["jpeg full size"] / 4
+    ), peaks
 
 
 @pytest.mark.parametrize(

@@ -28,14 +28,20 @@ def test_an_imported_model_is_served_over_http(which, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     rng = np.random.default_rng(7)
-    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((64, 64, 3), (120, 80, 3), (33, 190, 3))]
+    images = [
+        rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((64, 64, 3), (120, 80, 3), (33, 190, 3))
+    ]
     server = ServerProcess(str(artifact), tmp_path)
     try:
         server.wait_ready()
         info = httpx.get(server.url + "/v1/model").json()
         masks = []
         for image in images:
-            r = httpx.post(server.url + "/predict?format=png", content=png_bytes(image), headers={"content-type": "image/png"})
+            r = httpx.post(
+                server.url + "/predict?format=png",
+                content=png_bytes(image),
+                headers={"content-type": "image/png"},
+            )
             assert r.status_code == 200, r.text
             masks.append(np.asarray(Image.open(io.BytesIO(r.content))))
         h, w = 40, 30

@@ -35,8 +35,12 @@ async def test_every_endpoint_serves_a_model_without_a_network(tmp_path, monkeyp
     async with serve(settings, segmenter=fake) as client:
         ready = await client.get("/readyz")
         info = (await client.get("/v1/model")).json()
-        as_json = await client.post("/predict", files=[("file", ("bands.png", png_bytes(image), "image/png"))])
-        as_png = await client.post("/predict?format=png", content=png_bytes(image), headers={"content-type": "image/png"})
+        as_json = await client.post(
+            "/predict", files=[("file", ("bands.png", png_bytes(image), "image/png"))]
+        )
+        as_png = await client.post(
+            "/predict?format=png", content=png_bytes(image), headers={"content-type": "image/png"}
+        )
         stacked = np.stack([image, image[::-1]])
         v2 = await client.post(
             "/v2/models/fake/infer",

@@ -74,7 +74,9 @@ def _base64_file(nbytes: int) -> bytes:
         buf, format="PNG", compress_level=0
     )
     blob = base64.b64encode(buf.getvalue()).decode()
-    return json.dumps({"inputs": [{"name": "IMAGE_BYTES", "datatype": "BYTES", "shape": [1], "data": [blob]}]}).encode()
+    return json.dumps(
+        {"inputs": [{"name": "IMAGE_BYTES", "datatype": "BYTES", "shape": [1], "data": [blob]}]}
+    ).encode()
 
 
 @pytest.mark.timeout(300)
@@ -89,13 +91,17 @@ def test_healthz_answers_fast_while_the_largest_v2_requests_run(tiny_artifact, t
     try:
         server.wait_ready()
         probe = subprocess.Popen(
-            [sys.executable, "-c", PROBE, str(server.port), str(server.proc.pid), "12"], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", PROBE, str(server.port), str(server.proc.pid), "12"],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         statuses = []
 
         def send(body, headers):
             for _ in range(3):
-                r = httpx.post(server.url + "/v2/models/tiny/infer", content=body, headers=headers, timeout=120)
+                r = httpx.post(
+                    server.url + "/v2/models/tiny/infer", content=body, headers=headers, timeout=120
+                )
                 statuses.append(r.status_code)
 
         senders = [threading.Thread(target=send, args=b) for b in bodies]

@@ -36,7 +36,13 @@ def browser():
     os.environ.setdefault("SE_OFFLINE", "true")  # selenium must never fetch a driver or browser
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1100"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1100",
+    ):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(chromedriver), options=options)
     try:
@@ -135,6 +141,8 @@ def _screenshot(browser, tmp_path: Path) -> None:
     shot = tmp_path / "page.png"
     assert browser.save_screenshot(str(shot))
     with Image.open(shot) as image:
-        assert image.size[0] >= 1000 and len(image.getcolors(1 << 20) or []) > 50  # a rendered page, not blank
+        assert (
+            image.size[0] >= 1000 and len(image.getcolors(1 << 20) or []) > 50
+        )  # a rendered page, not blank
         if os.environ.get("CHANSEG_SCREENSHOT"):  # 256 colours: a third of the bytes, the same picture
             image.convert("RGB").quantize(256).save(os.environ["CHANSEG_SCREENSHOT"], optimize=True)

@@ -45,13 +45,18 @@ def repo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def masks(repo):
-    found = {v: model.load(p, device="cpu").predict(IMAGE) for v, p in (("7", repo / "a.pt"), ("8", repo / "b" / "model.pt"))}
+    found = {
+        v: model.load(p, device="cpu").predict(IMAGE)
+        for v, p in (("7", repo / "a.pt"), ("8", repo / "b" / "model.pt"))
+    }
     assert (found["7"] != found["8"]).any(), "the two versions must answer differently"
     return found
 
 
 async def _predict(client, **headers):
-    r = await client.post("/predict?format=png", files={"file": ("x.png", png_bytes(IMAGE), "image/png")}, headers=headers)
+    r = await client.post(
+        "/predict?format=png", files={"file": ("x.png", png_bytes(IMAGE), "image/png")}, headers=headers
+    )
     return r
 
 
@@ -68,7 +73,9 @@ async def test_load_swaps_versions_and_everything_follows(repo, masks):
         assert "model_repository" in (await client.get("/v2")).json()["extensions"]
         index = (await client.post("/v2/repository/index")).json()
         assert [(row["path"], row["version"], row["state"]) for row in index] == [
-            ("a.pt", "7", "READY"), ("b/model.pt", "8", "UNAVAILABLE"), ("broken.pt", "7", "UNAVAILABLE"),
+            ("a.pt", "7", "READY"),
+            ("b/model.pt", "8", "UNAVAILABLE"),
+            ("broken.pt", "7", "UNAVAILABLE"),
         ]  # the corrupt file and the README are not models
         r = await _predict(client)
         assert r.headers["x-model-version"] == "7"
@@ -82,11 +89,15 @@ async def test_load_swaps_versions_and_everything_follows(repo, masks):
         np.testing.assert_array_equal(decode_mask(r.content), masks["8"])
         assert (await client.get("/v1/model")).json()["version"] == "8"
         info = metric_samples((await client.get("/metrics")).text)
-        assert any(name == "chanseg_model_info" and dict(labels).get("version") == "8" for name, labels in info)
+        assert any(
+            name == "chanseg_model_info" and dict(labels).get("version") == "8" for name, labels in info
+        )
         assert (await client.get("/v2/models/tiny/versions/8/ready")).status_code == 200
         assert (await client.get("/v2/models/tiny/versions/7/ready")).status_code == 404
         assert [row["state"] for row in (await client.post("/v2/repository/index")).json()] == [
-            "UNAVAILABLE", "READY", "UNAVAILABLE",
+            "UNAVAILABLE",
+            "READY",
+            "UNAVAILABLE",
         ]
         ready = (await client.post("/v2/repository/index", json={"ready": True})).json()
         assert [row["version"] for row in ready] == ["8"]
@@ -112,7 +123,18 @@ async def test_load_swaps_versions_and_everything_follows(repo, masks):
         ("[1, 2]", 400, "JSON object"),
         ("{nope", 400, "not JSON"),
     ],
-    ids=["corrupt", "broken", "dotdot", "absolute", "missing", "not-a-model", "path-type", "parameters-type", "array", "not-json"],
+    ids=[
+        "corrupt",
+        "broken",
+        "dotdot",
+        "absolute",
+        "missing",
+        "not-a-model",
+        "path-type",
+        "parameters-type",
+        "array",
+        "not-json",
+    ],
 )
 async def test_a_bad_load_is_refused_and_the_old_version_keeps_serving(repo, masks, body, status, words):
     async with serve(make_settings(str(repo / "a.pt"), model_repository=repo)) as client:
@@ -129,7 +151,11 @@ async def test_wrong_name_and_api_key(repo):
     settings = make_settings(str(repo / "a.pt"), model_repository=repo, api_key="k")
     async with serve(settings) as client:
         assert (await client.post("/v2/repository/index")).status_code == 401
-        r = await client.post("/v2/repository/models/other/load", json={"parameters": {"path": "a.pt"}}, headers={"X-API-Key": "k"})
+        r = await client.post(
+            "/v2/repository/models/other/load",
+            json={"parameters": {"path": "a.pt"}},
+            headers={"X-API-Key": "k"},
+        )
         assert r.status_code == 400 and "holds model 'tiny'" in r.json()["error"]
 
 
@@ -192,7 +218,9 @@ async def test_waiting_for_a_busy_retired_version_does_not_stall_the_event_loop(
     the thawed heap a full collection stops the event loop ~0.1 s: the wait runs one a
     second at most (it ran one every 50 ms, stalling the loop for most of the wait), and
     still frees the version, even one held by a cycle, once its request lets go."""
-    async with serve(make_settings(str(repo / "a.pt"), model_repository=repo, request_timeout_s=10)) as client:
+    async with serve(
+        make_settings(str(repo / "a.pt"), model_repository=repo, request_timeout_s=10)
+    ) as client:
         body = {"parameters": {"path": "b/model.pt"}}
         busy = [client.app.state.chanseg.segmenter]  # what a request in flight holds
         busy[0].cycle = busy[0]
@@ -211,7 +239,9 @@ async def test_waiting_for_a_busy_retired_version_does_not_stall_the_event_loop(
         gc.callbacks.append(count)
         try:
             started = time.monotonic()
-            r, _ = await asyncio.gather(client.post("/v2/repository/models/tiny/load", json=body), finish_the_request())
+            r, _ = await asyncio.gather(
+                client.post("/v2/repository/models/tiny/load", json=body), finish_the_request()
+            )
             waited = time.monotonic() - started
         finally:
             gc.callbacks.remove(count)
@@ -252,7 +282,9 @@ async def test_a_batch_straddling_the_swap_runs_each_request_on_its_own_version(
         old = state.segmenter
         new = model.load(repo / "b" / "model.pt", device="cpu")
         tensor = old.prepare(IMAGE)
-        results = state.run_batch([InferItem(tensor, model=old), InferItem(tensor, model=new), InferItem(tensor, model=old)])
+        results = state.run_batch(
+            [InferItem(tensor, model=old), InferItem(tensor, model=new), InferItem(tensor, model=old)]
+        )
         for result, version in zip(results, ["7", "8", "7"]):
             np.testing.assert_array_equal(old.restore(result.labels, IMAGE.shape[:2]), masks[version])
 
@@ -264,3 +296,25 @@ def test_repository_setting_must_be_a_folder(tmp_path):
 
     with pytest.raises(ValidationError, match="not a folder"):
         Settings(model_repository=tmp_path / "nowhere")
+
+
+async def test_a_version_that_cannot_go_into_a_header_is_refused_at_load(tmp_path, tiny_artifact):
+    """It loaded and reported ready, then every inference was a 500 (X-Model-Version)."""
+    import json
+    import shutil
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(tiny_artifact, root / "a.pt")
+    with zipfile.ZipFile(tiny_artifact) as z, zipfile.ZipFile(root / "bad.pt", "w") as out:
+        for item in z.infolist():
+            data = z.read(item)
+            if item.filename.endswith("/extra/meta.json"):
+                data = json.dumps({**json.loads(data), "version": "1.0\u2013rc1"}).encode()
+            out.writestr(item, data)
+    async with serve(make_settings(str(root / "a.pt"), model_repository=root)) as client:
+        r = await client.post("/v2/repository/models/tiny/load", json={"parameters": {"path": "bad.pt"}})
+        assert r.status_code == 400 and "model version '1.0\u2013rc1': use letters" in r.json()["error"], (
+            r.text
+        )
+        assert (await _predict(client)).status_code == 200  # the version serving keeps serving

@@ -84,9 +84,18 @@ def test_defaults_follow_what_the_user_set(monkeypatch):
 @pytest.mark.parametrize(
     "env, names",
     [
-        ({"CHANSEG_MEMORY_BUDGET_MB": "64", "CHANSEG_MAX_UPLOAD_BYTES": "33554432"}, ["MAX_UPLOAD_BYTES", "MEMORY_BUDGET_MB"]),
-        ({"CHANSEG_MEMORY_BUDGET_MB": "64", "CHANSEG_MAX_JSON_BYTES": "8388608"}, ["MAX_JSON_BYTES", "MEMORY_BUDGET_MB"]),
-        ({"CHANSEG_MAX_IMAGE_PIXELS": "100", "CHANSEG_MAX_REQUEST_PIXELS": "10"}, ["MAX_IMAGE_PIXELS", "MAX_REQUEST_PIXELS"]),
+        (
+            {"CHANSEG_MEMORY_BUDGET_MB": "64", "CHANSEG_MAX_UPLOAD_BYTES": "33554432"},
+            ["MAX_UPLOAD_BYTES", "MEMORY_BUDGET_MB"],
+        ),
+        (
+            {"CHANSEG_MEMORY_BUDGET_MB": "64", "CHANSEG_MAX_JSON_BYTES": "8388608"},
+            ["MAX_JSON_BYTES", "MEMORY_BUDGET_MB"],
+        ),
+        (
+            {"CHANSEG_MAX_IMAGE_PIXELS": "100", "CHANSEG_MAX_REQUEST_PIXELS": "10"},
+            ["MAX_IMAGE_PIXELS", "MAX_REQUEST_PIXELS"],
+        ),
     ],
 )
 def test_two_explicit_values_that_conflict_are_both_named(monkeypatch, env, names):

@@ -36,7 +36,9 @@ def test_versions_swap_under_load_without_a_failed_request(tmp_path):
     expected = {v: model.load(repo / f"v{v}.pt", device="cpu").predict(IMAGE) for v in ("1", "2")}
     assert (expected["1"] != expected["2"]).mean() > 0.01
 
-    server = ServerProcess(str(repo / "current.pt"), tmp_path, CHANSEG_MODEL_REPOSITORY=str(repo), CHANSEG_MAX_BATCH_DELAY_MS="5")
+    server = ServerProcess(
+        str(repo / "current.pt"), tmp_path, CHANSEG_MODEL_REPOSITORY=str(repo), CHANSEG_MAX_BATCH_DELAY_MS="5"
+    )
     answers, stop, loops = [], threading.Event(), []
 
     def closed_loop() -> None:
@@ -45,11 +47,17 @@ def test_versions_swap_under_load_without_a_failed_request(tmp_path):
             while not stop.is_set():
                 started = time.monotonic()
                 r = client.post("/predict?format=png", files={"file": ("x.png", body, "image/png")})
-                ok = r.status_code == 200 and np.array_equal(decode_mask(r.content), expected.get(r.headers.get("x-model-version"), -1))
-                answers.append((started, time.monotonic() - started, r.status_code, r.headers.get("x-model-version"), ok))
+                ok = r.status_code == 200 and np.array_equal(
+                    decode_mask(r.content), expected.get(r.headers.get("x-model-version"), -1)
+                )
+                answers.append(
+                    (started, time.monotonic() - started, r.status_code, r.headers.get("x-model-version"), ok)
+                )
 
     def load(path: str) -> httpx.Response:
-        return httpx.post(f"{server.url}/v2/repository/models/medium/load", json={"parameters": {"path": path}}, timeout=120)
+        return httpx.post(
+            f"{server.url}/v2/repository/models/medium/load", json={"parameters": {"path": path}}, timeout=120
+        )
 
     try:
         server.wait_ready()
@@ -89,7 +97,9 @@ def test_versions_swap_under_load_without_a_failed_request(tmp_path):
         server.stop()
 
     failed = [a for a in answers if not a[4]]
-    assert not failed, f"{len(failed)} of {len(answers)} requests failed or had another version's mask: {failed[:3]}"
+    assert not failed, (
+        f"{len(failed)} of {len(answers)} requests failed or had another version's mask: {failed[:3]}"
+    )
     seen = [a[3] for a in sorted(answers)]
     changes = [v for i, v in enumerate(seen) if i == 0 or v != seen[i - 1]]
     assert changes[:1] == ["1"] and "2" in changes and changes[-1] == "2", changes
@@ -116,4 +126,3 @@ def test_sighup_is_ignored_when_reloading_is_off(tiny_artifact, tmp_path):
         assert "SIGHUP ignored: reloading is off" in Path(server.log).read_text()
     finally:
         server.stop()
-

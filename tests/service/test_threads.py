@@ -102,7 +102,9 @@ class ThreadsSeen:
         return getattr(self.inner, name)
 
     def logits(self, prepared):
-        self.seen.append((threading.current_thread().name.split("_")[0], torch.get_num_threads(), len(prepared)))
+        self.seen.append(
+            (threading.current_thread().name.split("_")[0], torch.get_num_threads(), len(prepared))
+        )
         time.sleep(self.delay)
         return self.inner.logits(prepared)
 
@@ -113,7 +115,9 @@ async def test_a_lone_batch_gets_every_thread_and_side_by_side_batches_a_share(t
     settings = make_settings(tiny_artifact, max_batch_size=2, num_threads=2, inference_streams=2)
 
     def post(client, seed):
-        return client.post("/predict", content=png_bytes(random_image(seed)), headers={"content-type": "image/png"})
+        return client.post(
+            "/predict", content=png_bytes(random_image(seed)), headers={"content-type": "image/png"}
+        )
 
     async with serve(settings, segmenter=seg) as client:
         seen_at_start = len(seg.seen)  # warm-up
@@ -124,6 +128,12 @@ async def test_a_lone_batch_gets_every_thread_and_side_by_side_batches_a_share(t
         state = client.app.state.chanseg
         assert (state.threads, state.streams) == (2, 2)
     lone, *burst, last = seg.seen[seen_at_start:]
-    assert lone[:2] == ("chanseg-infer", 2) and last[:2] == ("chanseg-infer", 2)  # all threads again after the burst
-    assert {(thread, threads) for thread, threads, _ in burst} >= {("chanseg-infer", 1), ("chanseg-infer-1", 1)}
+    assert lone[:2] == ("chanseg-infer", 2) and last[:2] == (
+        "chanseg-infer",
+        2,
+    )  # all threads again after the burst
+    assert {(thread, threads) for thread, threads, _ in burst} >= {
+        ("chanseg-infer", 1),
+        ("chanseg-infer-1", 1),
+    }
     assert sum(n for *_, n in burst) == 8

@@ -18,7 +18,8 @@ PARENT_ID = "00f067aa0ba902b7"
 @pytest.fixture
 def exporter():
     memory = pytest.importorskip(
-        "opentelemetry.sdk.trace.export.in_memory_span_exporter", reason="the tracing extra (in make test's extras)"
+        "opentelemetry.sdk.trace.export.in_memory_span_exporter",
+        reason="the tracing extra (in make test's extras)",
     )
     return memory.InMemorySpanExporter()
 
@@ -26,7 +27,9 @@ def exporter():
 async def test_one_request_is_one_trace_with_a_span_per_stage(tiny_artifact, exporter):
     files = [("file", (f"{i}.png", png_bytes(random_image(50 + i, 60, 70)), "image/png")) for i in range(2)]
     async with serve(make_settings(tiny_artifact, tracing=True), span_exporter=exporter) as client:
-        r = await client.post("/predict", files=files, headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"})
+        r = await client.post(
+            "/predict", files=files, headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+        )
         assert r.status_code == 200
     spans = exporter.get_finished_spans()
     server = next(s for s in spans if s.name == "POST /predict")
@@ -47,7 +50,12 @@ async def test_one_request_is_one_trace_with_a_span_per_stage(tiny_artifact, exp
     inference = next(s for s in children if s.name == "inference")
     assert {link.context.span_id for link in inference.links} == {b.context.span_id for b in ours}
     queue = next(s for s in children if s.name == "queue")
-    assert queue.start_time <= queue.end_time <= inference.start_time + 1_000_000 <= inference.end_time + 1_000_000
+    assert (
+        queue.start_time
+        <= queue.end_time
+        <= inference.start_time + 1_000_000
+        <= inference.end_time + 1_000_000
+    )
     assert server.start_time <= queue.start_time and inference.end_time <= server.end_time
 
 
@@ -56,10 +64,20 @@ async def test_v2_infer_is_traced_too(tiny_artifact, exporter):
     async with serve(make_settings(tiny_artifact, tracing=True), span_exporter=exporter) as client:
         assert (await client.post("/v2/models/tiny/infer", json=body)).status_code == 200
     names = {s.name for s in exporter.get_finished_spans()}
-    assert {"POST /v2/models/{name}/infer", "read", "decode", "queue", "inference", "encode", "batch"} <= names
+    assert {
+        "POST /v2/models/{name}/infer",
+        "read",
+        "decode",
+        "queue",
+        "inference",
+        "encode",
+        "batch",
+    } <= names
 
 
 async def test_off_by_default(tiny_artifact):
     async with serve(make_settings(tiny_artifact)) as client:
         assert client.app.state.chanseg.tracing is OFF
-        assert (await client.post("/predict", files={"file": ("a.png", png_bytes(random_image(1)))})).status_code == 200
+        assert (
+            await client.post("/predict", files={"file": ("a.png", png_bytes(random_image(1)))})
+        ).status_code == 200

@@ -113,7 +113,9 @@ def test_tritonclient_confidence_and_rle_outputs(server, tiny_segmenter, binary)
         np.testing.assert_allclose(confidence[i], probs.max(0) * 255, atol=1.01)  # rounded to 8 bits
         rebuilt = np.zeros_like(masks[i])
         for name, rle in json.loads(rles[i]).items():
-            rebuilt[coco.decode({"size": rle["size"], "counts": rle["counts"].encode()}) == 1] = classes.index(name)
+            rebuilt[coco.decode({"size": rle["size"], "counts": rle["counts"].encode()}) == 1] = (
+                classes.index(name)
+            )
         np.testing.assert_array_equal(rebuilt, masks[i])
         np.testing.assert_array_equal(masks[i], tiny_segmenter.predict(image))
 
@@ -138,7 +140,12 @@ GOOD_INPUT = {"name": "IMAGE", "datatype": "UINT8", "shape": [1, 16, 16, 3], "da
 MALFORMED = {
     "not json": (b"{nope", {}, 400, "JSON"),
     "no inputs": (b'{"inputs": []}', {}, 400, "inputs"),
-    "wrong datatype": (_json([{**GOOD_INPUT, "datatype": "FP32", "data": [0.5] * IMG.size}]), {}, 400, "UINT8"),
+    "wrong datatype": (
+        _json([{**GOOD_INPUT, "datatype": "FP32", "data": [0.5] * IMG.size}]),
+        {},
+        400,
+        "UINT8",
+    ),
     "wrong shape": (_json([{**GOOD_INPUT, "shape": [1, 16, 16]}]), {}, 400, "shape"),
     "shape/data mismatch": (_json([{**GOOD_INPUT, "shape": [1, 16, 17, 3]}]), {}, 400, "values"),
     "wrong input name": (_json([{**GOOD_INPUT, "name": "PIXELS"}]), {}, 400, "unknown input"),
@@ -170,16 +177,25 @@ MALFORMED = {
     ),
     # the issue's: each was a 500 with a traceback
     "shape product overflows int64": (
-        _json([{**GOOD_INPUT, "shape": [2**40, 2**40, 2**40, 3]}]), {}, 413, "pixels"
+        _json([{**GOOD_INPUT, "shape": [2**40, 2**40, 2**40, 3]}]),
+        {},
+        413,
+        "pixels",
     ),
     "integer beyond int64": (_json([{**GOOD_INPUT, "data": [2**70] * IMG.size}]), {}, 400, "integers"),
     "deeply nested data": (
-        _json([{**GOOD_INPUT, "data": json.loads("[" * 300 + "1" + "]" * 300)}]), {}, 400, "data"
+        _json([{**GOOD_INPUT, "data": json.loads("[" * 300 + "1" + "]" * 300)}]),
+        {},
+        400,
+        "data",
     ),
     "outputs is a number": (_json([GOOD_INPUT], outputs=5), {}, 400, "outputs"),
     "parameters not an object": (_json([GOOD_INPUT], parameters=[1]), {}, 400, "parameters"),
     "output parameters not an object": (
-        _json([GOOD_INPUT], outputs=[{"name": "MASK", "parameters": 7}]), {}, 400, "parameters"
+        _json([GOOD_INPUT], outputs=[{"name": "MASK", "parameters": 7}]),
+        {},
+        400,
+        "parameters",
     ),
     "undecodable image bytes": (
         _json(
@@ -283,7 +299,14 @@ async def test_v2_limits_are_413_with_what_to_send_instead(tiny_artifact):
     settings = make_settings(tiny_artifact, max_json_bytes=1_000_000, memory_budget_mb=64)
     image = png_bytes(np.full((3000, 2000, 3), 40, np.uint8))
     probs_json = _json(
-        [{"name": "IMAGE_BYTES", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(image).decode()]}],
+        [
+            {
+                "name": "IMAGE_BYTES",
+                "datatype": "BYTES",
+                "shape": [1],
+                "data": [base64.b64encode(image).decode()],
+            }
+        ],
         outputs=[{"name": "PROBABILITIES"}],
     )
     async with serve(settings) as client:
@@ -303,7 +326,9 @@ async def test_v2_limits_are_413_with_what_to_send_instead(tiny_artifact):
 async def test_schema_of_v2_infer_is_a_real_one(tiny_artifact):
     async with serve(make_settings(tiny_artifact)) as client:
         schema = (await client.get("/openapi.json")).json()
-    body = schema["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    body = schema["paths"]["/v2/models/{name}/infer"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
     tensor = body["properties"]["inputs"]["items"]
     assert body["required"] == ["inputs"] and "$ref" not in json.dumps(body)
     assert set(tensor["required"]) == {"name", "shape", "datatype"}

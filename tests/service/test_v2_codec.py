@@ -41,7 +41,10 @@ MALFORMED = {
         json.dumps({"inputs": [{**IMAGE, "data": [2**70] + list(range(11))}]}),
         "integers",
     ),
-    "integer beyond int64 in shape": (json.dumps({"inputs": [{**IMAGE, "shape": [2**70]}]}), "values for a shape"),
+    "integer beyond int64 in shape": (
+        json.dumps({"inputs": [{**IMAGE, "shape": [2**70]}]}),
+        "values for a shape",
+    ),
     "deeply nested data": (
         json.dumps({"inputs": [{**IMAGE, "data": json.loads("[" * 500 + "1" + "]" * 500)}]}),
         "data",
@@ -104,7 +107,16 @@ def test_bad_binary_framing(header_length, body, words):
 def test_bytes_elements_must_match_their_shape():
     blobs = struct.pack("<I", 3) + b"abc" + struct.pack("<I", 1) + b"x"
     header = json.dumps(
-        {"inputs": [{"name": "B", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(blobs)}}]}
+        {
+            "inputs": [
+                {
+                    "name": "B",
+                    "datatype": "BYTES",
+                    "shape": [1],
+                    "parameters": {"binary_data_size": len(blobs)},
+                }
+            ]
+        }
     ).encode()
     req = decode_request(header + blobs, str(len(header)))
     with pytest.raises(V2Error, match="more than 1 BYTES"):
@@ -125,7 +137,9 @@ def test_json_and_binary_round_trip():
     header = json.dumps(
         {
             "id": "r",
-            "inputs": [{**IMAGE, "shape": [1, 2, 4, 3], "data": None, "parameters": {"binary_data_size": 24}}],
+            "inputs": [
+                {**IMAGE, "shape": [1, 2, 4, 3], "data": None, "parameters": {"binary_data_size": 24}}
+            ],
             "parameters": {"binary_data_output": True},
             "outputs": [{"name": "MASK"}, {"name": "P", "parameters": {"binary_data": False}}],
         }
@@ -135,7 +149,9 @@ def test_json_and_binary_round_trip():
     assert req.id == "r" and req.outputs == {"MASK": True, "P": False}
     encoded = base64.b64encode(b"\x89PNG").decode()
     blobs = decode_request(
-        json.dumps({"inputs": [{"name": "B", "datatype": "BYTES", "shape": [2], "data": [encoded, encoded]}]}).encode(),
+        json.dumps(
+            {"inputs": [{"name": "B", "datatype": "BYTES", "shape": [2], "data": [encoded, encoded]}]}
+        ).encode(),
         None,
     )
     assert blobs.inputs[0].items() == [b"\x89PNG", b"\x89PNG"]
@@ -152,14 +168,22 @@ def test_response_written_into_one_buffer():
     header = json.loads(bytes(body[:n]))
     assert header["id"] == "id-1" and header["outputs"][0]["parameters"]["binary_data_size"] == 6
     np.testing.assert_array_equal(np.frombuffer(bytes(body[n:]), np.uint8).reshape(1, 2, 3), mask)
-    np.testing.assert_allclose(np.asarray(header["outputs"][1]["data"], np.float32).reshape(probs.shape), probs)
+    np.testing.assert_allclose(
+        np.asarray(header["outputs"][1]["data"], np.float32).reshape(probs.shape), probs
+    )
 
 
 # -- hypothesis: random documents, datatypes, shapes, binary tails, header lengths ---
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=6) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
     max_leaves=30,
 )
 datatypes = st.sampled_from([*DTYPES, "BYTES", "UINT7", ""])
@@ -187,7 +211,9 @@ def requests(draw):
         doc["outputs"] = draw(
             st.one_of(
                 json_values,
-                st.lists(st.fixed_dictionaries({"name": st.text(max_size=5)}, optional={"parameters": json_values})),
+                st.lists(
+                    st.fixed_dictionaries({"name": st.text(max_size=5)}, optional={"parameters": json_values})
+                ),
             )
         )
     if draw(st.booleans()):

@@ -178,11 +178,15 @@ async def test_second_start_reuses_the_measurement(tiny_artifact, tmp_path, monk
         first = (await client.get("/v1/model")).json()["batching"]
     async with serve(settings) as client:
         second = (await client.get("/v1/model")).json()["batching"]
-    async with serve(make_settings(tiny_artifact, max_batch_size="auto", auto_batch_limit=8, remeasure_batch_size=True)) as client:
+    async with serve(
+        make_settings(tiny_artifact, max_batch_size="auto", auto_batch_limit=8, remeasure_batch_size=True)
+    ) as client:
         forced = (await client.get("/v1/model")).json()["batching"]
     assert first["max_batch_size_source"] == "measured" and first["measured_at"]
     assert second["max_batch_size_source"] == "reused"
-    assert second["measured_at"] == first["measured_at"] and second["max_batch_size"] == first["max_batch_size"]
+    assert (
+        second["measured_at"] == first["measured_at"] and second["max_batch_size"] == first["max_batch_size"]
+    )
     assert forced["max_batch_size_source"] == "measured" and forced["measured_at"] >= first["measured_at"]
     kept = json.loads(next(tmp_path.glob("batch-size-*.json")).read_text())
     assert kept["key"]["precision"] == "fp32" and kept["max_batch_size"] == forced["max_batch_size"]

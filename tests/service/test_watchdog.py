@@ -60,12 +60,16 @@ def test_stuck_batch_fails_liveness_and_shutdown_keeps_its_budget(hanging_artifa
 
         def post(body):
             try:
-                r = httpx.post(server.url + "/predict", content=body, headers={"content-type": "image/png"}, timeout=60)
+                r = httpx.post(
+                    server.url + "/predict", content=body, headers={"content-type": "image/png"}, timeout=60
+                )
                 answers.append(r.status_code)
             except httpx.TransportError:
                 answers.append("closed")
 
-        senders = [threading.Thread(target=post, args=(body,)) for body in (white, png_bytes(random_image(1)))]
+        senders = [
+            threading.Thread(target=post, args=(body,)) for body in (white, png_bytes(random_image(1)))
+        ]
         for t in senders:
             t.start()
             time.sleep(0.2)
@@ -78,7 +82,11 @@ def test_stuck_batch_fails_liveness_and_shutdown_keeps_its_budget(hanging_artifa
         assert httpx.get(server.url + "/readyz").status_code == 503
         assert httpx.get(server.url + "/v2/health/live").status_code == 503
         metrics = httpx.get(server.url + "/metrics").text
-        running = float(next(ln for ln in metrics.splitlines() if ln.startswith("chanseg_batch_running_seconds ")).split()[1])
+        running = float(
+            next(
+                ln for ln in metrics.splitlines() if ln.startswith("chanseg_batch_running_seconds ")
+            ).split()[1]
+        )
         assert running > WATCHDOG
 
         signalled = time.monotonic()
@@ -93,7 +101,10 @@ def test_stuck_batch_fails_liveness_and_shutdown_keeps_its_budget(hanging_artifa
     print(f"\nstuck batch: liveness 503 after the watchdog; SIGTERM to exit {took:.1f} s (budget {DRAIN} s)")
     assert "inference thread stuck" in log and "forward" in log  # where the thread is, once
     assert log.count("inference thread stuck") == 1
-    assert took < DRAIN + EXIT_MARGIN_S, (took, log[-2000:])  # the shutdown budget holds with a thread that never returns
+    assert took < DRAIN + EXIT_MARGIN_S, (
+        took,
+        log[-2000:],
+    )  # the shutdown budget holds with a thread that never returns
     assert code == 1  # accepted work was abandoned: not a clean exit
     assert len(answers) == 2 and 200 not in answers
 
@@ -104,7 +115,12 @@ def test_a_normal_batch_never_trips_the_watchdog(tiny_artifact, tmp_path):
         server.wait_ready()
         body = png_bytes(random_image(2, 64, 64))
         for _ in range(5):
-            assert httpx.post(server.url + "/predict", content=body, headers={"content-type": "image/png"}).status_code == 200
+            assert (
+                httpx.post(
+                    server.url + "/predict", content=body, headers={"content-type": "image/png"}
+                ).status_code
+                == 200
+            )
             assert httpx.get(server.url + "/healthz").status_code == 200
     finally:
         server.stop()
@@ -136,10 +152,14 @@ def test_a_lost_device_stops_the_server_with_status_1(tmp_path):
     orchestrator then replaces it), within its shutdown budget."""
     path = tmp_path / "faulty.pt"
     model.export_torchscript(FaultsOnWhite(make_net()), path, config=TINY, version="1")
-    server = ServerProcess(str(path), tmp_path, CHANSEG_DRAIN_TIMEOUT_S=str(DRAIN), CHANSEG_MAX_BATCH_SIZE="1")
+    server = ServerProcess(
+        str(path), tmp_path, CHANSEG_DRAIN_TIMEOUT_S=str(DRAIN), CHANSEG_MAX_BATCH_SIZE="1"
+    )
     try:
         server.wait_ready()
-        ok = httpx.post(server.url + "/predict", content=png_bytes(random_image(1)), headers={"content-type": "image/png"})
+        ok = httpx.post(
+            server.url + "/predict", content=png_bytes(random_image(1)), headers={"content-type": "image/png"}
+        )
         white = png_bytes(np.full((32, 32, 3), 255, np.uint8))
         failed = httpx.post(server.url + "/predict", content=white, headers={"content-type": "image/png"})
         started = time.monotonic()
@@ -186,7 +206,11 @@ def test_a_load_that_never_ends_fails_liveness_and_shutdown_keeps_its_budget(tin
     try:
         server.wait_ready()
         started = time.monotonic()
-        r = httpx.post(server.url + "/v2/repository/models/tiny/load", json={"parameters": {"path": "stuck.pt"}}, timeout=60)
+        r = httpx.post(
+            server.url + "/v2/repository/models/tiny/load",
+            json={"parameters": {"path": "stuck.pt"}},
+            timeout=60,
+        )
         took = time.monotonic() - started
         assert r.status_code == 504 and "LOAD_TIMEOUT_S" in r.json()["error"], r.text
         assert "warming up stuck.pt" in r.json()["error"] and took < LOAD_TIMEOUT + 2
@@ -194,7 +218,11 @@ def test_a_load_that_never_ends_fails_liveness_and_shutdown_keeps_its_budget(tin
         assert live.status_code == 503 and live.json()["status"] == "stuck", live.text
         assert httpx.get(server.url + "/readyz").status_code == 503
         metrics = httpx.get(server.url + "/metrics").text
-        running = float(next(ln for ln in metrics.splitlines() if ln.startswith("chanseg_load_running_seconds ")).split()[1])
+        running = float(
+            next(ln for ln in metrics.splitlines() if ln.startswith("chanseg_load_running_seconds ")).split()[
+                1
+            ]
+        )
         assert running > LOAD_TIMEOUT
 
         signalled = time.monotonic()
@@ -204,7 +232,9 @@ def test_a_load_that_never_ends_fails_liveness_and_shutdown_keeps_its_budget(tin
     finally:
         server.stop()
     log = server.log.read_text()
-    print(f"\nstuck load: 504 after LOAD_TIMEOUT_S, liveness 503; SIGTERM to exit {took:.1f} s (budget {DRAIN} s)")
+    print(
+        f"\nstuck load: 504 after LOAD_TIMEOUT_S, liveness 503; SIGTERM to exit {took:.1f} s (budget {DRAIN} s)"
+    )
     assert "inference thread stuck: warming up stuck.pt" in log and "forward" in log
     assert took < DRAIN + EXIT_MARGIN_S, (took, log[-2000:])
     assert code == 1
