@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, Optional, Set
 import torch
 from torch import nn
 
-from .export import Artifact, ModelLoadError, checked_meta, extra_member, written_atomically
+from .export import Artifact, ModelLoadError, checked_meta, read_extra, written_atomically
 from .network import ModelConfig, check_identifier
 
 __all__ = [
@@ -93,9 +93,9 @@ def is_package(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a compiled package (not a TorchScript artifact)."""
     try:
         with zipfile.ZipFile(path) as z:
-            member = extra_member(z, _META)
-            return member is not None and json.loads(z.read(member)).get("format") == PACKAGE_FORMAT
-    except (OSError, zipfile.BadZipFile, ValueError):
+            meta = json.loads(read_extra(z, _META))
+            return isinstance(meta, dict) and meta.get("format") == PACKAGE_FORMAT
+    except (OSError, KeyError, zipfile.BadZipFile, ValueError, RecursionError):
         return False
 
 
@@ -177,9 +177,9 @@ def read_meta(path: str | os.PathLike) -> tuple[ModelConfig, Dict[str, Any]]:
     """A package's config and metadata, without loading its code."""
     try:
         with zipfile.ZipFile(path) as z:
-            config = ModelConfig.from_json(z.read(extra_member(z, _CONFIG) or _CONFIG).decode())
-            meta = json.loads(z.read(extra_member(z, _META) or _META))
-    except (OSError, KeyError, zipfile.BadZipFile, ValueError, TypeError) as exc:
+            config = ModelConfig.from_json(read_extra(z, _CONFIG).decode())
+            meta = json.loads(read_extra(z, _META))
+    except (OSError, KeyError, zipfile.BadZipFile, ValueError, TypeError, RecursionError) as exc:
         raise ModelLoadError(f"{path}: not a chanseg package ({exc})") from exc
     return config, checked_meta(path, meta)
 

@@ -27,11 +27,14 @@ from .network import ChannelAttentionUNet, ModelConfig, check_identifier
 
 __all__ = [
     "ARTIFACT_FORMAT", "ModelLoadError", "Artifact", "export_torchscript", "read_artifact", "read_metadata", "script",
-    "checked_meta",
+    "checked_meta", "read_extra", "MAX_METADATA_BYTES",
 ]  # fmt: skip
 
 ARTIFACT_FORMAT = 1
 _CONFIG_FILE, _META_FILE = "config.json", "meta.json"
+# The most a config or metadata file may hold: a model with thousands of classes needs
+# a few tens of kB; a larger one is not read (a repository is scanned file by file).
+MAX_METADATA_BYTES = 256 << 10
 
 
 class ModelLoadError(RuntimeError):
@@ -170,6 +173,12 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
         raise ModelLoadError(f"{path}: no such model file")
     if not zipfile.is_zipfile(path):
         raise ModelLoadError(f"{path}: not a TorchScript file (not a zip archive; truncated?)")
+    try:
+        with zipfile.ZipFile(path) as z:  # sizes checked before torch reads them
+            for name in (_CONFIG_FILE, _META_FILE):
+                read_extra(z, name, b"")
+    except (OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
     files = {_CONFIG_FILE: "", _META_FILE: ""}
     try:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=files)
@@ -180,7 +189,7 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
     try:
         config = ModelConfig.from_json(_text(files[_CONFIG_FILE]))
         meta = json.loads(_text(files[_META_FILE]) or "{}")
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise ModelLoadError(f"{path}: invalid chanseg metadata: {exc}") from exc
     if int(meta.get("format", 0)) > ARTIFACT_FORMAT:
         raise ModelLoadError(f"{path}: artifact format {meta['format']} is newer than this chanseg supports")
@@ -211,10 +220,9 @@ def read_metadata(path: str | os.PathLike) -> tuple[ModelConfig, Dict[str, Any]]
         return read_meta(path)
     try:
         with zipfile.ZipFile(path) as z:
-            config = ModelConfig.from_json(z.read(extra_member(z, _CONFIG_FILE) or _CONFIG_FILE).decode())
-            meta_member = extra_member(z, _META_FILE)
-            meta = json.loads(z.read(meta_member) if meta_member else "{}")
-    except (OSError, KeyError, zipfile.BadZipFile, ValueError, TypeError) as exc:
+            config = ModelConfig.from_json(read_extra(z, _CONFIG_FILE).decode())
+            meta = json.loads(read_extra(z, _META_FILE, b"{}"))
+    except (OSError, KeyError, zipfile.BadZipFile, ValueError, TypeError, RecursionError) as exc:
         raise ModelLoadError(f"{path}: not a chanseg artifact ({type(exc).__name__}: {exc})") from exc
     return config, checked_meta(path, meta)
 
@@ -223,6 +231,20 @@ def extra_member(z: zipfile.ZipFile, name: str) -> Optional[str]:
     """The archive member holding extra file ``name`` (``torch.jit.save``'s and the
     packages' ``<root>/extra/<name>``), if any."""
     return next((n for n in z.namelist() if n.endswith(f"/extra/{name}")), None)
+
+
+def read_extra(z: zipfile.ZipFile, name: str, default: Optional[bytes] = None) -> bytes:
+    """Extra file ``name`` of the archive, at most :data:`MAX_METADATA_BYTES` (else ValueError);
+    ``default`` when there is none (else KeyError)."""
+    member = extra_member(z, name)
+    if member is None:
+        if default is None:
+            raise KeyError(name)
+        return default
+    size = z.getinfo(member).file_size
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"{name} holds {size} bytes, more than metadata may ({MAX_METADATA_BYTES})")
+    return z.read(member)
 
 
 def _text(value: str | bytes) -> str:

@@ -158,6 +158,7 @@ def create_app(
 
 async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
     s = state.settings
+    _warn_about_an_open_repository(s)
     if s.num_threads:
         torch.set_num_threads(s.num_threads)
     started = time.perf_counter()
@@ -233,6 +234,17 @@ async def _load_and_warm_up(state: ServerState, segmenter: Optional[ServedModel]
         segmenter.format,
     )
     return segmenter, await _choose_batch_size(state, segmenter, loop, since)
+
+
+def _warn_about_an_open_repository(s: Settings) -> None:
+    if s.model_repository is None or s.admin_api_key is not None:
+        return
+    who = "anyone who can reach this port" if s.api_key is None else "every client that holds API_KEY"
+    log.warning(
+        "MODEL_REPOSITORY is set without ADMIN_API_KEY: %s can load and unload models (%s). Set ADMIN_API_KEY "
+        "to a key of its own, and keep the port off untrusted networks (README: Security)",
+        who, s.model_repository,
+    )  # fmt: skip
 
 
 def _check_memory(s: Settings) -> None:

@@ -7,15 +7,19 @@ pool, a thread hop (and a thread woken) per dependency per request.
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import urllib.parse
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from .errors import NotReady, Overloaded, Unauthorized
+from .errors import Forbidden, NotReady, Overloaded, Unauthorized
 
 __all__ = [
     "State",
     "Authorized",
+    "Admin",
+    "check_admin",
     "Ready",
     "Admitted",
     "get_state",
@@ -35,7 +39,23 @@ async def get_state(request: Request):
 def check_api_key(state, headers) -> None:
     """401 unless ``headers`` (HTTP headers, or gRPC metadata as a dict) carry the API
     key, when one is set: ``X-API-Key: KEY`` or ``Authorization: Bearer KEY``."""
-    key = state.settings.api_key
+    _check_key(state.settings.api_key, headers)
+
+
+def check_admin(state, headers) -> None:
+    """The model repository's guard: 403 for a web page of another origin (module
+    docstring), then 401 unless ``headers`` carry ``ADMIN_API_KEY`` (``API_KEY`` when unset)."""
+    s = state.settings
+    origin = headers.get("origin")
+    if origin is not None and not _origin_allowed(origin, headers.get("host", ""), s.admin_origin_set):
+        raise Forbidden(
+            f"a web page at {origin[:100]} may not use the model repository's routes: only tools, the server's "
+            "own pages reached by address, and the origins in ADMIN_ORIGINS"
+        )
+    _check_key(s.admin_api_key or s.api_key, headers)
+
+
+def _check_key(key, headers) -> None:
     if key is None:
         return
     given = headers.get("x-api-key")
@@ -44,6 +64,29 @@ def check_api_key(state, headers) -> None:
         given = auth[7:].strip()
     if not given or not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
         raise Unauthorized()
+
+
+def _origin_allowed(origin: str, host: str, allowed: frozenset) -> bool:
+    """A browser's request (it carries ``Origin``): from a listed origin, or from the server's
+    own page when the server was reached by an IP address or ``localhost``. The same origin
+    by a DNS name is not enough: a page can rebind its own name to this server's address."""
+    origin = origin.strip().lower().rstrip("/")
+    if origin in allowed:
+        return True
+    try:
+        parsed = urllib.parse.urlsplit(origin)
+        hostname, netloc = parsed.hostname or "", parsed.netloc
+    except ValueError:
+        return False
+    if parsed.scheme not in ("http", "https") or netloc != host.strip().lower():
+        return False
+    if hostname == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return False
+    return True
 
 
 def check_ready(state) -> None:
@@ -66,6 +109,10 @@ async def require_api_key(request: Request) -> None:
     check_api_key(request.app.state.chanseg, request.headers)
 
 
+async def require_admin(request: Request) -> None:
+    check_admin(request.app.state.chanseg, request.headers)
+
+
 async def require_ready(request: Request) -> None:
     check_ready(request.app.state.chanseg)
 
@@ -76,5 +123,6 @@ async def require_room(request: Request) -> None:
 
 State = Annotated[object, Depends(get_state)]
 Authorized = Depends(require_api_key)
+Admin = Depends(require_admin)
 Ready = Depends(require_ready)
 Admitted = Depends(require_room)

@@ -21,6 +21,7 @@ import asyncio
 import functools
 import gc
 import logging
+import os
 import time
 import weakref
 from pathlib import Path
@@ -35,6 +36,7 @@ from .resources import freeze_heap, release_free_memory, thaw_heap
 from .warmup import warm_up_in_turns
 
 COLLECT_EVERY_S = 1.0  # while a load waits for the version it replaces (_wait_for_retired)
+MAX_PATH = 1024  # characters of a path a load may name
 
 log = logging.getLogger("chanseg.repository")
 
@@ -59,23 +61,47 @@ class ModelRepository:
         return self.root
 
     def resolve(self, given: str) -> Path:
-        """``given`` (relative to the repository, or absolute) as a file inside the repository."""
+        """``given`` (relative to the repository, or absolute) as a file inside the repository,
+        links followed: a link inside it to a file outside it is refused like the file."""
         root = self._need()
-        path = (root / given).resolve()
-        if not path.is_relative_to(root):
-            raise InvalidRequest(f"{given}: outside the model repository; only files inside it can be loaded")
-        if not path.is_file():
-            raise InvalidRequest(f"{given}: no such file in the model repository")
+        if "\0" in given or len(given) > MAX_PATH:
+            raise InvalidRequest(
+                f"parameters.path: not a file name (a NUL byte, or over {MAX_PATH} characters)"
+            )
+        try:
+            path = (root / given).resolve()
+            if not path.is_relative_to(root):
+                raise InvalidRequest(
+                    f"{given}: outside the model repository; only files inside it can be loaded"
+                )
+            if not path.is_file():
+                raise InvalidRequest(f"{given}: no such file in the model repository")
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a link loop (Python < 3.13)
+            raise InvalidRequest(f"{given[:200]}: {getattr(exc, 'strerror', None) or exc}") from None
         return path
+
+    def _files(self) -> List[Path]:
+        """The regular files inside the repository (resolved), links to outside it left out."""
+        root, found = self._need(), []
+        for folder, _, names in os.walk(root):  # links to folders are not followed
+            for name in names:
+                try:
+                    path = Path(folder, name).resolve()
+                    if path.is_relative_to(root) and path.is_file():
+                        found.append(path)
+                except (OSError, RuntimeError):  # a link loop, a name too long, a file gone meanwhile
+                    continue
+        return sorted(set(found))
 
     def index(self) -> List[dict]:
         """Each chanseg artifact or package in the repository: name, version, path, state
-        (``READY`` for the one serving, else ``UNAVAILABLE``) and why not."""
+        (``READY`` for the one serving, else ``UNAVAILABLE``) and why not. Reads files:
+        call it off the event loop."""
         root = self._need()
         served = self.state.segmenter
         serving = Path(served.path).resolve() if served is not None and served.path else None
         rows = []
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        for path in self._files():
             try:
                 config, meta = read_metadata(path)
             except model.ModelLoadError:
@@ -93,7 +119,8 @@ class ModelRepository:
         return rows
 
     def find(self, name: str, given: Optional[str]) -> Path:
-        """The file to load for model ``name``: ``given``, or the only artifact of that name."""
+        """The file to load for model ``name``: ``given``, or the only artifact of that name.
+        Reads files: call it off the event loop."""
         if given is not None:
             path = self.resolve(given)
             try:

@@ -10,6 +10,7 @@ message names both.
 from __future__ import annotations
 
 import math
+import urllib.parse
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -107,7 +108,20 @@ class Settings(BaseSettings):
         description="decoding/encoding threads; auto: the CPUs this process may use "
         "(affinity mask and container CPU quota) + 2, at most 64",
     )
-    api_key: Optional[SecretStr] = None
+    api_key: Optional[SecretStr] = Field(
+        None, description="the key inference and metadata calls must carry (HTTP and gRPC); unset: no auth"
+    )
+    admin_api_key: Optional[SecretStr] = Field(
+        None,
+        description="the key the model repository's routes (load, unload, index) must carry instead of API_KEY; "
+        "unset: they take API_KEY (a warning at start-up when MODEL_REPOSITORY is set)",
+    )
+    admin_origins: str = Field(
+        "",
+        description="comma-separated origins (https://console.example.com) whose web pages may call the "
+        "repository's routes; a browser's request from any other origin is refused (403), except the server's "
+        "own when it is reached by an IP address or localhost (a DNS name could be rebound)",
+    )
     model_repository: Optional[Path] = Field(
         None,
         description="a folder of artifacts the server may load at run time (v2 model-repository extension, "
@@ -138,6 +152,22 @@ class Settings(BaseSettings):
             raise ValueError(f"{value} is not a folder")
         return value.resolve() if value is not None else None
 
+    @field_validator("admin_origins")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        for origin in filter(None, (o.strip() for o in value.split(","))):
+            parsed = urllib.parse.urlsplit(origin.rstrip("/"))
+            if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.path or parsed.query:
+                raise ValueError(
+                    f"{origin!r} is not an origin (scheme://host[:port], e.g. https://console.example.com)"
+                )
+        return value
+
+    @property
+    def admin_origin_set(self) -> frozenset:
+        """ADMIN_ORIGINS as a set, each lower-cased and without a trailing slash."""
+        return frozenset(o.strip().lower().rstrip("/") for o in self.admin_origins.split(",") if o.strip())
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
@@ -150,7 +180,7 @@ class Settings(BaseSettings):
     def _lower(cls, value):
         return value.lower() if isinstance(value, str) else value
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "admin_api_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value):
         return None if value == "" else value

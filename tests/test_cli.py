@@ -20,7 +20,9 @@ from service.cli import MODEL_COMMANDS
 ROOT = Path(__file__).resolve().parents[1]
 CHANSEG = Path(sys.executable).parent / "chanseg"
 
-pytestmark = pytest.mark.skipif(not CHANSEG.exists(), reason="the console script is installed by pip install -e .")
+pytestmark = pytest.mark.skipif(
+    not CHANSEG.exists(), reason="the console script is installed by pip install -e ."
+)
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -57,10 +59,25 @@ def test_predict_takes_files_and_folders(tiny_artifact, tmp_path):
     single = tmp_path / "single.jpg"
     Image.fromarray(arrays["p0"]).save(single)
     out = tmp_path / "out"
-    done = run("predict", "--model", tiny_artifact, "--device", "cpu", "--batch-size", "2", str(photos), str(single), "--out", str(out))
+    done = run(
+        "predict",
+        "--model",
+        tiny_artifact,
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        str(photos),
+        str(single),
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     written = sorted(p.name for p in out.iterdir())
-    assert written == sorted([f"p{i}.{kind}.png" for i in range(5) for kind in ("mask", "overlay")] + ["single.mask.png", "single.overlay.png"])
+    assert written == sorted(
+        [f"p{i}.{kind}.png" for i in range(5) for kind in ("mask", "overlay")]
+        + ["single.mask.png", "single.overlay.png"]
+    )
     assert "6/6 images" in done.stderr  # the progress bar's last state
     seg = model.load(tiny_artifact, device="cpu")
     for name, array in arrays.items():

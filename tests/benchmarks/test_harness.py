@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _mask(url: str, scenario, image: bytes) -> np.ndarray:
     payload = scenario.payload(image)
-    r = httpx.post(url + scenario.path, content=payload.body, headers={"content-type": payload.content_type}, timeout=60)
+    r = httpx.post(
+        url + scenario.path, content=payload.body, headers={"content-type": payload.content_type}, timeout=60
+    )
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     return np.asarray(Image.open(io.BytesIO(r.content)))
 
@@ -74,7 +76,11 @@ def test_run_writes_json_csv_plot_and_table(tiny_artifact, tmp_path):
     assert report["servers"]["chanseg"]["batching"]["max_batch_size_source"] == "measured"
     assert report["model"] == tiny_artifact  # what every server and the ceiling ran
     loads = [(r["scenario"], r["mode"], r["load"]) for r in report["rows"]]
-    assert loads[:3] == [("chanseg", "concurrency", 1), ("chanseg", "concurrency", 2), ("chanseg", "rate", loads[2][2])]
+    assert loads[:3] == [
+        ("chanseg", "concurrency", 1),
+        ("chanseg", "concurrency", 2),
+        ("chanseg", "rate", loads[2][2]),
+    ]
     assert loads[3:] == [("naive", "concurrency", 1), ("naive", "concurrency", 2)]
     assert all(r["ok"] > 0 and r["errors"] == 0 for r in report["rows"])
     # Where the CPU went: chanseg's named threads split it; the naive server's forward
@@ -82,7 +88,9 @@ def test_run_writes_json_csv_plot_and_table(tiny_artifact, tmp_path):
     for r in report["rows"]:
         cpu = r["server_cpu"]
         assert cpu["total"] > 0 and r["server_cpu_ms_per_image"] == cpu["total"]
-        assert sum(cpu[k] for k in ("inference", "io", "main", "other")) == pytest.approx(cpu["total"], rel=0.05)
+        assert sum(cpu[k] for k in ("inference", "io", "main", "other")) == pytest.approx(
+            cpu["total"], rel=0.05
+        )
         if r["scenario"] == "chanseg":
             assert cpu["inference"] > 0 and cpu["io"] > 0 and cpu["main"] > 0
         else:
@@ -271,7 +279,12 @@ def test_protocols_measures_predict_v2_http_and_grpc(tiny_artifact, capsys):
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is in the dev extra")
     from benchmarks import protocols
 
-    assert protocols.main(["--concurrency", "2", "--window", "0.5", "--max-windows", "1", "--model", tiny_artifact]) == 0
+    assert (
+        protocols.main(
+            ["--concurrency", "2", "--window", "0.5", "--max-windows", "1", "--model", tiny_artifact]
+        )
+        == 0
+    )
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [(r[0], r[1]) for r in rows] == [("predict", "2"), ("v2-http", "2"), ("v2-grpc", "2")]
     assert all(float(r[2]) > 0 and "not" not in " ".join(r) for r in rows)  # every request answered 200

@@ -42,7 +42,9 @@ def test_server_split_from_two_scrapes():
     after = {"queue_sum": 1.5, "queue_count": 20, "inference_sum": 2.4, "inference_count": 9,
              "batch_sum": 20, "batch_count": 9}  # fmt: skip
     split = server_split(before, after)
-    assert split == pytest.approx({"queue_ms": 50.0, "inference_ms_per_batch": 100.0, "batch_size": 2.5, "batches": 4})
+    assert split == pytest.approx(
+        {"queue_ms": 50.0, "inference_ms_per_batch": 100.0, "batch_size": 2.5, "batches": 4}
+    )
     assert server_split(None, after) is None
     assert server_split(after, after) is None  # nothing happened in between
 
@@ -50,7 +52,9 @@ def test_server_split_from_two_scrapes():
 def test_closed_loop_against_a_real_server(chanseg_url):
     payloads = [multipart(img) for img in make_images(4, 64)]
     m = asyncio.run(
-        measure(chanseg_url, payloads, concurrency=3, window_s=0.6, warmup_s=0.3, max_windows=4, stability=0.5)
+        measure(
+            chanseg_url, payloads, concurrency=3, window_s=0.6, warmup_s=0.3, max_windows=4, stability=0.5
+        )
     )
     assert m.statuses == {"200": m.ok} and m.ok > 3
     assert 1 <= len(m.windows) <= 4 and m.status in ("stable", "unstable")
@@ -64,7 +68,9 @@ def test_closed_loop_against_a_real_server(chanseg_url):
 def test_request_count_bound(chanseg_url):
     payloads = [multipart(make_images(1, 64)[0])]
     m = asyncio.run(
-        measure(chanseg_url, payloads, concurrency=2, window_s=0.5, warmup_s=0, max_windows=20, max_requests=12)
+        measure(
+            chanseg_url, payloads, concurrency=2, window_s=0.5, warmup_s=0, max_windows=20, max_requests=12
+        )
     )
     assert m.requests <= 12 and sum(w.ok for w in m.windows) <= 12
 

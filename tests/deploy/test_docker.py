@@ -66,7 +66,9 @@ def engine():
 def container(engine):
     port, grpc_port = free_port(), free_port()
     t = time.perf_counter()
-    cid = sh("docker", "run", "-d", "-p", f"127.0.0.1:{port}:8000", "-p", f"127.0.0.1:{grpc_port}:8001", TAG).stdout.strip()
+    cid = sh(
+        "docker", "run", "-d", "-p", f"127.0.0.1:{port}:8000", "-p", f"127.0.0.1:{grpc_port}:8001", TAG
+    ).stdout.strip()
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120

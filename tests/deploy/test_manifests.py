@@ -139,7 +139,9 @@ def test_shutdown_budget_fits_every_grace_period_it_is_deployed_with():
     grace = float(chanseg["stop_grace_period"].rstrip("s"))
     budgets["compose"] = (float(chanseg["environment"]["CHANSEG_DRAIN_TIMEOUT_S"]) + EXIT_MARGIN_S, grace)
     # Kubernetes: preStop, then SIGTERM, all inside terminationGracePeriodSeconds
-    pod = yaml.safe_load((DEPLOY / "k8s" / "base" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    pod = yaml.safe_load((DEPLOY / "k8s" / "base" / "deployment.yaml").read_text())["spec"]["template"][
+        "spec"
+    ]
     container = pod["containers"][0]
     pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     budgets["kubernetes"] = (

@@ -48,7 +48,9 @@ class Balancer:
         env = {**os.environ, "LISTEN": f"127.0.0.1:{self.port}", "STATS_SOCKET": self.socket}
         env.update({name.upper(): f"127.0.0.1:{proc.port}" for name, proc in replicas.items()})
         with open(tmp / "haproxy.log", "wb") as log:  # the child keeps its own copy of the descriptor
-            self.proc = subprocess.Popen([binary, "-db", "-f", str(CONFIG)], env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [binary, "-db", "-f", str(CONFIG)], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         self.url = f"http://127.0.0.1:{self.port}"
 
     def command(self, line: str) -> str:
@@ -91,7 +93,9 @@ def test_rolling_update_and_a_killed_replica_behind_haproxy(tmp_path):
             proc.wait_ready(120)
         balancer = Balancer(replicas, tmp_path)
         balancer.wait_until(lambda: balancer.up() == {"r1", "r2", "r3"}, "replicas never all up")
-        load = ClosedLoop(balancer.url, [png_bytes(random_image(61, 64, 64))], ("x-replica", "x-model-version"))
+        load = ClosedLoop(
+            balancer.url, [png_bytes(random_image(61, 64, 64))], ("x-replica", "x-model-version")
+        )
         time.sleep(1.0)
 
         # The rolling update: one replica at a time.
@@ -170,6 +174,10 @@ def test_haproxy_config_is_valid_and_the_compose_file_runs_it(tmp_path):
     compose = yaml.safe_load((CONFIG.parent / "docker-compose.yml").read_text())
     replicas = {name for name in compose["services"] if name.startswith("chanseg-")}
     lb = compose["services"]["haproxy"]
-    assert {lb["environment"][f"R{i}"].split(":")[0] for i in (1, 2, 3)} == replicas == {"chanseg-1", "chanseg-2", "chanseg-3"}
+    assert (
+        {lb["environment"][f"R{i}"].split(":")[0] for i in (1, 2, 3)}
+        == replicas
+        == {"chanseg-1", "chanseg-2", "chanseg-3"}
+    )
     assert "./haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in lb["volumes"]
     assert all(compose["services"][r]["image"] == "chanseg:latest" for r in replicas)

@@ -108,4 +108,3 @@ def hold(url, payloads, rate: float, seconds: float, windows: int = 4, **kw):
 
 def statuses_only(statuses: Dict[str, int], allowed) -> bool:
     return set(statuses) <= set(allowed)
-

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.reliability
 
 
 def test_sigterm_under_load_answers_every_accepted_request(tmp_path):
-    server = start_server(tmp_path, CHANSEG_LOG_LEVEL="info", CHANSEG_LOG_FORMAT="json", CHANSEG_DRAIN_TIMEOUT_S="20")
+    server = start_server(
+        tmp_path, CHANSEG_LOG_LEVEL="info", CHANSEG_LOG_FORMAT="json", CHANSEG_DRAIN_TIMEOUT_S="20"
+    )
     body = make_images(1, 256)[0]
     outcomes: dict = {}  # request id -> status code or the transport error's type
     stop = threading.Event()

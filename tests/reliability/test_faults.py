@@ -41,13 +41,20 @@ def _settle(server, fds_before: int, timeout: float = 5.0) -> int:
 
 def test_disconnect_mid_upload_costs_nothing(server):
     body = make_images(1, 256)[0]
-    assert httpx.post(server.url + "/predict", content=body, headers={"content-type": "image/png"}).status_code == 200
+    assert (
+        httpx.post(server.url + "/predict", content=body, headers={"content-type": "image/png"}).status_code
+        == 200
+    )
     fds, computed = server.open_fds(), server.metric("chanseg_batch_size_sum")
     for _ in range(20):  # declare 200 kB, send 1 kB, hang up
         _raw_request(server.url, body[:1000], declared=200_000).close()
     fds_after = _settle(server, fds)
     r = httpx.post(server.url + "/predict", content=body, headers={"content-type": "image/png"}, timeout=30)
-    report("disconnect mid-upload", fds=(fds, fds_after), computed=server.metric("chanseg_batch_size_sum") - computed)
+    report(
+        "disconnect mid-upload",
+        fds=(fds, fds_after),
+        computed=server.metric("chanseg_batch_size_sum") - computed,
+    )
     assert r.status_code == 200
     assert fds_after <= fds
     assert server.metric("chanseg_batch_size_sum") - computed == 1  # only the good request
@@ -80,7 +87,13 @@ def test_disconnect_while_queued_is_not_computed(server):
     fds_after = _settle(server, fds)
     done = server.metric("chanseg_batch_size_sum") - computed
     dropped = server.metric("chanseg_requests_total", status="499") - gone
-    report("disconnect while queued", depth_at_hang_up=depth, computed=done, dropped_499=dropped, fds=(fds, fds_after))
+    report(
+        "disconnect while queued",
+        depth_at_hang_up=depth,
+        computed=done,
+        dropped_499=dropped,
+        fds=(fds, fds_after),
+    )
     assert done == 32, done
     assert dropped == 10
     assert fds_after <= fds
@@ -137,9 +150,14 @@ async def test_exception_in_one_batch_fails_only_its_image(tiny_artifact, tiny_s
         make_settings(tiny_artifact, max_batch_size=4, max_batch_delay_ms=50), segmenter=poisoned
     ) as client:
         answers = await asyncio.gather(
-            *(client.post("/predict?format=png", content=b, headers={"content-type": "image/png"}) for b in pngs)
+            *(
+                client.post("/predict?format=png", content=b, headers={"content-type": "image/png"})
+                for b in pngs
+            )
         )
-        after = await client.post("/predict?format=png", content=pngs[0], headers={"content-type": "image/png"})
+        after = await client.post(
+            "/predict?format=png", content=pngs[0], headers={"content-type": "image/png"}
+        )
     failed = [i for i, r in enumerate(answers) if r.status_code == 500]
     assert failed == [5]
     assert [255] in poisoned.batches  # it ran alone in the end

@@ -30,7 +30,12 @@ def _c1_p50(url: str, body) -> float:
         times = []
         for _ in range(7):
             t = time.perf_counter()
-            assert client.post("/predict?format=png", content=body.body, headers={"content-type": body.content_type}).status_code == 200
+            assert (
+                client.post(
+                    "/predict?format=png", content=body.body, headers={"content-type": body.content_type}
+                ).status_code
+                == 200
+            )
             times.append((time.perf_counter() - t) * 1000)
     return sorted(times)[len(times) // 2]
 
@@ -41,7 +46,9 @@ def test_overload_3x_capacity_gets_fast_503s_and_recovers(server, payloads, capa
     baseline_ms = _c1_p50(server.url, payloads[0])
     # At 3x capacity the queue grows at 2x capacity: this long fills it (64 images).
     fill_s = 64 / (2 * capacity) + 1
-    hold(server.url, payloads, 3 * capacity, max(2.0, fill_s), windows=1)  # warm-up: the full queue's buffers exist
+    hold(
+        server.url, payloads, 3 * capacity, max(2.0, fill_s), windows=1
+    )  # warm-up: the full queue's buffers exist
     time.sleep(64 / capacity + 1)  # drained
     rss_before = server.rss_kb()
     # Long enough for the queue to fill with half the window left: 6 s where the
@@ -54,7 +61,11 @@ def test_overload_3x_capacity_gets_fast_503s_and_recovers(server, payloads, capa
     with httpx.Client(base_url=server.url, timeout=30) as client:
         while time.perf_counter() - ended < 10:
             t = time.perf_counter()
-            r = client.post("/predict?format=png", content=payloads[1].body, headers={"content-type": payloads[1].content_type})
+            r = client.post(
+                "/predict?format=png",
+                content=payloads[1].body,
+                headers={"content-type": payloads[1].content_type},
+            )
             if r.status_code == 200 and (time.perf_counter() - t) * 1000 <= 1.5 * baseline_ms + 20:
                 recovered_after = time.perf_counter() - ended
                 break

@@ -190,7 +190,9 @@ def test_hostile_mix_stays_inside_the_pod_memory_limit(tmp_path):
         "png (2)": dict(files=multipart_files(images["png"], PER_REQUEST)),
         "png (3)": dict(files=multipart_files(images["png"], PER_REQUEST)),
         "png16": dict(files=multipart_files(images["png16"], PER_REQUEST)),
-        "v2 probabilities": dict(path="/v2/models/chanseg/infer", body=v2_bytes(images["png"], "PROBABILITIES", True)),
+        "v2 probabilities": dict(
+            path="/v2/models/chanseg/infer", body=v2_bytes(images["png"], "PROBABILITIES", True)
+        ),
         "v2 json mask": dict(path="/v2/models/chanseg/infer", body=v2_bytes(images["png"], "MASK", False)),
         # and more of our own
         "jpeg rotated": dict(path="/predict?format=png", raw=(images["jpeg_rotated"], "image/jpeg")),
@@ -201,7 +203,9 @@ def test_hostile_mix_stays_inside_the_pod_memory_limit(tmp_path):
             ]
         ),
         "v2 uint8 binary": dict(path="/v2/models/chanseg/infer", body=v2_uint8(3000, 3500)),
-        "v2 bytes mask binary": dict(path="/v2/models/chanseg/infer", body=v2_bytes(images["png"], "MASK", True)),
+        "v2 bytes mask binary": dict(
+            path="/v2/models/chanseg/infer", body=v2_bytes(images["png"], "MASK", True)
+        ),
         "v2 json image": dict(path="/v2/models/chanseg/infer", body=(v2_json_image(700, 700), {})),
     }
 
@@ -216,7 +220,9 @@ def test_hostile_mix_stays_inside_the_pod_memory_limit(tmp_path):
                     r = client.post(path, content=spec["raw"][0], headers={"content-type": spec["raw"][1]})
                 else:
                     body, headers = spec["body"]
-                    r = client.post(path, content=body, headers={"content-type": "application/json", **headers})
+                    r = client.post(
+                        path, content=body, headers={"content-type": "application/json", **headers}
+                    )
                 if r.status_code != 503:
                     break
                 time.sleep(float(r.headers["retry-after"]))
@@ -254,7 +260,9 @@ def test_hostile_mix_stays_inside_the_pod_memory_limit(tmp_path):
     # the image requests are served, by waiting for room rather than by refusal
     for name in ("png (1)", "png (2)", "png (3)", "png16", "jpeg rotated", "modes"):
         assert statuses[name] == 200, (name, results, log[-3000:])
-    assert peak < 0.8 * limit, f"peak RSS {peak / 2**20:.0f} MiB over 80% of the pod's {limit / 2**20:.0f} MiB"
+    assert peak < 0.8 * limit, (
+        f"peak RSS {peak / 2**20:.0f} MiB over 80% of the pod's {limit / 2**20:.0f} MiB"
+    )
     # the budget is honest: the process grew by what it reserved, plus the allocator's
     # slack (freed pages not yet handed back: up to ~20% seen here with tcmalloc)
     budget = 1024 * 2**20  # MEMORY_BUDGET_MB's default

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.reliability
 @pytest.fixture(scope="module")
 def live_schema(tiny_artifact, tmp_path_factory):
     server = start_server(
-        tmp_path_factory.mktemp("schema"), CHANSEG_MODEL_PATH=tiny_artifact, CHANSEG_MAX_IMAGE_PIXELS="4000000"
+        tmp_path_factory.mktemp("schema"),
+        CHANSEG_MODEL_PATH=tiny_artifact,
+        CHANSEG_MAX_IMAGE_PIXELS="4000000",
     )
     try:
         yield schemathesis.openapi.from_url(server.url + "/openapi.json")
@@ -37,7 +39,10 @@ def live_schema(tiny_artifact, tmp_path_factory):
 def _fuzz(operation, calls: dict) -> None:
     @given(case=operation.as_strategy())
     @settings(
-        max_examples=200 if LONG else 25, deadline=None, suppress_health_check=list(HealthCheck), database=None
+        max_examples=200 if LONG else 25,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
     )
     def check(case):
         calls[operation.label] = calls.get(operation.label, 0) + 1

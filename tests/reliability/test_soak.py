@@ -21,14 +21,27 @@ def _requests():
     png, jpeg = make_images(2, 256), make_images(1, 700, "JPEG")
     pixels = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
     v2_json = {
-        "inputs": [{"name": "IMAGE", "shape": [1, 40, 30, 3], "datatype": "UINT8", "data": pixels.ravel().tolist()}],
+        "inputs": [
+            {"name": "IMAGE", "shape": [1, 40, 30, 3], "datatype": "UINT8", "data": pixels.ravel().tolist()}
+        ],
         "outputs": [{"name": "MASK"}, {"name": "PROBABILITIES"}],
     }
     v2_bytes = {
-        "inputs": [{"name": "IMAGE_BYTES", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(png[0]).decode()]}]
+        "inputs": [
+            {
+                "name": "IMAGE_BYTES",
+                "shape": [1],
+                "datatype": "BYTES",
+                "data": [base64.b64encode(png[0]).decode()],
+            }
+        ]
     }
     return [
-        ("POST", "/predict", {"files": [("file", ("a.png", png[0], "image/png")), ("file", ("b.jpg", jpeg[0], "image/jpeg"))]}),
+        (
+            "POST",
+            "/predict",
+            {"files": [("file", ("a.png", png[0], "image/png")), ("file", ("b.jpg", jpeg[0], "image/jpeg"))]},
+        ),
         ("POST", "/predict?format=png", {"content": png[1], "headers": {"content-type": "image/png"}}),
         ("POST", "/predict", {"content": jpeg[0], "headers": {"content-type": "image/jpeg"}}),
         ("POST", "/v2/models/chanseg/infer", {"json": v2_json}),

@@ -31,12 +31,19 @@ def test_random_v2_bodies_over_http_are_200_or_4xx(live):
     seen: dict = {}
 
     @given(request=requests())
-    @settings(max_examples=1500 if LONG else 100, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=1500 if LONG else 100,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     def check(request):
         body, header_length = request
         headers = {}
         if header_length is not None:  # what an HTTP client can send as a header value
-            headers["inference-header-content-length"] = header_length.encode("ascii", "replace").decode().strip() or "x"
+            headers["inference-header-content-length"] = (
+                header_length.encode("ascii", "replace").decode().strip() or "x"
+            )
         r = client.post("/v2/models/tiny/infer", content=body, headers=headers)
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
         assert r.status_code == 200 or 400 <= r.status_code < 500, (r.status_code, r.text)

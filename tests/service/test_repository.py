@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
+import shutil
 import time
 import weakref
 import zipfile
@@ -16,6 +18,7 @@ import pytest
 
 import model
 from benchmarks.client import metric_samples
+from model.export import read_metadata
 from service.pipeline import InferItem
 from service.repository import COLLECT_EVERY_S
 from tests.conftest import make_net
@@ -300,9 +303,6 @@ def test_repository_setting_must_be_a_folder(tmp_path):
 
 async def test_a_version_that_cannot_go_into_a_header_is_refused_at_load(tmp_path, tiny_artifact):
     """It loaded and reported ready, then every inference was a 500 (X-Model-Version)."""
-    import json
-    import shutil
-
     root = tmp_path / "repo"
     root.mkdir()
     shutil.copy(tiny_artifact, root / "a.pt")
@@ -318,3 +318,117 @@ async def test_a_version_that_cannot_go_into_a_header_is_refused_at_load(tmp_pat
             r.text
         )
         assert (await _predict(client)).status_code == 200  # the version serving keeps serving
+
+
+# -- the admin API, as a web page and a careless client would drive it (issue 31) ------------
+
+
+async def test_a_web_page_of_another_origin_cannot_drive_the_repository(repo, chanseg_logs):
+    """With no key, any page could unload the model: a text/plain POST needs no preflight,
+    and a page can rebind its own DNS name to the server's address."""
+    async with serve(make_settings(str(repo / "a.pt"), model_repository=repo)) as client:
+        unload = "/v2/repository/models/tiny/unload"
+        r = await client.post(unload, content=b"{}", headers={"content-type": "text/plain"})
+        assert r.status_code == 415 and "application/json" in r.json()["error"]
+        for origin, host in (
+            ("http://evil.example", "127.0.0.1:8000"),  # another site
+            ("http://rebound.example:8000", "rebound.example:8000"),  # its own name, rebound to this server
+            ("null", "127.0.0.1:8000"),  # a sandboxed frame, a file
+        ):
+            r = await client.post(unload, json={}, headers={"origin": origin, "host": host})
+            assert r.status_code == 403 and "ADMIN_ORIGINS" in r.json()["error"], (origin, r.text)
+        assert (await client.get("/readyz")).status_code == 200  # nothing was unloaded
+        # The server's own page reached by address, and tools (no Origin, no Content-Type: tritonclient).
+        index = "/v2/repository/index"
+        r = await client.post(
+            index, json={}, headers={"origin": "http://127.0.0.1:8000", "host": "127.0.0.1:8000"}
+        )
+        assert r.status_code == 200
+        assert (await client.post(index, content=b"{}")).status_code == 200
+    assert (
+        "MODEL_REPOSITORY is set without ADMIN_API_KEY: anyone who can reach this port" in chanseg_logs.text
+    )
+
+
+async def test_listed_origins_and_the_admin_key(repo):
+    settings = make_settings(
+        str(repo / "a.pt"), model_repository=repo, api_key="infer", admin_api_key="admin",
+        admin_origins="https://console.example.com",
+    )  # fmt: skip
+    async with serve(settings) as client:
+        index = "/v2/repository/index"
+        assert (
+            await client.post(index, headers={"x-api-key": "infer"})
+        ).status_code == 401  # not the inference key
+        assert (await client.post(index, headers={"authorization": "Bearer admin"})).status_code == 200
+        console = {"origin": "https://console.example.com", "x-api-key": "admin"}
+        assert (await client.post(index, headers=console)).status_code == 200
+        assert (
+            await client.post(index, headers={**console, "origin": "https://other.example.com"})
+        ).status_code == 403
+        assert (await _predict(client, **{"x-api-key": "infer"})).status_code == 200
+        assert (
+            await _predict(client, **{"x-api-key": "admin"})
+        ).status_code == 401  # the admin key is for admin
+
+
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        (b"[" * 60_000, 400, "nested too deeply"),
+        (b"\xff\xfe{}", 400, "not JSON"),
+        (b'{"parameters": {"path": "a\\u0000.pt"}}', 400, "NUL byte"),
+        (b'{"parameters": {"path": "' + b"x" * 5000 + b'"}}', 400, "over 1024 characters"),
+        (b'{"parameters": {"path": "' + b"d/" * 400 + b'a.pt"}}', 400, "no such file"),
+        (b"[" + b"0," * 40_000 + b"0]", 413, "at most 65536"),
+    ],
+    ids=["deep nesting", "not utf-8", "NUL byte", "long path", "deep path", "large array"],
+)
+async def test_malformed_admin_bodies_are_4xx(repo, body, status, words):
+    async with serve(make_settings(str(repo / "a.pt"), model_repository=repo)) as client:
+        r = await client.post(
+            "/v2/repository/models/tiny/load", content=body, headers={"content-type": "application/json"}
+        )
+        assert r.status_code == status and words in r.json()["error"], r.text
+        assert (await client.get("/readyz")).status_code == 200
+
+
+async def test_a_link_out_of_the_repository_is_neither_listed_nor_loaded(tmp_path, tiny_artifact):
+    root, outside = tmp_path / "repo", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    shutil.copy(tiny_artifact, root / "a.pt")
+    model.export_torchscript(make_net(seed=3), outside / "other.pt", version="9")
+    (root / "innocent.pt").symlink_to(outside / "other.pt")
+    (root / "folder").symlink_to(outside, target_is_directory=True)
+    (root / "loop.pt").symlink_to(root / "loop.pt")
+    async with serve(make_settings(str(root / "a.pt"), model_repository=root)) as client:
+        rows = (await client.post("/v2/repository/index")).json()
+        assert [row["path"] for row in rows] == ["a.pt"]
+        for path in ("innocent.pt", "folder/other.pt", "loop.pt"):
+            r = await client.post("/v2/repository/models/tiny/load", json={"parameters": {"path": path}})
+            assert r.status_code == 400, (path, r.text)
+        r = await client.post(
+            "/v2/repository/models/tiny/load", json={}
+        )  # by name: the one inside, not version 9
+        assert r.status_code == 200 and r.json()["version"] == "7", r.text
+
+
+async def test_oversized_metadata_is_not_read_and_scans_leave_the_event_loop_free(tmp_path, tiny_artifact):
+    """A 0.5 MB metadata file blocked /healthz 6.5 s and took ~1 GB: the index scanned on the loop."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(tiny_artifact, root / "a.pt")
+    with zipfile.ZipFile(tiny_artifact) as z, zipfile.ZipFile(root / "huge.pt", "w") as out:
+        for item in z.infolist():
+            data = z.read(item)
+            if item.filename.endswith("/extra/meta.json"):
+                data = json.dumps({**json.loads(data), "notes": ["x" * 100] * 5000}).encode()
+            out.writestr(item, data)
+    with pytest.raises(model.ModelLoadError, match="more than metadata may"):
+        read_metadata(root / "huge.pt")
+    async with serve(make_settings(str(root / "a.pt"), model_repository=root)) as client:
+        rows = (await client.post("/v2/repository/index")).json()
+        assert [row["path"] for row in rows] == ["a.pt"]
+        r = await client.post("/v2/repository/models/tiny/load", json={"parameters": {"path": "huge.pt"}})
+        assert r.status_code == 400 and "more than metadata may" in r.json()["error"]
