@@ -17,6 +17,13 @@ connection:
   are answered 503 with ``Retry-After`` by the middleware, and closed;
 - **stalled readers**: a client that reads none of its response for
   ``READ_TIMEOUT_S`` is disconnected, so what the response holds is freed;
+- **lingering close**: a connection closed while its request's body is still
+  arriving (a 413 for a body over a limit, answered before it is read) is
+  half-closed after the response and what else arrives is read and dropped
+  (at most :data:`LINGER_S` and within the request's ``READ_TIMEOUT_S``, until
+  :data:`LINGER_IDLE_S` pass without data, or :data:`LINGER_BYTES`), as nginx's
+  ``lingering_close`` does: closed at once, the
+  kernel resets the connection and a client still sending never reads the refusal;
 - the time of each request's first byte, from which the middleware's body
   deadline counts (``scope["chanseg.connection"]``).
 
@@ -55,6 +62,11 @@ log = logging.getLogger("chanseg.server")
 access_log = logging.getLogger("chanseg.access")
 
 MAX_HEADER_BYTES = 64 * 1024
+LINGER_S, LINGER_IDLE_S, LINGER_BYTES = (
+    30.0,
+    5.0,
+    1 << 30,
+)  # nginx: lingering_time 30 s, lingering_timeout 5 s
 # From the end of the shutdown budget to the process being gone (the interpreter's
 # exit): what a grace period must allow beyond DRAIN_TIMEOUT_S. Measured < 1 s
 # with a batch that never returns (tests/service/test_watchdog.py).
@@ -76,6 +88,10 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._in_body = False  # the request's body is still arriving
+        self._lingering: Optional[_LingeringTransport] = None
+        self._linger_timers: list = []
+        self._linger_bytes = 0
         self._timer: Optional[asyncio.TimerHandle] = None  # idle or header deadline
         self._stall_timer: Optional[asyncio.TimerHandle] = None
         self._header_bytes = 0
@@ -87,18 +103,28 @@ class GuardedProtocol(HttpToolsProtocol):
     # -- connection ------------------------------------------------------------
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(_LingeringTransport(transport, self))
         self._over_capacity = len(self.connections) > self.guards.max_connections
         self._arm(self.timeout_keep_alive, self._idle)
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._disarm()
+        for timer in self._linger_timers:
+            timer.cancel()
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:
+            self._linger_bytes += len(data)
+            if self._linger_bytes > LINGER_BYTES:
+                self._lingering.hard_close()
+            else:
+                self._linger_timers[1].cancel()
+                self._linger_timers[1] = self.loop.call_later(LINGER_IDLE_S, self._lingering.hard_close)
+            return
         if self._refused:
             return
         super().data_received(data)
@@ -135,6 +161,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._in_headers = False
+        self._in_body = True
         self._disarm()
         self.scope[CONNECTION_SCOPE_KEY] = {  # type: ignore[literal-required]
             "first_byte": self._first_byte,
@@ -147,8 +174,38 @@ class GuardedProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._in_body = False
         if not self._refused:
             super().on_message_complete()
+
+    def linger(self) -> bool:
+        """Close by half-closing and dropping what still arrives (module docstring), when the
+        request's body is still arriving; False when a plain close will do."""
+        transport = self._lingering_candidate()
+        if transport is None:
+            return False
+        # Within the request's own deadline: a client too slow for it (a 408) is not waited for.
+        left = min(LINGER_S, self._first_byte + self.guards.read_timeout_s - time.monotonic())
+        if left <= 0:
+            return False
+        self._lingering = transport
+        transport.inner.write_eof()  # the response, then FIN; the reading side stays open
+        transport.inner.resume_reading()
+        self._linger_timers = [
+            self.loop.call_later(left, transport.hard_close),
+            self.loop.call_later(min(left, LINGER_IDLE_S), transport.hard_close),
+        ]
+        return True
+
+    def _lingering_candidate(self) -> Optional["_LingeringTransport"]:
+        transport = self.transport
+        if (
+            not self._in_body
+            or not isinstance(transport, _LingeringTransport)
+            or transport.inner.is_closing()
+        ):
+            return None
+        return transport if transport.inner.can_write_eof() else None
 
     # -- guards ----------------------------------------------------------------
 
@@ -228,6 +285,31 @@ class GuardedProtocol(HttpToolsProtocol):
             access_log.info("- - %d", status, extra={"status": status, "endpoint": "other", "reason": reason})
         if self.guards.on_refused is not None:
             self.guards.on_refused(reason, status)
+
+
+class _LingeringTransport:
+    """A connection's transport whose ``close`` lingers while a request body is still
+    arriving (:meth:`GuardedProtocol.linger`); everything else is the transport's own."""
+
+    def __init__(self, inner: asyncio.Transport, protocol: GuardedProtocol) -> None:
+        self.inner, self._protocol, self._lingering = inner, protocol, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def is_closing(self) -> bool:
+        return self._lingering or self.inner.is_closing()
+
+    def close(self) -> None:
+        if self._lingering:
+            return
+        self._lingering = self._protocol.linger()
+        if not self._lingering:
+            self.inner.close()
+
+    def hard_close(self) -> None:
+        if not self.inner.is_closing():
+            self.inner.close()
 
 
 def protocol_class(read_timeout_s: float, max_connections: int, metrics: Any = None) -> type:

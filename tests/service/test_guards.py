@@ -215,3 +215,25 @@ def test_a_client_that_stops_reading_is_disconnected_and_its_memory_freed(server
     assert "stopped reading its response" in server.log.read_text()
     sock.close()
     assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path, size, words",
+    [
+        ("/v2/models/tiny/infer", 13 << 20, "MAX_JSON_BYTES"),  # a 13 MB JSON image: 413 before it is read
+        ("/predict", 40 << 20, "over the limit"),  # over MAX_UPLOAD_BYTES: 413 from its Content-Length
+    ],
+    ids=["json over MAX_JSON_BYTES", "body over MAX_UPLOAD_BYTES"],
+)
+def test_a_refusal_sent_before_the_body_is_read_reaches_a_blocking_client(server, path, size, words):
+    """Issue 31: the client got a connection reset, not the 413 (the server closed with
+    unread data). A plain blocking client: it sends the whole body, then reads."""
+    body = b'{"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [1], "data": [' + b"1," * (size // 2) + b"1]}]}"
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    with connect(server) as sock:
+        sock.settimeout(30)
+        sock.sendall(head.encode() + body)
+        status, _, text, closed = read_response(sock)
+    assert status == 413 and words in text.decode(), text
+    assert closed
+    assert httpx.get(server.url + "/healthz").status_code == 200
