@@ -38,7 +38,6 @@ from ..errors import (
     DeadlineExceeded,
     InferenceFailed,
     InvalidRequest,
-    NoImage,
     NotFound,
     NotReady,
     Overloaded,
@@ -296,7 +295,7 @@ def _input(inputs: List[Tensor], s) -> Tensor:
     else:
         raise InvalidRequest(f"unknown input '{tensor.name}'; this model takes {IMAGE} or {IMAGE_BYTES}")
     if n == 0:
-        raise NoImage("the input holds no image (N = 0)")
+        raise InvalidRequest("the input holds no image (N = 0)")
     if n > s.max_images_per_request:
         raise PayloadTooLarge(f"{n} images; at most {s.max_images_per_request} per request")
     return tensor

@@ -190,6 +190,15 @@ MALFORMED = {
         "data",
     ),
     "outputs is a number": (_json([GOOD_INPUT], outputs=5), {}, 400, "outputs"),
+    # issue 31: a zero-sized dimension was a 422, unlike every other malformed request
+    "no image (N = 0)": (_json([{**GOOD_INPUT, "shape": [0, 16, 16, 3], "data": []}]), {}, 400, "no image"),
+    "no encoded image": (
+        _json([{"name": "IMAGE_BYTES", "datatype": "BYTES", "shape": [0], "data": []}]),
+        {},
+        400,
+        "no image",
+    ),
+    "zero height": (_json([{**GOOD_INPUT, "shape": [1, 0, 16, 3], "data": []}]), {}, 400, "too small"),
     "parameters not an object": (_json([GOOD_INPUT], parameters=[1]), {}, 400, "parameters"),
     "output parameters not an object": (
         _json([GOOD_INPUT], outputs=[{"name": "MASK", "parameters": 7}]),
