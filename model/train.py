@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -167,7 +168,13 @@ def train(
     if opts.resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"{ckpt_path}: no checkpoint to resume from")
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        try:  # tensors and plain values only: unpickling anything else could run its code
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"{ckpt_path}: not a chanseg checkpoint: it holds more than tensors and plain values ({first})"
+            ) from None
         config = ModelConfig.from_dict(state["config"])
     config = config or ModelConfig()
     net = ChannelAttentionUNet(config).to(device)

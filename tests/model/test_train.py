@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import model
@@ -38,13 +39,28 @@ def test_thirty_steps_reduce_the_loss_by_30_percent(tmp_path):
 def test_resume_continues_the_step_count(tmp_path):
     opts = TrainOptions(steps=4, batch_size=2, crop=32, val_size=2, val_every=2, out=str(tmp_path))
     train(opts, SMALL, log=lambda line: None)
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4
     logs = []
     opts.steps, opts.resume = 6, True
     summary = train(opts, log=logs.append)
     assert summary["steps"] == 6
     assert any("resumed" in line and "step 4" in line for line in logs)
     assert [s for s, _ in summary["losses"]] == [1, 2, 3, 4, 5, 6]
+
+
+class _RunsOnLoad:
+    """What a planted checkpoint could hold: unpickling it calls ``print`` (or anything)."""
+
+    def __reduce__(self):
+        return (print, ("code ran while the checkpoint was read",))
+
+
+def test_resume_reads_tensors_and_plain_values_only(tmp_path, capsys):
+    torch.save({"config": SMALL.to_dict(), "model": _RunsOnLoad()}, tmp_path / "checkpoint.pt")
+    opts = TrainOptions(steps=2, out=str(tmp_path), resume=True)
+    with pytest.raises(ValueError, match="not a chanseg checkpoint"):
+        train(opts, log=lambda line: None)
+    assert "code ran" not in capsys.readouterr().out
 
 
 def test_folder_data_through_the_cli(tmp_path, capsys):
