@@ -9,9 +9,11 @@ at once.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
+from typing import List, Optional
 
 import uvicorn
 
@@ -23,8 +25,15 @@ from .settings import Settings
 log = logging.getLogger("chanseg.main")
 
 
-def main() -> int:
-    settings = Settings()
+def main(argv: Optional[List[str]] = None, settings: Optional[Settings] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Run the chanseg server. It takes no options: every setting is an environment variable "
+        "(CHANSEG_PORT, CHANSEG_MODEL_PATH, CHANSEG_API_KEY, ...; the README's Configuration lists them), "
+        "or use `chanseg serve --help` for the common ones as options.",
+    )
+    parser.parse_args(sys.argv[1:] if argv is None else argv)
+    settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     state = app.state.chanseg

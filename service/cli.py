@@ -7,7 +7,8 @@
 
 ``python -m service`` and ``python -m model`` keep working; this only dispatches.
 ``serve``'s options are the settings of the same name (``CHANSEG_*``; the README's
-table has all of them, and any can be set in the environment as well).
+table has all of them, and any can be set in the environment as well); they are passed
+to the server as settings, not through the environment.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 MODEL_COMMANDS = ("predict", "compile", "export", "import", "info", "train", "eval", "sheet")
@@ -34,30 +36,49 @@ commands:
 """
 
 
+SERVE_OPTIONS = (  # (option, setting, help): each sets the setting of that name
+    ("model", "model_path", "TorchScript artifact or compiled package (default: the bundled model)"),
+    ("host", "host", "listen address (default 127.0.0.1)"),
+    ("port", "port", "listen port (default 8000)"),
+    ("device", "device", "auto, cpu, cuda or cuda:N"),
+    ("precision", "precision", "auto, fp32, fp16 or bf16"),
+    ("max-batch-size", "max_batch_size", "auto or a number"),
+)
+
+
 def serve(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="chanseg serve",
-        description="Run the server. Each option sets the CHANSEG_ setting of the same name; "
-        "every other setting is read from the environment (README, Settings).",
+        description="Run the server. Each option sets the setting of the same name; every other setting is "
+        "read from the environment (CHANSEG_*: README, Settings). The API key is read from a file or from "
+        "CHANSEG_API_KEY, never from the command line (the process list shows it to every user).",
     )
-    for name, help_ in (
-        ("model", "TorchScript artifact or compiled package (default: the bundled model)"),
-        ("host", "listen address (default 127.0.0.1)"),
-        ("port", "listen port (default 8000)"),
-        ("device", "auto, cpu, cuda or cuda:N"),
-        ("precision", "auto, fp32, fp16 or bf16"),
-        ("max-batch-size", "auto or a number"),
-        ("api-key", "require this key (Authorization: Bearer KEY or X-API-Key)"),
-    ):
-        parser.add_argument(f"--{name}", help=help_)
+    for option, _, help_ in SERVE_OPTIONS:
+        parser.add_argument(f"--{option}", help=help_)
+    parser.add_argument("--api-key-file", metavar="FILE", help="require the key in FILE (its first line)")
+    parser.add_argument("--api-key", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    names = {"model": "MODEL_PATH"}
-    for key, value in vars(args).items():
-        if value is not None:
-            os.environ["CHANSEG_" + names.get(key, key.upper())] = str(value)
-    from .__main__ import main as serve_main
+    if args.api_key is not None:
+        parser.error(
+            "--api-key would show the key in the process list: use --api-key-file FILE or CHANSEG_API_KEY"
+        )
+    overrides = {setting: getattr(args, option.replace("-", "_")) for option, setting, _ in SERVE_OPTIONS}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.api_key_file is not None:
+        try:
+            overrides["api_key"] = Path(args.api_key_file).read_text().splitlines()[0].strip()
+        except (OSError, IndexError, UnicodeDecodeError) as exc:
+            parser.error(f"--api-key-file {args.api_key_file}: no key read ({exc})")
+    from pydantic import ValidationError
 
-    return serve_main()
+    from .__main__ import main as serve_main
+    from .settings import Settings
+
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        parser.error(str(exc))
+    return serve_main([], settings)
 
 
 def bench(argv: List[str]) -> int:

@@ -87,9 +87,14 @@ def test_predict_takes_files_and_folders(tiny_artifact, tmp_path):
 
 
 def test_serve_runs_the_server(tiny_artifact, tmp_path):
+    """With the key from a file: ``--api-key KEY`` would show it to every user in the process list."""
     port = free_port()
+    (tmp_path / "key").write_text("file-key\n")
+    command = [str(CHANSEG), "serve", "--model", tiny_artifact, "--port", str(port), "--device", "cpu"]
+    refused = run(*command[1:], "--api-key", "visible-key")
+    assert refused.returncode == 2 and "--api-key-file" in refused.stderr
     proc = subprocess.Popen(
-        [str(CHANSEG), "serve", "--model", tiny_artifact, "--port", str(port), "--device", "cpu", "--max-batch-size", "2"],
+        [*command, "--max-batch-size", "2", "--api-key-file", str(tmp_path / "key")],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -102,10 +107,28 @@ def test_serve_runs_the_server(tiny_artifact, tmp_path):
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        info = httpx.get(f"http://127.0.0.1:{port}/v1/model").json()
+        info = httpx.get(f"http://127.0.0.1:{port}/v1/model", headers={"x-api-key": "file-key"}).json()
+        unauthorized = httpx.get(f"http://127.0.0.1:{port}/v1/model")
+        listed = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     finally:
         proc.terminate()
         code = proc.wait(30)
     assert ready is not None and ready.status_code == 200
     assert info["name"] == "tiny" and info["batching"]["max_batch_size"] == 2
+    assert unauthorized.status_code == 401 and "file-key" not in listed
     assert code == 0  # SIGTERM drains and exits cleanly
+
+
+def test_python_m_service_help_prints_help_and_starts_nothing():
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert (
+        done.returncode == 0
+        and done.stdout.startswith("usage: python -m service")
+        and "CHANSEG_" in done.stdout
+    )
+    bad = subprocess.run(
+        [sys.executable, "-m", "service", "--port", "1"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr
