@@ -1,12 +1,24 @@
-"""Logging set-up: text for people, one JSON object per line for machines."""
+"""Logging set-up: text for people, one JSON object per line for machines.
+
+What a client sends reaches log lines (a path, a file name in an error): in text
+lines control characters are escaped (``\\n``, ``\\x1b``), so nobody can forge a
+line or drive the reader's terminal; JSON escapes them itself."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
-__all__ = ["configure_logging"]
+__all__ = ["configure_logging", "printable"]
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters (line breaks, terminal escapes) escaped."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName", "color_message"}
 
@@ -34,11 +46,11 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:  # the line, before a traceback
+        line = printable(super().formatMessage(record))
         extras = _extras(record)
         if extras:
-            line += " " + " ".join(f"{k}={v}" for k, v in extras.items())
+            line += " " + " ".join(printable(f"{k}={v}") for k, v in extras.items())
         return line
 
 

@@ -48,6 +48,7 @@ access_log = logging.getLogger("chanseg.access")
 error_log = logging.getLogger("chanseg.errors")
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _LINGER_BYTES = 1 << 20  # an unread remainder up to this is drained, not a reason to close
+_LOGGED_PATH = 200  # characters of an unmatched path in the access log
 # What service.server's protocol tells about the connection: when the request's
 # first byte arrived, and whether the connection is over MAX_CONNECTIONS.
 CONNECTION_SCOPE_KEY = "chanseg.connection"
@@ -186,10 +187,11 @@ class RequestMiddleware:
         state = scope.get("chanseg", {})
         if endpoint in ("metrics", "healthz", "readyz") and status < 400:
             return  # probes and scrapes would drown the access log
+        path = getattr(route, "path", None) or scope.get("path", "-")  # a route's template, or what was asked
         access_log.info(
             "%s %s %d",
             scope.get("method", "-"),
-            getattr(route, "path", scope.get("path", "-")),
+            path if len(path) <= _LOGGED_PATH else path[:_LOGGED_PATH] + "...",
             status,
             extra={
                 "request_id": request_id,

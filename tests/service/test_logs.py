@@ -44,3 +44,24 @@ async def test_access_line_as_json(tiny_artifact):
 def test_text_formatter_appends_fields():
     record = logging.makeLogRecord({"msg": "hello", "levelname": "INFO", "name": "x", "request_id": "abc"})
     assert TextFormatter().format(record).endswith("hello request_id=abc")
+
+
+async def test_a_path_cannot_forge_a_line_or_drive_a_terminal(tiny_artifact):
+    """Issue 31: the access log wrote an unmatched route's percent-decoded path as it came."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    access = logging.getLogger("chanseg.access")
+    access.addHandler(handler)
+    level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        async with serve(make_settings(tiny_artifact)) as client:
+            r = await client.get("/x%0A2026-12-05 ERROR chanseg.app: forged%1B[2J" + "y" * 5000)
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+    text = stream.getvalue()
+    assert r.status_code == 404
+    assert text.count("\n") == 1 and "\x1b" not in text, text  # one line, no escape sequence
+    assert "/x\\n2026-12-05 ERROR chanseg.app: forged\\x1b[2J" in text and len(text) < 600
