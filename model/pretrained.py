@@ -17,9 +17,11 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import load_file
@@ -37,6 +39,7 @@ __all__ = [
     "compile_default",
     "precision_record_path",
     "cache_dir",
+    "fallback_cache_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,24 @@ def cache_dir() -> Path:
         return Path(configured)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "chanseg"
+
+
+def fallback_cache_dir() -> Optional[Path]:
+    """Where the cache goes when :func:`cache_dir` is read-only (a container's):
+    ``$TMPDIR/chanseg-cache-<uid>``. A temporary directory is shared with every user of
+    the machine, and what is cached here is loaded as code (an artifact) or trusted (a
+    measurement): this one is created for this user alone (0700), and one that exists is
+    used only when it is a directory of this user's that nobody else may write, else None."""
+    path = Path(tempfile.gettempdir()) / f"chanseg-cache-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(path)  # a link planted at that name is not followed
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        log.warning("not using %s as a cache: it is not a directory of this user's alone (0700)", path)
+        return None
+    return path
 
 
 def _writable(directory: Path) -> bool:
@@ -134,10 +155,14 @@ def _cached(directory: str | os.PathLike | None) -> tuple[Path, Artifact]:
         except ModelLoadError as exc:
             log.warning("rebuilding corrupt cached artifact %s: %s", root / name, exc)
     if not _writable(root):
-        fallback = Path(tempfile.gettempdir()) / "chanseg-cache"
+        fallback = fallback_cache_dir() or Path(tempfile.mkdtemp(prefix="chanseg-cache-"))
         log.warning("cache directory %s is not writable; using %s", root, fallback)
         root = fallback
-        _writable(root)
+        if (root / name).is_file():
+            try:
+                return root / name, read_artifact(root / name)
+            except ModelLoadError as exc:
+                log.warning("rebuilding corrupt cached artifact %s: %s", root / name, exc)
     path = root / name
     config = ModelConfig.from_json(config_text)
     net = build_network(config, load_file(str(weights)))

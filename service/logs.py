@@ -20,6 +20,7 @@ def printable(text: str) -> str:
     """``text`` with its control characters (line breaks, terminal escapes) escaped."""
     return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
 
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName", "color_message"}
 
 

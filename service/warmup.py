@@ -23,9 +23,8 @@ import datetime
 import hashlib
 import json
 import logging
-import os
+import math
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +33,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 import model
-from model.pretrained import cache_dir
+from model.export import written_atomically
+from model.pretrained import cache_dir, fallback_cache_dir
 
 from .resources import allocator, available_cpus, cpu_model
 
@@ -263,14 +263,16 @@ def measurement_key(segmenter, limit: int, budget_s: float) -> Dict[str, str]:
 
 class MeasurementCache:
     """``batch-size-<hash of the key>.json`` in the cache directory (``CHANSEG_CACHE_DIR``),
-    or, when that is read-only (the Docker image's), in ``$TMPDIR/chanseg-cache``."""
+    or, when that is read-only (the Docker image's), in this user's private temporary one
+    (``model.pretrained.fallback_cache_dir``). A measurement read back is checked: a size
+    outside 1..the key's limit, or throughputs that are not positive numbers, are ignored."""
 
     def __init__(self, key: Dict[str, str], directory: Optional[Path] = None) -> None:
         self.key = key
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         self.filename = f"batch-size-{name}.json"
         primary = Path(directory) if directory is not None else cache_dir()
-        self.places = [primary, Path(tempfile.gettempdir()) / "chanseg-cache"]
+        self.places = [primary] + ([fallback] if (fallback := fallback_cache_dir()) is not None else [])
 
     def load(self) -> Optional[BatchChoice]:
         for place in self.places:
@@ -279,15 +281,18 @@ class MeasurementCache:
                 doc = json.loads(path.read_text())
                 if doc.get("key") != self.key:
                     continue
-                return BatchChoice(
-                    max_batch_size=int(doc["max_batch_size"]),
-                    source="reused",
-                    throughput={int(b): float(v) for b, v in doc["throughput"].items()},
-                    measured_at=str(doc["measured_at"]),
+                return _checked(
+                    BatchChoice(
+                        max_batch_size=int(doc["max_batch_size"]),
+                        source="reused",
+                        throughput={int(b): float(v) for b, v in doc["throughput"].items()},
+                        measured_at=str(doc["measured_at"]),
+                    ),
+                    int(self.key["limit"]),
                 )
             except FileNotFoundError:
                 continue
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 log.warning("ignoring unreadable batch-size measurement %s: %s", path, exc)
         return None
 
@@ -296,16 +301,21 @@ class MeasurementCache:
         doc.pop("source")
         for place in self.places:
             try:
-                place.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".batch-size-", dir=place)
-                with os.fdopen(fd, "w") as f:
-                    json.dump(doc, f, indent=2)
-                os.replace(tmp, place / self.filename)
+                with written_atomically(place / self.filename, ".json") as tmp:
+                    Path(tmp).write_text(json.dumps(doc, indent=2))
                 return place / self.filename
             except OSError:
                 continue
         log.warning("could not keep the batch-size measurement: no writable cache directory")
         return None
+
+
+def _checked(choice: BatchChoice, limit: int) -> BatchChoice:
+    if not 1 <= choice.max_batch_size <= limit:
+        raise ValueError(f"batch size {choice.max_batch_size} is not within 1..{limit}")
+    if not all(1 <= b <= limit and math.isfinite(v) and v > 0 for b, v in choice.throughput.items()):
+        raise ValueError("its throughputs are not positive numbers for batch sizes within the limit")
+    return choice
 
 
 def now_iso() -> str:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -49,6 +52,26 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, monkeypatch):
     seg = model.load(device="cpu")
     assert seg.name == "chanseg"
     model.read_artifact(path)  # valid again
+
+
+def test_a_read_only_cache_uses_a_private_tmp_folder_and_never_a_planted_one(tmp_path, monkeypatch, tiny_artifact):
+    """Issue 31: a default-*.pt planted in the shared $TMPDIR/chanseg-cache would have been loaded."""
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("CHANSEG_CACHE_DIR", str(tmp_path / "a-file" / "cache"))  # cannot be made: read-only
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    shared = tmp_path / "tmp" / f"chanseg-cache-{os.getuid()}"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # another user's plant: writable by all
+    name = pretrained.default_artifact_path(tmp_path / "probe").name
+    shutil.copy(tiny_artifact, shared / name)  # the tiny model under the bundled one's name
+    path = pretrained.default_artifact_path()
+    assert path.parent != shared and model.read_artifact(path).config.name == "chanseg"
+    for stale in shared.iterdir():
+        stale.unlink()
+    shared.rmdir()
+    private = pretrained.default_artifact_path().parent  # created now: this user's alone
+    assert private == shared and stat.S_IMODE(private.stat().st_mode) == 0o700
 
 
 def test_held_out_miou(default_segmenter):

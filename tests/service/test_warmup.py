@@ -4,12 +4,16 @@ measurement kept in the cache and reused on the next start."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from model.pretrained import fallback_cache_dir
 from service.warmup import (
     BatchChoice,
     MeasurementCache,
@@ -160,14 +164,57 @@ def test_cache_round_trip_and_key(tmp_path, tiny_segmenter):
     assert MeasurementCache(key, tmp_path).load() is None  # corrupt: measured again, not a crash
 
 
-def test_read_only_cache_falls_back_to_tmp(tmp_path, tiny_segmenter, monkeypatch):
-    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+def _unwritable(tmp_path) -> Path:
     (tmp_path / "a-file").write_text("")
-    unwritable = tmp_path / "a-file" / "cache"  # cannot be made (even by root): like a read-only image
-    cache = MeasurementCache(measurement_key(tiny_segmenter, 8, 10.0), unwritable)
+    return tmp_path / "a-file" / "cache"  # cannot be made (even by root): like a read-only image
+
+
+def test_read_only_cache_falls_back_to_a_private_tmp_folder(tmp_path, tiny_segmenter, monkeypatch):
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    cache = MeasurementCache(measurement_key(tiny_segmenter, 8, 10.0), _unwritable(tmp_path))
     path = cache.save(BatchChoice(2, "measured", {1: 1.0, 2: 2.0}, "t"))
-    assert path is not None and str(path).startswith(str(tmp_path / "tmp"))
+    assert path is not None and path.parent == tmp_path / "tmp" / f"chanseg-cache-{os.getuid()}"
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700  # this user's alone
     assert cache.load().max_batch_size == 2
+
+
+@pytest.mark.parametrize("planted", ["open to all", "a link"])
+def test_a_planted_tmp_cache_folder_is_not_trusted(tmp_path, tiny_segmenter, monkeypatch, planted):
+    """Issue 31: $TMPDIR/chanseg-cache is writable by every user; a batch-size file planted
+    there stopped start-up, a planted default-*.pt would have been loaded."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    place = tmp_path / "tmp" / f"chanseg-cache-{os.getuid()}"
+    if planted == "a link":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        place.symlink_to(tmp_path / "elsewhere")
+    else:
+        place.mkdir()
+        place.chmod(0o777)
+    assert fallback_cache_dir() is None
+    cache = MeasurementCache(measurement_key(tiny_segmenter, 8, 10.0), _unwritable(tmp_path))
+    assert cache.places == [_unwritable(tmp_path)]
+    assert cache.save(BatchChoice(2, "measured", {1: 1.0, 2: 2.0}, "t")) is None
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        {"max_batch_size": 0},
+        {"max_batch_size": 10**9},
+        {"throughput": {"1": -1.0}},
+        {"throughput": {"1": "nan"}},
+        {"throughput": []},
+    ],
+    ids=["zero", "huge", "negative", "nan", "not a dict"],
+)
+def test_a_measurement_out_of_range_is_measured_again(tmp_path, tiny_segmenter, planted):
+    key = measurement_key(tiny_segmenter, 8, 10.0)
+    cache = MeasurementCache(key, tmp_path)
+    path = cache.save(BatchChoice(2, "measured", {1: 1.0, 2: 2.0}, "t"))
+    path.write_text(json.dumps({**json.loads(path.read_text()), **planted}))
+    assert cache.load() is None
 
 
 @pytest.mark.anyio
