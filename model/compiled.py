@@ -35,7 +35,7 @@ import warnings
 import weakref
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 import torch
 from torch import nn
@@ -214,6 +214,8 @@ def read_package(path: str | os.PathLike, device: torch.device) -> Artifact:
     if device.type == "cpu":
         try:
             return Artifact(NativeRunner(path), config, meta, path)
+        except ModelLoadError:
+            raise
         except Exception as exc:  # an archive laid out differently by another torch: the loader below
             log.warning(
                 "%s: calling the compiled model through its C interface failed (%s); "
@@ -223,6 +225,8 @@ def read_package(path: str | os.PathLike, device: torch.device) -> Artifact:
             )
     from torch.export.pt2_archive._package import load_pt2
 
+    with zipfile.ZipFile(path) as z:  # torch's loader unpacks all of it
+        check_extractable(path, z.infolist())
     index = (device.index or 0) if device.type == "cuda" else -1
     try:
         runner = load_pt2(str(path), device_index=index).aoti_runners["model"]
@@ -235,6 +239,34 @@ def read_package(path: str | os.PathLike, device: torch.device) -> Artifact:
 # holds as many model instances, which share the weights (4 instead of 1: +1 MiB
 # here); a call beyond them waits for a free one.
 CONCURRENT_CALLS = max(2, os.cpu_count() or 1)
+
+
+# What a package may unpack into the temporary directory: the bundled model's library is
+# 9.6 MiB; one of a 100 M-parameter network with its weights inside ~400 MiB.
+MAX_EXTRACTED_BYTES = 4 << 30
+MAX_COMPRESSION_RATIO = 50  # compiled code and weights compress 1.1-3x; a bomb ~1000x
+_SPARE_BYTES = 64 << 20  # left free in the temporary directory
+
+
+def check_extractable(archive: str | os.PathLike, members: List[zipfile.ZipInfo]) -> None:
+    """Raise :class:`ModelLoadError` unless ``members`` can be unpacked into the temporary
+    directory: no more than :data:`MAX_EXTRACTED_BYTES`, than its free space (less a margin:
+    a pod's ``/tmp`` is small, and the rest of the process needs it), or than
+    :data:`MAX_COMPRESSION_RATIO` times what they take in the archive (a compression bomb)."""
+    size = sum(m.file_size for m in members)
+    packed = sum(m.compress_size for m in members)
+    free = shutil.disk_usage(tempfile.gettempdir()).free - _SPARE_BYTES
+    if size > MAX_EXTRACTED_BYTES or size > free:
+        raise ModelLoadError(
+            f"{archive}: unpacking it takes {size / 2**20:.0f} MiB, more than the temporary directory "
+            f"({tempfile.gettempdir()}) has free ({max(0, free) / 2**20:.0f} MiB) or than a package may "
+            f"({MAX_EXTRACTED_BYTES / 2**30:.0f} GiB)"
+        )
+    if size > 1 << 20 and size > MAX_COMPRESSION_RATIO * max(1, packed):
+        raise ModelLoadError(
+            f"{archive}: {size / 2**20:.0f} MiB packed into {packed / 2**20:.1f} MiB: not a compiled model "
+            "(a compression bomb?)"
+        )
 
 
 class NativeRunner:
@@ -257,6 +289,7 @@ class NativeRunner:
             libraries = [n for n in z.namelist() if "/data/aotinductor/model/" in n and n.endswith(".so")]
             if len(libraries) != 1:
                 raise RuntimeError(f"expected one compiled library in the archive, found {len(libraries)}")
+            check_extractable(archive, [z.getinfo(libraries[0])])
             # The library is extracted, loaded and its container created, then its
             # file is deleted at once: the mapping outlives the file. A copy kept
             # until the runner is freed was left behind by every process that never

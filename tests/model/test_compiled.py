@@ -170,3 +170,29 @@ def test_compile_command_chooses_and_records(tiny_artifact, tmp_path):
     assert json.loads(info.stdout)["format"] == "aoti"
     with zipfile.ZipFile(out) as z:
         assert any(n.endswith("/extra/chanseg_config.json") for n in z.namelist())
+
+
+def _with_library(package: str, out: Path, library: bytes) -> Path:
+    """A copy of ``package`` whose compiled library is ``library`` (deflated)."""
+    with zipfile.ZipFile(package) as z, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in z.infolist():
+            is_library = "/data/aotinductor/model/" in item.filename and item.filename.endswith(".so")
+            dst.writestr(item.filename, library if is_library else z.read(item), zipfile.ZIP_DEFLATED)
+    return out
+
+
+def test_a_package_that_would_fill_the_temporary_directory_is_refused(tiny_package, tmp_path, monkeypatch):
+    """Issue 31: the .so was extracted with no size cap; a bomb filled a pod's 256 MiB /tmp."""
+    bomb = _with_library(
+        tiny_package, tmp_path / "bomb.pt2", bytes(300 << 20)
+    )  # 300 MiB of zeros: ~300 KiB packed
+    assert bomb.stat().st_size < 2 << 20
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="compression bomb"):
+        model.load(bomb, device="cpu")
+    assert not list(tmp_path.glob("chanseg-aoti-*"))  # nothing was unpacked
+    usage = type("usage", (), {"free": 200 << 20})()  # a pod's small /tmp, mostly used
+    monkeypatch.setattr("shutil.disk_usage", lambda path: usage)
+    with pytest.raises(ModelLoadError, match="more than the temporary directory"):
+        model.load(_with_library(tiny_package, tmp_path / "large.pt2", os.urandom(150 << 20)), device="cpu")
+    assert model.load(tiny_package, device="cpu").format == "aoti"  # a real one fits

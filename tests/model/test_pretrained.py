@@ -54,7 +54,9 @@ def test_corrupt_cache_entry_is_rebuilt(tmp_path, monkeypatch):
     model.read_artifact(path)  # valid again
 
 
-def test_a_read_only_cache_uses_a_private_tmp_folder_and_never_a_planted_one(tmp_path, monkeypatch, tiny_artifact):
+def test_a_read_only_cache_uses_a_private_tmp_folder_and_never_a_planted_one(
+    tmp_path, monkeypatch, tiny_artifact
+):
     """Issue 31: a default-*.pt planted in the shared $TMPDIR/chanseg-cache would have been loaded."""
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("CHANSEG_CACHE_DIR", str(tmp_path / "a-file" / "cache"))  # cannot be made: read-only
