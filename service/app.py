@@ -60,7 +60,7 @@ from .resources import (
     stream_threads,
     thaw_heap,
 )
-from .routes import health, metrics, model_info, page, predict, repository, v2
+from .routes import docs, health, metrics, model_info, page, predict, repository, v2
 from .settings import Settings
 from .state import ServerState
 from .tracing import start_tracing
@@ -137,10 +137,12 @@ def create_app(
         version=model.__version__,
         summary="Image segmentation with a channel-attention U-Net",
         lifespan=lifespan,
+        docs_url=None,  # service.routes.docs: the same pages, their assets served from here
+        redoc_url=None,
     )
     app.state.chanseg = state
     register_handlers(app)
-    routers = (health, predict, model_info, metrics, v2, repository, page)
+    routers = (health, predict, model_info, metrics, v2, repository, page, docs)
     for router in (module.router for module in routers):
         app.include_router(router)
     app.add_middleware(

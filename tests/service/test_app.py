@@ -392,3 +392,18 @@ async def test_confidence_map_as_png_and_in_json(tiny_artifact, tiny_segmenter):
     assert base64.b64decode(body["confidence_png"]) == alone.content
     assert "mask_png" in body and "confidence_png" not in plain.json()["predictions"][0]
     assert two.status_code == 400 and "one image" in two.json()["detail"]
+
+
+async def test_the_api_pages_and_their_assets_are_served_here(tiny_artifact):
+    async with serve(make_settings(tiny_artifact, api_key="k")) as client:
+        for page, asset in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+            r = await client.get(page)  # open, like /openapi.json
+            assert r.status_code == 200 and f"/docs/assets/{asset}" in r.text and "cdn." not in r.text
+            js = await client.get(f"/docs/assets/{asset}")
+            assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+            assert len(js.content) > 500_000
+        assert (
+            (await client.get("/docs/assets/swagger-ui.css")).headers["content-type"].startswith("text/css")
+        )
+        assert (await client.get("/docs/assets/..%2Fcore.py")).status_code == 404
+        assert (await client.get("/docs/oauth2-redirect")).status_code == 200

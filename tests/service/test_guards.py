@@ -228,7 +228,11 @@ def test_a_client_that_stops_reading_is_disconnected_and_its_memory_freed(server
 def test_a_refusal_sent_before_the_body_is_read_reaches_a_blocking_client(server, path, size, words):
     """Issue 31: the client got a connection reset, not the 413 (the server closed with
     unread data). A plain blocking client: it sends the whole body, then reads."""
-    body = b'{"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [1], "data": [' + b"1," * (size // 2) + b"1]}]}"
+    body = (
+        b'{"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [1], "data": ['
+        + b"1," * (size // 2)
+        + b"1]}]}"
+    )
     head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     with connect(server) as sock:
         sock.settimeout(30)

@@ -146,3 +146,26 @@ def _screenshot(browser, tmp_path: Path) -> None:
         )  # a rendered page, not blank
         if os.environ.get("CHANSEG_SCREENSHOT"):  # 256 colours: a third of the bytes, the same picture
             image.convert("RGB").quantize(256).save(os.environ["CHANSEG_SCREENSHOT"], optimize=True)
+
+
+@pytest.mark.real_part("chromium")
+def test_the_api_pages_render_with_nothing_fetched_from_elsewhere(browser, tiny_artifact, tmp_path):
+    """Issue 31: /docs and /redoc loaded their scripts from a CDN (no integrity check; a
+    blank page on a cluster with no way out). Their assets come from the server now; the
+    browser is allowed to reach nothing else."""
+    server = ServerProcess(tiny_artifact, tmp_path, CHANSEG_API_KEY=KEY)
+    try:
+        server.wait_ready()
+        browser.execute_cdp_cmd("Network.enable", {})
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["https://*", "*cdn*", "*googleapis*"]})
+        browser.get(server.url + "/docs")
+        title = _wait(browser, ".swagger-ui .info .title")
+        assert title.text.startswith("chanseg")
+        assert _wait(browser, ".opblock-summary-path[data-path='/predict']")
+        browser.get(server.url + "/redoc")
+        assert "chanseg" in _wait(browser, "redoc h1, .api-info h1", timeout=60).text
+        html = httpx.get(server.url + "/docs").text + httpx.get(server.url + "/redoc").text
+        assert "/docs/assets/swagger-ui-bundle.js" in html and "/docs/assets/redoc.standalone.js" in html
+        assert "cdn." not in html and "https://" not in html
+    finally:
+        server.stop()
