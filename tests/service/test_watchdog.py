@@ -6,6 +6,7 @@ as a hung CUDA kernel or a deadlocked library would keep the thread."""
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -124,7 +125,8 @@ def test_a_normal_batch_never_trips_the_watchdog(tiny_artifact, tmp_path):
             assert httpx.get(server.url + "/healthz").status_code == 200
     finally:
         server.stop()
-    assert "watchdog 10 s" in server.log.read_text()  # auto: 20x a tiny batch, at least 10 s
+    watchdog = float(re.search(r"watchdog (\d+) s", server.log.read_text()).group(1))
+    assert 10 <= watchdog < 60  # auto: 20x a tiny batch (more on a busy machine), at least 10 s
 
 
 def test_hanging_model_is_fine_on_other_images():
