@@ -2,7 +2,9 @@
 
 ``service.warmup.measure_throughput`` (what the server runs at warm-up: the
 search over 1, 2, 4, ... then the sizes timed again in turns) for each precision,
-with the batch size ``choose_batch_size`` takes from it and the load's recipe.
+with the batch size ``choose_batch_size`` takes from it and the load's recipe. A
+precision that does not load or runs out of memory gets its error, the others are
+measured all the same, and the exit status is 1.
 
     python -m benchmarks.auto_batch --device cuda --precisions fp16 fp32 --limit 512 --budget-s 20
 """
@@ -29,10 +31,15 @@ def main(argv: List[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # The search's own lines (each size as it is timed) on stderr: a run cut short shows how far it got.
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
-    out = {}
+    out, failed = {}, 0
     for precision in args.precisions:
-        segmenter = model.load(args.model, device=args.device, precision=precision, format="torchscript")
-        throughput, _ = measure_throughput(segmenter, limit=args.limit, budget_s=args.budget_s)
+        try:
+            segmenter = model.load(args.model, device=args.device, precision=precision, format="torchscript")
+            throughput, _ = measure_throughput(segmenter, limit=args.limit, budget_s=args.budget_s)
+        except (model.ModelLoadError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            out[precision], failed = {"error": f"{type(exc).__name__}: {exc}"}, failed + 1
+            print(f"auto batch, {precision}: {out[precision]['error']}", file=sys.stderr, flush=True)
+            continue
         out[precision] = {
             "device": str(segmenter.device),
             "recipe": getattr(segmenter, "recipe", None),
@@ -43,7 +50,7 @@ def main(argv: List[str] | None = None) -> int:
         del segmenter
     json.dump(out, sys.stdout, indent=1)
     print()
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

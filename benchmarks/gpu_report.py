@@ -231,7 +231,10 @@ def summary(results: Path, returned: Optional[List[Tuple[str, int]]] = None) -> 
     out += ["", "Auto batch size (the server's measurement, limit " + knobs.get("AUTO_LIMIT", "?") + "):"]
     auto = found["auto_batch.json"] or {}
     for precision in knobs.get("AUTO_PRECISIONS", "").split():
-        if precision in auto:
+        if "error" in auto.get(precision, {}):
+            out.append(f"  {precision}: {auto[precision]['error']}")
+            missing.append(f"the auto batch table at {precision}: {auto[precision]['error']}")
+        elif precision in auto:
             a = auto[precision]
             rates = ", ".join(f"{b}: {_rate({'images_per_s': v})}" for b, v in a["images_per_s"].items())
             out.append(f"  {precision}: chooses {a['chooses']}; images/s by batch: {rates}")
