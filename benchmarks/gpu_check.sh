@@ -231,6 +231,8 @@ environment() {
   fi
   echo "g++: $(g++ --version 2>&1 | head -1)"  # AOTInductor's wrapper is C++: compile needs it
   echo "gcc: $(gcc --version 2>&1 | head -1)"  # triton builds its launcher with it
+  echo "nvcc: $(nvcc --version 2>&1 | tail -1); CUDA_HOME=${CUDA_HOME:-unset}; /usr/local/cuda: $(ls -d /usr/local/cuda 2>&1)"
+  echo "libcuda: $(ldconfig -p 2>/dev/null | grep -o 'libcuda\.so[^ ]*' | sort -u | tr '\n' ' ')"
   nproc
   free -g | head -2
   df -h /tmp | tail -1
@@ -309,7 +311,46 @@ agreement() {
     --images $AGREEMENT_IMAGES >"$RESULTS/agreement.json"
 }
 
+# AOTInductor builds a CUDA package's C++ with a CUDA toolkit's headers and libraries
+# (torch.utils.cpp_extension: CUDA_HOME, else nvcc's, else /usr/local/cuda) and links
+# -lcuda. An image with pip's CUDA wheels only has neither: then CUDA_HOME is pip's
+# nvidia/cu13 (or cu12: include/cuda.h, lib/libcudart_static.a), and the driver's
+# libcuda.so.1 is linked through a libcuda.so of our own on LIBRARY_PATH.
+cuda_build_env() {
+  if [ -z "${CUDA_HOME:-}${CUDA_PATH:-}" ] && ! command -v nvcc >/dev/null && [ ! -d /usr/local/cuda ]; then
+    local home
+    home=$("$PY" -c '
+import glob, importlib.util, os
+spec = importlib.util.find_spec("nvidia")
+for root in (spec.submodule_search_locations if spec else []):
+    for header in sorted(glob.glob(os.path.join(root, "cu1*", "include", "cuda.h")), reverse=True):
+        print(os.path.dirname(os.path.dirname(header)))
+        raise SystemExit
+')
+    if [ -n "$home" ]; then
+      export CUDA_HOME=$home
+      echo "cuda_build_env: no CUDA toolkit here; CUDA_HOME=$CUDA_HOME (pip's)"
+    else
+      echo "cuda_build_env: no CUDA toolkit and no pip nvidia headers: a CUDA compile will fail"
+    fi
+  fi
+  if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so '; then
+    local driver
+    driver=$(ldconfig -p 2>/dev/null | awk '/libcuda\.so\.1 / { print $NF; exit }')
+    if [ -n "$driver" ]; then
+      mkdir -p "$RESULTS/cuda-link"
+      ln -sf "$driver" "$RESULTS/cuda-link/libcuda.so"
+      export LIBRARY_PATH=$RESULTS/cuda-link${LIBRARY_PATH:+:$LIBRARY_PATH}
+      echo "cuda_build_env: -lcuda links $driver (LIBRARY_PATH)"
+    else
+      echo "cuda_build_env: no libcuda.so.1 known to ldconfig: a CUDA compile's link may fail"
+    fi
+  fi
+  return 0
+}
+
 compile_package() {  # in the background, into a cache of its own
+  [ "$DEVICE" = cpu ] || cuda_build_env
   CHANSEG_CACHE_DIR="$RESULTS/compile-cache" "$PY" -m model compile --device "$DEVICE" \
     --precision "$PACKAGE_PRECISION" --count "$PACKAGE_COUNT" >"$RESULTS/compile.json"
 }
@@ -364,7 +405,8 @@ start_run
 export PY RESULTS DEVICE RAW_SECONDS RAW_SPECS SERVE_PRECISION SERVE_ARGS SERVE_ENV AUTO_PRECISIONS AUTO_LIMIT \
   AUTO_BUDGET_S AGREEMENT_PRECISIONS AGREEMENT_IMAGES PACKAGE_PRECISION PACKAGE_SPEC PACKAGE_COUNT TIME_SCALE
 export CHANSEG_CACHE_DIR=${CHANSEG_CACHE_DIR:-$RESULTS/cache}
-export -f scaled environment cuda_tests raw_model smi_sampler service auto_batch agreement compile_package package
+export -f scaled environment cuda_tests raw_model smi_sampler service auto_batch agreement cuda_build_env \
+  compile_package package
 trap on_signal TERM INT
 for knob in DEVICE DEADLINE_S TIME_SCALE RAW_SPECS RAW_SECONDS SERVE_PRECISION SERVE_ARGS SERVE_ENV AUTO_PRECISIONS \
   AUTO_LIMIT AUTO_BUDGET_S AGREEMENT_PRECISIONS AGREEMENT_IMAGES PACKAGE_PRECISION PACKAGE_SPEC PACKAGE_COUNT; do
@@ -376,8 +418,8 @@ background compile compile_package
 step "environment" 25 environment
 step "CUDA tests (pytest -m gpu)" 45 cuda_tests
 pause compile STOP "stopped for the timed steps"
-step "raw model (TorchScript)" 110 raw_model
-step "service, TorchScript $SERVE_PRECISION" 160 service
+step "raw model (TorchScript)" 100 raw_model
+step "service, TorchScript $SERVE_PRECISION" 170 service
 step "auto batch size (${AUTO_PRECISIONS// /, })" 50 auto_batch
 pause compile CONT resumed
 step "${AGREEMENT_PRECISIONS// /, } masks against fp32" 50 agreement
