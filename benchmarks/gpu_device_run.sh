@@ -38,8 +38,14 @@ echo "gpu_device_run: started $(date -u +%FT%TZ); if this is all that came back,
 wheels=(.whl/*.whl)
 if [ -e "${wheels[0]}" ]; then
   echo "== installing ${#wheels[@]} carried wheels into $SITE"
-  if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-    "${wheels[@]}" >"$RESULTS/logs/wheels.log" 2>&1; then
+  if "$PY" -m pip --version >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "${wheels[@]}" >"$RESULTS/logs/wheels.log" 2>&1
+  else  # no pip in the image: a wheel is a zip of what goes into site-packages
+    "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+      "$SITE" "${wheels[@]}" >"$RESULTS/logs/wheels.log" 2>&1
+  fi
+  if [ $? -ne 0 ]; then
     echo "gpu_device_run: installing the carried wheels failed:" >&2
     tail -20 "$RESULTS/logs/wheels.log" >&2  # gpu_check.sh runs all the same: its steps say what is missing
   fi
