@@ -25,7 +25,8 @@
 # is left of the deadline and says so when it did not finish.
 #
 # How a step runs (step below): in a session of its own (setsid), its output
-# written to RESULTS/logs/NN-name.log as it goes (PYTHONUNBUFFERED); `ok` only when
+# written to RESULTS/logs/NN-name.log as it goes (PYTHONUNBUFFERED), a line it
+# writes to $STEP_NOTE added to its status; `ok` only when
 # its command exited 0, `FAILED` with the status otherwise, `TIMED OUT` when its
 # limit passed (its process group gets SIGTERM, then SIGKILL), `skipped` when the
 # deadline is too near to start it. Whatever it started, in any session (the
@@ -140,7 +141,8 @@ step() {
   echo "== $name (at most ${limit} s; output: $log)"
   local began
   began=$(now_ms)
-  GPU_CHECK_RUN=$RUN_ID GPU_CHECK_STEP=$RUN_ID-$id STEP_LIMIT_S=$limit \
+  local said="$RESULTS/logs/$id-$1.note"
+  GPU_CHECK_RUN=$RUN_ID GPU_CHECK_STEP=$RUN_ID-$id STEP_LIMIT_S=$limit STEP_NOTE=$said \
     setsid bash -o pipefail -c '"$@"' "$name" "$@" >"$log" 2>&1 </dev/null &
   local pid=$! timed_out=0 code
   CURRENT=$pid
@@ -172,6 +174,7 @@ step() {
     status=FAILED
     note="exit status $code"
   fi
+  [ -s "$said" ] && note="${note:+$note: }$(head -c 300 "$said" | tr '\n\t' '  ' | sed 's/ *$//')"
   [ -n "$left_behind" ] && note="${note:+$note; }killed what it left running: $left_behind"
   record "$id" "$1" "$name" "$status" "$took" "$limit" "$log" "$note"
   tail -n 12 "$log" | sed 's/^/   | /'
@@ -365,12 +368,13 @@ package() {
     waited=$((waited + 1))
   done
   if [ ! -f "$RESULTS/compile.status" ]; then
-    echo "the compile did not finish: still running after ${waited} s more here (log: logs/bg-compile.log);" \
-      "no package was measured"
+    echo "the compile did not finish in time (it ran during the untimed steps and ${waited} s here);" \
+      "no package was measured (its log: logs/bg-compile.log)" | tee "$STEP_NOTE"
     return 4
   fi
   if [ "$(cat "$RESULTS/compile.status")" != 0 ]; then
-    echo "the compile failed (exit status $(cat "$RESULTS/compile.status")); the end of its log:"
+    echo "the compile failed with status $(cat "$RESULTS/compile.status") (its log: logs/bg-compile.log)" |
+      tee "$STEP_NOTE"
     tail -20 "$RESULTS/logs/bg-compile.log"
     return 5
   fi
@@ -384,6 +388,12 @@ package() {
   "$PY" -m benchmarks.gpu_raw --device "$DEVICE" --model "$path" --format package --seconds "$RAW_SECONDS" \
     $PACKAGE_SPEC >"$RESULTS/package.jsonl"
 }
+
+# The steps run in processes of their own (bash -c): what they use goes with them.
+export PY RESULTS DEVICE RAW_SECONDS RAW_SPECS SERVE_PRECISION SERVE_ARGS SERVE_ENV AUTO_PRECISIONS AUTO_LIMIT \
+  AUTO_BUDGET_S AGREEMENT_PRECISIONS AGREEMENT_IMAGES PACKAGE_PRECISION PACKAGE_SPEC PACKAGE_COUNT TIME_SCALE
+export -f scaled environment cuda_tests raw_model smi_sampler service auto_batch agreement cuda_build_env \
+  compile_package package
 
 # Sourced with GPU_CHECK_LIB=1 (the tests do): the functions above, nothing run.
 if [ -n "${GPU_CHECK_LIB:-}" ]; then
@@ -402,11 +412,7 @@ if [ "$DEVICE" != cpu ]; then
 fi
 
 start_run
-export PY RESULTS DEVICE RAW_SECONDS RAW_SPECS SERVE_PRECISION SERVE_ARGS SERVE_ENV AUTO_PRECISIONS AUTO_LIMIT \
-  AUTO_BUDGET_S AGREEMENT_PRECISIONS AGREEMENT_IMAGES PACKAGE_PRECISION PACKAGE_SPEC PACKAGE_COUNT TIME_SCALE
 export CHANSEG_CACHE_DIR=${CHANSEG_CACHE_DIR:-$RESULTS/cache}
-export -f scaled environment cuda_tests raw_model smi_sampler service auto_batch agreement cuda_build_env \
-  compile_package package
 trap on_signal TERM INT
 for knob in DEVICE DEADLINE_S TIME_SCALE RAW_SPECS RAW_SECONDS SERVE_PRECISION SERVE_ARGS SERVE_ENV AUTO_PRECISIONS \
   AUTO_LIMIT AUTO_BUDGET_S AGREEMENT_PRECISIONS AGREEMENT_IMAGES PACKAGE_PRECISION PACKAGE_SPEC PACKAGE_COUNT; do

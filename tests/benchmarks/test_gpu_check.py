@@ -47,7 +47,7 @@ def test_a_failing_step_is_failed_and_the_next_one_runs(tmp_path):
     done = _run_steps(
         tmp_path,
         f"""
-        failing() {{ echo partial > {tmp_path}/partial.txt; return 7; }}
+        failing() {{ echo partial > {tmp_path}/partial.txt; echo "the reason" > "$STEP_NOTE"; return 7; }}
         piped() {{ false | cat; }}  # pipefail: the status of the pipeline, not of its last command
         export -f failing piped
         step "fails" 10 failing
@@ -57,7 +57,7 @@ def test_a_failing_step_is_failed_and_the_next_one_runs(tmp_path):
     )
     steps = _steps(tmp_path)
     assert done.returncode == 1, done.stderr  # not every step was ok
-    assert steps["failing"][0] == "FAILED" and steps["failing"][2] == "exit status 7"
+    assert steps["failing"][0] == "FAILED" and steps["failing"][2] == "exit status 7: the reason"
     assert steps["piped"][0] == "FAILED" and steps["piped"][2] == "exit status 1"
     assert steps["true"][0] == "ok"
     assert (tmp_path / "partial.txt").read_text() == "partial\n"  # what a failed step wrote stays
@@ -235,3 +235,21 @@ def test_pack_returns_the_figures_within_the_limits_and_says_what_is_missing(tmp
         names = tar.getnames()
     assert "results/steps.tsv" in names and "results/logs/02-raw_model.log" not in names
     assert not any("cache" in n for n in names)
+
+
+@pytest.mark.parametrize(
+    "compile_status, reason",
+    [(None, "exit status 4: the compile did not finish in time"), ("1", "exit status 5: the compile failed with status 1")],
+)
+def test_the_package_step_says_when_there_is_no_package(tmp_path, compile_status, reason):
+    """No package, no figure under its name: the step fails and says why; nothing is
+    measured in its place (a TorchScript run would write package.jsonl)."""
+    if compile_status is not None:
+        (tmp_path / "compile.status").write_text(compile_status + "\n")
+        (tmp_path / "logs").mkdir()
+        (tmp_path / "logs" / "bg-compile.log").write_text("Traceback: no C++ compiler\n")
+    done = _run_steps(tmp_path, 'step "compiled package" 20 package')
+    assert done.returncode == 1, done.stderr
+    status, _, note = _steps(tmp_path)["package"]
+    assert status == "FAILED" and note.startswith(reason)
+    assert not (tmp_path / "package.jsonl").exists()
