@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 # tcmalloc when installed (apt-get install libtcmalloc-minimal4): see README, "Allocator".
 TCMALLOC := $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4))
 
-.PHONY: install test lint serve reliability bench-model bench-serve screenshot clean
+.PHONY: install test lint serve reliability bench-model bench-serve gpu-rehearsal screenshot clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,13 @@ bench-model: install
 	$(BIN)/python benchmarks/model_speed.py
 	$(BIN)/python -m model compile --if-missing
 	$(BIN)/python benchmarks/model_speed.py --compare --batches 1 4 8
+
+# The GPU machine's one command (README, "On a GPU"), rehearsed on this CPU: an environment
+# like that machine's image (Python 3.12, torch 2.11, its packages only: 2.6 GB, kept in
+# ~/.cache/chanseg-gpu-rehearsal), the carried wheels, benchmarks/gpu_device_run.sh on a copy
+# of the tree with the CUDA steps on cpu, and checks of what would come back. Needs no .venv.
+gpu-rehearsal:
+	bash benchmarks/gpu_rehearsal.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -46,19 +46,7 @@ def main() -> int:
     encoded = IMAGE_SETS[args.images]() if args.images else [bytes.fromhex(h) for h in json.load(sys.stdin)]
     images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in encoded]
     segmenter = model.load(args.model, device=args.device, precision=args.precision, format=args.format)
-    sync = torch.cuda.synchronize if segmenter.device.type == "cuda" else (lambda: None)
-    per_batch = {}
-    for batch in args.batches:
-        chunk = (images * batch)[:batch]
-        segmenter.predict(chunk, batch_size=batch)
-        times, start = [], time.perf_counter()
-        while time.perf_counter() - start < args.seconds or len(times) < 3:
-            t = time.perf_counter()
-            segmenter.predict(chunk, batch_size=batch)  # one forward pass; numpy masks: the GPU is done
-            sync()
-            times.append(time.perf_counter() - t)
-        median = statistics.median(times)
-        per_batch[batch] = {"images_per_s": batch / median, "ms": median * 1000}
+    per_batch = {batch: time_batch(segmenter, images, batch, args.seconds) for batch in args.batches}
     threads = torch.get_num_threads()
     streams = args.streams or inference_streams("auto", segmenter.device, threads)
     side_by_side = {}
@@ -84,6 +72,24 @@ def main() -> int:
         sys.stdout,
     )
     return 0
+
+
+def time_batch(segmenter, images, batch: int, seconds: float, untimed: int = 1) -> dict:
+    """``predict`` on ``batch`` of ``images`` (repeated as needed), one forward pass per
+    call: ``untimed`` calls, then timed ones for ``seconds`` (at least 3). Images/s and
+    milliseconds per call, from the median call."""
+    sync = torch.cuda.synchronize if segmenter.device.type == "cuda" else (lambda: None)
+    chunk = (images * batch)[:batch]
+    for _ in range(untimed):
+        segmenter.predict(chunk, batch_size=batch)
+    times, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(times) < 3:
+        t = time.perf_counter()
+        segmenter.predict(chunk, batch_size=batch)  # one forward pass; numpy masks: the GPU is done
+        sync()
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    return {"images_per_s": batch / median, "ms": median * 1000}
 
 
 def _side_by_side(segmenter, images, batch: int, streams: int, threads: int, seconds: float) -> float:

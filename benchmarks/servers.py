@@ -59,7 +59,10 @@ def free_port() -> int:
 
 
 def _env(preload: Optional[str], extra: Dict[str, str], root: Path = ROOT) -> Dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(root))
+    # The source tree first, then what this process was given (packages installed with
+    # pip --target beside an image's own, as on the GPU machine: benchmarks/gpu_device_run.sh).
+    inherited = os.environ.get("PYTHONPATH")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *([inherited] if inherited else [])]))
     env.pop("LD_PRELOAD", None)
     if preload:
         env["LD_PRELOAD"] = preload
@@ -224,10 +227,14 @@ def raw_ceiling(
     device: str = "auto",
     precision: str = "fp32",
     format: str = "auto",
+    batches: Optional[List[int]] = None,
 ) -> dict:
-    """``Segmenter.predict`` on decoded images per batch size, in a fresh process
-    with the same allocator; no HTTP. See ``benchmarks.ceiling``."""
+    """``Segmenter.predict`` on decoded images per batch size (``batches``: the
+    ceiling's default, 1 2 4 8, when None), in a fresh process with the same
+    allocator; no HTTP. See ``benchmarks.ceiling``."""
     cmd = [sys.executable, "-m", "benchmarks.ceiling", "--seconds", str(seconds)]
+    if batches:
+        cmd += ["--batches", *map(str, batches)]
     cmd += ["--device", device, "--precision", precision, "--format", format]
     if model_path:
         cmd += ["--model", str(model_path)]

@@ -208,49 +208,6 @@ def test_ceiling_makes_its_own_images(tiny_artifact):
     assert result["images_per_s"] == max(b["images_per_s"] for b in result["per_batch"].values())
 
 
-def test_gpu_check_says_when_there_is_no_gpu(tmp_path):
-    """Where a GPU is present the script runs (benchmarks/gpu_check.sh); here it
-    must stop at once with a clear message, not half-run on the CPU."""
-    import shutil
-
-    if shutil.which("nvidia-smi"):
-        import pytest
-
-        pytest.skip("an NVIDIA driver is present: run benchmarks/gpu_check.sh itself")
-    done = subprocess.run(
-        ["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-        env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path)},
-    )  # fmt: skip
-    assert done.returncode == 3 and "no NVIDIA GPU" in done.stderr
-    assert not list(tmp_path.iterdir())
-
-
-def test_gpu_check_steps_survive_failures_and_keep_the_deadline(tmp_path):
-    """gpu_check.sh's step runner: a failing step and one that runs out of time are
-    noted and the script goes on; once the deadline is near, steps are skipped."""
-    script = f"""
-        export GPU_CHECK_LIB=1 DEADLINE_S=21
-        source benchmarks/gpu_check.sh
-        SUMMARY={tmp_path}/summary.txt
-        export SUMMARY
-        export -f note
-        failing() {{ echo partial > {tmp_path}/partial.txt; return 7; }}
-        export -f failing
-        step "fails" 10 failing
-        step "works" 10 true
-        step "hangs" 2 sleep 30
-        step "late" 10 true
-    """
-    done = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    summary = (tmp_path / "summary.txt").read_text()
-    assert done.returncode == 0, done.stderr
-    assert "== fails: FAILED with status 7" in summary
-    assert (tmp_path / "partial.txt").read_text() == "partial\n"  # what a failed step wrote stays
-    assert "== hangs: TIMED OUT after 2 s" in summary
-    assert "== works: ok" in summary
-    assert "== late: skipped (deadline" in summary  # 21 s deadline: under 20 s left after the 2 s
-
-
 def test_ab_runs_an_earlier_commit_beside_the_working_tree(tiny_artifact, capsys):
     from benchmarks import ab
 
