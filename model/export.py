@@ -197,7 +197,9 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
 
 
 def checked_meta(path: str | os.PathLike, meta: Dict[str, Any]) -> Dict[str, Any]:
-    """``meta``, when its name and version (if any) are ones a server can send."""
+    """``meta``, when it is an object whose name and version (if any) a server can send."""
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{path}: its metadata is not a JSON object")
     try:
         for key in ("name", "version"):
             if key in meta:

@@ -55,7 +55,9 @@ def serve(argv: List[str]) -> int:
     )
     for option, _, help_ in SERVE_OPTIONS:
         parser.add_argument(f"--{option}", help=help_)
-    parser.add_argument("--api-key-file", metavar="FILE", help="require the key in FILE (its first line)")
+    parser.add_argument(
+        "--api-key-file", metavar="FILE", help="require the key in FILE (its first non-empty line)"
+    )
     parser.add_argument("--api-key", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.api_key is not None:
@@ -66,9 +68,13 @@ def serve(argv: List[str]) -> int:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.api_key_file is not None:
         try:
-            overrides["api_key"] = Path(args.api_key_file).read_text().splitlines()[0].strip()
-        except (OSError, IndexError, UnicodeDecodeError) as exc:
-            parser.error(f"--api-key-file {args.api_key_file}: no key read ({exc})")
+            lines = Path(args.api_key_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            parser.error(f"--api-key-file {args.api_key_file}: {exc}")
+        key = next((line.strip() for line in lines if line.strip()), None)
+        if key is None:  # an empty key would mean no key at all
+            parser.error(f"--api-key-file {args.api_key_file}: the file holds no key")
+        overrides["api_key"] = key
     from pydantic import ValidationError
 
     from .__main__ import main as serve_main

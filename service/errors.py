@@ -40,12 +40,18 @@ __all__ = [
 ]
 
 
+MAX_DETAIL = 1000  # characters of a message: it may quote what a client sent (a name, a path)
+
+
 class ApiError(Exception):
-    """Base class: ``status`` and a message safe to show to clients."""
+    """Base class: ``status`` and a message safe to show to clients, at most
+    :data:`MAX_DETAIL` characters (a gRPC client takes 8 KiB of trailers by default)."""
 
     status: int = 500
 
     def __init__(self, detail: str, headers: Optional[Dict[str, str]] = None) -> None:
+        if len(detail) > MAX_DETAIL:
+            detail = detail[: MAX_DETAIL - 3] + "..."
         super().__init__(detail)
         self.detail = detail
         self.headers = headers or {}

@@ -9,7 +9,7 @@ size. Measured here (upb): 15 M empty ``bytes_contents`` in a 29 MiB message too
 times the message). So the message's fields are walked first, at most
 :data:`MAX_FIELDS` in all (a legal request has a handful), its large payloads
 (raw contents, packed numbers, encoded images) stay views of the received bytes, and
-only the small rest is given to protobuf. Typed numbers are counted (a packed
+only the small rest (at most :data:`MAX_DESCRIPTION_BYTES`) is given to protobuf. Typed numbers are counted (a packed
 varint ends in a byte under 0x80) and checked against the shape before anything is
 converted; the conversion is :meth:`Tensor.array`'s, on the I/O pool, after the
 request's limits were checked.
@@ -30,10 +30,12 @@ from tritonclient.grpc import service_pb2 as pb
 
 from .v2_codec import DTYPES, InferRequest, Output, Tensor, V2Error, V2TooLarge, varint_count
 
-__all__ = ["MAX_FIELDS", "decode_infer_request", "encode_infer_response"]
+__all__ = ["MAX_FIELDS", "MAX_DESCRIPTION_BYTES", "decode_infer_request", "encode_infer_response"]
 
 # Fields in one request, at every level together (inputs, outputs, parameters, dims sent unpacked...).
 MAX_FIELDS = 1024
+# What protobuf parses: the request less its payloads (names, shapes, parameters, id, outputs).
+MAX_DESCRIPTION_BYTES = 64 << 10
 _MAX_DIMS = 16
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 # ModelInferRequest: 5 inputs, 7 raw_input_contents; InferInputTensor: 5 contents;
@@ -155,6 +157,11 @@ def decode_infer_request(raw: bytes, max_elements: int) -> Tuple[str, str, Infer
             raw_contents.append(buf[body:stop])
         else:
             small += buf[first:stop]
+    if len(small) > MAX_DESCRIPTION_BYTES:  # protobuf's parse of it holds the interpreter lock
+        raise V2TooLarge(
+            f"the request's description (names, shapes, parameters, id, outputs) takes {len(small)} bytes, "
+            f"over the limit of {MAX_DESCRIPTION_BYTES}"
+        )
     try:
         message = pb.ModelInferRequest.FromString(bytes(small))
     except Exception as exc:  # protobuf's DecodeError, or a string that is not UTF-8

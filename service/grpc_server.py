@@ -17,14 +17,15 @@ A call is guarded like an HTTP request, before its message is read:
 - **the key first**: :class:`ApiKeyInterceptor` checks the call's metadata before
   grpc reads the message; a call without the key is refused with nothing read (every
   method is registered as taking a stream of raw bytes, which grpc reads only when
-  asked: a unary handler would receive and parse the message first);
+  asked: a unary handler would receive and parse the message first); only the calls
+  that read no message are open (``ServerLive``, ``ServerReady``, ``ServerMetadata``):
+  ``ModelReady``, open over HTTP, reads its name over gRPC, and an open read would let
+  anyone hold the memory budget, so it takes the key;
 - **the memory budget**: reading a message reserves twice ``MAX_UPLOAD_BYTES`` (the
   message, then its copy in Python) from the ``body`` ledger, as a chunked HTTP body
   does, shrunk to twice the message once it is read, held until the call ends; the
   message limit (``grpc.max_receive_message_length``) is ``MAX_UPLOAD_BYTES``, which
   follows ``MEMORY_BUDGET_MB``; a message must arrive within ``READ_TIMEOUT_S``;
-  ``ModelReady`` (open, like its HTTP form) reads at most two messages at a time,
-  so that calls without a key can hold no more than that of the ledger;
 - **nothing heavy on the event loop**: the infer message is decoded on the I/O pool
   by :mod:`service.grpc_codec` (its fields counted and capped before anything is
   converted), and the response written there;
@@ -63,15 +64,14 @@ log = logging.getLogger("chanseg.grpc")
 __all__ = ["start_grpc_server", "ApiKeyInterceptor", "OPEN_METHODS"]
 
 SERVICE = "inference.GRPCInferenceService"
-# Callable without the key, as their HTTP forms are: health, server metadata, readiness.
-OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ServerMetadata", "ModelReady"})
+# Callable without the key: health and server metadata, which read no message.
+OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
 # The calls whose request holds names and versions only: a larger message is refused unparsed.
 SMALL_MESSAGE = 64 << 10
-OPEN_READS = 2  # ModelReady messages read at once
 # Labels of chanseg_requests_total{endpoint}: bounded, whatever method a client names.
 _ENDPOINTS = {"ModelInfer": "infer", "ModelMetadata": "model_metadata", "ModelReady": "model_ready"}
 
-_CODES = {
+_CODES = {  # an ApiError's HTTP status -> the gRPC code it is answered with
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
@@ -86,11 +86,6 @@ _CODES = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
-# gRPC's numbers beside HTTP's, for the shared chanseg_requests_total{status}.
-_HTTP_STATUS = {code: status for status, code in _CODES.items()} | {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.INTERNAL: 500,
-}
 
 
 class _NotImplemented(ApiError):
@@ -103,9 +98,10 @@ def _endpoint(method: str) -> str:
     return "grpc_" + _ENDPOINTS.get(method, "other")
 
 
-def _count(state, method: str, code: grpc.StatusCode, started: float) -> None:
+def _count(state, method: str, status: int, started: float) -> None:
+    """The call in chanseg_requests_total{status}, with the HTTP status of what it ended with."""
     metrics = state.metrics
-    metrics.requests.labels(_endpoint(method), str(_HTTP_STATUS.get(code, 500))).inc()
+    metrics.requests.labels(_endpoint(method), str(status)).inc()
     metrics.request_duration.labels(_endpoint(method)).observe(time.perf_counter() - started)
 
 
@@ -129,7 +125,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         started, state = time.perf_counter(), self.state
 
         async def refuse(requests, context) -> None:
-            _count(state, method, grpc.StatusCode.UNAUTHENTICATED, started)
+            _count(state, method, 401, started)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, detail)
 
         return grpc.stream_unary_rpc_method_handler(refuse)  # reads nothing
@@ -147,6 +143,7 @@ class _Call:
             "chanseg": {"request_id": request_id, "started": time.monotonic(), "leases": []}
         }
         self._gone = asyncio.Event()
+        self.ended = False
         context.add_done_callback(self._done)
 
     @property
@@ -163,9 +160,13 @@ class _Call:
         return {"type": "http.disconnect"}
 
     def _done(self, _context) -> None:
+        self.ended = True
         self._gone.set()
+        self.release()  # the call has ended: its response is sent, or it never will be
+
+    def release(self) -> None:
         for lease in self.scope["chanseg"]["leases"]:
-            lease.release()  # the call has ended: its response is sent, or it never will be
+            lease.release()  # idempotent
 
 
 class InferenceService:
@@ -174,7 +175,6 @@ class InferenceService:
 
     def __init__(self, state) -> None:
         self.state = state
-        self._open_reads = asyncio.Semaphore(OPEN_READS)
 
     def handler(self) -> grpc.GenericRpcHandler:
         calls: Dict[str, Callable[..., Awaitable[bytes]]] = {
@@ -200,25 +200,27 @@ class InferenceService:
         state = self.state
 
         async def behavior(requests, context) -> bytes:
-            started, code = time.perf_counter(), grpc.StatusCode.OK
+            started, status = time.perf_counter(), 200
             metadata = dict(context.invocation_metadata() or ())
             call = _Call(context, metadata)
             try:
                 with state.tracing.server_span(method, metadata):
                     return await fn(context, call, method)
             except ApiError as exc:
-                code = _CODES.get(exc.status, grpc.StatusCode.INTERNAL)
-                await context.abort(code, exc.detail)
+                status = exc.status
+                await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.detail)
             except (asyncio.CancelledError, grpc.aio.AbortError):
-                code = grpc.StatusCode.CANCELLED
+                status = 499
                 raise
             except Exception as exc:  # the catch-all: one log line, no internals to the client
-                code = grpc.StatusCode.INTERNAL
+                status = 500
                 log.error("unhandled error in gRPC %s (request id %s)", method, call.request_id, exc_info=exc)
-                await context.abort(code, "internal server error")
+                await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
             finally:
+                if call.ended:  # a lease taken after the call ended (the client went away meanwhile)
+                    call.release()
                 if method not in ("ServerLive", "ServerReady"):
-                    _count(state, method, code, started)
+                    _count(state, method, status, started)
 
         return behavior
 
@@ -270,14 +272,7 @@ class InferenceService:
         ).SerializeToString()
 
     async def _model_ready(self, context, call, method) -> bytes:
-        try:  # open: a bounded share of the body ledger for calls anyone may make
-            await asyncio.wait_for(self._open_reads.acquire(), 1.0)
-        except asyncio.TimeoutError:
-            raise Overloaded("server busy: too many ModelReady calls at once; retry later") from None
-        try:
-            request = await self._parse(pb.ModelReadyRequest, context, call)
-        finally:
-            self._open_reads.release()
+        request = await self._parse(pb.ModelReadyRequest, context, call)
         served_model(self.state, request.name, request.version or None)
         return pb.ModelReadyResponse(ready=self.state.serving).SerializeToString()
 
@@ -306,11 +301,14 @@ class InferenceService:
             raise PayloadTooLarge(str(exc)) from None
         except V2Error as exc:
             raise InvalidRequest(str(exc)) from None
-        del raw  # the tensors are views of it: it lives as long as they do
         seg = served_model(state, name, version or None)
         call.use_message_id(req.id or "")
         deadline = call.scope["chanseg"]["started"] + state.settings.request_timeout_s
-        outputs, timing = await run_inference(state, seg, call, req, deadline)
+        converting = None  # typed numbers are converted on the I/O pool, at up to 3x their bytes for a moment
+        if any(t.packed is not None for t in req.inputs):
+            converting = await reserve_output(state, call, 3 * len(raw), deadline, "converting uint_contents")
+        del raw  # the tensors are views of it: it lives as long as they do
+        outputs, timing = await run_inference(state, seg, call, req, deadline, converting)
         reply_id = req.id or ""
         del req
         # What grpc copies the response into, until it is sent (run_inference reserved the buffer).

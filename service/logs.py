@@ -13,7 +13,8 @@ import time
 
 __all__ = ["configure_logging", "printable"]
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# C0 and C1 controls, line and paragraph separators, and the marks that reorder text (bidi).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
 
 
 def printable(text: str) -> str:
@@ -46,6 +47,11 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatException(self, ei) -> str:
+        """The traceback, each of its lines indented: a line break inside an exception's
+        message (which may quote a client) cannot start a line of its own."""
+        return "\n".join("    " + printable(line) for line in super().formatException(ei).splitlines())
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # the line, before a traceback
         line = printable(super().formatMessage(record))

@@ -47,7 +47,7 @@ __all__ = ["RequestMiddleware", "CONNECTION_SCOPE_KEY", "SAFE_REQUEST_ID"]
 access_log = logging.getLogger("chanseg.access")
 error_log = logging.getLogger("chanseg.errors")
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_LINGER_BYTES = 1 << 20  # an unread remainder up to this is drained, not a reason to close
+_DRAINED_REMAINDER = 1 << 20  # an unread remainder up to this is drained, not a reason to close
 _LOGGED_PATH = 200  # characters of an unmatched path in the access log
 # What service.server's protocol tells about the connection: when the request's
 # first byte arrived, and whether the connection is over MAX_CONNECTIONS.
@@ -101,7 +101,7 @@ class RequestMiddleware:
                     (b"x-total-time-ms", f"{total_ms:.1f}".encode()),
                 ]
                 left = int(declared) - body["received"] if declared.isdigit() else None
-                if not body["done"] and (left is None or left > _LINGER_BYTES):
+                if not body["done"] and (left is None or left > _DRAINED_REMAINDER):
                     extra.append((b"connection", b"close"))  # the rest of the body would hold it
                 message["headers"] = list(message.get("headers", [])) + extra
             await send(message)

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 import model
 from model.export import read_metadata
 
-from .errors import Conflict, DeadlineExceeded, Forbidden, InvalidRequest
+from .errors import Conflict, DeadlineExceeded, Forbidden, InvalidRequest, NotReady
 from .interface import ServedModel
 from .resources import freeze_heap, release_free_memory, thaw_heap
 from .warmup import warm_up_in_turns
@@ -147,6 +147,7 @@ class ModelRepository:
         if self._lock.locked():
             raise Conflict("another model load is in progress; retry when it is done")
         async with self._lock:
+            self._check_thread()
             await self._wait_for_retired()
             s, state = self.state.settings, self.state
             started = time.perf_counter()
@@ -202,14 +203,22 @@ class ModelRepository:
     async def unload(self, name: str) -> None:
         """Stop serving model ``name``: ``/readyz`` and new work 503 until a load; requests in flight finish."""
         self._need()
-        current = self.state.segmenter
-        if current is None or current.name != name:
-            raise InvalidRequest(f"model '{name}' is not loaded")
         async with self._lock:
+            current = self.state.segmenter  # what serves once the load before this one is done
+            if current is None or current.name != name:
+                raise InvalidRequest(f"model '{name}' is not loaded")
+            self._check_thread()
             self._retire(await self.state.on_inference_thread("unloading", self._swap, None))
             log.warning(
                 "model %s %s unloaded: not ready until a model is loaded", current.name, current.version
             )
+
+    def _check_thread(self) -> None:
+        """503 while the inference thread is stuck (a batch, or a load that timed out and
+        still runs) or the device is lost: a job queued behind it would never end."""
+        problem = self.state.unhealthy()
+        if problem is not None:
+            raise NotReady(f"the model repository cannot act now: {problem[1]}; the server must be restarted")
 
     async def reload(self) -> None:
         """``SIGHUP``: load ``MODEL_PATH`` again (a file replaced on disk), swapped in like any load."""

@@ -89,10 +89,13 @@ def test_predict_takes_files_and_folders(tiny_artifact, tmp_path):
 def test_serve_runs_the_server(tiny_artifact, tmp_path):
     """With the key from a file: ``--api-key KEY`` would show it to every user in the process list."""
     port = free_port()
-    (tmp_path / "key").write_text("file-key\n")
+    (tmp_path / "key").write_text("\nfile-key\n")  # the first non-empty line
+    (tmp_path / "empty").write_text("\n \n")
     command = [str(CHANSEG), "serve", "--model", tiny_artifact, "--port", str(port), "--device", "cpu"]
     refused = run(*command[1:], "--api-key", "visible-key")
     assert refused.returncode == 2 and "--api-key-file" in refused.stderr
+    empty = run(*command[1:], "--api-key-file", str(tmp_path / "empty"))  # no key is not "no auth"
+    assert empty.returncode == 2 and "holds no key" in empty.stderr
     proc = subprocess.Popen(
         [*command, "--max-batch-size", "2", "--api-key-file", str(tmp_path / "key")],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -25,6 +25,7 @@ from ..errors import (
     DeadlineExceeded,
     Forbidden,
     InvalidRequest,
+    NotReady,
     PayloadTooLarge,
     Unauthorized,
     UnsupportedMediaType,
@@ -35,7 +36,9 @@ from ..pipeline import pool_call
 router = APIRouter(prefix="/v2/repository", tags=["v2 repository"])
 
 MAX_BODY = 64 << 10  # a path and a few parameters
-_ERRORS = responses(InvalidRequest, Unauthorized, Forbidden, Conflict, PayloadTooLarge, UnsupportedMediaType)
+_ERRORS = responses(
+    InvalidRequest, Unauthorized, Forbidden, Conflict, PayloadTooLarge, UnsupportedMediaType, NotReady
+)
 _BODY = {
     "requestBody": {
         "required": False,

@@ -200,14 +200,22 @@ def _results(tmp_path: Path) -> Path:
     rest never started; a 20 MiB log that cannot be compressed."""
     results = tmp_path / "results"
     (results / "logs").mkdir(parents=True)
-    (results / "plan.env").write_text("DEVICE=cuda\nRAW_SPECS=fp32:png256:1,8 fp16:png256:1,8\nSERVE_PRECISION=fp16\n")
+    (results / "plan.env").write_text(
+        "DEVICE=cuda\nRAW_SPECS=fp32:png256:1,8 fp16:png256:1,8\nSERVE_PRECISION=fp16\n"
+    )
     (results / "steps.tsv").write_text(
         f"01\tenvironment\tenvironment\tok\t4\t25\t{results}/logs/01-environment.log\t\n"
         f"02\traw_model\traw model (TorchScript)\tTIMED OUT\t110\t110\t{results}/logs/02-raw_model.log\t"
         "cut at its 110 s limit; its output so far is in the log\n"
     )
-    line = {"precision": "fp32", "images": "png256", "format": "torchscript", "best_batch": 8, "images_per_s": 900.0,
-            "per_batch": {"1": {"images_per_s": 200.0, "ms": 5.0}, "8": {"images_per_s": 900.0, "ms": 8.9}}}
+    line = {
+        "precision": "fp32",
+        "images": "png256",
+        "format": "torchscript",
+        "best_batch": 8,
+        "images_per_s": 900.0,
+        "per_batch": {"1": {"images_per_s": 200.0, "ms": 5.0}, "8": {"images_per_s": 900.0, "ms": 8.9}},
+    }
     (results / "raw.jsonl").write_text(json.dumps(line) + '\n{"precision": "fp16", "ima')  # the cut line
     (results / "logs" / "02-raw_model.log").write_bytes(os.urandom(20 * 2**20))
     (results / "cache").mkdir()
@@ -239,7 +247,10 @@ def test_pack_returns_the_figures_within_the_limits_and_says_what_is_missing(tmp
 
 @pytest.mark.parametrize(
     "compile_status, reason",
-    [(None, "exit status 4: the compile did not finish in time"), ("1", "exit status 5: the compile failed with status 1")],
+    [
+        (None, "exit status 4: the compile did not finish in time"),
+        ("1", "exit status 5: the compile failed with status 1"),
+    ],
 )
 def test_the_package_step_says_when_there_is_no_package(tmp_path, compile_status, reason):
     """No package, no figure under its name: the step fails and says why; nothing is

@@ -60,8 +60,11 @@ def _status(exc) -> str:
 def test_health_metadata_and_the_api_key(server):
     g = grpcclient()
     client = g.InferenceServerClient(server.grpc_url)
-    assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("tiny") and client.is_model_ready("tiny", "7")
+    assert client.is_server_live() and client.is_server_ready()  # open: they read no message
+    with pytest.raises(g.InferenceServerException) as err:
+        client.is_model_ready("tiny")  # its message is read: behind the key, unlike its HTTP form
+    assert _status(err.value) == "StatusCode.UNAUTHENTICATED"
+    assert client.is_model_ready("tiny", headers=AUTH) and client.is_model_ready("tiny", "7", headers=AUTH)
     with pytest.raises(g.InferenceServerException) as err:
         client.get_model_metadata("tiny")
     assert _status(err.value) == "StatusCode.UNAUTHENTICATED"
@@ -151,6 +154,18 @@ def test_malformed_requests_are_invalid_argument(server, case):
     code, details = _raw_call(server, inputs, raw, outputs)
     assert code == "INVALID_ARGUMENT" and words in details, (code, details)
     assert httpx.get(server.url + "/readyz").status_code == 200
+    samples = metric_samples(httpx.get(server.url + "/metrics").text)
+    assert (
+        samples[("chanseg_requests_total", (("endpoint", "grpc_infer"), ("status", "400")))] >= 1
+    )  # as HTTP counts it
+
+
+@pytest.mark.real_part("tritonclient")
+def test_a_huge_name_gets_a_short_message_and_a_huge_description_is_refused(server):
+    code, details = _raw_call(server, [("N" * 60_000, "UINT8", [1, 16, 16, 3])], [bytes(768)])
+    assert code == "INVALID_ARGUMENT" and "unknown input" in details and len(details) <= 1000
+    code, details = _raw_call(server, [("N" * 70_000, "UINT8", [1, 16, 16, 3])], [bytes(768)])
+    assert code == "RESOURCE_EXHAUSTED" and "description" in details
 
 
 def _slow_server(tmp_path, **env) -> ServerProcess:
@@ -346,7 +361,9 @@ def test_the_request_id_is_checked_as_http_checks_it(server):
 
 
 @pytest.mark.anyio
-async def test_a_message_is_held_in_the_body_budget_until_its_call_ends(tiny_artifact, tiny_segmenter):
+async def test_a_message_is_held_in_the_body_budget_until_its_call_ends(
+    tiny_artifact, tiny_segmenter, chanseg_logs
+):
     """gRPC messages count in MEMORY_BUDGET_MB like HTTP bodies: reserved before they
     are read, held until the call ends; grpc refuses one over MAX_UPLOAD_BYTES."""
     import asyncio
@@ -378,3 +395,5 @@ async def test_a_message_is_held_in_the_body_budget_until_its_call_ends(tiny_art
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await infer(too_large.SerializeToString(), timeout=60)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await asyncio.sleep(0.1)
+            assert state.body_budget.in_use == 0 and "unhandled" not in chanseg_logs.text

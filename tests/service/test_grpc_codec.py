@@ -87,11 +87,19 @@ def _slow_for_protobuf() -> dict:
     params = _request()
     for i in range(100_000):
         params.parameters[str(i)].bool_param = True
+    output_params = _request()  # inside an output: protobuf's part of the message, not walked
+    output = output_params.outputs.add(name="MASK")
+    for i in range(100_000):
+        output.parameters[str(i)].bool_param = True
+    dims = _request()
+    dims.inputs.add(name="IMAGE", datatype="UINT8").shape.extend([1] * 1_000_000)  # packed: one field
     return {
         "empty bytes_contents": (empty_bytes.SerializeToString(), V2TooLarge, "at most 16 images"),
         "empty inputs": (empty_inputs.SerializeToString(), V2Error, f"more than {MAX_FIELDS} fields"),
         "unpacked numbers": (b"\x2a" + _varint(len(tensor)) + tensor, V2Error, "must be packed"),
         "parameters": (params.SerializeToString(), V2Error, f"more than {MAX_FIELDS} fields"),
+        "output parameters": (output_params.SerializeToString(), V2TooLarge, "description"),
+        "a million dimensions": (dims.SerializeToString(), V2TooLarge, "description"),
     }
 
 
@@ -103,7 +111,17 @@ def _varint(value: int) -> bytes:
     return bytes(out + bytes([value]))
 
 
-@pytest.mark.parametrize("case", ["empty bytes_contents", "empty inputs", "unpacked numbers", "parameters"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "empty bytes_contents",
+        "empty inputs",
+        "unpacked numbers",
+        "parameters",
+        "output parameters",
+        "a million dimensions",
+    ],
+)
 def test_messages_that_would_swamp_protobuf_are_refused_after_a_bounded_walk(case):
     message, error, words = _slow_for_protobuf()[case]
     started = time.process_time()

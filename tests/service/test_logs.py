@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 
 import pytest
 
@@ -39,6 +40,20 @@ async def test_access_line_as_json(tiny_artifact):
     assert line["endpoint"] == "predict" and line["message"] == "POST /predict 200"
     assert line["total_ms"] >= line["inference_ms"] > 0 and line["queue_ms"] >= 0
     assert line["level"] == "info" and line["time"].endswith("Z")
+
+
+def test_a_traceback_cannot_start_a_line_of_its_own():
+    try:
+        raise ValueError("bad file name\n2026-12-05 ERROR chanseg.app: forged")
+    except ValueError:
+        record = logging.makeLogRecord(
+            {"msg": "failed", "levelname": "ERROR", "name": "x", "exc_info": sys.exc_info()}
+        )
+    lines = TextFormatter().format(record).splitlines()
+    assert lines[0].endswith("ERROR x: failed") and all(line.startswith("    ") for line in lines[1:])
+    assert "forged" in lines[-1]
+    reordered = logging.makeLogRecord({"msg": "a\u202eb", "levelname": "INFO", "name": "x"})
+    assert TextFormatter().format(reordered).endswith("a\\u202eb")  # a bidi mark cannot reorder the line
 
 
 def test_text_formatter_appends_fields():

@@ -414,6 +414,22 @@ async def test_a_link_out_of_the_repository_is_neither_listed_nor_loaded(tmp_pat
         assert r.status_code == 200 and r.json()["version"] == "7", r.text
 
 
+async def test_metadata_that_is_not_an_object_is_not_a_model(tmp_path, tiny_artifact):
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(tiny_artifact, root / "a.pt")
+    for name, meta in (("list.pt", b"[1]"), ("string.pt", b'"name"')):
+        with zipfile.ZipFile(tiny_artifact) as z, zipfile.ZipFile(root / name, "w") as out:
+            for item in z.infolist():
+                out.writestr(item, meta if item.filename.endswith("/extra/meta.json") else z.read(item))
+    async with serve(make_settings(str(root / "a.pt"), model_repository=root)) as client:
+        rows = (await client.post("/v2/repository/index")).json()
+        assert [row["path"] for row in rows] == ["a.pt"]
+        assert (await client.post("/v2/repository/models/tiny/load", json={})).status_code == 200
+        r = await client.post("/v2/repository/models/tiny/load", json={"parameters": {"path": "list.pt"}})
+        assert r.status_code == 400 and "not a JSON object" in r.json()["error"]
+
+
 async def test_oversized_metadata_is_not_read_and_scans_leave_the_event_loop_free(tmp_path, tiny_artifact):
     """A 0.5 MB metadata file blocked /healthz 6.5 s and took ~1 GB: the index scanned on the loop."""
     root = tmp_path / "repo"

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 import model
+from benchmarks.client import metric_samples
 from model.export import script
 from service.server import EXIT_MARGIN_S
 from tests.conftest import TINY, make_net
@@ -220,12 +221,12 @@ def test_a_load_that_never_ends_fails_liveness_and_shutdown_keeps_its_budget(tin
         assert live.status_code == 503 and live.json()["status"] == "stuck", live.text
         assert httpx.get(server.url + "/readyz").status_code == 503
         metrics = httpx.get(server.url + "/metrics").text
-        running = float(
-            next(ln for ln in metrics.splitlines() if ln.startswith("chanseg_load_running_seconds ")).split()[
-                1
-            ]
-        )
+        running = metric_samples(metrics)[("chanseg_load_running_seconds", ())]
         assert running > LOAD_TIMEOUT
+        # Nothing more can run behind the stuck load: further loads and unloads are refused at once.
+        for action, body in (("load", {"parameters": {"path": "stuck.pt"}}), ("unload", {})):
+            r = httpx.post(f"{server.url}/v2/repository/models/tiny/{action}", json=body, timeout=10)
+            assert r.status_code == 503 and "must be restarted" in r.json()["error"], (action, r.text)
 
         signalled = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)
