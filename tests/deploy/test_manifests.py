@@ -185,7 +185,7 @@ _DERIVED = {
     "max_queue", "memory_budget_mb", "max_request_pixels", "max_upload_bytes", "max_json_bytes",
     "max_images_per_request",
 }  # fmt: skip
-_UNSET = {"model_path", "num_threads", "api_key", "model_repository"}
+_UNSET = {"model_path", "num_threads", "api_key", "admin_api_key", "admin_origins", "model_repository"}
 _IMAGE_OWN = {"host": "0.0.0.0", "drain_timeout_s": "8", "log_format": "json", "grpc_port": "8001"}
 
 

@@ -41,9 +41,8 @@ def test_random_v2_bodies_over_http_are_200_or_4xx(live):
         body, header_length = request
         headers = {}
         if header_length is not None:  # what an HTTP client can send as a header value
-            headers["inference-header-content-length"] = (
-                header_length.encode("ascii", "replace").decode().strip() or "x"
-            )
+            printable = "".join(ch for ch in header_length if " " <= ch <= "~")  # no CR, LF or other controls
+            headers["inference-header-content-length"] = printable.strip() or "x"
         r = client.post("/v2/models/tiny/infer", content=body, headers=headers)
         seen[r.status_code] = seen.get(r.status_code, 0) + 1
         assert r.status_code == 200 or 400 <= r.status_code < 500, (r.status_code, r.text)
