@@ -11,7 +11,7 @@ BIN := $(VENV)/bin
 # tcmalloc when installed (apt-get install libtcmalloc-minimal4): see README, "Allocator".
 TCMALLOC := $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4))
 
-.PHONY: install test lint serve reliability bench-model bench-serve gpu-rehearsal screenshot clean
+.PHONY: install test test-all lint serve reliability bench-model bench-serve gpu-rehearsal screenshot clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,13 @@ install: $(BIN)/.installed
 lint: install
 	$(BIN)/ruff check .
 
+# The tiers: `make test` is the unit and in-process tests and one real-process smoke test
+# (a few minutes); `make test-all` is everything, the real servers and real parts too
+# (what .ci/run runs). A test that starts a server, a real part or a compile is marked slow.
 test: install lint
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: install lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # The reliability suite's long forms (60 s held load, 20 s overload, 5 min soak, a rolling update of all

@@ -86,6 +86,7 @@ def test_predict_takes_files_and_folders(tiny_artifact, tmp_path):
     assert missing.returncode == 2 and "no such file or folder" in missing.stderr
 
 
+@pytest.mark.slow
 def test_serve_runs_the_server(tiny_artifact, tmp_path):
     """With the key from a file: ``--api-key KEY`` would show it to every user in the process list."""
     port = free_port()
@@ -122,6 +123,7 @@ def test_serve_runs_the_server(tiny_artifact, tmp_path):
     assert code == 0  # SIGTERM drains and exits cleanly
 
 
+@pytest.mark.slow
 def test_python_m_service_help_prints_help_and_starts_nothing():
     done = subprocess.run(
         [sys.executable, "-m", "service", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60

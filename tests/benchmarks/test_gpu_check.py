@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # a real server, a real part or a compile: make test-all
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

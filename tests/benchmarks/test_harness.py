@@ -33,6 +33,7 @@ def _mask(url: str, scenario, image: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(r.content)))
 
 
+@pytest.mark.slow
 def test_every_server_answers_the_same_masks(tiny_artifact):
     """The comparison is fair only if all servers do the same work: same masks."""
     images = make_images(2, 256) + make_images(1, 300, "JPEG")
@@ -48,6 +49,7 @@ def test_every_server_answers_the_same_masks(tiny_artifact):
         assert (masks[name][2] == masks["chanseg"][2]).mean() > 0.98
 
 
+@pytest.mark.slow
 def test_a_stopped_server_leaves_nothing_in_tmp(tiny_package, tmp_path, monkeypatch):
     """torch's package loader, which the naive server uses, extracts the compiled
     library into the temporary directory and never removes it (9.6 MiB per run)."""
@@ -60,6 +62,7 @@ def test_a_stopped_server_leaves_nothing_in_tmp(tiny_package, tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_run_writes_json_csv_plot_and_table(tiny_artifact, tmp_path):
     out = tmp_path / "bench"
     cmd = [
@@ -192,6 +195,7 @@ def test_usage_without_run_command():
     assert done.returncode == 2 and "usage" in done.stderr
 
 
+@pytest.mark.slow
 def test_ceiling_makes_its_own_images(tiny_artifact):
     cmd = [sys.executable, "-m", "benchmarks.ceiling", "--model", tiny_artifact, "--images", "jpeg1024",
            "--batches", "1", "2", "--seconds", "0.1", "--device", "cpu", "--streams", "2"]  # fmt: skip
@@ -208,6 +212,7 @@ def test_ceiling_makes_its_own_images(tiny_artifact):
     assert result["images_per_s"] == max(b["images_per_s"] for b in result["per_batch"].values())
 
 
+@pytest.mark.slow
 def test_ab_runs_an_earlier_commit_beside_the_working_tree(tiny_artifact, capsys):
     from benchmarks import ab
 
@@ -232,6 +237,7 @@ def test_formats_prints_each_format_at_both_sizes(capsys):
     assert all(int(r[-2]) > 0 and float(r[-1]) > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_protocols_measures_predict_v2_http_and_grpc(tiny_artifact, capsys):
     pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] is in the dev extra")
     from benchmarks import protocols

@@ -49,6 +49,7 @@ def test_server_split_from_two_scrapes():
     assert server_split(after, after) is None  # nothing happened in between
 
 
+@pytest.mark.slow
 def test_closed_loop_against_a_real_server(chanseg_url):
     payloads = [multipart(img) for img in make_images(4, 64)]
     m = asyncio.run(
@@ -65,6 +66,7 @@ def test_closed_loop_against_a_real_server(chanseg_url):
     assert m.client_cpu_ms_per_request > 0
 
 
+@pytest.mark.slow
 def test_request_count_bound(chanseg_url):
     payloads = [multipart(make_images(1, 64)[0])]
     m = asyncio.run(
@@ -75,6 +77,7 @@ def test_request_count_bound(chanseg_url):
     assert m.requests <= 12 and sum(w.ok for w in m.windows) <= 12
 
 
+@pytest.mark.slow
 def test_open_loop_poisson_rate(chanseg_url):
     payloads = [multipart(img) for img in make_images(2, 64)]
     m = asyncio.run(

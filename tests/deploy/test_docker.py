@@ -27,7 +27,7 @@ from tests.real_parts import missing
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "docker" / "local-engine.sh"
 TAG = "chanseg:test"
-pytestmark = pytest.mark.docker
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 
 def sh(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:

@@ -47,7 +47,7 @@ try:
 except ImportError:  # pragma: no cover - the ray extra is part of make test
     ray = None
 
-pytestmark = pytest.mark.real_part("ray cluster")
+pytestmark = [pytest.mark.real_part("ray cluster"), pytest.mark.slow]
 
 APP = "chanseg"
 # make test: two replicas from the start, both nodes serving, masks, errors, a killed replica.

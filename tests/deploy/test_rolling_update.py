@@ -31,6 +31,8 @@ from tests.deploy.closed_loop import ClosedLoop
 from tests.real_parts import need_tool
 from tests.service.conftest import ServerProcess, png_bytes, random_image
 
+pytestmark = pytest.mark.slow  # a real server, a real part or a compile: make test-all
+
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
 PRE_STOP_S = 0.5  # the manifests' preStop sleep is 5 s; the pool change here is immediate
 # make test rolls one replica (the short form: each replica's turn is the same steps);
@@ -143,7 +145,7 @@ def test_rolling_update_and_a_killed_replica_behind_haproxy(tmp_path):
     assert rolled == {"8"}, rolled  # the replaced replicas serve the new version
     # Answered by a replica left alone: a request the SIGKILL cut off (checked below) has no replica.
     kept = {a[4] for a in answers if a[2] == 200 and a[3] not in ROLL}
-    assert kept == {"7"}
+    assert kept == ({"7"} if len(ROLL) < len(replicas) else set())  # the long form rolls all three
 
     after_kill = [a for a in answers if a[1] > killed_at]
     failed = [a for a in after_kill if a[2] != 200]

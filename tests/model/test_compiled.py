@@ -21,6 +21,8 @@ from model.export import ModelLoadError
 from model.precision import TOLERANCE, choose, hardware_precisions, require
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.slow  # a real server, a real part or a compile: make test-all
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -152,6 +152,7 @@ def test_an_imported_model_is_not_rebuilt_for_compiling(tmp_path):
         model.export.build_network(model.read_artifact(out).config)
 
 
+@pytest.mark.slow
 def test_an_imported_model_compiles_to_a_package(tmp_path):
     """torch.export + AOTInductor for an imported model: its traced TorchScript is
     converted (torch's TorchScript converter), compiled in fp32, checked against the

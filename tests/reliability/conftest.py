@@ -72,9 +72,10 @@ def anyio_backend():
     return "asyncio"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tmp_path_factory):
-    """The bundled model, batches of up to 4, the default queue and deadline."""
+    """The bundled model, batches of up to 4, the default queue and deadline: one for the
+    suite (load, faults, soak), as a deployed server serves one test after another."""
     s = start_server(tmp_path_factory.mktemp("reliability"))
     try:
         yield s

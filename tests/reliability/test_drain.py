@@ -14,7 +14,7 @@ import pytest
 from benchmarks.client import make_images
 from tests.reliability.conftest import duration, report, start_server
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 
 def test_sigterm_under_load_answers_every_accepted_request(tmp_path):

@@ -18,7 +18,7 @@ from benchmarks.client import make_images
 from tests.reliability.conftest import report
 from tests.service.conftest import SlowSegmenter, make_settings, serve, until
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 
 def _raw_request(url: str, body: bytes, declared: int | None = None) -> socket.socket:

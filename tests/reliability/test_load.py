@@ -9,7 +9,7 @@ import pytest
 
 from tests.reliability.conftest import duration, hold, report, statuses_only
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 
 def test_held_load_at_80_percent_of_capacity(server, payloads, capacity):

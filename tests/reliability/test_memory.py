@@ -37,7 +37,7 @@ from PIL import Image
 
 from tests.reliability.conftest import LONG, report, start_server
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 SIDE = 6000

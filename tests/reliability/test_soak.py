@@ -13,7 +13,7 @@ import pytest
 from benchmarks.client import make_images
 from tests.reliability.conftest import duration, report
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 
 def _requests():

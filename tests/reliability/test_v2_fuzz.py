@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from tests.reliability.conftest import LONG, report, start_server
 from tests.service.test_v2_codec import requests
 
-pytestmark = pytest.mark.reliability
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -140,6 +140,8 @@ async def held_inference(client, segmenter: SlowSegmenter, images: int):
 
 
 ROOT = Path(__file__).resolve().parents[2]
+SHARED_KEY = "shared-key"
+SHARED_AUTH = {"authorization": f"Bearer {SHARED_KEY}"}
 
 
 class ServerProcess(ServiceProcess):
@@ -154,3 +156,23 @@ class ServerProcess(ServiceProcess):
         if os.environ.get("LD_PRELOAD"):
             settings["LD_PRELOAD"] = os.environ["LD_PRELOAD"]
         super().__init__({**settings, **env}, log=tmp / f"server-{port}.log", port=port)
+
+
+@pytest.fixture(scope="session")
+def shared_server(tiny_artifact, tmp_path_factory):
+    """One real ``python -m service`` on the tiny model for the whole run, HTTP and gRPC
+    (``shared_server.grpc_url``), behind ``SHARED_KEY``: the tests of real clients
+    (tritonclient over HTTP and gRPC) share it rather than start one a module."""
+    grpc_port = free_port()
+    proc = ServerProcess(
+        tiny_artifact,
+        tmp_path_factory.mktemp("shared"),
+        CHANSEG_GRPC_PORT=str(grpc_port),
+        CHANSEG_API_KEY=SHARED_KEY,
+    )
+    proc.grpc_url = f"127.0.0.1:{grpc_port}"
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()

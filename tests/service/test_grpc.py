@@ -17,6 +17,8 @@ from model import ModelConfig
 from tests.conftest import make_net
 from tests.real_parts import missing
 from tests.service.conftest import (
+    SHARED_AUTH,
+    SHARED_KEY,
     ServerProcess,
     SlowSegmenter,
     decode_mask,
@@ -26,8 +28,7 @@ from tests.service.conftest import (
     serve,
 )
 
-KEY = "grpc-key"
-AUTH = {"authorization": f"Bearer {KEY}"}
+KEY, AUTH = SHARED_KEY, SHARED_AUTH  # tritonclient adds its own headers to the dict it is given: pass copies
 
 
 def grpcclient():
@@ -38,18 +39,10 @@ def grpcclient():
     return client
 
 
-@pytest.fixture(scope="module")
-def server(tiny_artifact, tmp_path_factory):
-    port = free_port()
-    proc = ServerProcess(
-        tiny_artifact, tmp_path_factory.mktemp("grpc"), CHANSEG_GRPC_PORT=str(port), CHANSEG_API_KEY=KEY
-    )
-    try:
-        proc.wait_ready()
-        proc.grpc_url = f"127.0.0.1:{port}"
-        yield proc
-    finally:
-        proc.stop()
+@pytest.fixture
+def server(shared_server):
+    """The suite's one real server (tests/service/conftest.py): HTTP, gRPC on, an API key."""
+    return shared_server
 
 
 def _status(exc) -> str:
@@ -64,15 +57,17 @@ def test_health_metadata_and_the_api_key(server):
     with pytest.raises(g.InferenceServerException) as err:
         client.is_model_ready("tiny")  # its message is read: behind the key, unlike its HTTP form
     assert _status(err.value) == "StatusCode.UNAUTHENTICATED"
-    assert client.is_model_ready("tiny", headers=AUTH) and client.is_model_ready("tiny", "7", headers=AUTH)
+    assert client.is_model_ready("tiny", headers=dict(AUTH)) and client.is_model_ready(
+        "tiny", "7", headers=dict(AUTH)
+    )
     with pytest.raises(g.InferenceServerException) as err:
         client.get_model_metadata("tiny")
     assert _status(err.value) == "StatusCode.UNAUTHENTICATED"
-    meta = client.get_model_metadata("tiny", headers=AUTH, as_json=True)
+    meta = client.get_model_metadata("tiny", headers=dict(AUTH), as_json=True)
     assert meta["versions"] == ["7"]
     assert [o["name"] for o in meta["outputs"]] == ["MASK", "PROBABILITIES", "CONFIDENCE", "MASK_RLE"]
     with pytest.raises(g.InferenceServerException) as err:
-        client.get_model_metadata("other", headers=AUTH)
+        client.get_model_metadata("other", headers=dict(AUTH))
     assert _status(err.value) == "StatusCode.NOT_FOUND"
 
 
@@ -84,12 +79,14 @@ def test_masks_equal_the_http_apis(server, tiny_segmenter):
     inp = g.InferInput("IMAGE", list(images.shape), "UINT8")
     inp.set_data_from_numpy(images)
     outputs = [g.InferRequestedOutput(name) for name in ("MASK", "PROBABILITIES", "MASK_RLE")]
-    result = client.infer("tiny", [inp], outputs=outputs, headers=AUTH, request_id="r-1")
+    result = client.infer("tiny", [inp], outputs=outputs, headers=dict(AUTH), request_id="r-1")
     masks = result.as_numpy("MASK")
     assert masks.shape == (2, 256, 256) and result.get_response().id == "r-1"
     for mask, image in zip(masks, images):
         r = httpx.post(
-            server.url + "/predict?format=png", files={"file": ("a.png", png_bytes(image))}, headers=AUTH
+            server.url + "/predict?format=png",
+            files={"file": ("a.png", png_bytes(image))},
+            headers=dict(AUTH),
         )
         np.testing.assert_array_equal(mask, decode_mask(r.content))
     np.testing.assert_allclose(
@@ -99,7 +96,7 @@ def test_masks_equal_the_http_apis(server, tiny_segmenter):
 
     encoded = g.InferInput("IMAGE_BYTES", [1], "BYTES")
     encoded.set_data_from_numpy(np.array([png_bytes(images[0])], dtype=np.object_))
-    result = client.infer("tiny", [encoded], headers=AUTH, model_version="7")
+    result = client.infer("tiny", [encoded], headers=dict(AUTH), model_version="7")
     np.testing.assert_array_equal(result.as_numpy("MASK")[0], masks[0])
     samples = metric_samples(httpx.get(server.url + "/metrics").text)
     assert any(

@@ -18,6 +18,8 @@ from PIL import Image
 from tests.reliability.conftest import Server
 from tests.service.conftest import png_bytes, random_image
 
+pytestmark = pytest.mark.slow  # a real server, a real part or a compile: make test-all
+
 READ_TIMEOUT = 1.0
 
 

@@ -215,6 +215,7 @@ for name, data in cases.items():
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
 def test_decode_cost_covers_the_peak():
     """For every format and mode served, the cost read from the header is at least

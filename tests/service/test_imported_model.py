@@ -16,6 +16,8 @@ from PIL import Image
 from tests.model.test_import import ROOT, monai_models, reference_mask, scripted
 from tests.service.conftest import ServerProcess, png_bytes
 
+pytestmark = pytest.mark.slow  # a real server, a real part or a compile: make test-all
+
 
 @pytest.mark.parametrize("which", ["unet", "segresnet"])
 def test_an_imported_model_is_served_over_http(which, tmp_path):

@@ -79,6 +79,7 @@ def _base64_file(nbytes: int) -> bytes:
     ).encode()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_healthz_answers_fast_while_the_largest_v2_requests_run(tiny_artifact, tmp_path):
     side = int((MAX_JSON_VALUES / 3) ** 0.5)  # the most values JSON may hold

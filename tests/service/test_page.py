@@ -19,6 +19,8 @@ from service.budget import MIB
 from tests.real_parts import missing, need_tool
 from tests.service.conftest import ServerProcess, until
 
+pytestmark = pytest.mark.slow  # a real server, a real part or a compile: make test-all
+
 KEY = "page-test-key"
 UPLOAD_LIMIT = 2 * MIB
 INSTALL = "apt-get install chromium chromium-driver; pip install selenium (dev extra)"

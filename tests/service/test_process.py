@@ -53,6 +53,7 @@ def test_real_http_predict(server, tiny_segmenter):
     assert httpx.get(server.url + "/metrics").status_code == 200
 
 
+@pytest.mark.slow
 def test_sigterm_drains_then_exits_zero(medium_artifact, tmp_path):
     server = ServerProcess(medium_artifact, tmp_path, CHANSEG_MAX_BATCH_DELAY_MS="5")
     try:
@@ -93,6 +94,7 @@ def test_sigterm_drains_then_exits_zero(medium_artifact, tmp_path):
     assert "draining" in log
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("prometheus, promtool")
 def test_prometheus_scrapes_and_computes_p99(server, tmp_path):
     prometheus = need_tool("prometheus", "apt-get install prometheus")

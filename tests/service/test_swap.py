@@ -16,11 +16,14 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 import model
 from model import ModelConfig
 from tests.conftest import make_net
 from tests.service.conftest import ServerProcess, decode_mask, png_bytes, random_image
+
+pytestmark = pytest.mark.slow  # a real server, a real part or a compile: make test-all
 
 CONFIG = ModelConfig(widths=(8, 16, 32), input_size=(256, 256), name="medium")  # ~30 ms an image here
 IMAGE = random_image(31, 200, 300)

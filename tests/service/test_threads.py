@@ -67,6 +67,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_one_openmp_team_serves_everything(tiny_artifact, tmp_path):
     import json
     import os

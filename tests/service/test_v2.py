@@ -12,19 +12,14 @@ import pytest
 
 from benchmarks.client import metric_samples
 from tests.real_parts import missing
-from tests.service.conftest import ServerProcess, make_settings, png_bytes, random_image, serve
+from tests.service.conftest import SHARED_AUTH, make_settings, png_bytes, random_image, serve
 from tests.service.test_app import files
 
 
-@pytest.fixture(scope="module")
-def server(tiny_artifact, tmp_path_factory):
-    """One real server process for this module's tritonclient tests."""
-    proc = ServerProcess(tiny_artifact, tmp_path_factory.mktemp("v2"))
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
+@pytest.fixture
+def server(shared_server):
+    """The suite's one real server (tests/service/conftest.py), behind its API key."""
+    return shared_server
 
 
 def triton():
@@ -43,17 +38,18 @@ def _infer_pixels(server, images: np.ndarray, outputs: list, binary: bool, **opt
     inp = httpclient.InferInput("IMAGE", list(images.shape), "UINT8")
     inp.set_data_from_numpy(images, binary_data=binary)
     requested = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in outputs]
-    return client.infer("tiny", [inp], outputs=requested, **options)
+    return client.infer("tiny", [inp], outputs=requested, headers=dict(SHARED_AUTH), **options)
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 def test_tritonclient_metadata_and_health(server):
     httpclient = triton()
     client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("tiny") and client.is_model_ready("tiny", "7")
+    assert client.is_model_ready("tiny") and client.is_model_ready("tiny", "7")  # open over HTTP
     assert not client.is_model_ready("other")
-    meta = client.get_model_metadata("tiny")
+    meta = client.get_model_metadata("tiny", headers=dict(SHARED_AUTH))
     assert meta["name"] == "tiny" and meta["versions"] == ["7"]
     assert {(i["name"], i["datatype"]) for i in meta["inputs"]} == {
         ("IMAGE", "UINT8"),
@@ -68,6 +64,7 @@ def test_tritonclient_metadata_and_health(server):
     assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_tritonclient_uint8_infer(server, tiny_segmenter, binary):
@@ -81,6 +78,7 @@ def test_tritonclient_uint8_infer(server, tiny_segmenter, binary):
     assert result.as_numpy("PROBABILITIES") is None  # only when asked for
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 def test_tritonclient_bytes_input_and_both_outputs(server, tiny_segmenter):
     httpclient = triton()
@@ -89,7 +87,7 @@ def test_tritonclient_bytes_input_and_both_outputs(server, tiny_segmenter):
     inp = httpclient.InferInput("IMAGE_BYTES", [1], "BYTES")
     inp.set_data_from_numpy(np.array([png_bytes(image)], dtype=np.object_), binary_data=True)
     outputs = [httpclient.InferRequestedOutput("MASK"), httpclient.InferRequestedOutput("PROBABILITIES")]
-    result = client.infer("tiny", [inp], outputs=outputs, model_version="7")
+    result = client.infer("tiny", [inp], outputs=outputs, model_version="7", headers=dict(SHARED_AUTH))
     mask, probs = result.as_numpy("MASK"), result.as_numpy("PROBABILITIES")
     np.testing.assert_array_equal(mask[0], tiny_segmenter.predict(image))
     assert probs.shape == (1, 4, 50, 50) and probs.dtype == np.float32
@@ -97,6 +95,7 @@ def test_tritonclient_bytes_input_and_both_outputs(server, tiny_segmenter):
     np.testing.assert_allclose(probs[0], tiny_segmenter.predict_proba(image), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_tritonclient_confidence_and_rle_outputs(server, tiny_segmenter, binary):
@@ -120,6 +119,7 @@ def test_tritonclient_confidence_and_rle_outputs(server, tiny_segmenter, binary)
         np.testing.assert_array_equal(masks[i], tiny_segmenter.predict(image))
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 def test_tritonclient_defaults_binary_on(server, tiny_segmenter):
     httpclient = triton()
@@ -127,7 +127,7 @@ def test_tritonclient_defaults_binary_on(server, tiny_segmenter):
     image = random_image(4, 24, 24)[None]
     inp = httpclient.InferInput("IMAGE", list(image.shape), "UINT8")
     inp.set_data_from_numpy(image)
-    result = client.infer("tiny", [inp])
+    result = client.infer("tiny", [inp], headers=dict(SHARED_AUTH))
     np.testing.assert_array_equal(result.as_numpy("MASK")[0], tiny_segmenter.predict(image[0]))
 
 

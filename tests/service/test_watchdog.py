@@ -24,6 +24,8 @@ from service.server import EXIT_MARGIN_S
 from tests.conftest import TINY, make_net
 from tests.service.conftest import ServerProcess, png_bytes, random_image
 
+pytestmark = pytest.mark.slow  # a real server, a real part or a compile: make test-all
+
 WATCHDOG, DRAIN = 1.5, 3.0
 
 
