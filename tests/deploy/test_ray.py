@@ -50,7 +50,7 @@ except ImportError:  # pragma: no cover - the ray extra is part of make test
 pytestmark = [pytest.mark.real_part("ray cluster"), pytest.mark.slow]
 
 APP = "chanseg"
-# make test: two replicas from the start, both nodes serving, masks, errors, a killed replica.
+# make test-all: two replicas from the start, both nodes serving, masks, errors, a killed replica.
 # CHANSEG_RELIABILITY=long (make reliability): one replica scaling out to two under load
 # first, and a redeploy under load at the end.
 LONG = os.environ.get("CHANSEG_RELIABILITY", "short") == "long"

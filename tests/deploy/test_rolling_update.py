@@ -3,7 +3,7 @@ has it, under a steady closed loop of requests:
 
 - a rolling update, one replica at a time as ``kubectl rollout`` does with the manifests'
   ``maxUnavailable: 1, maxSurge: 0`` and ``preStop`` (all three with
-  ``CHANSEG_RELIABILITY=long``, the first in ``make test``): out of the pool (the endpoints
+  ``CHANSEG_RELIABILITY=long``, the first in ``make test-all``): out of the pool (the endpoints
   controller), a pause (preStop), SIGTERM, wait for the exit, start the new version on
   the same port, wait for ``/readyz``, back in the pool; every request answers 200, and
   each replaced replica answers with version 8;
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow  # a real server, a real part or a compile: make t
 
 CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
 PRE_STOP_S = 0.5  # the manifests' preStop sleep is 5 s; the pool change here is immediate
-# make test rolls one replica (the short form: each replica's turn is the same steps);
+# make test-all rolls one replica (the short form: each replica's turn is the same steps);
 # CHANSEG_RELIABILITY=long (make reliability) all three, as a rollout does.
 ROLL = ("r1", "r2", "r3") if os.environ.get("CHANSEG_RELIABILITY", "short") == "long" else ("r1",)
 CHECK_S = 1.0  # haproxy.cfg: inter 1s fall 1

@@ -1,6 +1,6 @@
 """The reliability suite: a real ``python -m service`` on the bundled model.
 
-Every test has a short form (CI, ``make test``) and a long form chosen with
+Every test has a short form (CI, ``make test-all``) and a long form chosen with
 ``CHANSEG_RELIABILITY=long`` (``make reliability``): the durations of the
 issue (60 s held load, 20 s overload, 5 min soak). Figures are printed (``-s``
 shows them) so the long forms' results can be quoted.

@@ -8,7 +8,7 @@ image, a binary v2 ``IMAGE`` near the body limit, an EXIF-rotated 6000x6000
 JPEG, RGBA, palette, CMYK, TIFF, WebP and GIF images of the same size, and a
 8x100000 strip. The process's peak RSS (``VmHWM``) must stay under 80% of the
 memory limit in ``deploy/k8s/base/deployment.yaml`` (16 images per multipart
-request with ``CHANSEG_RELIABILITY=long``, as the issue had it; 8 in ``make test``), and grow by no more than
+request with ``CHANSEG_RELIABILITY=long``, as the issue had it; 8 in ``make test-all``), and grow by no more than
 ``MEMORY_BUDGET_MB`` (+25% for the allocator's slack) over what it held before; every answer is a 200 or
 a documented 4xx (an output over the limit), never a 5xx; a 503 (queue full)
 is retried after its ``Retry-After``, as a polite client does.
@@ -184,7 +184,7 @@ def test_hostile_mix_stays_inside_the_pod_memory_limit(tmp_path):
     )
     url = server.url
     requests = {
-        # the issue's mix (16 images per request in the long form; 8 in `make test`,
+        # the issue's mix (16 images per request in the long form; 8 in `make test-all`,
         # which still holds several times the work ledger's worth of decoding)
         "png (1)": dict(files=multipart_files(images["png"], PER_REQUEST)),
         "png (2)": dict(files=multipart_files(images["png"], PER_REQUEST)),

@@ -1,7 +1,7 @@
 """v2 bodies fuzzed against a live ``python -m service``: random JSON documents,
 datatypes, shapes, binary tails and header lengths (the strategies of
 tests/service/test_v2_codec.py), sent over real HTTP. Every answer is a 200 or a
-4xx with ``{"error"}``; the server stays healthy. Short form in ``make test``,
+4xx with ``{"error"}``; the server stays healthy. Short form in ``make test-all``,
 1,500 bodies with ``CHANSEG_RELIABILITY=long``."""
 
 from __future__ import annotations

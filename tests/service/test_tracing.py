@@ -19,7 +19,7 @@ PARENT_ID = "00f067aa0ba902b7"
 def exporter():
     memory = pytest.importorskip(
         "opentelemetry.sdk.trace.export.in_memory_span_exporter",
-        reason="the tracing extra (in make test's extras)",
+        reason="the tracing extra (in the dev install's extras)",
     )
     return memory.InMemorySpanExporter()
 
