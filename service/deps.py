@@ -13,10 +13,12 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from .context import RequestContext
 from .errors import Forbidden, NotReady, Overloaded, Unauthorized
 
 __all__ = [
     "State",
+    "Context",
     "Authorized",
     "Admin",
     "check_admin",
@@ -34,6 +36,11 @@ __all__ = [
 
 async def get_state(request: Request):
     return request.app.state.chanseg
+
+
+async def get_context(request: Request) -> RequestContext:
+    """The request's context, which the middleware made (``service.context``)."""
+    return request.scope["chanseg"]
 
 
 def check_api_key(state, headers) -> None:
@@ -122,6 +129,7 @@ async def require_room(request: Request) -> None:
 
 
 State = Annotated[object, Depends(get_state)]
+Context = Annotated[RequestContext, Depends(get_context)]
 Authorized = Depends(require_api_key)
 Admin = Depends(require_admin)
 Ready = Depends(require_ready)

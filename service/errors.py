@@ -1,4 +1,5 @@
-"""Exception types, each with its HTTP status, and all handlers in one place.
+"""Exception types, each with its HTTP status and its gRPC code, and all HTTP handlers in
+one place (the gRPC servicer answers ``grpc_code`` with ``detail``).
 
 Every error body is JSON ``{"detail": "..."}`` (the v2 protocol's routes use
 ``{"error": "..."}``). The catch-all for unexpected exceptions is in
@@ -35,6 +36,7 @@ __all__ = [
     "RequestTimeout",
     "InvalidRequest",
     "NotFound",
+    "NotImplementedCall",
     "register_handlers",
     "responses",
 ]
@@ -44,10 +46,12 @@ MAX_DETAIL = 1000  # characters of a message: it may quote what a client sent (a
 
 
 class ApiError(Exception):
-    """Base class: ``status`` and a message safe to show to clients, at most
-    :data:`MAX_DETAIL` characters (a gRPC client takes 8 KiB of trailers by default)."""
+    """Base class: ``status`` (HTTP), ``grpc_code`` (a ``grpc.StatusCode`` name) and a
+    message safe to show to clients, at most :data:`MAX_DETAIL` characters (a gRPC
+    client takes 8 KiB of trailers by default)."""
 
     status: int = 500
+    grpc_code: str = "INTERNAL"
 
     def __init__(self, detail: str, headers: Optional[Dict[str, str]] = None) -> None:
         if len(detail) > MAX_DETAIL:
@@ -60,13 +64,13 @@ class ApiError(Exception):
 class BadImage(ApiError):
     """400: undecodable, corrupt or unusable image."""
 
-    status = 400
+    status, grpc_code = 400, "INVALID_ARGUMENT"
 
 
 class Unauthorized(ApiError):
     """401: missing or wrong API key."""
 
-    status = 401
+    status, grpc_code = 401, "UNAUTHENTICATED"
 
     def __init__(self, detail: str = "missing or invalid API key") -> None:
         super().__init__(detail, {"WWW-Authenticate": "Bearer"})
@@ -75,25 +79,25 @@ class Unauthorized(ApiError):
 class PayloadTooLarge(ApiError):
     """413: body, pixel count or number of images over the limit."""
 
-    status = 413
+    status, grpc_code = 413, "RESOURCE_EXHAUSTED"
 
 
 class UnsupportedMediaType(ApiError):
     """415: a content type the endpoint does not take."""
 
-    status = 415
+    status, grpc_code = 415, "INVALID_ARGUMENT"
 
 
 class NoImage(ApiError):
     """422: the request holds no image."""
 
-    status = 422
+    status, grpc_code = 422, "INVALID_ARGUMENT"
 
 
 class Overloaded(ApiError):
     """503 + Retry-After: the queue is full, or the server is draining or not ready."""
 
-    status = 503
+    status, grpc_code = 503, "UNAVAILABLE"
 
     def __init__(self, detail: str, retry_after_s: int = 1) -> None:
         super().__init__(detail, {"Retry-After": str(retry_after_s)})
@@ -106,13 +110,13 @@ class NotReady(Overloaded):
 class DeadlineExceeded(ApiError):
     """504: the request's deadline passed before its result."""
 
-    status = 504
+    status, grpc_code = 504, "DEADLINE_EXCEEDED"
 
 
 class InferenceFailed(ApiError):
     """500: the batch this request was part of failed (logged once per batch, with the detail)."""
 
-    status = 500
+    status, grpc_code = 500, "INTERNAL"
 
 
 class DeviceLost(RuntimeError):
@@ -149,7 +153,7 @@ def device_lost(exc: BaseException) -> bool:
 class RequestTimeout(ApiError):
     """408: the request's headers and body did not arrive within READ_TIMEOUT_S."""
 
-    status = 408
+    status, grpc_code = 408, "DEADLINE_EXCEEDED"
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail, {"Connection": "close"})
@@ -158,31 +162,37 @@ class RequestTimeout(ApiError):
 class ClientGone(ApiError):
     """499 (nginx's code): the client disconnected before its result; nothing is sent."""
 
-    status = 499
+    status, grpc_code = 499, "CANCELLED"
 
 
 class InvalidRequest(ApiError):
     """400: a request the protocol does not allow (wrong datatype, shape, name, byte count)."""
 
-    status = 400
+    status, grpc_code = 400, "INVALID_ARGUMENT"
 
 
 class NotFound(ApiError):
     """404: unknown model name or version."""
 
-    status = 404
+    status, grpc_code = 404, "NOT_FOUND"
 
 
 class Forbidden(ApiError):
-    """403: the model repository is off (MODEL_REPOSITORY unset)."""
+    """403: the model repository is off (MODEL_REPOSITORY unset), or a web page of another origin."""
 
-    status = 403
+    status, grpc_code = 403, "PERMISSION_DENIED"
 
 
 class Conflict(ApiError):
     """409: another model load is in progress; retry when it is done."""
 
-    status = 409
+    status, grpc_code = 409, "ABORTED"
+
+
+class NotImplementedCall(ApiError):
+    """501: a call of the protocol that chanseg does not implement."""
+
+    status, grpc_code = 501, "UNIMPLEMENTED"
 
 
 def responses(*errors: type) -> Dict[int, dict]:

@@ -3,14 +3,16 @@
 with raw or typed contents), on its own port (``GRPC_PORT``), in the same process and
 event loop as the HTTP server.
 
-It shares everything behind the HTTP routes: the batcher, the limits (images, pixels,
-output size as for v2 over HTTP), the memory budget, the API key (metadata
-``authorization: Bearer KEY`` or ``x-api-key``), the metrics (endpoint
+A thin servicer: each call decodes its message (:mod:`service.grpc_codec`), calls the
+data plane the HTTP endpoints call too (:mod:`service.dataplane`) with the call's
+:class:`~service.context.RequestContext`, and encodes what it returns. So it shares
+everything behind the HTTP routes: the batcher, the limits, the memory budget, the API
+key (metadata ``authorization: Bearer KEY`` or ``x-api-key``), the metrics (endpoint
 ``grpc_<method>``) and the drain (new calls ``UNAVAILABLE``; the server stops within
-the shutdown budget). Errors map to gRPC codes: malformed ``INVALID_ARGUMENT``, too
-large ``RESOURCE_EXHAUSTED``, overload and draining ``UNAVAILABLE``, deadline
-``DEADLINE_EXCEEDED``, unknown model ``NOT_FOUND``, no key ``UNAUTHENTICATED``, a
-call chanseg does not implement ``UNIMPLEMENTED`` (naming it).
+the shutdown budget). An error is answered with its class's ``grpc_code``
+(:mod:`service.errors`: malformed ``INVALID_ARGUMENT``, too large ``RESOURCE_EXHAUSTED``,
+overload and draining ``UNAVAILABLE``, ...); a call chanseg does not implement gets
+``UNIMPLEMENTED``, naming it. Adding a call: a method here and an entry in ``handler``.
 
 A call is guarded like an HTTP request, before its message is read:
 
@@ -48,15 +50,21 @@ from typing import Any, Awaitable, Callable, Dict
 import grpc
 from tritonclient.grpc import service_pb2 as pb
 
-import model
-
+from . import dataplane
+from .context import RequestContext
 from .deps import check_api_key, check_ready, check_room
-from .errors import ApiError, InvalidRequest, Overloaded, PayloadTooLarge, RequestTimeout, Unauthorized
+from .errors import (
+    ApiError,
+    InvalidRequest,
+    NotImplementedCall,
+    Overloaded,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
+)
 from .grpc_codec import decode_infer_request, encode_infer_response
-from .interface import v2_inputs, v2_outputs
 from .middleware import SAFE_REQUEST_ID
 from .pipeline import pool_call, reserve_output
-from .routes.v2 import run_inference, served_model
 from .v2_codec import V2Error, V2TooLarge
 
 log = logging.getLogger("chanseg.grpc")
@@ -70,28 +78,6 @@ OPEN_METHODS = frozenset({"ServerLive", "ServerReady", "ServerMetadata"})
 SMALL_MESSAGE = 64 << 10
 # Labels of chanseg_requests_total{endpoint}: bounded, whatever method a client names.
 _ENDPOINTS = {"ModelInfer": "infer", "ModelMetadata": "model_metadata", "ModelReady": "model_ready"}
-
-_CODES = {  # an ApiError's HTTP status -> the gRPC code it is answered with
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.NOT_FOUND,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED,
-    409: grpc.StatusCode.ABORTED,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    422: grpc.StatusCode.INVALID_ARGUMENT,
-    499: grpc.StatusCode.CANCELLED,
-    501: grpc.StatusCode.UNIMPLEMENTED,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
-
-class _NotImplemented(ApiError):
-    """501: a call of the service that chanseg does not implement."""
-
-    status = 501
 
 
 def _endpoint(method: str) -> str:
@@ -131,47 +117,29 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(refuse)  # reads nothing
 
 
-class _Call:
-    """What the shared pipeline needs of a request, for one gRPC call: its scope (request
-    id, start, the memory it holds until the call ends) and ``receive`` (the client gone)."""
+def _request_context(state, rpc: grpc.aio.ServicerContext, metadata: Dict[str, Any]) -> RequestContext:
+    """The call's :class:`RequestContext`: its id from ``x-request-id`` when that is a safe
+    id; released, and the client known gone, when the call ends."""
+    given = metadata.get("x-request-id", "")
+    safe = isinstance(given, str) and SAFE_REQUEST_ID.fullmatch(given) is not None
+    ended = asyncio.Event()
+    context = RequestContext(
+        given if safe else uuid.uuid4().hex, state.settings.request_timeout_s, wait_gone=ended.wait
+    )
 
-    def __init__(self, context: grpc.aio.ServicerContext, metadata: Dict[str, Any]) -> None:
-        given = metadata.get("x-request-id", "")
-        self.id_given = isinstance(given, str) and SAFE_REQUEST_ID.fullmatch(given) is not None
-        request_id = given if self.id_given else uuid.uuid4().hex
-        self.scope: Dict[str, Any] = {
-            "chanseg": {"request_id": request_id, "started": time.monotonic(), "leases": []}
-        }
-        self._gone = asyncio.Event()
-        self.ended = False
-        context.add_done_callback(self._done)
+    def done(_rpc) -> None:
+        ended.set()
+        context.release()  # its response is sent, or it never will be
 
-    @property
-    def request_id(self) -> str:
-        return self.scope["chanseg"]["request_id"]
-
-    def use_message_id(self, given: str) -> None:
-        """The message's ``id`` names the request, when the metadata did not and it is safe."""
-        if not self.id_given and SAFE_REQUEST_ID.fullmatch(given):
-            self.scope["chanseg"]["request_id"] = given
-
-    async def receive(self) -> dict:
-        await self._gone.wait()
-        return {"type": "http.disconnect"}
-
-    def _done(self, _context) -> None:
-        self.ended = True
-        self._gone.set()
-        self.release()  # the call has ended: its response is sent, or it never will be
-
-    def release(self) -> None:
-        for lease in self.scope["chanseg"]["leases"]:
-            lease.release()  # idempotent
+    rpc.add_done_callback(done)
+    return context
 
 
 class InferenceService:
     """The service's calls, each registered as taking raw request bytes (see the module
-    docstring): ``handler()`` is the generic handler grpc serves."""
+    docstring): ``handler()`` is the generic handler grpc serves. Each call reads its
+    message, decodes it (:mod:`service.grpc_codec` for infer), calls the data plane
+    (:mod:`service.dataplane`, as the HTTP endpoints do) and encodes its answer."""
 
     def __init__(self, state) -> None:
         self.state = state
@@ -195,30 +163,32 @@ class InferenceService:
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
     def _handled(self, method: str, fn) -> Callable:
-        """A behaviour for grpc: ``fn(context, call, method)``, its ApiError as the gRPC status
-        it maps to, the call counted (not the health checks: as HTTP's probes)."""
+        """A behaviour for grpc: ``fn(rpc, context, method)``, its ApiError answered with the
+        error's gRPC code, the call counted (not the health checks: as HTTP's probes)."""
         state = self.state
 
-        async def behavior(requests, context) -> bytes:
+        async def behavior(requests, rpc) -> bytes:
             started, status = time.perf_counter(), 200
-            metadata = dict(context.invocation_metadata() or ())
-            call = _Call(context, metadata)
+            metadata = dict(rpc.invocation_metadata() or ())
+            context = _request_context(state, rpc, metadata)
             try:
                 with state.tracing.server_span(method, metadata):
-                    return await fn(context, call, method)
+                    return await fn(rpc, context, method)
             except ApiError as exc:
                 status = exc.status
-                await context.abort(_CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.detail)
+                await rpc.abort(grpc.StatusCode[exc.grpc_code], exc.detail)
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 status = 499
                 raise
             except Exception as exc:  # the catch-all: one log line, no internals to the client
                 status = 500
-                log.error("unhandled error in gRPC %s (request id %s)", method, call.request_id, exc_info=exc)
-                await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+                log.error(
+                    "unhandled error in gRPC %s (request id %s)", method, context.request_id, exc_info=exc
+                )
+                await rpc.abort(grpc.StatusCode.INTERNAL, "internal server error")
             finally:
-                if call.ended:  # a lease taken after the call ended (the client went away meanwhile)
-                    call.release()
+                if context.released:  # a lease taken after the call ended (the client went away meanwhile)
+                    context.release()
                 if method not in ("ServerLive", "ServerReady"):
                     _count(state, method, status, started)
 
@@ -226,7 +196,7 @@ class InferenceService:
 
     # -- reading a message -----------------------------------------------------------------
 
-    async def _read(self, context, call: _Call, small: bool = False) -> bytes:
+    async def _read(self, rpc, context: RequestContext, small: bool = False) -> bytes:
         """The call's request message, read within its memory reservation and READ_TIMEOUT_S."""
         s, budget = self.state.settings, self.state.body_budget
         limit = s.max_upload_bytes
@@ -234,9 +204,9 @@ class InferenceService:
             lease = await budget.reserve(2 * limit, timeout=s.request_timeout_s)
         except asyncio.TimeoutError:
             raise Overloaded("server busy: no memory free for request messages; retry later") from None
-        call.scope["chanseg"]["leases"].append(lease)
+        context.hold(lease)
         try:
-            message = await asyncio.wait_for(context.read(), s.read_timeout_s)
+            message = await asyncio.wait_for(rpc.read(), s.read_timeout_s)
         except asyncio.TimeoutError:
             raise RequestTimeout(
                 f"the request message did not arrive within {s.read_timeout_s:g} s (READ_TIMEOUT_S)"
@@ -250,8 +220,8 @@ class InferenceService:
             )
         return message
 
-    async def _parse(self, cls, context, call: _Call):
-        raw = await self._read(context, call, small=True)
+    async def _parse(self, cls, rpc, context: RequestContext):
+        raw = await self._read(rpc, context, small=True)
         try:
             return cls.FromString(raw)
         except Exception as exc:  # protobuf's DecodeError
@@ -259,40 +229,37 @@ class InferenceService:
 
     # -- the calls ---------------------------------------------------------------------
 
-    async def _server_live(self, context, call, method) -> bytes:
-        return pb.ServerLiveResponse(live=self.state.unhealthy() is None).SerializeToString()
+    async def _server_live(self, rpc, context, method) -> bytes:
+        return pb.ServerLiveResponse(live=dataplane.live(self.state)).SerializeToString()
 
-    async def _server_ready(self, context, call, method) -> bytes:
-        return pb.ServerReadyResponse(ready=self.state.serving).SerializeToString()
+    async def _server_ready(self, rpc, context, method) -> bytes:
+        return pb.ServerReadyResponse(ready=dataplane.ready(self.state)).SerializeToString()
 
-    async def _server_metadata(self, context, call, method) -> bytes:
-        extensions = ["binary_tensor_data"]
-        return pb.ServerMetadataResponse(
-            name="chanseg", version=model.__version__, extensions=extensions
-        ).SerializeToString()
+    async def _server_metadata(self, rpc, context, method) -> bytes:
+        return pb.ServerMetadataResponse(**dataplane.server_metadata(self.state)).SerializeToString()
 
-    async def _model_ready(self, context, call, method) -> bytes:
-        request = await self._parse(pb.ModelReadyRequest, context, call)
-        served_model(self.state, request.name, request.version or None)
-        return pb.ModelReadyResponse(ready=self.state.serving).SerializeToString()
+    async def _model_ready(self, rpc, context, method) -> bytes:
+        request = await self._parse(pb.ModelReadyRequest, rpc, context)
+        dataplane.served_model(self.state, request.name, request.version or None)
+        return pb.ModelReadyResponse(ready=dataplane.ready(self.state)).SerializeToString()
 
-    async def _model_metadata(self, context, call, method) -> bytes:
-        request = await self._parse(pb.ModelMetadataRequest, context, call)
-        seg = served_model(self.state, request.name, request.version or None)
+    async def _model_metadata(self, rpc, context, method) -> bytes:
+        request = await self._parse(pb.ModelMetadataRequest, rpc, context)
+        meta = dataplane.model_metadata(self.state, request.name, request.version or None)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=seg.name,
-            versions=[seg.version],
-            platform=f"pytorch_{seg.format}",
-            inputs=[tensor(**t) for t in v2_inputs(seg)],
-            outputs=[tensor(**t) for t in v2_outputs(seg)],
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=[tensor(**t) for t in meta["inputs"]],
+            outputs=[tensor(**t) for t in meta["outputs"]],
         ).SerializeToString()
 
-    async def _infer(self, context, call: _Call, method) -> bytes:
+    async def _infer(self, rpc, context: RequestContext, method) -> bytes:
         state = self.state
         check_ready(state)
         check_room(state)
-        raw = await self._read(context, call)
+        raw = await self._read(rpc, context)
         try:
             name, version, req = await pool_call(
                 state, decode_infer_request, raw, state.settings.max_images_per_request
@@ -301,28 +268,29 @@ class InferenceService:
             raise PayloadTooLarge(str(exc)) from None
         except V2Error as exc:
             raise InvalidRequest(str(exc)) from None
-        seg = served_model(state, name, version or None)
-        call.use_message_id(req.id or "")
-        deadline = call.scope["chanseg"]["started"] + state.settings.request_timeout_s
+        seg = dataplane.served_model(state, name, version or None)
+        named = dict(rpc.invocation_metadata() or ()).get("x-request-id") == context.request_id
+        if not named and req.id and SAFE_REQUEST_ID.fullmatch(req.id):  # no x-request-id: the message's id
+            context.request_id = req.id
         converting = None  # typed numbers are converted on the I/O pool, at up to 3x their bytes for a moment
         if any(t.packed is not None for t in req.inputs):
-            converting = await reserve_output(state, call, 3 * len(raw), deadline, "converting uint_contents")
+            converting = await reserve_output(state, context, 3 * len(raw), "converting uint_contents")
         del raw  # the tensors are views of it: it lives as long as they do
-        outputs, timing = await run_inference(state, seg, call, req, deadline, converting)
+        outputs, timing = await dataplane.infer(state, seg, context, req, converting)
         reply_id = req.id or ""
         del req
-        # What grpc copies the response into, until it is sent (run_inference reserved the buffer).
-        await reserve_output(state, call, sum(out.nbytes for out in outputs), deadline, "the gRPC response")
+        # What grpc copies the response into, until it is sent (the data plane reserved the buffer).
+        await reserve_output(state, context, sum(out.nbytes for out in outputs), "the gRPC response")
         with state.tracing.span("encode"):
             response = await pool_call(
                 state, encode_infer_response, seg.name, timing.model_version, reply_id, outputs
             )
-        trailing = {**timing.headers(), "X-Request-ID": call.request_id}
-        context.set_trailing_metadata(tuple((k.lower(), v) for k, v in trailing.items()))
+        trailing = {**timing.headers(), "X-Request-ID": context.request_id}
+        rpc.set_trailing_metadata(tuple((k.lower(), v) for k, v in trailing.items()))
         return response
 
-    async def _unimplemented(self, context, call, method) -> bytes:
-        raise _NotImplemented(
+    async def _unimplemented(self, rpc, context, method) -> bytes:
+        raise NotImplementedCall(
             f"chanseg does not implement {method}; it serves the Open Inference Protocol's health, metadata "
             "and inference calls"
         )

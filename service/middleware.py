@@ -1,4 +1,5 @@
-"""ASGI middleware: request id, the request body's memory and deadline, metrics and access log.
+"""ASGI middleware: the request's context, the request body's memory and deadline, metrics
+and access log.
 
 Pure ASGI (not BaseHTTPMiddleware) so that the body is governed while it
 streams in:
@@ -18,8 +19,11 @@ streams in:
   is read and dropped by uvicorn and the connection stays open (closing a
   socket with unread data makes the kernel reset it, and the client may then
   never see its answer: measured as lost 503s under overload);
-- every reservation the request made (``scope["chanseg"]["leases"]``) is
-  released once its response has been sent.
+- every reservation the request made is released once its response has been sent.
+
+Each request gets its :class:`~service.context.RequestContext` in ``scope["chanseg"]``
+(id, start and deadline, reservations, how to learn the client went away), which the
+routes pass down (``deps.Context``).
 
 The connection-level guards (header deadline, open-connection bound, stalled
 readers) are in :mod:`service.server`; it marks requests that arrive over the
@@ -38,7 +42,8 @@ from typing import Optional
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .budget import Lease, MemoryBudget
+from .budget import MemoryBudget
+from .context import RequestContext
 from .errors import ClientGone, Overloaded, PayloadTooLarge, RequestTimeout, error_body
 from .metrics import Metrics
 
@@ -80,10 +85,6 @@ class RequestMiddleware:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get("x-request-id", "")
         request_id = given if SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-        # Per-request values for the routes and the access log. Not scope["state"]:
-        # that dict is shared with the lifespan state by some servers.
-        leases: list[Lease] = []
-        scope["chanseg"] = {"request_id": request_id, "started": time.monotonic(), "leases": leases}
         status = {"code": 500, "started": False}
         limit = self.max_upload_bytes
         declared = headers.get("content-length", "")
@@ -111,7 +112,7 @@ class RequestMiddleware:
             waited = time.monotonic()
             try:
                 body["lease"] = await self.body_budget.reserve(nbytes, timeout=self.request_timeout_s)
-                leases.append(body["lease"])
+                context.hold(body["lease"])
             except asyncio.TimeoutError:
                 raise Overloaded("server busy: no memory free for request bodies; retry later") from None
             body["deadline"] += time.monotonic() - waited  # our wait is not the client's slowness
@@ -140,6 +141,12 @@ class RequestMiddleware:
                         body["lease"].shrink(2 * body["received"])
             return message
 
+        async def wait_gone() -> None:  # the body has been read by the time anyone waits
+            while (await receive_wrapper())["type"] != "http.disconnect":
+                pass
+
+        # Not scope["state"]: that dict is shared with the lifespan state by some servers.
+        context = scope["chanseg"] = RequestContext(request_id, self.request_timeout_s, wait_gone=wait_gone)
         try:
             if connection.get("over_capacity"):
                 await self._refuse(
@@ -158,9 +165,8 @@ class RequestMiddleware:
             if not status["started"]:
                 await self._refuse(send_wrapper, 500, "internal server error", scope.get("path", ""))
         finally:
-            for lease in leases:
-                lease.release()
-            self._observe(scope, request_id, status["code"], started)
+            context.release()
+            self._observe(scope, context, status["code"], started)
 
     @staticmethod
     async def _refuse(send: Send, status: int, detail: str, path: str = "", headers: list = ()) -> None:
@@ -178,13 +184,12 @@ class RequestMiddleware:
         )
         await send({"type": "http.response.body", "body": body})
 
-    def _observe(self, scope: Scope, request_id: str, status: int, started: float) -> None:
+    def _observe(self, scope: Scope, context: RequestContext, status: int, started: float) -> None:
         elapsed = time.perf_counter() - started
         route = scope.get("route")
         endpoint = getattr(route, "name", None) or "other"
         self.metrics.requests.labels(endpoint, str(status)).inc()
         self.metrics.request_duration.labels(endpoint).observe(elapsed)
-        state = scope.get("chanseg", {})
         if endpoint in ("metrics", "healthz", "readyz") and status < 400:
             return  # probes and scrapes would drown the access log
         path = getattr(route, "path", None) or scope.get("path", "-")  # a route's template, or what was asked
@@ -194,12 +199,12 @@ class RequestMiddleware:
             path if len(path) <= _LOGGED_PATH else path[:_LOGGED_PATH] + "...",
             status,
             extra={
-                "request_id": request_id,
+                "request_id": context.request_id,
                 "status": status,
                 "endpoint": endpoint,
-                "images": state.get("images", 0),
-                "queue_ms": round(state.get("queue_ms", 0.0), 1),
-                "inference_ms": round(state.get("inference_ms", 0.0), 1),
+                "images": context.images,
+                "queue_ms": round(context.queue_ms, 1),
+                "inference_ms": round(context.inference_ms, 1),
                 "total_ms": round(elapsed * 1000, 1),
             },
         )

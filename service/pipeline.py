@@ -11,8 +11,10 @@ regions), one image at a time within a reservation of its own, keeping only the
 PNG. Per-image times go to the ``chanseg_preprocess/postprocess_duration_seconds``
 histograms.
 
-Memory that a request reserves and holds until its response is sent goes on
-its lease list (``hold_until_sent``); the middleware releases it at the end.
+Each stage takes the request's :class:`~service.context.RequestContext` (its id,
+deadline, how to learn the client went away): whichever protocol brought the request.
+Memory that a request reserves and holds until its response is sent is held by its
+context (``reserve_output``); the protocol's entry releases it at the end.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import numpy as np
 import torch
-from fastapi import Request
 
 from model.regions import regions
 from model.rle import class_rles
@@ -33,6 +34,7 @@ from model.visualize import grey_png_bytes, mask_png_bytes
 
 from .batching import BatchFailed, DeadlineExpired, DynamicBatcher, QueueFull
 from .budget import MIB, BudgetExceeded, Lease
+from .context import RequestContext
 from .errors import ClientGone, DeadlineExceeded, InferenceFailed, NotReady, Overloaded, PayloadTooLarge
 from .imaging import Probed, decode_cost, prepare_probed, probe_image
 from .interface import ServedModel
@@ -48,7 +50,6 @@ __all__ = [
     "segment",
     "encode_masks",
     "reserve_output",
-    "deadline_of",
     "pool_call",
 ]
 
@@ -122,23 +123,9 @@ def overloaded(exc: QueueFull) -> Overloaded:
     return Overloaded(f"server busy: {exc}; retry later", retry_after_s=1)
 
 
-def deadline_of(request: Request, timeout_s: float) -> float:
-    started = request.scope.get("chanseg", {}).get("started", time.monotonic())
-    return started + timeout_s
-
-
-def request_id(request: Request) -> str:
-    return request.scope.get("chanseg", {}).get("request_id", "")
-
-
 def pool_call(state, fn, *args):
     """Run ``fn`` on the I/O pool (PIL and numpy only: no torch kernels there)."""
     return asyncio.get_running_loop().run_in_executor(state.pool, fn, *args)
-
-
-def hold_until_sent(request: Request, lease: Lease) -> None:
-    """Keep ``lease`` until the response has been sent (the middleware releases it)."""
-    request.scope.setdefault("chanseg", {}).setdefault("leases", []).append(lease)
 
 
 def _remaining(deadline: float) -> float:
@@ -163,16 +150,15 @@ async def _reserve(state, nbytes: int, deadline: float, what: str) -> Lease:
 async def preprocess(
     state,
     served: ServedModel,
-    request: Request,
+    context: RequestContext,
     sources: Sequence[Tuple[str, Source]],
-    deadline: float,
     check: Optional[Callable[[List[Tuple[int, int]]], None]] = None,
 ) -> List[Prepared]:
     """Decode (bytes) and prepare each image for ``served`` (the version the request is
     pinned to); the first bad image raises. ``check`` sees every image's (height, width)
     from the headers, before anything is decoded."""
     s, segmenter, hist = state.settings, served, state.metrics.preprocess
-    target = tuple(segmenter.config.input_size)
+    target, deadline = tuple(segmenter.config.input_size), context.deadline
 
     if state.batcher is None:
         announce = contextlib.nullcontext()
@@ -212,7 +198,7 @@ async def preprocess(
             finally:
                 lease.release()
 
-    state.tracing.annotate(request_id(request))
+    state.tracing.annotate(context.request_id)
     with announce:  # a forming batch waits for these rather than closing early
         started = time.perf_counter()
         items = list(await asyncio.gather(*(pool_call(state, probe, name, src) for name, src in sources)))
@@ -247,17 +233,11 @@ def _retrieve(future: asyncio.Future) -> None:
         future.exception()
 
 
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 async def segment(
     state,
     served: ServedModel,
-    request: Request,
+    context: RequestContext,
     images: Sequence[Prepared],
-    deadline: float,
     probabilities: bool = False,
     confidence: bool = False,
 ) -> Tuple[List[Inferred], Timing]:
@@ -265,7 +245,7 @@ async def segment(
     batcher: DynamicBatcher = state.batcher
     if batcher is None:  # requests that got in before a drain still finish: no draining check here
         raise NotReady("the model is not ready yet", retry_after_s=5)
-    rid = request_id(request)
+    rid, deadline = context.request_id, context.deadline
     try:
         jobs = batcher.submit(
             [InferItem(im.tensor, probabilities, confidence, rid, served) for im in images], deadline
@@ -273,7 +253,7 @@ async def segment(
     except QueueFull as exc:
         raise overloaded(exc) from None
     gathered = asyncio.gather(*(job.future for job in jobs))
-    watcher = asyncio.create_task(_disconnected(request))
+    watcher = asyncio.create_task(context.wait_gone())
     try:
         done, _ = await asyncio.wait(
             {gathered, watcher}, timeout=_remaining(deadline), return_when=asyncio.FIRST_COMPLETED
@@ -311,9 +291,7 @@ async def segment(
         batch_sizes=tuple(j.batch_size for j in jobs),
         model_version=served.version,
     )
-    request.scope.setdefault("chanseg", {}).update(
-        images=len(jobs), queue_ms=timing.queue_ms, inference_ms=timing.inference_ms
-    )
+    context.images, context.queue_ms, context.inference_ms = len(jobs), timing.queue_ms, timing.inference_ms
     return labels, timing
 
 
@@ -328,7 +306,7 @@ async def encode_masks(
     served: ServedModel,
     results: Sequence[Inferred],
     images: Sequence[Prepared],
-    deadline: float,
+    context: RequestContext,
     mask: Optional[str] = "png",
     details: bool = False,
 ) -> List[Segmented]:
@@ -367,7 +345,7 @@ async def encode_masks(
         copies = (mask is not None) + (mask == "rle") + (result.confidence is not None)
         cost = mask_encode_cost(image.size) * max(1, copies)
         with state.tracing.span("encode", **{"chanseg.image": image.name}):
-            lease = await _reserve(state, cost, deadline, f"the mask of {image.name}")
+            lease = await _reserve(state, cost, context.deadline, f"the mask of {image.name}")
             try:
                 return await pool_call(state, encode, result, image.size, cost >= LARGE)
             finally:
@@ -376,8 +354,8 @@ async def encode_masks(
     return list(await asyncio.gather(*(one(r, im) for r, im in zip(results, images))))
 
 
-async def reserve_output(state, request: Request, nbytes: int, deadline: float, what: str) -> Optional[Lease]:
-    """Reserve a response's memory until it has been sent."""
-    lease = await _reserve(state, nbytes, deadline, what)
-    hold_until_sent(request, lease)
+async def reserve_output(state, context: RequestContext, nbytes: int, what: str) -> Lease:
+    """Reserve a response's memory (within the request's deadline) until it has been sent."""
+    lease = await _reserve(state, nbytes, context.deadline, what)
+    context.hold(lease)
     return lease

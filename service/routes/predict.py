@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..deps import Admitted, Authorized, Ready, State
+from ..deps import Admitted, Authorized, Context, Ready, State
 from ..errors import (
     BadImage,
     ClientGone,
@@ -26,7 +26,7 @@ from ..errors import (
     UnsupportedMediaType,
     responses,
 )
-from ..pipeline import Prepared, Segmented, deadline_of, encode_masks, preprocess, segment
+from ..pipeline import Prepared, Segmented, encode_masks, preprocess, segment
 
 router = APIRouter(tags=["predict"])
 
@@ -113,6 +113,7 @@ def _single_png(request: Request, fmt: Optional[str]) -> Optional[str]:
 async def predict(
     request: Request,
     state: State,
+    context: Context,
     format: Optional[Literal["json", "png", "rle", "confidence"]] = Query(
         None,
         description="json (the default): per image its class fractions and pixels, connected regions and "
@@ -132,20 +133,17 @@ async def predict(
     ``format=rle`` as ``mask_rle``: per class present, ``{"size": [H, W],
     "counts": ...}`` in COCO's compressed RLE."""
     s, served = state.settings, state.segmenter  # the version this request is pinned to
-    deadline = deadline_of(request, s.request_timeout_s)
     with state.tracing.span("read"):
         blobs = await read_images(request, s.max_images_per_request)
     single = _single_png(request, format)
     if single and len(blobs) != 1:
         raise BadImage(f"a PNG response holds one image; this request has {len(blobs)} images (use JSON)")
-    prepared = await preprocess(state, served, request, blobs, deadline)
+    prepared = await preprocess(state, served, context, blobs)
     blobs = None  # the encoded files are not needed any more: let their memory go
     want_confidence = single == "confidence" or (confidence and single is None)
-    outputs, timing = await segment(state, served, request, prepared, deadline, confidence=want_confidence)
+    outputs, timing = await segment(state, served, context, prepared, confidence=want_confidence)
     mask = None if single == "confidence" else "rle" if format == "rle" else "png"
-    results = await encode_masks(
-        state, served, outputs, prepared, deadline, mask=mask, details=single is None
-    )
+    results = await encode_masks(state, served, outputs, prepared, context, mask=mask, details=single is None)
     headers = timing.headers()
     if single:
         png = results[0].png if single == "png" else results[0].confidence_png
@@ -154,7 +152,7 @@ async def predict(
     return JSONResponse(
         {
             "model": {"name": served.name, "version": served.version},
-            "request_id": request.scope["chanseg"]["request_id"],
+            "request_id": context.request_id,
             "predictions": [_prediction(image, result, classes) for image, result in zip(prepared, results)],
         },
         headers=headers,

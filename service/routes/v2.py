@@ -1,37 +1,26 @@
-"""Open Inference Protocol (KServe v2 / Triton) REST endpoints.
+"""The Open Inference Protocol's HTTP endpoints (KServe v2 / Triton REST): thin. Each
+decodes its request with :mod:`service.v2_codec` (JSON, or JSON + the binary tensor data
+extension), calls the data plane (:mod:`service.dataplane`, which the gRPC servicer calls
+too; the model's inputs and outputs are described there) and encodes its answer.
 
-Inputs (exactly one per request):
-- ``IMAGE``: ``UINT8 [N, H, W, 3]`` RGB pixels;
-- ``IMAGE_BYTES``: ``BYTES [N]`` encoded image files (PNG, JPEG, ...; base64 strings in JSON).
-Outputs: ``MASK`` ``UINT8 [N, H, W]`` class ids (by default); when requested,
-``PROBABILITIES`` ``FP32 [N, C, H, W]``, ``CONFIDENCE`` ``UINT8 [N, H, W]`` (the top
-class's probability x 255) and ``MASK_RLE`` ``BYTES [N]`` (per image a JSON document:
-per class present its COCO compressed RLE, as ``/predict?format=rle``). Requests share the batcher, limits,
-deadlines, memory budget, API key and metrics with ``/predict``.
-
-Nothing heavy runs on the event loop: the body is parsed and the response
-encoded on the I/O pool. What a request asks for is checked before memory is
-spent on it: a JSON body over ``MAX_JSON_BYTES`` before it is read, the image
-count, pixel sizes and the output's size before tensors are materialised (an
-output over the per-request limit is a 413 that says what to ask for instead).
-Responses are streamed from one buffer in 1 MiB pieces.
+Nothing heavy runs on the event loop: the body is parsed and the response encoded on
+the I/O pool; a JSON body over ``MAX_JSON_BYTES`` is refused before it is read, and its
+parsed form is reserved in the memory budget. Responses are streamed from one buffer in
+1 MiB pieces. Requests share the batcher, limits, deadlines, memory budget, API key and
+metrics with ``/predict``.
 """
 
 from __future__ import annotations
 
-import json
-from typing import AsyncIterator, Dict, List, Optional, Sequence, Tuple
+from typing import AsyncIterator, Optional
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-import model
-from model.rle import class_rles
-
+from .. import dataplane
 from ..budget import MIB
-from ..deps import Admitted, Authorized, Ready, State
+from ..deps import Admitted, Authorized, Context, Ready, State
 from ..errors import (
     BadImage,
     ClientGone,
@@ -46,34 +35,16 @@ from ..errors import (
     Unauthorized,
     responses,
 )
-from ..imaging import size_problem
-from ..interface import CONFIDENCE, IMAGE, IMAGE_BYTES, MASK, MASK_RLE, PROBABILITIES, v2_inputs, v2_outputs
-from ..pipeline import deadline_of, mask_encode_cost, pool_call, preprocess, reserve_output, segment
+from ..pipeline import pool_call, reserve_output
 from ..settings import JSON_PARSE_COST
-from ..v2_codec import (
-    DTYPES,
-    InferRequest,
-    Output,
-    Tensor,
-    V2Error,
-    V2TooLarge,
-    decode_request,
-    encode_response,
-    request_schema,
-)
+from ..v2_codec import V2Error, V2TooLarge, decode_request, encode_response, request_schema
 
 router = APIRouter(prefix="/v2", tags=["v2"])
 
 _INFER_BODY = {
     "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema()}}}
 }
-# Peak memory per element of a JSON output while it is written (the array, its text
-# in pieces, the joined body): measured 5.5 (class ids) and 44 (floats) here.
-_JSON_BYTES_PER_ELEMENT = {"UINT8": 8, "FP32": 56}
 _CHUNK = MIB
-_OUTPUTS = (MASK, PROBABILITIES, CONFIDENCE, MASK_RLE)
-
-
 _NOT_READY = responses(NotReady)
 # Each route below answers at two paths (with and without a version).
 _METADATA_ROUTE = dict(
@@ -98,19 +69,9 @@ _INFER_ROUTE = dict(
 )
 
 
-def served_model(state, name: str, version: Optional[str]):
-    seg = state.segmenter
-    if seg is None or name != seg.name:
-        raise NotFound(f"unknown model '{name}'; this server serves '{seg.name if seg else '?'}'")
-    if version is not None and version != seg.version:
-        raise NotFound(f"unknown version '{version}' of model '{name}'; available: '{seg.version}'")
-    return seg
-
-
 @router.get("", name="v2_server")
 async def server_metadata(state: State) -> dict:
-    extensions = ["binary_tensor_data"] + (["model_repository"] if state.settings.model_repository else [])
-    return {"name": "chanseg", "version": model.__version__, "extensions": extensions}
+    return dataplane.server_metadata(state)
 
 
 @router.get(
@@ -119,47 +80,37 @@ async def server_metadata(state: State) -> dict:
     responses={503: {"description": "the device failed, or the inference thread is stuck"}},
 )
 async def live(state: State) -> JSONResponse:
-    ok = state.unhealthy() is None
+    ok = dataplane.live(state)
     return JSONResponse({"live": ok}, status_code=200 if ok else 503)
 
 
 @router.get("/health/ready", name="v2_health", responses=_NOT_READY)
 async def ready(state: State) -> JSONResponse:
-    ok = state.serving
+    ok = dataplane.ready(state)
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
 @router.get("/models/{name}", **_METADATA_ROUTE)
 @router.get("/models/{name}/versions/{version}", **_METADATA_ROUTE)
 async def model_metadata(state: State, name: str, version: Optional[str] = None) -> dict:
-    seg = served_model(state, name, version)
-    return {
-        "name": seg.name,
-        "versions": [seg.version],
-        "platform": f"pytorch_{seg.format}",
-        "inputs": v2_inputs(seg),
-        "outputs": v2_outputs(seg),
-        "parameters": {
-            "classes": list(seg.config.class_names),
-            "inputs": "exactly one of IMAGE, IMAGE_BYTES",
-        },
-    }
+    return dataplane.model_metadata(state, name, version)
 
 
 @router.get("/models/{name}/ready", **_READY_ROUTE)
 @router.get("/models/{name}/versions/{version}/ready", **_READY_ROUTE)
 async def model_ready(state: State, name: str, version: Optional[str] = None) -> JSONResponse:
-    seg = served_model(state, name, version)
-    ok = state.serving
+    seg = dataplane.served_model(state, name, version)
+    ok = dataplane.ready(state)
     return JSONResponse({"name": seg.name, "ready": ok}, status_code=200 if ok else 503)
 
 
 @router.post("/models/{name}/infer", **_INFER_ROUTE)
 @router.post("/models/{name}/versions/{version}/infer", **_INFER_ROUTE)
-async def infer(request: Request, state: State, name: str, version: Optional[str] = None) -> Response:
-    seg = served_model(state, name, version)
+async def infer(
+    request: Request, state: State, context: Context, name: str, version: Optional[str] = None
+) -> Response:
+    seg = dataplane.served_model(state, name, version)
     s = state.settings
-    deadline = deadline_of(request, s.request_timeout_s)
     header_length = request.headers.get("inference-header-content-length")
     declared = request.headers.get("content-length", "")
     if header_length is None and declared.isdigit() and int(declared) > s.max_json_bytes:
@@ -176,7 +127,7 @@ async def infer(request: Request, state: State, name: str, version: Optional[str
     # Parse, check, materialise: the parsed JSON's memory stays reserved until the
     # images are prepared (from then on their data lives in input-size tensors).
     parse_lease = await reserve_output(
-        state, request, JSON_PARSE_COST * json_bytes, deadline, "parsing the request's JSON"
+        state, context, JSON_PARSE_COST * json_bytes, "parsing the request's JSON"
     )
     try:
         req = await pool_call(state, decode_request, body, header_length)
@@ -185,7 +136,7 @@ async def infer(request: Request, state: State, name: str, version: Optional[str
     except V2Error as exc:
         raise InvalidRequest(str(exc)) from None
     del body
-    outputs, timing = await run_inference(state, seg, request, req, deadline, parse_lease)
+    outputs, timing = await dataplane.infer(state, seg, context, req, parse_lease)
     reply_id = req.id
     del req
     with state.tracing.span("encode"):
@@ -200,63 +151,6 @@ async def infer(request: Request, state: State, name: str, version: Optional[str
     return StreamingResponse(_chunks(payload), media_type=media_type, headers=headers)
 
 
-async def run_inference(state, seg, request, req: InferRequest, deadline: float, parse_lease=None):
-    """An infer request, parsed, to its outputs (to encode) and timings: what the HTTP
-    route and the gRPC service (``service.grpc_server``) share. ``request`` is the
-    HTTP request or what stands for it (its scope, its disconnect)."""
-    s = state.settings
-    try:
-        tensor = _input(req.inputs, s)
-    except V2TooLarge as exc:
-        raise PayloadTooLarge(str(exc)) from None
-    except V2Error as exc:
-        raise InvalidRequest(str(exc)) from None
-    req.inputs = []  # the caller keeps req: only ``tensor`` holds the parsed data, until it is materialised
-    wanted = req.outputs or {MASK: req.binary_default}
-    unknown = set(wanted) - set(_OUTPUTS)
-    if unknown:
-        raise InvalidRequest(f"unknown output(s) {sorted(unknown)}; this model has {', '.join(_OUTPUTS)}")
-    classes = seg.config.num_classes
-
-    def check(sizes: Sequence[Tuple[int, int]]) -> None:
-        if len(set(sizes)) > 1:
-            raise InvalidRequest(
-                "the images of one request must have the same size (outputs are [N, H, W] tensors)"
-            )
-        check_output_size(wanted, len(sizes), sizes[0], classes, seg.config.input_size, s.max_output_bytes)
-
-    if tensor.name == IMAGE:
-        check([(tensor.shape[1], tensor.shape[2])] * tensor.shape[0])
-    try:
-        sources = await pool_call(state, _sources, tensor)
-    except V2Error as exc:
-        raise InvalidRequest(str(exc)) from None
-    del tensor
-    prepared = await preprocess(state, seg, request, sources, deadline, check=check)
-    del sources
-    if parse_lease is not None:
-        parse_lease.release()
-
-    results, timing = await segment(
-        state,
-        seg,
-        request,
-        prepared,
-        deadline,
-        probabilities=PROBABILITIES in wanted,
-        confidence=CONFIDENCE in wanted,
-    )
-    rles = None
-    if MASK_RLE in wanted:  # one full-size mask, one class's copy of it and the runs at a time
-        await reserve_output(
-            state, request, 2 * mask_encode_cost(prepared[0].size), deadline, "the masks' RLE"
-        )
-        rles = await pool_call(state, rle_documents, seg, results, prepared[0].size)
-    outputs = outputs_for(seg, wanted, results, prepared[0].size, rles)
-    await reserve_output(state, request, _output_cost(outputs), deadline, "the response")
-    return outputs, timing
-
-
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -269,136 +163,6 @@ def _json_too_large(nbytes: int, limit: int) -> PayloadTooLarge:
         f"JSON of {nbytes} bytes is over the limit of {limit} bytes for JSON (MAX_JSON_BYTES): send the "
         "tensor in binary (the binary tensor data extension), or encoded files as IMAGE_BYTES"
     )
-
-
-def _input(inputs: List[Tensor], s) -> Tensor:
-    """The one input, checked against the limits from its description alone."""
-    if len(inputs) != 1:
-        raise InvalidRequest(f"send exactly one input ({IMAGE} or {IMAGE_BYTES}), got {len(inputs)}")
-    tensor = inputs[0]
-    if tensor.name == IMAGE:
-        if tensor.datatype != "UINT8":
-            raise InvalidRequest(f"input {IMAGE} must be UINT8, got {tensor.datatype}")
-        if len(tensor.shape) != 4 or tensor.shape[3] != 3:
-            raise InvalidRequest(f"input {IMAGE} must have shape [N, H, W, 3], got {list(tensor.shape)}")
-        n, h, w, _ = tensor.shape
-        problem = size_problem(w, h, s.max_image_pixels, s.min_image_side)
-        if problem is not None:
-            too_large, message = problem
-            raise (PayloadTooLarge if too_large else InvalidRequest)(message)
-    elif tensor.name == IMAGE_BYTES:
-        if tensor.datatype != "BYTES":
-            raise InvalidRequest(f"input {IMAGE_BYTES} must be BYTES, got {tensor.datatype}")
-        if len(tensor.shape) != 1:
-            raise InvalidRequest(f"input {IMAGE_BYTES} must have shape [N], got {list(tensor.shape)}")
-        n = tensor.shape[0]
-    else:
-        raise InvalidRequest(f"unknown input '{tensor.name}'; this model takes {IMAGE} or {IMAGE_BYTES}")
-    if n == 0:
-        raise InvalidRequest("the input holds no image (N = 0)")
-    if n > s.max_images_per_request:
-        raise PayloadTooLarge(f"{n} images; at most {s.max_images_per_request} per request")
-    return tensor
-
-
-def _sources(tensor: Tensor) -> list:
-    """(name, encoded bytes or (H, W, 3) pixels) per image: the tensor materialised."""
-    if tensor.name == IMAGE:
-        pixels = tensor.array()
-        return [(f"{IMAGE}[{i}]", pixels[i]) for i in range(len(pixels))]
-    return [(f"{IMAGE_BYTES}[{i}]", bytes(blob)) for i, blob in enumerate(tensor.items())]
-
-
-def check_output_size(
-    wanted: dict, n: int, size: Tuple[int, int], classes: int, input_size: Tuple[int, int], limit: int
-) -> None:
-    # MASK_RLE: bounded like MASK (a run takes at least one character, a pixel at most one run).
-    per_output = {**_tensor_outputs(n, size, classes), MASK_RLE: ("UINT8", (n, *size))}
-    for name, binary in wanted.items():
-        datatype, shape = per_output[name]
-        elements = int(np.prod(shape, dtype=object))
-        itemsize = np.dtype(DTYPES[datatype]).itemsize
-        cost = elements * (itemsize if binary else _JSON_BYTES_PER_ELEMENT[datatype])
-        if cost > limit:
-            if not binary and elements * itemsize <= limit:
-                instead = (
-                    f'ask for {name} in binary (parameters: {{"binary_data": true}}), or send fewer images'
-                )
-            elif name == PROBABILITIES:
-                instead = (
-                    f"ask for {MASK} only, or send fewer or smaller images ({PROBABILITIES} are computed at "
-                    f"the model's input size, {input_size[1]}x{input_size[0]}, and only upsampled to yours)"
-                )
-            else:
-                instead = "send fewer or smaller images"
-            raise PayloadTooLarge(
-                f"output {name} {datatype} {list(shape)} would take {cost / MIB:.0f} MiB to "
-                f"{'send' if binary else 'encode as JSON'}, over the limit of {limit / MIB:.0f} MiB per response "
-                f"(a quarter of the work budget of MEMORY_BUDGET_MB): {instead}"
-            )
-
-
-def _tensor_outputs(n: int, size: Tuple[int, int], classes: int) -> Dict[str, Tuple[str, Tuple[int, ...]]]:
-    """Each numeric output's datatype and shape for ``n`` images of ``size``."""
-    h, w = size
-    return {
-        MASK: ("UINT8", (n, h, w)),
-        PROBABILITIES: ("FP32", (n, classes, h, w)),
-        CONFIDENCE: ("UINT8", (n, h, w)),
-    }
-
-
-def outputs_for(
-    seg, wanted: dict, results: list, size: Tuple[int, int], rles: Optional[List[bytes]]
-) -> List[Output]:
-    """The outputs asked for, each filled when the response is encoded (``MASK_RLE`` made beforehand)."""
-    # Each numeric output: how an image's tensor is upsampled to its size, and which tensor.
-    sources = {
-        MASK: (seg.restore, "labels"), PROBABILITIES: (seg.probabilities, "logits"), CONFIDENCE: (seg.restore, "confidence"),
-    }  # fmt: skip
-    outputs = []
-    for name, (datatype, shape) in _tensor_outputs(len(results), size, seg.config.num_classes).items():
-        if name in wanted:
-            upsample, field = sources[name]
-            fill = _filled(upsample, [getattr(r, field) for r in results], size)
-            outputs.append(Output(name, datatype, shape, wanted[name], fill))
-    if MASK_RLE in wanted:
-        outputs.append(Output(MASK_RLE, "BYTES", (len(results),), wanted[MASK_RLE], items=rles))
-    return outputs
-
-
-def _filled(upsample, tensors: list, size: Tuple[int, int]):
-    """An output's ``fill``: each image's ``upsample(tensor, size, out=...)`` into its slice."""
-
-    def fill(out: np.ndarray) -> None:
-        for i, tensor in enumerate(tensors):
-            upsample(tensor, size, out=out[i])
-
-    return fill
-
-
-def rle_documents(seg, results: list, size: Tuple[int, int]) -> List[bytes]:
-    """Per image, its classes' COCO RLEs as one JSON document (``MASK_RLE``); one full-size mask at a time."""
-    return [
-        json.dumps(
-            class_rles(seg.restore(r.labels, size), seg.config.class_names), separators=(",", ":")
-        ).encode()
-        for r in results
-    ]
-
-
-def _output_cost(outputs: List[Output]) -> int:
-    total = MIB
-    for out in outputs:
-        if out.binary:
-            total += out.nbytes
-        elif out.items is not None:  # JSON strings: the text, and the bytes it came from
-            total += 2 * out.nbytes
-        else:
-            total += (
-                out.nbytes // np.dtype(DTYPES[out.datatype]).itemsize * _JSON_BYTES_PER_ELEMENT[out.datatype]
-            )
-    return total
 
 
 async def _chunks(payload) -> AsyncIterator[memoryview]:

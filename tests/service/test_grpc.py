@@ -49,6 +49,7 @@ def _status(exc) -> str:
     return str(exc.status())
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 def test_health_metadata_and_the_api_key(server):
     g = grpcclient()
@@ -71,6 +72,7 @@ def test_health_metadata_and_the_api_key(server):
     assert _status(err.value) == "StatusCode.NOT_FOUND"
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 def test_masks_equal_the_http_apis(server, tiny_segmenter):
     g = grpcclient()
@@ -143,6 +145,7 @@ MALFORMED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 @pytest.mark.parametrize("case", list(MALFORMED), ids=list(MALFORMED))
 def test_malformed_requests_are_invalid_argument(server, case):
@@ -157,6 +160,7 @@ def test_malformed_requests_are_invalid_argument(server, case):
     )  # as HTTP counts it
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 def test_a_huge_name_gets_a_short_message_and_a_huge_description_is_refused(server):
     code, details = _raw_call(server, [("N" * 60_000, "UINT8", [1, 16, 16, 3])], [bytes(768)])
@@ -194,6 +198,7 @@ def _infer(target: str, image: np.ndarray):
         return _status(exc)
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 def test_overload_is_unavailable(tmp_path):
     proc = _slow_server(tmp_path, CHANSEG_MAX_QUEUE="2", CHANSEG_MAX_BATCH_SIZE="1")
@@ -207,6 +212,7 @@ def test_overload_is_unavailable(tmp_path):
         proc.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 def test_sigterm_drains_grpc_calls_in_flight(tmp_path):
     import signal
@@ -284,6 +290,7 @@ class _Healthz:
         self._thread.join()
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 def test_calls_without_the_key_are_refused_before_their_message_is_read(server):
     """Issue 31: 16 such calls of 30 MiB took a server from 500 MiB to 1.3 GiB."""
@@ -308,12 +315,14 @@ def test_calls_without_the_key_are_refused_before_their_message_is_read(server):
     assert _call(server.grpc_url, b"", method="ServerLive")[0] == "OK"
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 def test_calls_chanseg_does_not_implement_say_so(server):
     code, details, _, _ = _call(server.grpc_url, b"", tuple(AUTH.items()), method="ModelStatistics")
     assert code == "UNIMPLEMENTED" and "chanseg does not implement ModelStatistics" in details
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 def test_large_typed_contents_are_converted_off_the_event_loop(server):
     """Issue 31: 8 keyed calls of 15 M uint_contents stalled /healthz 5.6-8.8 s (a
@@ -335,6 +344,7 @@ def test_large_typed_contents_are_converted_off_the_event_loop(server):
     assert list(response.outputs[0].shape) == [1, 2500, 2000]
 
 
+@pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 def test_the_request_id_is_checked_as_http_checks_it(server):
     from tritonclient.grpc import service_pb2

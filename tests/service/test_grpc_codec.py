@@ -197,3 +197,18 @@ def test_the_response_is_what_protobuf_reads():
         np.frombuffer(response.raw_output_contents[1], np.float32).reshape(probs.shape), probs
     )
     assert response.raw_output_contents[2] == b'\x02\0\0\0{}\x07\0\0\0{"a":1}'
+
+
+def test_every_error_carries_its_grpc_code():
+    """One map, on the error classes: each HTTP status beside the gRPC code it is answered with."""
+    import grpc
+
+    from service import errors
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.ApiError)]
+    assert len(classes) > 15
+    for cls in classes:
+        assert isinstance(grpc.StatusCode[cls.grpc_code], grpc.StatusCode), cls
+    assert (
+        errors.InvalidRequest.grpc_code == "INVALID_ARGUMENT" and errors.Overloaded.grpc_code == "UNAVAILABLE"
+    )

@@ -1,0 +1,61 @@
+"""``RequestContext``: what one request carries through the layers, whichever protocol
+brought it. The HTTP middleware (:mod:`service.middleware`) and the gRPC servicer
+(:mod:`service.grpc_server`) each build one; the data plane and the pipeline read it.
+
+It holds the request's id (for logs and traces), when it started and so its deadline,
+the memory reservations it holds until its response is sent (``hold``; the protocol's
+entry releases them at the end, ``release``), how to learn that the client went away
+(``wait_gone``), and what the access log reports of it (images, queue and inference time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, List
+
+from .budget import Lease
+
+__all__ = ["RequestContext"]
+
+
+async def _never() -> None:
+    await asyncio.Event().wait()
+
+
+@dataclass(eq=False)
+class RequestContext:
+    """One request, as every layer below its protocol's entry sees it."""
+
+    request_id: str
+    timeout_s: float  # REQUEST_TIMEOUT_S: from ``started`` to the deadline
+    started: float = field(default_factory=time.monotonic)  # time.monotonic()
+    wait_gone: Callable[[], Awaitable[None]] = _never  # returns once the client has gone away
+    leases: List[Lease] = field(default_factory=list)
+    released: bool = False
+    # For the access log: filled in once the images were computed.
+    images: int = 0
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+
+    @property
+    def deadline(self) -> float:
+        """time.monotonic() after which the request's result is worthless."""
+        return self.started + self.timeout_s
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def hold(self, lease: Lease) -> None:
+        """Keep ``lease`` until the response has been sent (at once, if that is over)."""
+        if self.released:
+            lease.release()
+        else:
+            self.leases.append(lease)
+
+    def release(self) -> None:
+        """The response has been sent, or never will be: every reservation goes back (idempotent)."""
+        self.released = True
+        for lease in self.leases:
+            lease.release()
