@@ -27,13 +27,12 @@ at import.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from fastapi import FastAPI
@@ -55,24 +54,15 @@ from .resources import (
     inference_streams,
     memory_limit_bytes,
     name_os_thread,
-    release_free_memory,
     rss_bytes,
     stream_threads,
     thaw_heap,
 )
 from .routes import docs, health, metrics, model_info, page, predict, repository, v2
+from .runner import BatchRunner
 from .settings import Settings
 from .state import ServerState
 from .tracing import start_tracing
-from .warmup import (
-    BatchChoice,
-    MeasurementCache,
-    choose_batch_size,
-    measure_throughput,
-    measurement_key,
-    now_iso,
-    warm_up,
-)
 
 log = logging.getLogger("chanseg.app")
 
@@ -167,27 +157,12 @@ async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
     state.inference = inference_pool("chanseg-infer")
     loop = asyncio.get_running_loop()
     state.inference_thread = await loop.run_in_executor(state.inference, threading.get_ident)
-    try:  # a model whose load or warm-up never ends must not keep the server starting for ever
-        segmenter, (state.batching, seconds) = await asyncio.wait_for(
-            _load_and_warm_up(state, segmenter, loop), s.load_timeout_s
-        )
-    except asyncio.TimeoutError:
-        what = state.loading[0] if state.loading else "loading"
-        raise model.ModelLoadError(
-            f"start-up did not finish within LOAD_TIMEOUT_S ({s.load_timeout_s:g} s): {what} was still running"
-        ) from None
-    state.max_batch_size = state.batching.max_batch_size
-    await state.on_inference_thread(
-        "releasing memory", release_free_memory
-    )  # what measuring and warming up freed
-    state.watchdog_s = (
-        s.watchdog_s if s.watchdog_s != "auto" else max(10.0, 20 * max(seconds.values(), default=0.0))
-    )
+    segmenter = await state.repository.first_load(segmenter)  # as every later load, and its batch size chosen
     state.pool = _started_pool(io_threads(s.io_threads))
     state.threads = await loop.run_in_executor(state.inference, torch.get_num_threads)  # as loading used them
     state.streams = inference_streams(s.inference_streams, segmenter.device, state.threads)
     state.batcher = DynamicBatcher(
-        state.run_batch,
+        BatchRunner(state),
         state.max_batch_size,
         s.max_batch_delay_ms / 1000,
         s.max_queue,
@@ -199,7 +174,6 @@ async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
     await state.batcher.start()
     if s.grpc_port is not None:
         state.grpc = await _start_grpc(state)
-    state.metrics.set_model(segmenter.name, segmenter.version, str(segmenter.device), segmenter.precision)
     freeze_heap()  # what start-up built lives as long as the server: no full collection walks it again
     state.ready = True
     _check_memory(s)
@@ -214,28 +188,6 @@ async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
         state.watchdog_s,
         s.memory_budget_mb,
     )
-
-
-async def _load_and_warm_up(state: ServerState, segmenter: Optional[ServedModel], loop) -> tuple:
-    """Start-up's model (the one given, or ``MODEL_PATH`` loaded), its batch size and each
-    warmed size's batch time; every step a watched job on the inference thread."""
-    s, since = state.settings, time.monotonic()
-    if segmenter is None:
-        segmenter = await state.on_inference_thread(
-            "loading the model",
-            functools.partial(model.load, s.model_path, s.device, s.precision, format=s.model_format),
-            since=since,
-        )
-    state.segmenter = segmenter
-    log.info(
-        "model %s %s loaded on %s (%s, %s)",
-        segmenter.name,
-        segmenter.version,
-        segmenter.device,
-        segmenter.precision,
-        segmenter.format,
-    )
-    return segmenter, await _choose_batch_size(state, segmenter, loop, since)
 
 
 def _warn_about_an_open_repository(s: Settings) -> None:
@@ -261,45 +213,6 @@ def _check_memory(s: Settings) -> None:
             rss // MIB,
             limit // MIB,
         )
-
-
-async def _choose_batch_size(state: ServerState, segmenter: ServedModel, loop, since: float) -> tuple:
-    """MAX_BATCH_SIZE: the setting, the measurement kept in the cache, or a fresh
-    measurement (then kept); and every used size warmed up, with its batch time."""
-    s = state.settings
-    most = segmenter.max_batch or s.auto_batch_limit  # a compiled package's bound
-    if s.max_batch_size != "auto":
-        if s.max_batch_size > most:
-            raise model.ModelLoadError(
-                f"MAX_BATCH_SIZE ({s.max_batch_size}) is more than the compiled package runs ({most}): "
-                "lower it, or compile the package for larger batches"
-            )
-        choice = BatchChoice(s.max_batch_size, "setting")
-        return choice, await state.on_inference_thread(
-            "warming up", warm_up, segmenter, choice.max_batch_size, None, s.auto_batch_budget_s, since=since
-        )
-    limit = min(s.auto_batch_limit, s.max_queue, most)
-    key = await loop.run_in_executor(None, measurement_key, segmenter, limit, s.auto_batch_budget_s)
-    cache = MeasurementCache(key)
-    choice = None if s.remeasure_batch_size else cache.load()
-    measured: Dict[int, float] = {}
-    if choice is None:
-        throughput, measured = await state.on_inference_thread(
-            "measuring batch sizes", measure_throughput, segmenter, limit, s.auto_batch_budget_s, since=since
-        )
-        choice = BatchChoice(choose_batch_size(throughput), "measured", throughput, now_iso())
-        where = cache.save(choice)
-        log.info(
-            "MAX_BATCH_SIZE=auto chose %d from images/s %s (kept in %s)",
-            choice.max_batch_size,
-            {b: round(v, 1) for b, v in throughput.items()},
-            where,
-        )
-    else:
-        log.info("MAX_BATCH_SIZE=auto: %d, measured %s (reused)", choice.max_batch_size, choice.measured_at)
-    return choice, await state.on_inference_thread(
-        "warming up", warm_up, segmenter, choice.max_batch_size, measured, s.auto_batch_budget_s, since=since
-    )
 
 
 async def _start_grpc(state: ServerState):

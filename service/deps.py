@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 
 from .context import RequestContext
 from .errors import Forbidden, NotReady, Overloaded, Unauthorized
+from .state import ServerState
 
 __all__ = [
     "State",
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 
-async def get_state(request: Request):
+async def get_state(request: Request) -> ServerState:
     return request.app.state.chanseg
 
 
@@ -128,7 +129,7 @@ async def require_room(request: Request) -> None:
     check_room(request.app.state.chanseg)
 
 
-State = Annotated[object, Depends(get_state)]
+State = Annotated[ServerState, Depends(get_state)]
 Context = Annotated[RequestContext, Depends(get_context)]
 Authorized = Depends(require_api_key)
 Admin = Depends(require_admin)

@@ -33,7 +33,16 @@ from model.export import read_metadata
 from .errors import Conflict, DeadlineExceeded, Forbidden, InvalidRequest, NotReady
 from .interface import ServedModel
 from .resources import freeze_heap, release_free_memory, thaw_heap
-from .warmup import warm_up_in_turns
+from .warmup import (
+    BatchChoice,
+    MeasurementCache,
+    choose_batch_size,
+    measure_throughput,
+    measurement_key,
+    now_iso,
+    warm_up,
+    warm_up_in_turns,
+)
 
 COLLECT_EVERY_S = 1.0  # while a load waits for the version it replaces (_wait_for_retired)
 MAX_PATH = 1024  # characters of a path a load may name
@@ -140,6 +149,43 @@ class ModelRepository:
             )
         return self.root / matches[0]
 
+    async def first_load(self, given: Optional[ServedModel]) -> ServedModel:
+        """Start-up's load, brought up as every later one is: the model given to ``create_app``
+        or ``MODEL_PATH`` loaded, ``MAX_BATCH_SIZE`` chosen (the setting, the measurement kept
+        in the cache, or one made now), every size warmed up, then served (:meth:`_serve`).
+        Within LOAD_TIMEOUT_S, else ``ModelLoadError``."""
+        s, state = self.state.settings, self.state
+        async with self._lock:
+            since = time.monotonic()
+
+            async def bring_up() -> tuple:
+                new = given or await state.on_inference_thread(
+                    "loading the model",
+                    functools.partial(model.load, s.model_path, s.device, s.precision, format=s.model_format),
+                    since=since,
+                )
+                log.info(
+                    "model %s %s loaded on %s (%s, %s)",
+                    new.name,
+                    new.version,
+                    new.device,
+                    new.precision,
+                    new.format,
+                )
+                return new, await self._choose_batch_size(new, since)
+
+            try:  # a model whose load or warm-up never ends must not keep the server starting for ever
+                new, (state.batching, seconds) = await asyncio.wait_for(bring_up(), s.load_timeout_s)
+            except asyncio.TimeoutError:
+                what = state.loading[0] if state.loading else "loading"
+                raise model.ModelLoadError(
+                    f"start-up did not finish within LOAD_TIMEOUT_S ({s.load_timeout_s:g} s): {what} was still running"
+                ) from None
+            state.max_batch_size = state.batching.max_batch_size
+            await self._serve(new, seconds)
+            await state.on_inference_thread("releasing memory", release_free_memory)  # what measuring freed
+            return new
+
     async def load(self, path: Path) -> ServedModel:
         """Load ``path``, warm it up and swap it in; the old version keeps serving if any step
         fails. Loading and warming up must end within LOAD_TIMEOUT_S (else 504, and liveness
@@ -166,11 +212,7 @@ class ModelRepository:
             except Exception as exc:  # any failure refuses the version: the one serving stays
                 log.error("model at %s refused: %s: %s; %s", path, type(exc).__name__, exc, self._kept())
                 raise InvalidRequest(f"failed to load {self._shown(exc)}; {self._kept()}") from None
-            old = await self.state.on_inference_thread("swapping versions", self._swap, new)
-            if s.watchdog_s == "auto":
-                state.watchdog_s = max(10.0, 20 * max(seconds.values(), default=0.0))
-            self._retire(old)
-            freeze_heap()  # the new version, like start-up's, out of every full collection's walk
+            old = await self._serve(new, seconds)
             self.last_swap = {
                 "load_s": loaded - started, "warm_up_s": time.perf_counter() - loaded, "version": new.version,
             }  # fmt: skip
@@ -180,6 +222,78 @@ class ModelRepository:
                 self.last_swap["load_s"], self.last_swap["warm_up_s"],
             )  # fmt: skip
             return new
+
+    async def _serve(self, new: ServedModel, seconds: Dict[int, float]) -> Optional[ServedModel]:
+        """``new`` serves every request from now on (swapped in between two batches), the
+        watchdog follows its batch times (``seconds`` per warmed size), the version it
+        replaces retires, and the heap is frozen with it. Returns the version replaced."""
+        s, state = self.state.settings, self.state
+        old = await state.on_inference_thread("swapping versions", self._swap, new)
+        state.watchdog_s = (
+            s.watchdog_s if s.watchdog_s != "auto" else max(10.0, 20 * max(seconds.values(), default=0.0))
+        )
+        self._retire(old)
+        freeze_heap()  # the new version out of every full collection's walk
+        return old
+
+    async def _choose_batch_size(self, segmenter: ServedModel, since: float) -> tuple:
+        """MAX_BATCH_SIZE: the setting, the measurement kept in the cache, or a fresh
+        measurement (then kept); and every used size warmed up, with its batch time."""
+        s, state = self.state.settings, self.state
+        most = segmenter.max_batch or s.auto_batch_limit  # a compiled package's bound
+        if s.max_batch_size != "auto":
+            if s.max_batch_size > most:
+                raise model.ModelLoadError(
+                    f"MAX_BATCH_SIZE ({s.max_batch_size}) is more than the compiled package runs ({most}): "
+                    "lower it, or compile the package for larger batches"
+                )
+            choice = BatchChoice(s.max_batch_size, "setting")
+            return choice, await state.on_inference_thread(
+                "warming up",
+                warm_up,
+                segmenter,
+                choice.max_batch_size,
+                None,
+                s.auto_batch_budget_s,
+                since=since,
+            )
+        limit = min(s.auto_batch_limit, s.max_queue, most)
+        key = await asyncio.get_running_loop().run_in_executor(
+            None, measurement_key, segmenter, limit, s.auto_batch_budget_s
+        )
+        cache = MeasurementCache(key)
+        choice = None if s.remeasure_batch_size else cache.load()
+        measured: Dict[int, float] = {}
+        if choice is None:
+            throughput, measured = await state.on_inference_thread(
+                "measuring batch sizes",
+                measure_throughput,
+                segmenter,
+                limit,
+                s.auto_batch_budget_s,
+                since=since,
+            )
+            choice = BatchChoice(choose_batch_size(throughput), "measured", throughput, now_iso())
+            where = cache.save(choice)
+            log.info(
+                "MAX_BATCH_SIZE=auto chose %d from images/s %s (kept in %s)",
+                choice.max_batch_size,
+                {b: round(v, 1) for b, v in throughput.items()},
+                where,
+            )
+        else:
+            log.info(
+                "MAX_BATCH_SIZE=auto: %d, measured %s (reused)", choice.max_batch_size, choice.measured_at
+            )
+        return choice, await state.on_inference_thread(
+            "warming up",
+            warm_up,
+            segmenter,
+            choice.max_batch_size,
+            measured,
+            s.auto_batch_budget_s,
+            since=since,
+        )
 
     async def _load_and_warm_up(self, path: Path) -> tuple:
         """(the new version, when it was loaded, its warmed sizes' batch times)."""

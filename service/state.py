@@ -1,6 +1,8 @@
-"""``ServerState``: what the routes share (settings, the model, the batcher, the
-budgets, metrics, the phase), and the batch callback the batcher runs on the
-inference thread (``run_batch``: failure isolation, device loss)."""
+"""``ServerState``: what the routes share (settings, the model serving, the batcher, the
+budgets, metrics, the phase) and the server's health: the jobs on the inference thread
+(``on_inference_thread``, watched for a load that never ends), a batch that never ends
+(``stuck``), a lost device (``lose_device``), the drain. The forward pass the batcher
+runs is :mod:`service.runner`'s; loads and swaps are :mod:`service.repository`'s."""
 
 from __future__ import annotations
 
@@ -12,22 +14,23 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
 import torch
 
-from model.predictor import top_probability
-
 from .batching import DynamicBatcher
 from .budget import MemoryBudget
-from .errors import DeviceLost, device_lost
 from .interface import ServedModel
 from .metrics import Metrics
-from .pipeline import InferItem, Inferred
 from .resources import stream_threads
 from .settings import Settings
 from .tracing import OFF, Tracing
 from .warmup import BatchChoice
+
+if TYPE_CHECKING:  # annotations only: the repository and grpc take the state
+    import grpc
+
+    from .repository import ModelRepository
 
 log = logging.getLogger("chanseg.state")
 
@@ -41,8 +44,8 @@ class ServerState:
     settings: Settings
     metrics: Metrics
     segmenter: Optional[ServedModel] = None  # the version serving new requests (service.repository swaps it)
-    repository: Any = None  # service.repository.ModelRepository
-    grpc: Any = None  # the gRPC server (service.grpc_server), when GRPC_PORT is set
+    repository: Optional[ModelRepository] = None  # every load, start-up's first (service.repository)
+    grpc: Optional["grpc.aio.Server"] = None  # the gRPC server (service.grpc_server), when GRPC_PORT is set
     tracing: Tracing = OFF  # service.tracing: spans, or nothing when TRACING is off
     batcher: Optional[DynamicBatcher] = None
     pool: Optional[ThreadPoolExecutor] = None  # decoding, encoding: PIL and numpy only
@@ -105,69 +108,6 @@ class ServerState:
         if wanted and torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
 
-    def run_batch(self, items: List[InferItem]) -> List[Any]:
-        """Batcher callback, on the inference thread: one forward pass for the batch;
-        per image (labels, logits when the request wants probabilities, else None),
-        or the exception that image alone failed with.
-
-        A batch that raises is retried in halves (after freeing the cached device
-        memory when it ran out of it) down to single images, so an image that
-        cannot be processed fails only its own request. An unrecoverable device
-        error (:func:`device_lost`) instead ends the process: see ``lose_device``."""
-        if self.device_error is not None:
-            raise DeviceLost(f"the device failed earlier: {self.device_error}")
-        try:
-            return self._forward(items)
-        except Exception as exc:
-            if device_lost(exc):
-                self.lose_device(exc)
-                raise
-            if isinstance(exc, torch.cuda.OutOfMemoryError):
-                torch.cuda.empty_cache()
-            if len(items) == 1:
-                log.error(
-                    "image failed (request %s): %s: %s",
-                    items[0].request_id or "?",
-                    type(exc).__name__,
-                    exc,
-                    exc_info=exc,
-                    extra={"request_ids": [items[0].request_id]},
-                )
-                return [exc]
-            log.warning(
-                "batch of %d failed (%s: %s); retrying in halves", len(items), type(exc).__name__, exc
-            )
-            half = len(items) // 2
-            return self.run_batch(items[:half]) + self.run_batch(items[half:])
-
-    def _forward(self, items: List[InferItem]) -> List[Inferred]:
-        """One forward pass per model version in the batch: one, except for the batch
-        that straddles a swap (its requests are pinned to the version they came in on)."""
-        with self.tracing.batch_span(len(items), [item.request_id for item in items]) as context:
-            for item in items:
-                item.batch_context = context
-            return self._forward_groups(items)
-
-    def _forward_groups(self, items: List[InferItem]) -> List[Inferred]:
-        groups: Dict[int, List[int]] = {}
-        for i, item in enumerate(items):
-            groups.setdefault(id(item.model), []).append(i)
-        out: List[Any] = [None] * len(items)
-        for index in groups.values():
-            served = items[index[0]].model or self.segmenter
-            for i, result in zip(index, self._forward_one(served, [items[i] for i in index])):
-                out[i] = result
-        return out
-
-    @staticmethod
-    def _forward_one(served: ServedModel, items: List[InferItem]) -> List[Inferred]:
-        with torch.inference_mode():
-            logits = served.logits([item.tensor for item in items])
-            labels = served.labels(logits)
-            raw = _selected(logits, [item.want_probabilities for item in items], lambda x: x.float())
-            confidence = _selected(logits, [item.want_confidence for item in items], top_probability)
-            return [Inferred(labels[i], raw[i], confidence[i]) for i in range(len(items))]
-
     def lose_device(self, exc: BaseException) -> None:
         """After an unrecoverable device error (on the inference thread): every batch
         from now fails at once, ``/healthz`` and ``/readyz`` answer 503, and the
@@ -226,10 +166,3 @@ class ServerState:
         if self.shutdown_deadline is None:
             return self.settings.drain_timeout_s
         return max(0.0, self.shutdown_deadline - time.monotonic())
-
-
-def _selected(logits: torch.Tensor, wanted: List[bool], fn) -> List[Optional[torch.Tensor]]:
-    """``fn`` of the logits of the wanted images (one call, one copy to the host), None for the others."""
-    index = [i for i, want in enumerate(wanted) if want]
-    done = dict(zip(index, fn(logits[index]).cpu())) if index else {}
-    return [done.get(i) for i in range(len(wanted))]

@@ -128,7 +128,7 @@ async def test_a_batch_that_fails_once_is_retried_in_halves(tiny_artifact, tiny_
     retries = [
         rec
         for rec in chanseg_logs.records
-        if rec.name == "chanseg.state" and "retrying in halves" in rec.getMessage()
+        if rec.name == "chanseg.runner" and "retrying in halves" in rec.getMessage()
     ]
     assert len(retries) == 1 and "simulated kernel failure" in retries[0].getMessage()
 
@@ -168,7 +168,7 @@ async def test_an_image_that_always_fails_fails_only_its_request(tiny_artifact, 
     assert "simulated" not in detail and "conftest" not in detail
     assert poisoned.batches[:2] == [1, 4] and poisoned.batches.count(1) >= 3  # bisected down to the image
     failures = [
-        rec for rec in chanseg_logs.records if rec.levelname == "ERROR" and rec.name == "chanseg.state"
+        rec for rec in chanseg_logs.records if rec.levelname == "ERROR" and rec.name == "chanseg.runner"
     ]
     assert len(failures) == 1  # once, for the one image, with its request's id
     assert results[1].headers["x-request-id"] in failures[0].getMessage()

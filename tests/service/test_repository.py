@@ -21,6 +21,7 @@ from benchmarks.client import metric_samples
 from model.export import read_metadata
 from service.pipeline import InferItem
 from service.repository import COLLECT_EVERY_S
+from service.runner import BatchRunner
 from tests.conftest import make_net
 from tests.service.conftest import decode_mask, make_settings, png_bytes, random_image, serve, tracked_by_gc
 
@@ -285,7 +286,7 @@ async def test_a_batch_straddling_the_swap_runs_each_request_on_its_own_version(
         old = state.segmenter
         new = model.load(repo / "b" / "model.pt", device="cpu")
         tensor = old.prepare(IMAGE)
-        results = state.run_batch(
+        results = BatchRunner(state)(
             [InferItem(tensor, model=old), InferItem(tensor, model=new), InferItem(tensor, model=old)]
         )
         for result, version in zip(results, ["7", "8", "7"]):
