@@ -23,8 +23,8 @@ from typing import Dict, List
 import httpx
 import numpy as np
 
-from benchmarks.client import IMAGE_SETS
-from benchmarks.servers import ServiceProcess
+from testbed.images import IMAGE_SETS
+from testbed.processes import ServiceProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,9 @@ def measure(urls: Dict[str, str], bodies: List[bytes], requests: int, query: str
 
 
 def main(argv: List[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("before", help="the earlier commit (any git revision)")
     parser.add_argument("--images", nargs="+", choices=list(IMAGE_SETS), default=["png256"])
     parser.add_argument("--requests", type=int, default=200, help="per server and image set")
@@ -59,7 +61,10 @@ def main(argv: List[str] | None = None) -> int:
         env["CHANSEG_MODEL_PATH"] = args.model
     with tempfile.TemporaryDirectory(prefix="chanseg-ab-") as tmp:
         before = Path(tmp) / "before"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(before), args.before], check=True)
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(before), args.before],
+            check=True,
+        )
         started = []
         try:
             after_env = dict(item.split("=", 1) for item in args.after_env)
@@ -74,13 +79,19 @@ def main(argv: List[str] | None = None) -> int:
                 skip = args.requests // 10
                 medians = {k: statistics.median(v[skip:]) for k, v in latency.items()}
                 for k, v in latency.items():
-                    print(f"{name:10} {k:40} median {medians[k]:7.2f} ms   p90 {np.percentile(v[skip:], 90):7.2f} ms")
+                    print(
+                        f"{name:10} {k:40} median {medians[k]:7.2f} ms   p90 {np.percentile(v[skip:], 90):7.2f} ms"
+                    )
                 before_ms, after_ms = medians.values()
-                print(f"{name:10} after - before: {after_ms - before_ms:+.2f} ms ({after_ms / before_ms - 1:+.1%})")
+                print(
+                    f"{name:10} after - before: {after_ms - before_ms:+.2f} ms ({after_ms / before_ms - 1:+.1%})"
+                )
         finally:
             for proc in started:
                 proc.stop()
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False
+            )
     return 0
 
 

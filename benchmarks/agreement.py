@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 import model
-from benchmarks.client import IMAGE_SETS
+from testbed.images import IMAGE_SETS
 
 
 def agreement(reference, other, images) -> dict:
@@ -29,13 +29,17 @@ def agreement(reference, other, images) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="TorchScript artifact (default: the bundled model)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precisions", nargs="+", default=["fp16", "bf16"])
     parser.add_argument("--images", nargs="+", choices=list(IMAGE_SETS), default=["jpeg1024", "photo12mp"])
     args = parser.parse_args()
-    sets = {name: [Image.open(io.BytesIO(b)).convert("RGB") for b in IMAGE_SETS[name]()] for name in args.images}
+    sets = {
+        name: [Image.open(io.BytesIO(b)).convert("RGB") for b in IMAGE_SETS[name]()] for name in args.images
+    }
     fp32 = model.load(args.model, device=args.device, precision="fp32", format="torchscript")
     out = {"device": str(fp32.device), "reference": "fp32", "agreement": {}}
     for precision in args.precisions:

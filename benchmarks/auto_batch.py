@@ -22,7 +22,9 @@ from service.warmup import choose_batch_size, measure_throughput
 
 
 def main(argv: List[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="TorchScript artifact (default: the bundled model)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precisions", nargs="+", default=["fp16", "fp32"], choices=list(model.PRECISIONS))

@@ -27,9 +27,9 @@ import torch
 from PIL import Image
 
 import model
-from benchmarks.client import IMAGE_SETS
 from model.predictor import FORMATS
 from service.resources import inference_streams, stream_threads
+from testbed.images import IMAGE_SETS
 
 
 def main() -> int:
@@ -40,7 +40,9 @@ def main() -> int:
     parser.add_argument("--images", choices=list(IMAGE_SETS), help="make this set instead of reading stdin")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=["auto", *model.PRECISIONS])
-    parser.add_argument("--format", default="auto", choices=list(FORMATS), help="as the server's MODEL_FORMAT")
+    parser.add_argument(
+        "--format", default="auto", choices=list(FORMATS), help="as the server's MODEL_FORMAT"
+    )
     parser.add_argument("--streams", type=int, help="as the server's INFERENCE_STREAMS (default: its auto)")
     args = parser.parse_args()
     encoded = IMAGE_SETS[args.images]() if args.images else [bytes.fromhex(h) for h in json.load(sys.stdin)]
@@ -51,7 +53,9 @@ def main() -> int:
     streams = args.streams or inference_streams("auto", segmenter.device, threads)
     side_by_side = {}
     if streams > 1:
-        side_by_side = {b: _side_by_side(segmenter, images, b, streams, threads, args.seconds) for b in args.batches}
+        side_by_side = {
+            b: _side_by_side(segmenter, images, b, streams, threads, args.seconds) for b in args.batches
+        }
         for batch, rate in side_by_side.items():
             per_batch[batch]["images_per_s"] = max(per_batch[batch]["images_per_s"], rate)
     best = max(per_batch, key=lambda b: per_batch[b]["images_per_s"])

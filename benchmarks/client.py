@@ -1,6 +1,6 @@
 """What the load generator sends, and how: request bodies and a minimal HTTP/1.1 client.
 
-``make_images`` encodes the benchmark's images, ``multipart`` and
+The images are :mod:`testbed.images`'s; ``multipart`` and
 ``base64_json`` wrap one image the way each server takes it, and ``Client``
 sends prepared requests over keep-alive connections, one per concurrent
 request. The client runs on the machine under test, so it is kept to the least
@@ -21,15 +21,11 @@ from typing import List, Optional, Tuple
 from urllib.parse import urlparse
 
 __all__ = [
-    "IMAGE_SETS",
     "Client",
     "Connection",
     "GrpcClient",
     "Payload",
     "base64_json",
-    "make_images",
-    "metric_samples",
-    "metric_total",
     "multipart",
     "require_loopback",
     "v2_binary",
@@ -51,33 +47,6 @@ def require_loopback(url: str) -> None:
         )
 
 
-def make_images(count: int = 16, size: int | tuple = 256, fmt: str = "PNG", seed: int = 0) -> List[bytes]:
-    """Synthetic-shapes images (what the default model knows), encoded as PNG or JPEG;
-    ``size``: a side, or (height, width)."""
-    from PIL import Image
-
-    from model.data import synthetic_sample
-
-    shape = (size, size) if isinstance(size, int) else tuple(size)
-    bodies = []
-    for i in range(count):
-        image = Image.fromarray(synthetic_sample(seed + 100, i, shape).image)
-        buf = io.BytesIO()
-        image.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-        bodies.append(buf.getvalue())
-    return bodies
-
-
-# The benchmarks' image sets: small PNGs at about the model's input size, 1 Mpx
-# JPEGs, and 12 Mpx phone-camera-sized JPEGs (4032x3024: decoding and the
-# full-size mask dominate). Made on the fly, the same bytes every time.
-IMAGE_SETS = {
-    "png256": lambda: make_images(16, 256, "PNG"),
-    "jpeg1024": lambda: make_images(8, 1024, "JPEG"),
-    "photo12mp": lambda: make_images(4, (3024, 4032), "JPEG"),
-}
-
-
 @dataclass(frozen=True)
 class Payload:
     """One request as bytes, built once: the client spends its CPU on sending."""
@@ -87,25 +56,6 @@ class Payload:
     headers: Tuple[Tuple[str, str], ...] = ()  # more request headers
 
 
-def metric_samples(text: str) -> dict:
-    """A ``/metrics`` page as ``{(sample name, ((label, value), ...)): value}``, labels
-    sorted (prometheus_client's own parser). The benchmarks and the tests read it so."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def metric_total(samples: dict, name: str, **labels: str) -> float:
-    """Sum of the samples called ``name`` whose labels include ``labels``."""
-    return sum(
-        value for (sample, have), value in samples.items() if sample == name and set(labels.items()) <= set(have)
-    )
-
-
 def multipart(image: bytes, filename: str = "image.png") -> Payload:
     """``image`` as the single ``file`` part of a multipart/form-data body."""
     kind = "image/jpeg" if image[:3] == b"\xff\xd8\xff" else "image/png"
@@ -113,7 +63,9 @@ def multipart(image: bytes, filename: str = "image.png") -> Payload:
         f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
         f"Content-Type: {kind}\r\n\r\n"
     ).encode()
-    return Payload(head + image + f"\r\n--{BOUNDARY}--\r\n".encode(), f"multipart/form-data; boundary={BOUNDARY}")
+    return Payload(
+        head + image + f"\r\n--{BOUNDARY}--\r\n".encode(), f"multipart/form-data; boundary={BOUNDARY}"
+    )
 
 
 def base64_json(image: bytes) -> Payload:
@@ -132,13 +84,21 @@ def v2_binary(image: bytes) -> Payload:
     pixels = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))[None]
     header = json.dumps(
         {
-            "inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": list(pixels.shape),
-                        "parameters": {"binary_data_size": pixels.nbytes}}],
+            "inputs": [
+                {
+                    "name": "IMAGE",
+                    "datatype": "UINT8",
+                    "shape": list(pixels.shape),
+                    "parameters": {"binary_data_size": pixels.nbytes},
+                }
+            ],
             "outputs": [{"name": "MASK", "parameters": {"binary_data": True}}],
         }  # fmt: skip
     ).encode()
     return Payload(
-        header + pixels.tobytes(), "application/octet-stream", (("Inference-Header-Content-Length", str(len(header))),)
+        header + pixels.tobytes(),
+        "application/octet-stream",
+        (("Inference-Header-Content-Length", str(len(header))),),
     )
 
 
@@ -221,7 +181,9 @@ class Connection(asyncio.Protocol):
         if len(self.buffer) < total:
             return
         del self.buffer[:total]
-        self.waiter.set_result((int(head[9:12]), b"\r\nretry-after:" in head, b"\r\nconnection: close" in head))
+        self.waiter.set_result(
+            (int(head[9:12]), b"\r\nretry-after:" in head, b"\r\nconnection: close" in head)
+        )
 
     async def exchange(self, request: bytes, timeout_s: float) -> Tuple[int, bool, bool]:
         """(status, has Retry-After, server closes) for one request."""

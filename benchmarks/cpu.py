@@ -82,7 +82,9 @@ def group_cpu(pgid: int) -> Optional[Dict[str, float]]:
     return out
 
 
-def per_image(before: Optional[Dict[str, float]], after: Optional[Dict[str, float]], images: int) -> Optional[dict]:
+def per_image(
+    before: Optional[Dict[str, float]], after: Optional[Dict[str, float]], images: int
+) -> Optional[dict]:
     """Milliseconds of CPU per image between two :func:`group_cpu` readings. (The kernel
     rounds each thread's time and the process's separately, so ``other`` can come out
     a clock tick below zero: it is shown as 0.)"""

@@ -29,7 +29,7 @@ from PIL import Image
 
 import model
 from benchmarks.ceiling import time_batch
-from benchmarks.client import IMAGE_SETS
+from testbed.images import IMAGE_SETS
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,9 @@ def measure(segmenter, images: List[np.ndarray], batches: Tuple[int, ...], secon
 
 
 def main(argv: List[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("specs", nargs="+", type=parse_spec, metavar="PRECISION:SET:BATCHES")
     parser.add_argument("--model", help="TorchScript artifact (default: the bundled model)")
     parser.add_argument("--device", default="auto")
@@ -87,14 +89,21 @@ def main(argv: List[str] | None = None) -> int:
     failed = 0
     for spec in args.specs:
         if spec.images not in sets:
-            sets[spec.images] = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in IMAGE_SETS[spec.images]()]
+            sets[spec.images] = [
+                np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in IMAGE_SETS[spec.images]()
+            ]
         if spec.precision not in loaded:
             loaded.clear()  # one precision on the device at a time
             started = time.perf_counter()
             try:
-                segmenter = model.load(args.model, device=args.device, precision=spec.precision, format=args.format)
+                segmenter = model.load(
+                    args.model, device=args.device, precision=spec.precision, format=args.format
+                )
             except model.ModelLoadError as exc:
-                print(json.dumps({"precision": spec.precision, "images": spec.images, "error": str(exc)}), flush=True)
+                print(
+                    json.dumps({"precision": spec.precision, "images": spec.images, "error": str(exc)}),
+                    flush=True,
+                )
                 failed += 1
                 continue
             loaded[spec.precision] = segmenter, time.perf_counter() - started

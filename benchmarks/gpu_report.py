@@ -99,7 +99,9 @@ def tables(results: Path) -> Dict[str, object]:
 
 def _rate(entry: dict) -> str:
     if "images_per_s" in entry:
-        return f"{entry['images_per_s']:.0f}" if entry["images_per_s"] >= 100 else f"{entry['images_per_s']:.1f}"
+        return (
+            f"{entry['images_per_s']:.0f}" if entry["images_per_s"] >= 100 else f"{entry['images_per_s']:.1f}"
+        )
     return "OOM" if "memory" in entry.get("error", "") else "error"
 
 
@@ -170,7 +172,9 @@ def summary(results: Path, returned: Optional[List[Tuple[str, int]]] = None) -> 
     out: List[str] = []
     gpu = env.get("gpu")
     machine = (
-        f"{gpu['name']} ({gpu['memory_gib']} GiB, {gpu['sms']} SMs, compute {gpu['compute']})" if gpu else "no GPU"
+        f"{gpu['name']} ({gpu['memory_gib']} GiB, {gpu['sms']} SMs, compute {gpu['compute']})"
+        if gpu
+        else "no GPU"
     )
     out.append(f"chanseg GPU check on {machine}; device {knobs.get('DEVICE', '?')}")
     if env:
@@ -180,7 +184,11 @@ def summary(results: Path, returned: Optional[List[Tuple[str, int]]] = None) -> 
             f" packages: {', '.join(f'{k} {v}' for k, v in env.get('packages', {}).items())}"
         )
     with contextlib.suppress(OSError):
-        out += [line for line in (results / "progress.txt").read_text().splitlines() if line.startswith("gpu_check")]
+        out += [
+            line
+            for line in (results / "progress.txt").read_text().splitlines()
+            if line.startswith("gpu_check")
+        ]
     out += ["", "Steps (status, seconds used of the step's limit):"]
     for s in run:
         note = f" - {s['note']}" if s["note"] else ""
@@ -200,9 +208,15 @@ def summary(results: Path, returned: Optional[List[Tuple[str, int]]] = None) -> 
     for spec in knobs.get("RAW_SPECS", "").split():
         precision, images, _ = spec.split(":")
         if (precision, images) not in done:
-            errors = [r["error"] for r in raw if (r["precision"], r["images"]) == (precision, images) and "error" in r]
+            errors = [
+                r["error"]
+                for r in raw
+                if (r["precision"], r["images"]) == (precision, images) and "error" in r
+            ]
             missing.append(
-                f"raw {precision} {images}: {errors[0]}" if errors else _missing("raw_model", by_key, f"raw {precision} {images}")
+                f"raw {precision} {images}: {errors[0]}"
+                if errors
+                else _missing("raw_model", by_key, f"raw {precision} {images}")
             )
 
     out += ["", f"Service, TorchScript {knobs.get('SERVE_PRECISION', '?')} (python -m benchmarks run):"]
@@ -220,7 +234,9 @@ def summary(results: Path, returned: Optional[List[Tuple[str, int]]] = None) -> 
                     f" (statuses {row.get('statuses')})"
                 )
         for name, info in service.get("servers", {}).items():
-            out.append(f"  {name}: serving {info.get('startup_s')} s after its start; batching {info.get('batching')}")
+            out.append(
+                f"  {name}: serving {info.get('startup_s')} s after its start; batching {info.get('batching')}"
+            )
         smi = _smi(results / "smi.csv")
         if smi:
             out.append(smi)
@@ -253,7 +269,9 @@ def summary(results: Path, returned: Optional[List[Tuple[str, int]]] = None) -> 
             out.append(f"  {precision}: {result['error']}")
             missing.append(f"{precision} against fp32: {result['error']}")
         else:
-            sets = "; ".join(f"{k} {v['mean']:.5f}, {v['worst']:.5f} ({v['images']} images)" for k, v in result.items())
+            sets = "; ".join(
+                f"{k} {v['mean']:.5f}, {v['worst']:.5f} ({v['images']} images)" for k, v in result.items()
+            )
             out.append(f"  {precision}: {sets}")
     if not agreement:
         out.append("  -")
@@ -266,7 +284,9 @@ def summary(results: Path, returned: Optional[List[Tuple[str, int]]] = None) -> 
     speed = [r for r in package["speed"] if r.get("format") == "aoti"]
     if speed:
         out += _speed_table(speed)
-        reference = {r["images"]: r for r in raw if r.get("precision") == speed[0]["precision"] and "per_batch" in r}
+        reference = {
+            r["images"]: r for r in raw if r.get("precision") == speed[0]["precision"] and "per_batch" in r
+        }
         for r in speed:
             ts = reference.get(r["images"])
             if ts:
@@ -275,7 +295,9 @@ def summary(results: Path, returned: Optional[List[Tuple[str, int]]] = None) -> 
                     for b, v in r["per_batch"].items()
                     if "images_per_s" in v and "images_per_s" in ts["per_batch"].get(b, {})
                 ]
-                out.append(f"  against TorchScript {r['precision']} {r['images']} (raw model above): {', '.join(ratios)}")
+                out.append(
+                    f"  against TorchScript {r['precision']} {r['images']} (raw model above): {', '.join(ratios)}"
+                )
     else:
         out.append("  - (no package was measured: nothing here is a TorchScript run under another name)")
         missing.append(_missing("package", by_key, "the compiled package's speed"))
@@ -295,7 +317,11 @@ def _archive(results: Path, path: Path, limit: int) -> List[str]:
     """Everything in ``results`` but the caches into a tar.gz under ``limit`` bytes,
     leaving out the largest files until it fits. Returns what was left out."""
     files = sorted(
-        (p for p in results.rglob("*") if p.is_file() and p.relative_to(results).parts[0] not in ARCHIVE_SKIP),
+        (
+            p
+            for p in results.rglob("*")
+            if p.is_file() and p.relative_to(results).parts[0] not in ARCHIVE_SKIP
+        ),
         key=lambda p: p.stat().st_size,
     )
     left_out: List[str] = []
@@ -332,7 +358,9 @@ def pack(results: Path, out: Path) -> List[Tuple[str, int]]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("summary").add_argument("results", type=Path)
     p = sub.add_parser("pack")

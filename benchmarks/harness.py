@@ -41,12 +41,12 @@ from typing import Dict, List, Optional
 
 import httpx
 
-from benchmarks.client import IMAGE_SETS
 from benchmarks.loadgen import measure, run
-from benchmarks.model_speed import ALLOCATORS, find_library
 from benchmarks.servers import SCENARIOS, raw_ceiling, running
 from service.resources import available_cpus, cpu_model
 from service.settings import Settings
+from testbed.allocators import ALLOCATORS, find_library
+from testbed.images import IMAGE_SETS
 
 CSV_FIELDS = [
     "scenario", "images", "mode", "load", "status", "images_per_s", "pct_of_ceiling",
@@ -130,7 +130,12 @@ def targets(report: dict, images: str = "png256") -> List[dict]:
         add("c64 p99 / naive p99", v, "<= 0.2", v <= 0.2)
     if c64:
         timeout_ms = 1000 * report.get("request_timeout_s", 30.0)
-        add("c64 p99 (ms) under the deadline", c64["p99_ms"], f"< {timeout_ms:.0f}", c64["p99_ms"] < timeout_ms)
+        add(
+            "c64 p99 (ms) under the deadline",
+            c64["p99_ms"],
+            f"< {timeout_ms:.0f}",
+            c64["p99_ms"] < timeout_ms,
+        )
     for c, lit in ((16, lit16), (64, lit64)):
         mine = c16 if c == 16 else c64
         if mine and lit:
@@ -179,7 +184,19 @@ def cpu_table(report: dict) -> List[str]:
     budgets = _cpu_rows(report)
     if not budgets:
         return []
-    keys = ("total", "inference", "io", "main", "other", "client", "ceiling", "of_ceiling", "busy", "share", "speed")
+    keys = (
+        "total",
+        "inference",
+        "io",
+        "main",
+        "other",
+        "client",
+        "ceiling",
+        "of_ceiling",
+        "busy",
+        "share",
+        "speed",
+    )
     lines = [
         f"\nCPU per image at c{CPU_LEVEL}, ms ({report['cpus']} CPUs; server: its processes by thread, "
         "benchmarks/cpu.py; ceiling: its CPUs' time per image, which for the JPEG sets includes predict "
@@ -352,7 +369,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def ceilings() -> Dict[str, dict]:
         return {
-            n: raw_ceiling(imgs, args.model, preload, args.ceiling_seconds, batches=args.ceiling_batches, **where)
+            n: raw_ceiling(
+                imgs, args.model, preload, args.ceiling_seconds, batches=args.ceiling_batches, **where
+            )
             for n, imgs in images.items()
         }
 
@@ -440,7 +459,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     write_csv(report["rows"], out.with_suffix(".csv"))
-    text = f"machine: {report['machine']}; allocator: {report['allocator']}; {report['date']}\n" + table(report)
+    text = f"machine: {report['machine']}; allocator: {report['allocator']}; {report['date']}\n" + table(
+        report
+    )
     out.with_suffix(".md").write_text(f"{text}\n\n## As the README quotes it\n{readme_tables(report)}\n")
     print(text)
     if importlib.util.find_spec("matplotlib") is None:  # a bare GPU image: the tables are the figures

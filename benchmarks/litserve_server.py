@@ -59,7 +59,9 @@ class SegmentationAPI(ls.LitAPI):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8002)
     parser.add_argument("--model", help="artifact (default: the bundled model)")
@@ -71,7 +73,9 @@ def main() -> int:
         args.model, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout_ms / 1000
     )
     server = ls.LitServer(api, accelerator=args.accelerator, workers_per_device=1, timeout=60)
-    server.run(host=args.host, port=args.port, log_level="warning", generate_client_file=False, num_api_servers=1)
+    server.run(
+        host=args.host, port=args.port, log_level="warning", generate_client_file=False, num_api_servers=1
+    )
     return 0
 
 

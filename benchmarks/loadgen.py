@@ -39,18 +39,13 @@ from typing import Dict, List, Optional, Sequence
 import httpx
 import numpy as np
 
-from benchmarks.client import (
-    IMAGE_SETS,
-    Client,
-    Payload,
-    metric_samples,
-    metric_total,
-    multipart,
-    require_loopback,
-)
+from benchmarks.client import Client, Payload, multipart, require_loopback
 from benchmarks.cpu import group_cpu, per_image
+from testbed.images import IMAGE_SETS
+from testbed.metrics import metric_samples, metric_total
 
 __all__ = ["Measurement", "Window", "is_stable", "measure", "percentile", "run", "server_split"]
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else float("nan")
@@ -197,7 +192,8 @@ def is_stable(windows: Sequence[Window], count: int = 3, tolerance: float = 0.10
         return False
     last = windows[-count:]
     return (
-        _spread([w.images_per_s for w in last]) <= tolerance and _spread([w.p95_ms for w in last]) <= tolerance
+        _spread([w.images_per_s for w in last]) <= tolerance
+        and _spread([w.p95_ms for w in last]) <= tolerance
     )
 
 

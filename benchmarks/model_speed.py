@@ -21,7 +21,6 @@ and held-out mIoU (64 synthetic images of seed 2) per variant:
 from __future__ import annotations
 
 import argparse
-import ctypes.util
 import json
 import os
 import statistics
@@ -30,23 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-ALLOCATORS = {
-    "glibc": None,
-    "jemalloc": ["libjemalloc.so.2"],
-    "tcmalloc": ["libtcmalloc_minimal.so.4", "libtcmalloc.so.4"],
-}
+from testbed.allocators import ALLOCATORS, find_library
+
 VARIANTS = ["eager", "scripted", "frozen", "frozen+ofi", "frozen+channels_last", "load()"]
-
-
-def find_library(names):
-    for name in names:
-        for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib", "/usr/local/lib"):
-            if Path(d, name).exists():
-                return str(Path(d, name))
-        found = ctypes.util.find_library(name.split(".so")[0].removeprefix("lib"))
-        if found:
-            return found
-    return None
 
 
 def timed(fn, min_runs: int, min_seconds: float) -> float:
@@ -157,7 +142,9 @@ def main() -> int:
     parser.add_argument("--allocators", nargs="+", default=list(ALLOCATORS))
     parser.add_argument("--out", default="benchmarks/results/model_speed.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--compare", action="store_true", help="chanseg's variants beside ONNX Runtime and OpenVINO")
+    parser.add_argument(
+        "--compare", action="store_true", help="chanseg's variants beside ONNX Runtime and OpenVINO"
+    )
     parser.add_argument("--variants", nargs="+", help="with --compare: a subset (names as printed)")
     parser.add_argument("--count", type=int, default=64, help="with --compare: held-out images")
     parser.add_argument("--child-variant", help=argparse.SUPPRESS)
@@ -281,7 +268,11 @@ def compare(args) -> int:
         print(f"[{name}]", flush=True)
         report["variants"][name] = _child(args, name, reference, env)
     print_compare(report, args.batches)
-    out = args.out if args.out != "benchmarks/results/model_speed.json" else "benchmarks/results/model_compare.json"
+    out = (
+        args.out
+        if args.out != "benchmarks/results/model_speed.json"
+        else "benchmarks/results/model_compare.json"
+    )
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(report, indent=2))
     print(f"\nwritten: {out}")
@@ -294,14 +285,19 @@ def print_compare(report: dict, batches) -> None:
         f"\n## matmul peaks: fp32 {peaks['fp32_gflops']:.0f} GFLOP/s, bf16 {peaks['bf16_gflops']:.0f} GFLOP/s; "
         f"held-out: {report['count']} synthetic images of seed 2"
     )
-    print("| variant | b1 ms | " + " | ".join(f"b{b} img/s" for b in batches) + " | argmax agreement | mIoU |")
+    print(
+        "| variant | b1 ms | " + " | ".join(f"b{b} img/s" for b in batches) + " | argmax agreement | mIoU |"
+    )
     print("|---" * (len(batches) + 4) + "|")
     for name, r in report["variants"].items():
         if "error" in r:
             print(f"| {name} | failed: {r['error']} |")
             continue
         rows = r["batches"]
-        cells = " | ".join(f"{rows[str(b)]['images_per_s']:.1f}" if str(b) in rows else f"{rows[b]['images_per_s']:.1f}" for b in batches)
+        cells = " | ".join(
+            f"{rows[str(b)]['images_per_s']:.1f}" if str(b) in rows else f"{rows[b]['images_per_s']:.1f}"
+            for b in batches
+        )
         first = rows.get(str(batches[0])) or rows[batches[0]]
         print(f"| {name} | {first['latency_ms']:.1f} | {cells} | {r['agreement']:.4f} | {r['miou']:.4f} |")
 

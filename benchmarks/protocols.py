@@ -22,13 +22,16 @@ import argparse
 import asyncio
 from typing import List, Optional
 
-from benchmarks.client import GrpcClient, make_images, multipart, v2_binary
+from benchmarks.client import GrpcClient, multipart, v2_binary
 from benchmarks.loadgen import measure
-from benchmarks.model_speed import ALLOCATORS, find_library
-from benchmarks.servers import ServiceProcess, free_port
+from testbed.allocators import ALLOCATORS, find_library
+from testbed.images import make_images
+from testbed.processes import ServiceProcess, free_port
 
 
-async def _one(url: str, grpc_target: str, model_name: str, protocol: str, concurrency: int, image: bytes, args):
+async def _one(
+    url: str, grpc_target: str, model_name: str, protocol: str, concurrency: int, image: bytes, args
+):
     common = dict(concurrency=concurrency, window_s=args.window, warmup_s=1.0, max_windows=args.max_windows)
     if protocol == "predict":
         return await measure(url, [multipart(image)], path="/predict?format=png", **common)
@@ -42,7 +45,9 @@ async def _one(url: str, grpc_target: str, model_name: str, protocol: str, concu
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--window", type=float, default=3.0)
     parser.add_argument("--max-windows", type=int, default=5)
@@ -62,14 +67,19 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         model_name = httpx.get(server.url + "/v1/model").json()["name"]
         image = make_images(1, 256, "PNG")[0]
-        print(f"model {model_name}; one 256x256 image; closed loop; allocator {'tcmalloc' if tcmalloc else 'glibc'}")
-        print(f"{'protocol':<10} {'c':>3} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'client CPU ms':>14} {'status':>9}")
+        print(
+            f"model {model_name}; one 256x256 image; closed loop; allocator {'tcmalloc' if tcmalloc else 'glibc'}"
+        )
+        print(
+            f"{'protocol':<10} {'c':>3} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'client CPU ms':>14} {'status':>9}"
+        )
         for c in args.concurrency:
             for protocol in ("predict", "v2-http", "v2-grpc"):
                 m = asyncio.run(_one(server.url, f"127.0.0.1:{port}", model_name, protocol, c, image, args))
                 print(
                     f"{protocol:<10} {c:>3} {m.images_per_s:>8.1f} {m.p50_ms:>8.1f} {m.p99_ms:>8.1f} "
-                    f"{m.client_cpu_ms_per_request:>14.2f} {m.status:>9}" + ("" if m.ok == m.requests else f"  ({m.requests - m.ok} not 200)")
+                    f"{m.client_cpu_ms_per_request:>14.2f} {m.status:>9}"
+                    + ("" if m.ok == m.requests else f"  ({m.requests - m.ok} not 200)")
                 )
     finally:
         server.stop(graceful=True)

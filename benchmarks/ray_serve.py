@@ -35,13 +35,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 import model
-from benchmarks.client import make_images, multipart
+from benchmarks.client import multipart
 from benchmarks.loadgen import measure
-from benchmarks.model_speed import ALLOCATORS, find_library
-from benchmarks.servers import ServiceProcess, free_port
 from model.visualize import mask_png_bytes
 from service.imaging import prepare_probed, probe_image
 from service.settings import Settings
+from testbed.allocators import ALLOCATORS, find_library
+from testbed.images import make_images
+from testbed.processes import ServiceProcess, free_port
 
 
 def batched_application(settings: Dict[str, object], num_cpus: int, max_batch_size: int, runtime_env: dict):

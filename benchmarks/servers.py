@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,10 +20,9 @@ from typing import Dict, Iterator, List, Optional
 import httpx
 
 from benchmarks.client import Payload, base64_json, multipart
+from testbed.processes import ROOT, ServiceProcess, child_env, free_port, stop_group
 
-ROOT = Path(__file__).resolve().parents[1]
-
-__all__ = ["Scenario", "SCENARIOS", "ServiceProcess", "running", "raw_ceiling", "free_port"]
+__all__ = ["Scenario", "SCENARIOS", "running", "raw_ceiling"]
 
 
 @dataclass(frozen=True)
@@ -46,80 +42,12 @@ class Scenario:
 
 SCENARIOS = {
     "chanseg": Scenario("chanseg", "chanseg", {}, "chanseg, default batching"),
-    "chanseg-b1": Scenario("chanseg-b1", "chanseg", {"CHANSEG_MAX_BATCH_SIZE": "1"}, "chanseg, MAX_BATCH_SIZE=1"),
+    "chanseg-b1": Scenario(
+        "chanseg-b1", "chanseg", {"CHANSEG_MAX_BATCH_SIZE": "1"}, "chanseg, MAX_BATCH_SIZE=1"
+    ),
     "naive": Scenario("naive", "naive", {}, "naive FastAPI (model in the handler)"),
     "litserve": Scenario("litserve", "litserve", {}, "LitServe, its own batching"),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(preload: Optional[str], extra: Dict[str, str], root: Path = ROOT) -> Dict[str, str]:
-    # The source tree first, then what this process was given (packages installed with
-    # pip --target beside an image's own, as on the GPU machine: benchmarks/gpu_device_run.sh).
-    inherited = os.environ.get("PYTHONPATH")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), *([inherited] if inherited else [])]))
-    env.pop("LD_PRELOAD", None)
-    if preload:
-        env["LD_PRELOAD"] = preload
-    env.update(extra)
-    return env
-
-
-class ServiceProcess:
-    """``python -m service`` on a loopback port with these settings (``CHANSEG_*`` and
-    any other environment variable, over this process's environment without its
-    ``LD_PRELOAD``), its output in ``log``. The benchmarks and the tests both start
-    the server through this; ``wait_ready`` polls ``/readyz``.
-
-    ``root``: the source tree it runs (another checkout: ``benchmarks.ab``).
-    Attributes: ``port``, ``url``, ``log`` (the file, or None), ``proc`` (the Popen)."""
-
-    def __init__(
-        self, env: Dict[str, str], log: Optional[Path] = None, port: Optional[int] = None, root: Path = ROOT
-    ) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        settings = {"CHANSEG_HOST": "127.0.0.1", "CHANSEG_PORT": str(self.port), **env}
-        with contextlib.ExitStack() as stack:
-            out = stack.enter_context(open(log, "wb")) if log else subprocess.DEVNULL
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "service"],
-                env=_env(None, settings, root),
-                cwd=root,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log else "(no log kept)"
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"server not ready after {timeout:.0f} s:\n{self.output()}")
-
-    def stop(self, graceful: bool = False) -> None:
-        """SIGKILL (tests: fast), or SIGTERM and wait for the drain (``graceful``)."""
-        if graceful:
-            _stop_group(self.proc)
-        elif self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def _command(scenario: Scenario, port: int, model_path: Optional[str], litserve_batch: int) -> List[str]:
@@ -164,7 +92,7 @@ def running(
             log = stack.enter_context(open(log_path, "wb")) if log_path else subprocess.DEVNULL
             proc = subprocess.Popen(
                 _command(scenario, port, model_path, litserve_batch),
-                env=_env(preload, extra),
+                env=child_env(preload, extra),
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -178,27 +106,7 @@ def running(
                 facts["pgid"] = proc.pid  # a session of its own: the group is the server's
             yield url
         finally:
-            _stop_group(proc)
-
-
-def _stop_group(proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
-    """SIGTERM the server's process group; wait until every process in it is gone
-    (LitServe's workers outlive its main process for a while and would steal the
-    CPU from whatever is measured next), SIGKILL what is left at the timeout."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        proc.poll()
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
+            stop_group(proc)
 
 
 def _wait_ready(proc, url: str, scenario: Scenario, sample: bytes, timeout_s: float) -> None:
@@ -209,7 +117,10 @@ def _wait_ready(proc, url: str, scenario: Scenario, sample: bytes, timeout_s: fl
             raise RuntimeError(f"{scenario.name}: server exited with {proc.returncode} during start-up")
         try:
             r = httpx.post(
-                url + scenario.path, content=payload.body, headers={"content-type": payload.content_type}, timeout=30
+                url + scenario.path,
+                content=payload.body,
+                headers={"content-type": payload.content_type},
+                timeout=30,
             )
             if r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n":
                 return
@@ -241,7 +152,7 @@ def raw_ceiling(
     out = subprocess.run(
         cmd,
         input=json.dumps([img.hex() for img in images]),
-        env=_env(preload, {}),
+        env=child_env(preload, {}),
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional
 
 import httpx
 
-from benchmarks.servers import ROOT, ServiceProcess, free_port
+from testbed.processes import ROOT, ServiceProcess, free_port
 
 KEY = "surfaces-key"
 MIB = 1 << 20

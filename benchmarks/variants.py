@@ -80,7 +80,9 @@ def _openvino(hint: str) -> Runner:
 
     core = ov.Core()
     compiled = core.compile_model(
-        core.read_model(str(_onnx_file())), "CPU", {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        core.read_model(str(_onnx_file())),
+        "CPU",
+        {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"},
     )
     return lambda x: compiled(x)[0]
 

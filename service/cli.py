@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -88,18 +89,16 @@ def serve(argv: List[str]) -> int:
 
 
 def bench(argv: List[str]) -> int:
-    if os.path.isfile(os.path.join("benchmarks", "harness.py")) and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # a console script's path has its own folder, not the checkout
-    try:
-        from benchmarks.harness import main as bench_main
-    except ImportError:
+    """``python -m benchmarks`` of the checkout this runs in, as a child process: the
+    benchmarks are not part of the installed package, and ``service`` never imports them."""
+    if not os.path.isfile(os.path.join("benchmarks", "harness.py")):
         print(
             "error: chanseg bench runs the benchmarks of a chanseg source checkout "
             "(benchmarks/ is not installed with the package): run it from the checkout's root",
             file=sys.stderr,
         )
         return 2
-    return bench_main(argv)
+    return subprocess.call([sys.executable, "-m", "benchmarks", "run", *argv])
 
 
 def main(argv: Optional[List[str]] = None) -> int:

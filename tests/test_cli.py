@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 import model
-from benchmarks.servers import free_port
 from service.cli import MODEL_COMMANDS
+from testbed.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CHANSEG = Path(sys.executable).parent / "chanseg"
@@ -38,7 +38,9 @@ def test_every_command_has_help(capsys):
     assert run().returncode == 2
     from service.cli import main  # the rest in this process: a torch import per command is ~2 s
 
-    for command in ("serve", *MODEL_COMMANDS, "bench"):
+    bench = run("bench", "--help")  # python -m benchmarks run, a child process: service never imports benchmarks
+    assert bench.returncode == 0 and bench.stdout.startswith("usage: python -m benchmarks run")
+    for command in ("serve", *MODEL_COMMANDS):
         assert command in top.stdout
         with pytest.raises(SystemExit) as done:
             main([command, "--help"])

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.client import make_images
 from benchmarks.servers import SCENARIOS, running
+from testbed.images import make_images
 
 
 @pytest.fixture(scope="module")

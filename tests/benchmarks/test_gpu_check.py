@@ -188,8 +188,8 @@ def test_gpu_check_says_when_there_is_no_gpu(tmp_path):
 def test_servers_keep_the_inherited_pythonpath(monkeypatch):
     """On the GPU machine the service's packages are on PYTHONPATH (pip --target):
     the servers the benchmarks start must see them, after the source tree."""
-    from benchmarks.servers import ROOT as SOURCE
-    from benchmarks.servers import _env
+    from testbed.processes import ROOT as SOURCE
+    from testbed.processes import child_env as _env
 
     monkeypatch.setenv("PYTHONPATH", "/tmp/chanseg-site")
     assert _env(None, {})["PYTHONPATH"] == f"{SOURCE}{os.pathsep}/tmp/chanseg-site"

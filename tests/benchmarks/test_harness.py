@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.client import make_images
 from benchmarks.cpu import ROLES, group_cpu
 from benchmarks.harness import cpu_budget, cpu_table, readme_cpu
 from benchmarks.servers import SCENARIOS, running
+from testbed.images import make_images
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from benchmarks.client import make_images, multipart, require_loopback
+from benchmarks.client import multipart, require_loopback
 from benchmarks.loadgen import Window, is_stable, measure, server_split
+from testbed.images import make_images
 
 
 def _w(ips: float, p95: float) -> Window:

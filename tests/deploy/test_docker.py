@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from benchmarks.servers import free_port
+from testbed.processes import free_port
 from tests.real_parts import missing
 
 ROOT = Path(__file__).resolve().parents[2]

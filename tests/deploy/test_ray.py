@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.servers import free_port
+from testbed.processes import free_port
 from tests.deploy.closed_loop import ClosedLoop
 from tests.real_parts import missing
 from tests.service.conftest import decode_mask, make_settings, png_bytes, random_image, serve

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 import model
-from benchmarks.servers import free_port
+from testbed.processes import free_port
 from tests.conftest import make_net
 from tests.deploy.closed_loop import ClosedLoop
 from tests.real_parts import need_tool

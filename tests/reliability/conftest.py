@@ -16,9 +16,10 @@ from typing import Dict
 import httpx
 import pytest
 
-from benchmarks.client import make_images, multipart
+from benchmarks.client import multipart
 from benchmarks.loadgen import measure, run
-from benchmarks.model_speed import ALLOCATORS, find_library
+from testbed.allocators import ALLOCATORS, find_library
+from testbed.images import make_images
 from tests.service.conftest import ServerProcess
 
 LONG = os.environ.get("CHANSEG_RELIABILITY", "short") == "long"
@@ -48,7 +49,7 @@ class Server(ServerProcess):
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of ``name`` (with these labels) on /metrics."""
-        from benchmarks.client import metric_samples, metric_total
+        from testbed.metrics import metric_samples, metric_total
 
         return metric_total(metric_samples(httpx.get(self.url + "/metrics", timeout=10).text), name, **labels)
 

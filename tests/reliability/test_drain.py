@@ -11,7 +11,7 @@ import uuid
 import httpx
 import pytest
 
-from benchmarks.client import make_images
+from testbed.images import make_images
 from tests.reliability.conftest import duration, report, start_server
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]

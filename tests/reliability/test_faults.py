@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import model
-from benchmarks.client import make_images
+from testbed.images import make_images
 from tests.reliability.conftest import report
 from tests.service.conftest import SlowSegmenter, make_settings, serve, until
 

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.client import make_images
+from testbed.images import make_images
 from tests.reliability.conftest import duration, report
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]

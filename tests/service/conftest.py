@@ -19,10 +19,10 @@ import pytest
 from asgi_lifespan import LifespanManager
 from PIL import Image
 
-from benchmarks.client import metric_samples
-from benchmarks.servers import ServiceProcess, free_port
 from service.app import create_app
 from service.settings import Settings
+from testbed.metrics import metric_samples
+from testbed.processes import ServiceProcess, free_port
 
 
 @pytest.fixture

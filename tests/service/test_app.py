@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.client import metric_samples
+from testbed.metrics import metric_samples
 from tests.service.conftest import decode_mask, make_settings, png_bytes, random_image, serve, tracked_by_gc
 
 pytestmark = pytest.mark.anyio
@@ -102,8 +102,8 @@ async def test_a_png_response_skips_what_only_json_carries(tiny_artifact, monkey
 async def test_a_large_rotated_jpeg_gets_its_mask_at_its_own_size(tiny_artifact, tiny_segmenter):
     """A phone photo (EXIF orientation 6) decodes at 1/8 for the 64x64 model; the mask
     is restored to the photo as shown, and agrees with one from the full-size pixels."""
-    from benchmarks.client import make_images
     from service.imaging import decode_image
+    from testbed.images import make_images
 
     exif = Image.Exif()
     exif[0x0112] = 6

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from benchmarks.client import metric_samples
+from testbed.metrics import metric_samples
 from tests.service.conftest import (
     SlowSegmenter,
     held_inference,

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import model
-from benchmarks.client import metric_samples
-from benchmarks.servers import free_port
 from model import ModelConfig
+from testbed.metrics import metric_samples
+from testbed.processes import free_port
 from tests.conftest import make_net
 from tests.real_parts import missing
 from tests.service.conftest import (

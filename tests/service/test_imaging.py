@@ -81,9 +81,9 @@ def test_a_large_jpeg_decodes_reduced_to_what_the_model_needs(orientation):
     """Probed for a model's input size, a JPEG more than twice that size decodes at
     1/2, 1/4 or 1/8 (libjpeg's DCT scaling), still covering the input size: the
     same picture from far fewer pixels. The full size is what the mask is restored to."""
-    from benchmarks.client import make_images
     from model.preprocess import prepare_image
     from service.imaging import prepare_probed
+    from testbed.images import make_images
 
     exif = Image.Exif()
     exif[0x0112] = orientation  # 6: shown rotated, 1200 wide and 1600 high

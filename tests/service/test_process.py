@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import model
-from benchmarks.servers import free_port
 from model import ModelConfig
+from testbed.processes import free_port
 from tests.conftest import make_net
 from tests.real_parts import need_tool
 from tests.service.conftest import ServerProcess, decode_mask, png_bytes, random_image

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 import model
-from benchmarks.client import metric_samples
 from model.export import read_metadata
 from service.pipeline import InferItem
 from service.repository import COLLECT_EVERY_S
 from service.runner import BatchRunner
+from testbed.metrics import metric_samples
 from tests.conftest import make_net
 from tests.service.conftest import decode_mask, make_settings, png_bytes, random_image, serve, tracked_by_gc
 

@@ -10,7 +10,7 @@ import struct
 import numpy as np
 import pytest
 
-from benchmarks.client import metric_samples
+from testbed.metrics import metric_samples
 from tests.real_parts import missing
 from tests.service.conftest import SHARED_AUTH, make_settings, png_bytes, random_image, serve
 from tests.service.test_app import files

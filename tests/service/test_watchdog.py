@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 import model
-from benchmarks.client import metric_samples
 from model.export import script
 from service.server import EXIT_MARGIN_S
+from testbed.metrics import metric_samples
 from tests.conftest import TINY, make_net
 from tests.service.conftest import ServerProcess, png_bytes, random_image
 
