@@ -142,8 +142,8 @@ async def _reserve(state, nbytes: int, deadline: float, what: str) -> Lease:
             f"({exc.capacity / MIB:.0f} MiB: 3/4 of MEMORY_BUDGET_MB); send it smaller"
         ) from None
     except asyncio.TimeoutError:
-        raise DeadlineExceeded(
-            f"request deadline passed while waiting for memory for {what} (REQUEST_TIMEOUT_S)"
+        raise Overloaded(  # as the body ledger's wait in the middleware, and the budget's promise: not now
+            f"server busy: no memory free for {what} within the request's deadline (REQUEST_TIMEOUT_S); retry later"
         ) from None
 
 

@@ -286,3 +286,15 @@ async def test_disconnected_client_is_not_computed(tiny_artifact, tiny_segmenter
     assert after.status_code == 200
     assert slow.batches == [1, 1]  # the blocker and the request after: never the disconnected one
     assert samples[("chanseg_requests_total", (("endpoint", "predict"), ("status", "499")))] == 1
+
+
+async def test_waiting_for_memory_past_the_deadline_is_503_as_for_bodies(tiny_artifact):
+    """The budget's promise: a reservation not granted in time is 503 (not now), from either ledger."""
+    async with serve(make_settings(tiny_artifact, request_timeout_s=0.5)) as client:
+        budget = client.app.state.chanseg.work_budget
+        hold = await budget.reserve(budget.capacity)  # all of the work ledger, held elsewhere
+        try:
+            r = await client.post("/predict", files=files(random_image(1)))
+        finally:
+            hold.release()
+    assert r.status_code == 503 and "no memory free" in r.json()["detail"] and r.headers["retry-after"] == "1"
