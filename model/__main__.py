@@ -217,7 +217,7 @@ def cmd_eval(args) -> int:
     import torch
 
     from .data import FolderDataset, SyntheticShapes
-    from .metrics import confusion_matrix, scores
+    from .scores import confusion_matrix, scores
 
     seg = _load(args)
     cfg = seg.config

@@ -50,7 +50,7 @@ def require(precision: str, device: torch.device) -> None:
 def evaluate(segmenter, data: str = "synthetic", count: int = 64, seed: int = 2, batch_size: int = 8) -> Dict:
     """Held-out mIoU and batch-1 milliseconds of a loaded segmenter."""
     from .data import FolderDataset, SyntheticShapes
-    from .metrics import confusion_matrix, scores
+    from .scores import confusion_matrix, scores
 
     cfg = segmenter.config
     if data == "synthetic":

@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data import FolderDataset, SyntheticShapes
 from .export import export_torchscript
-from .metrics import confusion_matrix, scores
 from .network import ChannelAttentionUNet, ModelConfig
 from .preprocess import normalize
+from .scores import confusion_matrix, scores
 
 __all__ = ["TrainOptions", "train", "evaluate", "make_datasets", "dice_loss", "SYNTHETIC"]
 
