@@ -40,13 +40,13 @@ from typing import Any, Callable, Dict, List, Optional, Set
 import torch
 from torch import nn
 
+from . import hardware
 from .export import Artifact, ModelLoadError, checked_meta, read_extra, written_atomically
 from .network import ModelConfig, check_identifier
 
 __all__ = [
     "PACKAGE_FORMAT",
     "compile_package",
-    "cpu_flags",
     "is_package",
     "missing_instructions",
     "read_package",
@@ -69,21 +69,10 @@ _ISA_FLAGS = {
 }
 
 
-def cpu_flags() -> Set[str]:
-    """This CPU's feature flags (``/proc/cpuinfo``); empty where unknown."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def missing_instructions(isa: str, flags: Optional[Set[str]] = None) -> Set[str]:
     """The instruction sets in ``isa`` (AOTInductor's ``AOTI_CPU_ISA``, space separated)
     that this CPU lacks."""
-    flags = cpu_flags() if flags is None else flags
+    flags = hardware.cpu_flags() if flags is None else flags
     if not flags:
         return set()  # not Linux: nothing to check against
     return {name for name in isa.split() if not _ISA_FLAGS.get(name, set()) <= flags}

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .compiled import cpu_flags
+from . import hardware
 from .export import ModelLoadError
 
 __all__ = ["TOLERANCE", "hardware_precisions", "require", "evaluate", "choose"]
@@ -32,7 +32,7 @@ def hardware_precisions(device: torch.device) -> List[str]:
         return ["fp32", "fp16"] + (["bf16"] if torch.cuda.is_bf16_supported() else [])
     # fp16 on a CPU: even with AMX-FP16 it ran slower than fp32 here (115 vs 83 ms at
     # batch 1, compiled), so a CPU is offered fp32 and, where it has the instructions, bf16.
-    flags = cpu_flags()
+    flags = hardware.cpu_flags()
     if not flags:  # not Linux: cannot tell, allow what torch can run
         return ["fp32", "bf16"]
     return ["fp32"] + (["bf16"] if flags & {"avx512_bf16", "amx_bf16"} else [])
@@ -42,7 +42,7 @@ def require(precision: str, device: torch.device) -> None:
     """Raise :class:`ModelLoadError` unless ``device`` runs ``precision`` natively."""
     if precision not in hardware_precisions(device):
         if device.type == "cuda":
-            raise ModelLoadError(f"{precision} is not supported on {torch.cuda.get_device_name(device)}")
+            raise ModelLoadError(f"{precision} is not supported on {hardware.gpu_name(device)}")
         why = "no AVX512_BF16 or AMX" if precision == "bf16" else "it ran slower than fp32 on CPUs measured"
         raise ModelLoadError(f"{precision} is not supported on this CPU ({why}): use fp32, or precision auto")
 

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
+from . import hardware
 from .export import Artifact, ModelLoadError, build_network, export_torchscript, read_artifact
 from .network import ModelConfig
 
@@ -117,31 +118,20 @@ def _key() -> tuple[str, str, str]:
     )
 
 
-def _machine(device: torch.device) -> str:
-    """What a compiled package is specific to: the GPU, or the CPU's instruction sets."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return "cuda-" + hashlib.sha256(torch.cuda.get_device_name(index).encode()).hexdigest()[:8]
-    from .compiled import cpu_flags
-
-    isa = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
-    return "cpu-" + hashlib.sha256(" ".join(isa).encode()).hexdigest()[:8]
-
-
 def default_package_path(
     device: torch.device, precision: str, directory: str | os.PathLike | None = None
 ) -> Path:
     """Where the bundled model compiled for this machine, device and precision lives
     (``python -m model compile`` writes it; it may not exist)."""
     root = Path(directory) if directory is not None else cache_dir()
-    return root / f"default-{_key()[1]}-{_machine(device)}-{precision}.pt2"
+    return root / f"default-{_key()[1]}-{hardware.machine_key(device)}-{precision}.pt2"
 
 
 def precision_record_path(device: torch.device, directory: str | os.PathLike | None = None) -> Path:
     """Where ``python -m model compile --precision auto`` records the precisions it
     measured on this machine and the one it chose."""
     root = Path(directory) if directory is not None else cache_dir()
-    return root / f"precision-{_key()[1]}-{_machine(device)}.json"
+    return root / f"precision-{_key()[1]}-{hardware.machine_key(device)}.json"
 
 
 def _cached(directory: str | os.PathLike | None) -> tuple[Path, Artifact]:

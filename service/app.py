@@ -39,6 +39,7 @@ import torch
 from fastapi import FastAPI
 
 import model
+from model.hardware import available_cpus
 
 from .batching import DynamicBatcher, inference_pool
 from .budget import MIB, MemoryBudget
@@ -50,7 +51,6 @@ from .middleware import RequestMiddleware
 from .repository import ModelRepository
 from .resources import (
     allocator,
-    available_cpus,
     freeze_heap,
     inference_streams,
     memory_limit_bytes,

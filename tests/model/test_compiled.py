@@ -111,7 +111,7 @@ def test_package_refusals(tiny_package, tiny_artifact, monkeypatch):
         model.load(tiny_artifact, device="cpu", format="package")
     # compiled where AMX exists, loaded where it does not: refused, never a crash
     isa = read_meta(tiny_package)[1]["cpu_isa"].split()
-    monkeypatch.setattr("model.compiled.cpu_flags", lambda: {"sse4_2"})
+    monkeypatch.setattr("model.hardware.cpu_flags", lambda: {"sse4_2"})
     with pytest.raises(ModelLoadError, match="this CPU lacks"):
         read_package(tiny_package, torch.device("cpu"))
     assert missing_instructions(" ".join(isa), {"sse4_2"}) == set(isa)
@@ -141,11 +141,11 @@ def test_precision_choice_is_the_fastest_within_the_bar():
 
 
 def test_reduced_precision_needs_the_hardware(monkeypatch):
-    monkeypatch.setattr("model.precision.cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr("model.hardware.cpu_flags", lambda: {"avx2", "avx512f"})
     assert hardware_precisions(torch.device("cpu")) == ["fp32"]
     with pytest.raises(ModelLoadError, match="bf16 is not supported on this CPU"):
         require("bf16", torch.device("cpu"))
-    monkeypatch.setattr("model.precision.cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr("model.hardware.cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})
     assert hardware_precisions(torch.device("cpu")) == ["fp32", "bf16"]
     require("bf16", torch.device("cpu"))
 
