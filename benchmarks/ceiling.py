@@ -28,7 +28,7 @@ from PIL import Image
 
 import model
 from benchmarks.client import IMAGE_SETS
-from model.predictor import FORMATS
+from model.loading import FORMATS
 from service.resources import inference_streams, stream_threads
 
 

@@ -24,7 +24,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from .predictor import load
+    from .loading import load
 
     return load(args.model, device=args.device, precision=args.precision, format=args.format)
 
@@ -89,7 +89,8 @@ def _compile_imported(artifact, dev, args) -> int:
     from .compiled import compile_package, read_package
     from .data import synthetic_sample
     from .imported import ModelImportError, exportable
-    from .predictor import Segmenter, load
+    from .loading import load
+    from .predictor import Segmenter
 
     if args.precision not in ("auto", "fp32"):
         raise ModelImportError(f"an imported model compiles in fp32 only, not {args.precision}")
@@ -134,7 +135,7 @@ def cmd_info(args) -> int:
     from .pretrained import default_artifact_path
 
     path = Path(args.model) if args.model else default_artifact_path()
-    if is_package(path):
+    if is_package(path):  # its metadata counts its parameters; its code is not loaded
         config, meta = read_meta(path)
         print(json.dumps({"path": str(path), **meta, "config": config.to_dict()}, indent=2))
         return 0
@@ -398,7 +399,7 @@ def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None, prog: str = "python -m model") -> int:
     args = build_parser(prog).parse_args(argv)
-    from .export import ModelLoadError
+    from .artifact import ModelLoadError
 
     try:
         return args.func(args)

@@ -41,8 +41,9 @@ import torch
 from torch import nn
 
 from . import hardware
-from .export import Artifact, ModelLoadError, checked_meta, read_extra, written_atomically
+from .artifact import Artifact, ModelLoadError, checked_meta, read_extra, written_atomically
 from .network import ModelConfig, check_identifier
+from .version import __version__
 
 __all__ = [
     "PACKAGE_FORMAT",
@@ -107,8 +108,6 @@ def compile_package(
     Raises:
         ModelLoadError: an unknown precision, or one this device cannot compile.
     """
-    from . import __version__
-
     version = check_identifier("version", str(version))
     config = config or getattr(net, "config", None)
     if not isinstance(config, ModelConfig):

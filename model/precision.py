@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import hardware
-from .export import ModelLoadError
+from .artifact import ModelLoadError
 
 __all__ = ["TOLERANCE", "hardware_precisions", "require", "evaluate", "choose"]
 

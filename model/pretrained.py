@@ -27,8 +27,10 @@ import torch
 from safetensors.torch import load_file
 
 from . import hardware
-from .export import Artifact, ModelLoadError, build_network, export_torchscript, read_artifact
+from .artifact import Artifact, ModelLoadError
+from .export import build_network, export_torchscript, read_artifact
 from .network import ModelConfig
+from .version import __version__
 
 __all__ = [
     "default_weights",
@@ -104,8 +106,6 @@ def default_artifact(directory: str | os.PathLike | None = None) -> Artifact:
 
 def _key() -> tuple[str, str, str]:
     """(weights digest, cache key, config JSON) of the bundled model."""
-    from . import __version__
-
     weights = default_weights()
     if not weights.is_file():
         raise ModelLoadError(f"{weights}: the bundled default weights are missing from the package")

@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 import model
-from model.export import written_atomically
+from model.artifact import written_atomically
 from model.hardware import device_description
 from model.pretrained import cache_dir, fallback_cache_dir
 

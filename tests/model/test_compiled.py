@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import model
+from model.artifact import ModelLoadError
 from model.compiled import is_package, missing_instructions, read_meta, read_package
-from model.export import ModelLoadError
 from model.precision import TOLERANCE, choose, hardware_precisions, require
 from tests.conftest import TINY
 

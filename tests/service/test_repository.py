@@ -18,7 +18,7 @@ import pytest
 
 import model
 from benchmarks.client import metric_samples
-from model.export import read_metadata
+from model.loading import read_metadata
 from service.pipeline import InferItem
 from service.repository import COLLECT_EVERY_S
 from tests.conftest import make_net
