@@ -15,7 +15,8 @@ from .export import export_torchscript, read_artifact
 from .layers import LeakyReLU, leaky_relu
 from .loading import load
 from .network import ChannelAttentionUNet, ModelConfig
-from .predictor import PRECISIONS, Segmenter
+from .precision import PRECISIONS
+from .predictor import Segmenter
 from .version import __version__ as __version__  # the package's version, as pip has it
 
 __all__ = [

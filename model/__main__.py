@@ -13,7 +13,7 @@ from typing import List, Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from .predictor import PRECISIONS
+from .precision import PRECISIONS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -31,13 +31,11 @@ def _load(args):
 
 def cmd_compile(args) -> int:
     """torch.export + AOTInductor: the bundled model into the cache, or an artifact to --out."""
-    import copy
     import tempfile
 
-    from .compiled import compile_package, read_meta
+    from .autoprecision import compile_and_choose
     from .export import build_network, read_artifact
-    from .precision import choose, evaluate, hardware_precisions, require
-    from .predictor import Segmenter, resolve_device
+    from .predictor import resolve_device
     from .pretrained import compile_default
 
     dev = resolve_device(args.device)
@@ -61,24 +59,12 @@ def cmd_compile(args) -> int:
     if artifact.config.network == "imported":
         return _compile_imported(artifact, dev, args)
     net = build_network(artifact.config, artifact.module.state_dict())
-    if args.precision != "auto":
-        require(args.precision, dev)
-    candidates = hardware_precisions(dev) if args.precision == "auto" else [args.precision]
-    results, paths = {}, {}
     with tempfile.TemporaryDirectory(dir=Path(args.out).parent or ".") as tmp:
-        for p in candidates:
-
-            def score(compiled, p=p):
-                seg = Segmenter(compiled.module, compiled, dev, p, compiled.meta["channels_last"])
-                return evaluate(seg, data=args.data, count=args.count)
-
-            paths[p] = compile_package(
-                copy.deepcopy(net), Path(tmp) / f"{p}.pt2", artifact.config, dev, p,
-                version=artifact.version, extra_meta={"name": artifact.name}, evaluate=score,
-            )  # fmt: skip
-            results[p] = read_meta(paths[p])[1]["evaluation"]
-        chosen = choose(results) if args.precision == "auto" else args.precision
-        Path(paths[chosen]).replace(args.out)
+        results, chosen = compile_and_choose(
+            net, artifact.config, dev, args.precision, lambda p: Path(tmp) / f"{p}.pt2",
+            version=artifact.version, extra_meta={"name": artifact.name}, data=args.data, count=args.count,
+        )  # fmt: skip
+        (Path(tmp) / f"{chosen}.pt2").replace(args.out)  # each was written whole: moved into place
     print(json.dumps({"out": args.out, "results": results, "chosen": chosen}, indent=2))
     return 0
 

@@ -43,6 +43,7 @@ from torch import nn
 from . import hardware
 from .artifact import Artifact, ModelLoadError, checked_meta, read_extra, written_atomically
 from .network import ModelConfig, check_identifier
+from .precision import PRECISIONS
 from .version import __version__
 
 __all__ = [
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 
 PACKAGE_FORMAT = "aoti"
 _CONFIG, _META = "chanseg_config.json", "chanseg_meta.json"  # the archive's extra/ files
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # AOTInductor's names for the instruction sets it compiled for -> /proc/cpuinfo flags.
 _ISA_FLAGS = {
     "AVX2": {"avx2"},
@@ -112,10 +112,10 @@ def compile_package(
     config = config or getattr(net, "config", None)
     if not isinstance(config, ModelConfig):
         raise ValueError("compile_package needs a ModelConfig (pass config=)")
-    if precision not in _DTYPES:
-        raise ModelLoadError(f"unknown precision {precision!r}: use one of {', '.join(_DTYPES)}")
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
-    dtype = _DTYPES[precision]
+    dtype = PRECISIONS[precision]
     channels_last = device.type == "cpu"
     net = net.eval().to(device=device, dtype=dtype)
     if channels_last:

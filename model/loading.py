@@ -22,8 +22,8 @@ from .artifact import Artifact, ModelLoadError
 from .compiled import is_package, read_meta, read_package
 from .export import read_artifact, read_artifact_meta
 from .network import ModelConfig
-from .precision import require
-from .predictor import PRECISIONS, Segmenter, resolve_device
+from .precision import PRECISIONS, require
+from .predictor import Segmenter, resolve_device
 from .pretrained import default_artifact, default_package
 
 __all__ = ["FORMATS", "load", "measure_recipe", "read_metadata"]

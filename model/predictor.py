@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .artifact import Artifact, ModelLoadError
 from .network import ModelConfig
+from .precision import PRECISIONS
 from .preprocess import (
     ImageLike,
     nearest_indices,
@@ -39,9 +40,7 @@ from .preprocess import (
     to_rgb_tensor,
 )
 
-__all__ = ["PRECISIONS", "Segmenter", "resolve_device", "top_probability"]
-
-PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+__all__ = ["Segmenter", "resolve_device", "top_probability"]
 
 
 # The device names chanseg accepts everywhere (load, the CLI, the server's DEVICE).

@@ -13,6 +13,7 @@ else ``~/.cache/chanseg``; a temporary directory when none is writable.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -28,6 +29,8 @@ from safetensors.torch import load_file
 
 from . import hardware
 from .artifact import Artifact, ModelLoadError
+from .autoprecision import TOLERANCE, compile_and_choose
+from .compiled import read_package
 from .export import build_network, export_torchscript, read_artifact
 from .network import ModelConfig
 from .version import __version__
@@ -164,8 +167,6 @@ def default_package(device: torch.device, precision: str, build: bool = False) -
     """The bundled model's package for this machine from the cache (compiled first
     when ``build``), or None when there is none or it cannot run here (TorchScript
     then serves; the reason is logged)."""
-    from .compiled import read_package
-
     if precision == "auto":
         record = precision_record_path(device)
         if not record.is_file():
@@ -197,34 +198,22 @@ def compile_default(
     """Compile the bundled model for this machine into the cache: one precision, or
     with ``auto`` each one the hardware has, each scored (held-out mIoU) and timed,
     and the choice recorded (``precision_record_path``). Returns the record."""
-    import copy
-    import datetime
-
-    from .compiled import compile_package, read_meta
-    from .precision import TOLERANCE, choose, evaluate, hardware_precisions, require
-    from .predictor import Segmenter
-
     config = default_config()
     net = build_network(config, load_file(str(default_weights())))
-    if precision != "auto":
-        require(precision, device)
-    candidates = hardware_precisions(device) if precision == "auto" else [precision]
-    results = {}
-    for p in candidates:
-
-        def score(artifact: Artifact, p: str = p) -> dict:
-            return evaluate(
-                Segmenter(artifact.module, artifact, device, p, artifact.meta["channels_last"]), data, count
-            )
-
-        path = default_package_path(device, p)
-        log.info("compiling the bundled model for %s %s into %s", device, p, path)
-        compile_package(copy.deepcopy(net), path, config, device, p, version=_key()[0][:12], evaluate=score)
-        results[p] = read_meta(path)[1]["evaluation"]
+    results, chosen = compile_and_choose(
+        net,
+        config,
+        device,
+        precision,
+        lambda p: default_package_path(device, p),
+        version=_key()[0][:12],
+        data=data,
+        count=count,
+    )
     record = {
         "device": str(device),
         "results": results,
-        "chosen": choose(results) if precision == "auto" else precision,
+        "chosen": chosen,
         "tolerance": TOLERANCE,
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -18,7 +18,8 @@ from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validat
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.loading import FORMATS
-from model.predictor import DEVICE_NAMES, PRECISIONS
+from model.precision import PRECISIONS
+from model.predictor import DEVICE_NAMES
 
 __all__ = ["Settings", "JSON_PARSE_COST"]
 

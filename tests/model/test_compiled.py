@@ -17,8 +17,9 @@ import torch
 
 import model
 from model.artifact import ModelLoadError
+from model.autoprecision import TOLERANCE, choose
 from model.compiled import is_package, missing_instructions, read_meta, read_package
-from model.precision import TOLERANCE, choose, hardware_precisions, require
+from model.precision import hardware_precisions, require
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow  # a real server, a real part or a compile: make test-all
