@@ -13,12 +13,13 @@ from typing import List, Optional
 import numpy as np
 from PIL import Image, ImageOps
 
+from .devices import DEVICE_HELP
 from .precision import PRECISIONS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="TorchScript artifact or compiled package (default: the bundled model)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--precision", default="fp32", choices=[*PRECISIONS, "auto"])
     p.add_argument("--format", default="auto", choices=["auto", "torchscript", "package"])
 
@@ -34,8 +35,8 @@ def cmd_compile(args) -> int:
     import tempfile
 
     from .autoprecision import compile_and_choose
+    from .devices import resolve_device
     from .export import build_network, read_artifact
-    from .predictor import resolve_device
     from .pretrained import compile_default
 
     dev = resolve_device(args.device)
@@ -292,7 +293,7 @@ def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="a TorchScript artifact to compile (default: the bundled model)")
     p.add_argument("--out", help="where the package goes (with --model)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--precision", default="auto", choices=["auto", *PRECISIONS],
         help="auto: each precision the hardware has, the fastest within 0.005 held-out mIoU of fp32",
@@ -359,7 +360,7 @@ def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
     )
     p.add_argument("--val-every", dest="val_every", type=int, default=d.val_every)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--device", default=d.device, help=DEVICE_HELP)
     p.add_argument("--num-workers", dest="num_workers", type=int, default=d.num_workers)
     p.add_argument("--init", help="safetensors weights to start from")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

@@ -20,10 +20,11 @@ import torch
 
 from .artifact import Artifact, ModelLoadError
 from .compiled import is_package, read_meta, read_package
+from .devices import resolve_device
 from .export import read_artifact, read_artifact_meta
 from .network import ModelConfig
 from .precision import PRECISIONS, require
-from .predictor import Segmenter, resolve_device
+from .predictor import Segmenter
 from .pretrained import default_artifact, default_package
 
 __all__ = ["FORMATS", "load", "measure_recipe", "read_metadata"]

@@ -22,7 +22,6 @@ that slows the forward pass everywhere else (see ``preprocess.resize_image``).
 
 from __future__ import annotations
 
-import re
 from typing import List, Sequence, Tuple
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .artifact import Artifact, ModelLoadError
+from .artifact import Artifact
 from .network import ModelConfig
 from .precision import PRECISIONS
 from .preprocess import (
@@ -40,31 +39,7 @@ from .preprocess import (
     to_rgb_tensor,
 )
 
-__all__ = ["Segmenter", "resolve_device", "top_probability"]
-
-
-# The device names chanseg accepts everywhere (load, the CLI, the server's DEVICE).
-DEVICE_NAMES = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> cuda when available, else cpu; ``cuda``/``cuda:N`` checked to exist."""
-    if not isinstance(device, torch.device) and not DEVICE_NAMES.fullmatch(str(device)):
-        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N")
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ModelLoadError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ModelLoadError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise ModelLoadError(f"unsupported device {device!r}: use auto, cpu, cuda or cuda:N")
-    return dev
+__all__ = ["Segmenter", "top_probability"]
 
 
 class Segmenter:

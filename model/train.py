@@ -25,6 +25,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .data import FolderDataset, SyntheticShapes
+from .devices import resolve_device
 from .export import export_torchscript
 from .network import ChannelAttentionUNet, ModelConfig
 from .preprocess import normalize
@@ -52,7 +53,7 @@ class TrainOptions:
     train_size: int = 0  # distinct synthetic training images (0: a fresh image for every sample)
     val_every: int = 250
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"  # model.devices.DEVICE_HELP
     num_workers: int = 0
     init: Optional[str] = None  # safetensors weights to start from
     resume: bool = False
@@ -80,12 +81,6 @@ def make_datasets(opts: TrainOptions, config: ModelConfig) -> Tuple[Dataset, Dat
     n_val = max(1, len(full) // 10) if len(full) > 1 else 0
     val, tr = order[:n_val], order[n_val:] or order
     return Subset(full, tr), Subset(full, val or tr)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _batches(dataset: Dataset, opts: TrainOptions, start_step: int) -> Iterator[Tuple[Tensor, Tensor]]:
@@ -161,7 +156,7 @@ def train(
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
 
     state = None

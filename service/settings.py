@@ -17,9 +17,9 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.devices import DEVICE_HELP, DEVICE_NAMES
 from model.loading import FORMATS
 from model.precision import PRECISIONS
-from model.predictor import DEVICE_NAMES
 
 __all__ = ["Settings", "JSON_PARSE_COST"]
 
@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHANSEG_", frozen=True, extra="ignore")
 
     model_path: Optional[Path] = Field(None, description="TorchScript artifact; unset: the bundled model")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    device: str = Field("auto", description=DEVICE_HELP)
     precision: Literal[("auto", *PRECISIONS)] = Field(  # model.PRECISIONS: the names are defined there
         "auto",
         description="auto: what `python -m model compile` chose for this machine (the fastest within "
@@ -174,7 +174,7 @@ class Settings(BaseSettings):
     @classmethod
     def _device(cls, value: str) -> str:
         if not DEVICE_NAMES.fullmatch(value):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
+            raise ValueError(f"must be {DEVICE_HELP}")
         return value
 
     @field_validator("log_level", "log_format", "precision", "device", "model_format", mode="before")
