@@ -13,6 +13,7 @@ from typing import List, Optional
 import numpy as np
 from PIL import Image, ImageOps
 
+from .artifact import FORMATS
 from .devices import DEVICE_HELP
 from .precision import PRECISIONS
 
@@ -21,7 +22,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="TorchScript artifact or compiled package (default: the bundled model)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--precision", default="fp32", choices=[*PRECISIONS, "auto"])
-    p.add_argument("--format", default="auto", choices=["auto", "torchscript", "package"])
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS])
 
 
 def _load(args):
@@ -73,6 +74,7 @@ def cmd_compile(args) -> int:
 def _compile_imported(artifact, dev, args) -> int:
     """An imported model into a package: fp32 (its weights are constants of the converted
     graph), checked against the TorchScript artifact on synthetic images before it is kept."""
+    from .artifact import TORCHSCRIPT
     from .compiled import compile_package, read_package
     from .data import synthetic_sample
     from .imported import ModelImportError, exportable
@@ -81,7 +83,7 @@ def _compile_imported(artifact, dev, args) -> int:
 
     if args.precision not in ("auto", "fp32"):
         raise ModelImportError(f"an imported model compiles in fp32 only, not {args.precision}")
-    reference = load(args.model, device=dev, format="torchscript")
+    reference = load(args.model, device=dev, format=TORCHSCRIPT)
     path = compile_package(
         exportable(artifact.module, artifact.config), args.out, artifact.config, dev, "fp32",
         version=artifact.version,

@@ -64,6 +64,11 @@ class Artifact:
     def version(self) -> str:
         return str(self.meta.get("version", "0"))
 
+    @property
+    def format(self) -> str:
+        """:data:`PACKAGE` (a compiled package) or :data:`TORCHSCRIPT`."""
+        return PACKAGE if self.meta.get("format") == PACKAGE else TORCHSCRIPT
+
 
 def checked_meta(path: str | os.PathLike, meta: Dict[str, Any]) -> Dict[str, Any]:
     """``meta``, when it is an object whose name and version (if any) a server can send."""

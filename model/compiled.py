@@ -41,13 +41,12 @@ import torch
 from torch import nn
 
 from . import hardware
-from .artifact import Artifact, ModelLoadError, checked_meta, read_extra, written_atomically
+from .artifact import PACKAGE, Artifact, ModelLoadError, checked_meta, read_extra, written_atomically
 from .network import ModelConfig, check_identifier
 from .precision import PRECISIONS
 from .version import __version__
 
 __all__ = [
-    "PACKAGE_FORMAT",
     "compile_package",
     "is_package",
     "missing_instructions",
@@ -56,7 +55,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PACKAGE_FORMAT = "aoti"
+# What a package's metadata says it is: "package" (artifact.PACKAGE). Packages written by
+# earlier versions say "aoti" (AOTInductor's name); read_meta gives them the one name.
+_FORMAT_NAMES = (PACKAGE, "aoti")
 _CONFIG, _META = "chanseg_config.json", "chanseg_meta.json"  # the archive's extra/ files
 # AOTInductor's names for the instruction sets it compiled for -> /proc/cpuinfo flags.
 _ISA_FLAGS = {
@@ -84,7 +85,7 @@ def is_package(path: str | os.PathLike) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
             meta = json.loads(read_extra(z, _META))
-            return isinstance(meta, dict) and meta.get("format") == PACKAGE_FORMAT
+            return isinstance(meta, dict) and meta.get("format") in _FORMAT_NAMES
     except (OSError, KeyError, zipfile.BadZipFile, ValueError, RecursionError):
         return False
 
@@ -138,7 +139,7 @@ def compile_package(
         runner = torch._inductor.aoti_load_package(tmp)
         isa = str(runner.get_metadata().get("AOTI_CPU_ISA", "")) if device.type == "cpu" else ""
         meta = {
-            "format": PACKAGE_FORMAT,
+            "format": PACKAGE,
             "name": config.name,
             "version": str(version),
             "device": device.type,
@@ -162,14 +163,18 @@ def compile_package(
 
 
 def read_meta(path: str | os.PathLike) -> tuple[ModelConfig, Dict[str, Any]]:
-    """A package's config and metadata, without loading its code."""
+    """A package's config and metadata, without loading its code (its ``format`` is
+    ``package`` whichever name the chanseg that wrote it used)."""
     try:
         with zipfile.ZipFile(path) as z:
             config = ModelConfig.from_json(read_extra(z, _CONFIG).decode())
             meta = json.loads(read_extra(z, _META))
     except (OSError, KeyError, zipfile.BadZipFile, ValueError, TypeError, RecursionError) as exc:
         raise ModelLoadError(f"{path}: not a chanseg package ({exc})") from exc
-    return config, checked_meta(path, meta)
+    meta = checked_meta(path, meta)
+    if meta.get("format") in _FORMAT_NAMES:
+        meta["format"] = PACKAGE
+    return config, meta
 
 
 def read_package(path: str | os.PathLike, device: torch.device) -> Artifact:

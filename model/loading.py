@@ -18,7 +18,7 @@ from typing import Any, Dict
 
 import torch
 
-from .artifact import Artifact, ModelLoadError
+from .artifact import FORMATS, PACKAGE, TORCHSCRIPT, Artifact, ModelLoadError
 from .compiled import is_package, read_meta, read_package
 from .devices import resolve_device
 from .export import read_artifact, read_artifact_meta
@@ -27,9 +27,7 @@ from .precision import PRECISIONS, require
 from .predictor import Segmenter
 from .pretrained import default_artifact, default_package
 
-__all__ = ["FORMATS", "load", "measure_recipe", "read_metadata"]
-
-FORMATS = ("auto", "torchscript", "package")
+__all__ = ["load", "measure_recipe", "read_metadata"]
 
 
 def load(
@@ -74,18 +72,18 @@ def load(
     """
     if precision not in (*PRECISIONS, "auto"):
         raise ModelLoadError(f"unknown precision {precision!r}: use auto or one of {', '.join(PRECISIONS)}")
-    if format not in FORMATS:
-        raise ModelLoadError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
+    if format not in ("auto", *FORMATS):
+        raise ModelLoadError(f"unknown format {format!r}: use one of {', '.join(('auto', *FORMATS))}")
     dev = resolve_device(device)
     if path is not None and is_package(path):
-        if format == "torchscript":
+        if format == TORCHSCRIPT:
             raise ModelLoadError(f"{path} is a compiled package, not a TorchScript artifact")
         return _from_package(read_package(path, dev), dev, precision)
-    if path is None and format != "torchscript":
-        found = default_package(dev, precision, build=format == "package")
+    if path is None and format != TORCHSCRIPT:
+        found = default_package(dev, precision, build=format == PACKAGE)
         if found is not None:
             return _from_package(found, dev, precision)
-    elif format == "package":
+    elif format == PACKAGE:
         raise ModelLoadError(
             f"{path} is a TorchScript artifact: compile it with python -m model compile --model {path}"
         )

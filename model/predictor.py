@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .artifact import Artifact
+from .artifact import PACKAGE, Artifact
 from .network import ModelConfig
 from .precision import PRECISIONS
 from .preprocess import (
@@ -94,13 +94,13 @@ class Segmenter:
     @property
     def max_batch(self) -> int | None:
         """The largest batch a compiled package runs (None: no limit)."""
-        value = self.meta.get("max_batch") if self.format == "aoti" else None
+        value = self.meta.get("max_batch") if self.format == PACKAGE else None
         return int(value) if value else None
 
     @property
     def format(self) -> str:
-        """``torchscript`` or ``aoti`` (a compiled package)."""
-        return str(self.meta.get("format")) if self.meta.get("format") == "aoti" else "torchscript"
+        """``torchscript`` or ``package`` (a compiled package)."""
+        return self.artifact.format
 
     def __repr__(self) -> str:
         return f"Segmenter(name={self.name!r}, version={self.version!r}, device={self.device}, precision={self.precision})"

@@ -17,8 +17,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.artifact import FORMATS
 from model.devices import DEVICE_HELP, DEVICE_NAMES
-from model.loading import FORMATS
 from model.precision import PRECISIONS
 
 __all__ = ["Settings", "JSON_PARSE_COST"]
@@ -44,7 +44,7 @@ class Settings(BaseSettings):
         description="auto: what `python -m model compile` chose for this machine (the fastest within "
         "0.005 held-out mIoU of fp32), else fp32",
     )
-    model_format: Literal[FORMATS] = Field(  # model.loading.FORMATS
+    model_format: Literal[("auto", *FORMATS)] = Field(  # model.artifact.FORMATS: the names are defined there
         "auto",
         description="auto: the bundled model's compiled package for this machine when there is one, "
         "else TorchScript; package: compile it into the cache when missing",
