@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from . import hardware
-from .artifact import Artifact, ModelLoadError
+from .artifact import Artifact, ModelLoadError, written_atomically
 from .autoprecision import TOLERANCE, compile_and_choose
 from .compiled import read_package
 from .export import build_network, export_torchscript, read_artifact
@@ -217,6 +217,7 @@ def compile_default(
         "tolerance": TOLERANCE,
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if precision == "auto":
-        precision_record_path(device).write_text(json.dumps(record, indent=2))
+    if precision == "auto":  # read by every replica that starts: whole or not at all
+        with written_atomically(precision_record_path(device), ".json") as tmp:
+            Path(tmp).write_text(json.dumps(record, indent=2))
     return record

@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .artifact import written_atomically
 from .data import FolderDataset, SyntheticShapes
 from .devices import resolve_device
 from .export import export_torchscript
@@ -226,19 +227,19 @@ def train(
                     {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
                     out / "best.safetensors",
                 )
-            torch.save(
-                {
-                    "model": net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "best_miou": best_miou,
-                    "losses": losses,
-                    "config": config.to_dict(),
-                    "options": asdict(opts),
-                },
-                ckpt_path.with_suffix(".tmp"),
-            )
-            ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+            with written_atomically(ckpt_path, ".tmp") as tmp:  # a run killed mid-save keeps the last one
+                torch.save(
+                    {
+                        "model": net.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "step": step,
+                        "best_miou": best_miou,
+                        "losses": losses,
+                        "config": config.to_dict(),
+                        "options": asdict(opts),
+                    },
+                    tmp,
+                )
 
     best = ChannelAttentionUNet(config)
     best.load_state_dict(load_file(out / "best.safetensors"))
