@@ -6,16 +6,31 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from safetensors.torch import load_file
 
-from .artifact import FORMATS
-from .devices import DEVICE_HELP
+from .artifact import FORMATS, TORCHSCRIPT, ModelLoadError
+from .autoprecision import compile_and_choose
+from .compiled import compile_package, is_package, read_meta, read_package
+from .data import FolderDataset, SyntheticShapes, synthetic_sample
+from .devices import DEVICE_HELP, resolve_device
+from .export import build_network, export_torchscript, read_artifact
+from .imported import ModelImportError, exportable, import_torchscript
+from .loading import load
+from .network import ModelConfig
 from .precision import PRECISIONS
+from .predictor import Segmenter
+from .pretrained import compile_default, default_artifact_path, default_package_path, precision_record_path
+from .scores import confusion_matrix, scores
+from .train import TrainOptions, train
+from .visualize import mask_to_image, overlay
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -26,24 +41,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from .loading import load
-
     return load(args.model, device=args.device, precision=args.precision, format=args.format)
 
 
 def cmd_compile(args) -> int:
     """torch.export + AOTInductor: the bundled model into the cache, or an artifact to --out."""
-    import tempfile
-
-    from .autoprecision import compile_and_choose
-    from .devices import resolve_device
-    from .export import build_network, read_artifact
-    from .pretrained import compile_default
-
     dev = resolve_device(args.device)
     if args.model is None:
-        from .pretrained import default_package_path, precision_record_path
-
         done = (
             precision_record_path(dev)
             if args.precision == "auto"
@@ -74,13 +78,6 @@ def cmd_compile(args) -> int:
 def _compile_imported(artifact, dev, args) -> int:
     """An imported model into a package: fp32 (its weights are constants of the converted
     graph), checked against the TorchScript artifact on synthetic images before it is kept."""
-    from .artifact import TORCHSCRIPT
-    from .compiled import compile_package, read_package
-    from .data import synthetic_sample
-    from .imported import ModelImportError, exportable
-    from .loading import load
-    from .predictor import Segmenter
-
     if args.precision not in ("auto", "fp32"):
         raise ModelImportError(f"an imported model compiles in fp32 only, not {args.precision}")
     reference = load(args.model, device=dev, format=TORCHSCRIPT)
@@ -106,11 +103,6 @@ def _compile_imported(artifact, dev, args) -> int:
 
 
 def cmd_export(args) -> int:
-    from safetensors.torch import load_file
-
-    from .export import build_network, export_torchscript
-    from .network import ModelConfig
-
     config = ModelConfig.from_json(Path(args.config).read_text())
     net = build_network(config, load_file(args.weights))
     path = export_torchscript(net, args.out, config, version=args.version)
@@ -119,10 +111,6 @@ def cmd_export(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .compiled import is_package, read_meta
-    from .export import read_artifact
-    from .pretrained import default_artifact_path
-
     path = Path(args.model) if args.model else default_artifact_path()
     if is_package(path):  # its metadata counts its parameters; its code is not loaded
         config, meta = read_meta(path)
@@ -170,8 +158,6 @@ def _progress(done: int, total: int) -> None:
 def cmd_predict(args) -> int:
     """Masks and overlays for files or folders of images, a batch at a time (only one
     batch of decoded images is in memory at once, however many there are)."""
-    from .visualize import mask_to_image, overlay
-
     seg = _load(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,9 +178,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .network import ModelConfig
-    from .train import TrainOptions, train
-
     fields = {f.name for f in dataclasses.fields(TrainOptions)}
     opts = TrainOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     config = ModelConfig.from_json(Path(args.config).read_text()) if args.config else None
@@ -204,11 +187,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
-
-    from .data import FolderDataset, SyntheticShapes
-    from .scores import confusion_matrix, scores
-
     seg = _load(args)
     cfg = seg.config
     if args.data == "synthetic":
@@ -237,9 +215,6 @@ def cmd_eval(args) -> int:
 
 def cmd_sheet(args) -> int:
     """A contact sheet: synthetic images, their predicted overlays, the true masks."""
-    from .data import synthetic_sample
-    from .visualize import mask_to_image, overlay
-
     seg = _load(args)
     n = seg.config.num_classes
     samples = [synthetic_sample(args.seed, i, tuple(seg.config.input_size)) for i in range(args.count)]
@@ -260,8 +235,6 @@ def cmd_sheet(args) -> int:
 
 def cmd_import(args) -> int:
     """Someone else's TorchScript segmentation model -> a chanseg artifact."""
-    from .imported import import_torchscript
-
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     path = import_torchscript(
         args.file,
@@ -339,8 +312,6 @@ def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_predict)
 
-    from .train import TrainOptions
-
     d = TrainOptions()
     p = sub.add_parser("train", help="train the network (synthetic shapes or DIR/images + DIR/masks)")
     p.add_argument("--data", default=d.data, help="'synthetic' or a folder with images/ and masks/")
@@ -388,8 +359,6 @@ def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None, prog: str = "python -m model") -> int:
     args = build_parser(prog).parse_args(argv)
-    from .artifact import ModelLoadError
-
     try:
         return args.func(args)
     except (ModelLoadError, FileNotFoundError, ValueError) as exc:
