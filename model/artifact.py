@@ -44,7 +44,8 @@ MAX_METADATA_BYTES = 256 << 10
 
 
 class ModelLoadError(RuntimeError):
-    """The artifact is missing, unreadable or not a chanseg TorchScript file."""
+    """The model file is missing, unreadable or not chanseg's, or it cannot run here (the
+    message says why: device, precision, instruction set, torch version)."""
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ def load(
     if precision not in (*PRECISIONS, "auto"):
         raise ModelLoadError(f"unknown precision {precision!r}: use auto or one of {', '.join(PRECISIONS)}")
     if format not in ("auto", *FORMATS):
-        raise ModelLoadError(f"unknown format {format!r}: use one of {', '.join(('auto', *FORMATS))}")
+        raise ModelLoadError(f"unknown format {format!r}: use one of auto, {', '.join(FORMATS)}")
     dev = resolve_device(device)
     if path is not None and is_package(path):
         if format == TORCHSCRIPT:
