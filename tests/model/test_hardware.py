@@ -79,3 +79,15 @@ def test_descriptions_of_a_cpu(cpuinfo, cgroup):
     assert hardware.machine_key(cpu) == key
     cpuinfo(CPUINFO.replace(" amx_tile amx_bf16", ""))  # another instruction set: another key
     assert hardware.machine_key(cpu) != key
+
+
+def test_descriptions_of_a_gpu(monkeypatch):
+    """The CUDA branches, with torch's answers for an H100 (no GPU needed)."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: asked.append(i) or "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: asked.append(i) or (9, 0))
+    assert hardware.device_description(torch.device("cuda")) == "NVIDIA H100 80GB HBM3 (compute 9.0)"
+    assert hardware.gpu_name(torch.device("cuda", 0)) == "NVIDIA H100 80GB HBM3"
+    assert asked == [1, 1, 0]  # cuda alone is the current device
+    assert hardware.machine_key(torch.device("cuda", 0)) == "cuda-ceadc855"  # the cache names as ever
