@@ -160,7 +160,7 @@ agreement = (load("agreement.json") or {}).get("agreement", {})
 if not agreement.get(reduced, {}).get("jpeg1024", {}).get("mean", 0) > 0.9:
     problems.append(f"agreement.json: {agreement}")
 package = load("package.json") or {}
-if package.get("compile_status") != "0" or not any(r.get("format") == "aoti" for r in package.get("speed", [])):
+if package.get("compile_status") != "0" or not any(r.get("format") == "package" for r in package.get("speed", [])):
     problems.append(f"package.json: {package}")
 summary = (out / "summary.txt").read_text()
 if "Missing figures:\n  none" not in summary:

@@ -281,7 +281,7 @@ def summary(results: Path, returned: Optional[List[Tuple[str, int]]] = None) -> 
     compiled = package["compile"]
     if compiled:
         out.append(f"  compile: {json.dumps(compiled.get('results'))}")
-    speed = [r for r in package["speed"] if r.get("format") == "aoti"]
+    speed = [r for r in package["speed"] if r.get("format") == "package"]
     if speed:
         out += _speed_table(speed)
         reference = {

@@ -33,8 +33,6 @@ import dataclasses
 import datetime
 import importlib.util
 import json
-import os
-import platform
 import statistics
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -43,7 +41,7 @@ import httpx
 
 from benchmarks.loadgen import measure, run
 from benchmarks.servers import SCENARIOS, raw_ceiling, running
-from service.resources import available_cpus, cpu_model
+from model.hardware import available_cpus, host_description
 from service.settings import Settings
 from testbed.allocators import ALLOCATORS, find_library
 from testbed.images import IMAGE_SETS
@@ -54,13 +52,6 @@ CSV_FIELDS = [
     "rejected_p99_ms", "server_queue_ms", "server_inference_ms_per_batch", "server_batch_size",
     "client_cpu_ms_per_request", "server_cpu_ms_per_image",
 ]  # fmt: skip
-
-
-def _machine() -> str:
-    cpu = cpu_model()
-    if cpu == "unknown CPU":
-        cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
 def _row(scenario: str, images: str, m) -> dict:
@@ -350,7 +341,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     images = {name: IMAGE_SETS[name]() for name in args.images}
     levels = {name: args.concurrency if name == "png256" else args.jpeg_concurrency for name in IMAGE_SETS}
     report: Dict = {
-        "machine": _machine(),
+        "machine": host_description(),
         "cpus": available_cpus(),
         "allocator": args.allocator if preload or not ALLOCATORS[args.allocator] else "glibc",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

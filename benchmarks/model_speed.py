@@ -203,7 +203,7 @@ def held_out(count: int):
 def _miou(pred, truth, classes: int) -> float:
     import torch
 
-    from model.metrics import confusion_matrix, scores
+    from model.scores import confusion_matrix, scores
 
     confusion = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth.astype("int64")), classes)
     return float(scores(confusion, [str(c) for c in range(classes)])["miou"])

@@ -25,6 +25,7 @@ import uvicorn
 from fastapi import FastAPI, Response, UploadFile
 from PIL import Image
 
+from model.precision import PRECISIONS
 from model.pretrained import default_artifact_path
 from model.visualize import mask_png_bytes
 
@@ -36,8 +37,7 @@ def _open(model_path: str | None):
     if model_path and is_package(model_path):
         config, meta = read_meta(model_path)
         net = torch._inductor.aoti_load_package(model_path)
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[meta["precision"]]
-        return net, config.to_dict(), dtype, bool(meta["channels_last"])
+        return net, config.to_dict(), PRECISIONS[meta["precision"]], bool(meta["channels_last"])
     files = {"config.json": ""}
     net = torch.jit.load(model_path or str(default_artifact_path()), map_location="cpu", _extra_files=files)
     return net.eval(), json.loads(files["config.json"]), torch.float32, False

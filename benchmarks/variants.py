@@ -42,7 +42,7 @@ def _chanseg(precision: str, format: str) -> Runner:
     import model
 
     seg = model.load(None, device="cpu", precision=precision, format=format)
-    if format == "package" and seg.format != "aoti":
+    if format == "package" and seg.format != "package":
         raise RuntimeError("no compiled package")
 
     def run(x: np.ndarray) -> np.ndarray:

@@ -9,13 +9,15 @@ Example:
     >>> mask = seg.predict(image)               # (H, W) uint8 class ids
 """
 
-__version__ = "0.1.0"
-
-from .blocks import ChannelAttention, ChannelBlock  # noqa: E402
-from .export import Artifact, ModelLoadError, export_torchscript, read_artifact  # noqa: E402
-from .layers import LeakyReLU, leaky_relu  # noqa: E402
-from .network import ChannelAttentionUNet, ModelConfig  # noqa: E402
-from .predictor import PRECISIONS, Segmenter, load  # noqa: E402
+from .artifact import Artifact, ModelLoadError
+from .blocks import ChannelAttention, ChannelBlock
+from .export import export_torchscript, read_artifact
+from .layers import LeakyReLU, leaky_relu
+from .loading import load
+from .network import ChannelAttentionUNet, ModelConfig
+from .precision import PRECISIONS
+from .predictor import Segmenter
+from .version import __version__ as __version__  # the package's version, as pip has it
 
 __all__ = [
     "Artifact",

@@ -6,44 +6,48 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from safetensors.torch import load_file
 
-from .predictor import PRECISIONS
+from .artifact import FORMATS, TORCHSCRIPT, ModelLoadError
+from .autoprecision import compile_and_choose
+from .compiled import compile_package, is_package, read_meta, read_package
+from .data import FolderDataset, SyntheticShapes, synthetic_sample
+from .devices import DEVICE_HELP, resolve_device
+from .export import build_network, export_torchscript, read_artifact
+from .imported import ModelImportError, exportable, import_torchscript
+from .loading import load
+from .network import ModelConfig
+from .precision import PRECISIONS
+from .predictor import Segmenter
+from .pretrained import compile_default, default_artifact_path, default_package_path, precision_record_path
+from .scores import confusion_matrix, scores
+from .train import TrainOptions, train
+from .visualize import mask_to_image, overlay
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="TorchScript artifact or compiled package (default: the bundled model)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--precision", default="fp32", choices=[*PRECISIONS, "auto"])
-    p.add_argument("--format", default="auto", choices=["auto", "torchscript", "package"])
+    p.add_argument("--format", default="auto", choices=["auto", *FORMATS])
 
 
 def _load(args):
-    from .predictor import load
-
     return load(args.model, device=args.device, precision=args.precision, format=args.format)
 
 
 def cmd_compile(args) -> int:
     """torch.export + AOTInductor: the bundled model into the cache, or an artifact to --out."""
-    import copy
-    import tempfile
-
-    from .compiled import compile_package, read_meta
-    from .export import build_network, read_artifact
-    from .precision import choose, evaluate, hardware_precisions, require
-    from .predictor import Segmenter, resolve_device
-    from .pretrained import compile_default
-
     dev = resolve_device(args.device)
     if args.model is None:
-        from .pretrained import default_package_path, precision_record_path
-
         done = (
             precision_record_path(dev)
             if args.precision == "auto"
@@ -61,24 +65,12 @@ def cmd_compile(args) -> int:
     if artifact.config.network == "imported":
         return _compile_imported(artifact, dev, args)
     net = build_network(artifact.config, artifact.module.state_dict())
-    if args.precision != "auto":
-        require(args.precision, dev)
-    candidates = hardware_precisions(dev) if args.precision == "auto" else [args.precision]
-    results, paths = {}, {}
     with tempfile.TemporaryDirectory(dir=Path(args.out).parent or ".") as tmp:
-        for p in candidates:
-
-            def score(compiled, p=p):
-                seg = Segmenter(compiled.module, compiled, dev, p, compiled.meta["channels_last"])
-                return evaluate(seg, data=args.data, count=args.count)
-
-            paths[p] = compile_package(
-                copy.deepcopy(net), Path(tmp) / f"{p}.pt2", artifact.config, dev, p,
-                version=artifact.version, extra_meta={"name": artifact.name}, evaluate=score,
-            )  # fmt: skip
-            results[p] = read_meta(paths[p])[1]["evaluation"]
-        chosen = choose(results) if args.precision == "auto" else args.precision
-        Path(paths[chosen]).replace(args.out)
+        results, chosen = compile_and_choose(
+            net, artifact.config, dev, args.precision, lambda p: Path(tmp) / f"{p}.pt2",
+            version=artifact.version, extra_meta={"name": artifact.name}, data=args.data, count=args.count,
+        )  # fmt: skip
+        (Path(tmp) / f"{chosen}.pt2").replace(args.out)  # each was written whole: moved into place
     print(json.dumps({"out": args.out, "results": results, "chosen": chosen}, indent=2))
     return 0
 
@@ -86,14 +78,9 @@ def cmd_compile(args) -> int:
 def _compile_imported(artifact, dev, args) -> int:
     """An imported model into a package: fp32 (its weights are constants of the converted
     graph), checked against the TorchScript artifact on synthetic images before it is kept."""
-    from .compiled import compile_package, read_package
-    from .data import synthetic_sample
-    from .imported import ModelImportError, exportable
-    from .predictor import Segmenter, load
-
     if args.precision not in ("auto", "fp32"):
         raise ModelImportError(f"an imported model compiles in fp32 only, not {args.precision}")
-    reference = load(args.model, device=dev, format="torchscript")
+    reference = load(args.model, device=dev, format=TORCHSCRIPT)
     path = compile_package(
         exportable(artifact.module, artifact.config), args.out, artifact.config, dev, "fp32",
         version=artifact.version,
@@ -116,11 +103,6 @@ def _compile_imported(artifact, dev, args) -> int:
 
 
 def cmd_export(args) -> int:
-    from safetensors.torch import load_file
-
-    from .export import build_network, export_torchscript
-    from .network import ModelConfig
-
     config = ModelConfig.from_json(Path(args.config).read_text())
     net = build_network(config, load_file(args.weights))
     path = export_torchscript(net, args.out, config, version=args.version)
@@ -129,12 +111,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .compiled import is_package, read_meta
-    from .export import read_artifact
-    from .pretrained import default_artifact_path
-
     path = Path(args.model) if args.model else default_artifact_path()
-    if is_package(path):
+    if is_package(path):  # its metadata counts its parameters; its code is not loaded
         config, meta = read_meta(path)
         print(json.dumps({"path": str(path), **meta, "config": config.to_dict()}, indent=2))
         return 0
@@ -180,8 +158,6 @@ def _progress(done: int, total: int) -> None:
 def cmd_predict(args) -> int:
     """Masks and overlays for files or folders of images, a batch at a time (only one
     batch of decoded images is in memory at once, however many there are)."""
-    from .visualize import mask_to_image, overlay
-
     seg = _load(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,9 +178,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .network import ModelConfig
-    from .train import TrainOptions, train
-
     fields = {f.name for f in dataclasses.fields(TrainOptions)}
     opts = TrainOptions(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     config = ModelConfig.from_json(Path(args.config).read_text()) if args.config else None
@@ -214,11 +187,6 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import torch
-
-    from .data import FolderDataset, SyntheticShapes
-    from .metrics import confusion_matrix, scores
-
     seg = _load(args)
     cfg = seg.config
     if args.data == "synthetic":
@@ -247,9 +215,6 @@ def cmd_eval(args) -> int:
 
 def cmd_sheet(args) -> int:
     """A contact sheet: synthetic images, their predicted overlays, the true masks."""
-    from .data import synthetic_sample
-    from .visualize import mask_to_image, overlay
-
     seg = _load(args)
     n = seg.config.num_classes
     samples = [synthetic_sample(args.seed, i, tuple(seg.config.input_size)) for i in range(args.count)]
@@ -270,8 +235,6 @@ def cmd_sheet(args) -> int:
 
 def cmd_import(args) -> int:
     """Someone else's TorchScript segmentation model -> a chanseg artifact."""
-    from .imported import import_torchscript
-
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
     path = import_torchscript(
         args.file,
@@ -305,7 +268,7 @@ def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="a TorchScript artifact to compile (default: the bundled model)")
     p.add_argument("--out", help="where the package goes (with --model)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--precision", default="auto", choices=["auto", *PRECISIONS],
         help="auto: each precision the hardware has, the fastest within 0.005 held-out mIoU of fp32",
@@ -349,8 +312,6 @@ def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_predict)
 
-    from .train import TrainOptions
-
     d = TrainOptions()
     p = sub.add_parser("train", help="train the network (synthetic shapes or DIR/images + DIR/masks)")
     p.add_argument("--data", default=d.data, help="'synthetic' or a folder with images/ and masks/")
@@ -372,7 +333,7 @@ def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
     )
     p.add_argument("--val-every", dest="val_every", type=int, default=d.val_every)
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
+    p.add_argument("--device", default=d.device, help=DEVICE_HELP)
     p.add_argument("--num-workers", dest="num_workers", type=int, default=d.num_workers)
     p.add_argument("--init", help="safetensors weights to start from")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -398,8 +359,6 @@ def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None, prog: str = "python -m model") -> int:
     args = build_parser(prog).parse_args(argv)
-    from .export import ModelLoadError
-
     try:
         return args.func(args)
     except (ModelLoadError, FileNotFoundError, ValueError) as exc:

@@ -40,13 +40,14 @@ from typing import Any, Callable, Dict, List, Optional, Set
 import torch
 from torch import nn
 
-from .export import Artifact, ModelLoadError, checked_meta, read_extra, written_atomically
+from . import hardware
+from .artifact import PACKAGE, Artifact, ModelLoadError, checked_meta, read_extra, written_atomically
 from .network import ModelConfig, check_identifier
+from .precision import PRECISIONS
+from .version import __version__
 
 __all__ = [
-    "PACKAGE_FORMAT",
     "compile_package",
-    "cpu_flags",
     "is_package",
     "missing_instructions",
     "read_package",
@@ -54,9 +55,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PACKAGE_FORMAT = "aoti"
+# What a package's metadata says it is: "package" (artifact.PACKAGE). Packages written by
+# earlier versions say "aoti" (AOTInductor's name); read_meta gives them the one name.
+_FORMAT_NAMES = (PACKAGE, "aoti")
 _CONFIG, _META = "chanseg_config.json", "chanseg_meta.json"  # the archive's extra/ files
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # AOTInductor's names for the instruction sets it compiled for -> /proc/cpuinfo flags.
 _ISA_FLAGS = {
     "AVX2": {"avx2"},
@@ -69,21 +71,10 @@ _ISA_FLAGS = {
 }
 
 
-def cpu_flags() -> Set[str]:
-    """This CPU's feature flags (``/proc/cpuinfo``); empty where unknown."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def missing_instructions(isa: str, flags: Optional[Set[str]] = None) -> Set[str]:
     """The instruction sets in ``isa`` (AOTInductor's ``AOTI_CPU_ISA``, space separated)
     that this CPU lacks."""
-    flags = cpu_flags() if flags is None else flags
+    flags = hardware.cpu_flags() if flags is None else flags
     if not flags:
         return set()  # not Linux: nothing to check against
     return {name for name in isa.split() if not _ISA_FLAGS.get(name, set()) <= flags}
@@ -94,7 +85,7 @@ def is_package(path: str | os.PathLike) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
             meta = json.loads(read_extra(z, _META))
-            return isinstance(meta, dict) and meta.get("format") == PACKAGE_FORMAT
+            return isinstance(meta, dict) and meta.get("format") in _FORMAT_NAMES
     except (OSError, KeyError, zipfile.BadZipFile, ValueError, RecursionError):
         return False
 
@@ -118,16 +109,14 @@ def compile_package(
     Raises:
         ModelLoadError: an unknown precision, or one this device cannot compile.
     """
-    from . import __version__
-
     version = check_identifier("version", str(version))
     config = config or getattr(net, "config", None)
     if not isinstance(config, ModelConfig):
         raise ValueError("compile_package needs a ModelConfig (pass config=)")
-    if precision not in _DTYPES:
-        raise ModelLoadError(f"unknown precision {precision!r}: use one of {', '.join(_DTYPES)}")
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
-    dtype = _DTYPES[precision]
+    dtype = PRECISIONS[precision]
     channels_last = device.type == "cpu"
     net = net.eval().to(device=device, dtype=dtype)
     if channels_last:
@@ -150,7 +139,7 @@ def compile_package(
         runner = torch._inductor.aoti_load_package(tmp)
         isa = str(runner.get_metadata().get("AOTI_CPU_ISA", "")) if device.type == "cpu" else ""
         meta = {
-            "format": PACKAGE_FORMAT,
+            "format": PACKAGE,
             "name": config.name,
             "version": str(version),
             "device": device.type,
@@ -174,14 +163,18 @@ def compile_package(
 
 
 def read_meta(path: str | os.PathLike) -> tuple[ModelConfig, Dict[str, Any]]:
-    """A package's config and metadata, without loading its code."""
+    """A package's config and metadata, without loading its code (its ``format`` is
+    ``package`` whichever name the chanseg that wrote it used)."""
     try:
         with zipfile.ZipFile(path) as z:
             config = ModelConfig.from_json(read_extra(z, _CONFIG).decode())
             meta = json.loads(read_extra(z, _META))
     except (OSError, KeyError, zipfile.BadZipFile, ValueError, TypeError, RecursionError) as exc:
         raise ModelLoadError(f"{path}: not a chanseg package ({exc})") from exc
-    return config, checked_meta(path, meta)
+    meta = checked_meta(path, meta)
+    if meta.get("format") in _FORMAT_NAMES:
+        meta["format"] = PACKAGE
+    return config, meta
 
 
 def read_package(path: str | os.PathLike, device: torch.device) -> Artifact:

@@ -1,4 +1,5 @@
-"""TorchScript artifacts: scripted networks saved with their config and metadata.
+"""TorchScript artifacts: scripted networks saved with their config and metadata (the
+``torchscript`` format; ``model/compiled.py`` is the other one).
 
 An artifact is a ``torch.jit.save`` file with two extra files: ``config.json``
 (the :class:`ModelConfig`: classes, normalisation, input size) and
@@ -10,53 +11,26 @@ happen when :func:`model.load` puts it on its target.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
-import tempfile
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict
 
 import torch
 from torch import nn
 
+from .artifact import Artifact, ModelLoadError, checked_meta, read_extra, written_atomically
 from .network import ChannelAttentionUNet, ModelConfig, check_identifier
+from .version import __version__
 
 __all__ = [
-    "ARTIFACT_FORMAT", "ModelLoadError", "Artifact", "export_torchscript", "read_artifact", "read_metadata", "script",
-    "checked_meta", "read_extra", "MAX_METADATA_BYTES",
+    "ARTIFACT_FORMAT", "export_torchscript", "read_artifact", "read_artifact_meta", "script", "build_network",
 ]  # fmt: skip
 
-ARTIFACT_FORMAT = 1
+ARTIFACT_FORMAT = 1  # the version of this layout, in meta.json's "format"
 _CONFIG_FILE, _META_FILE = "config.json", "meta.json"
-# The most a config or metadata file may hold: a model with thousands of classes needs
-# a few tens of kB; a larger one is not read (a repository is scanned file by file).
-MAX_METADATA_BYTES = 256 << 10
-
-
-class ModelLoadError(RuntimeError):
-    """The artifact is missing, unreadable or not a chanseg TorchScript file."""
-
-
-@dataclass(frozen=True)
-class Artifact:
-    """A loaded (not yet device-placed) artifact."""
-
-    module: torch.jit.ScriptModule
-    config: ModelConfig
-    meta: Dict[str, Any]
-    path: Optional[Path] = None  # the file it was read from
-
-    @property
-    def name(self) -> str:
-        return str(self.meta.get("name", self.config.name))
-
-    @property
-    def version(self) -> str:
-        return str(self.meta.get("version", "0"))
 
 
 def export_torchscript(
@@ -78,8 +52,6 @@ def export_torchscript(
     Returns:
         The path written.
     """
-    from . import __version__
-
     version = check_identifier("version", str(version))
     config = config or getattr(net, "config", None)
     if not isinstance(config, ModelConfig):
@@ -144,23 +116,6 @@ def forget_freed_builtins() -> None:
         del table[key]
 
 
-@contextlib.contextmanager
-def written_atomically(path: Path, suffix: str) -> Iterator[str]:
-    """A temporary file beside ``path`` to write; when the block ends without an error it
-    replaces ``path`` (readable by everyone), otherwise it is removed: the file appears
-    complete or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600: a cache built as root is read by a service user
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_artifact(path: str | os.PathLike) -> Artifact:
     """Load an artifact on the CPU, in fp32, with its config and metadata.
 
@@ -196,30 +151,12 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
     return Artifact(module, config, checked_meta(path, meta), path)
 
 
-def checked_meta(path: str | os.PathLike, meta: Dict[str, Any]) -> Dict[str, Any]:
-    """``meta``, when it is an object whose name and version (if any) a server can send."""
-    if not isinstance(meta, dict):
-        raise ModelLoadError(f"{path}: its metadata is not a JSON object")
-    try:
-        for key in ("name", "version"):
-            if key in meta:
-                check_identifier(key, meta[key] if isinstance(meta[key], str) else str(meta[key]))
-    except ValueError as exc:
-        raise ModelLoadError(f"{path}: {exc}; export or import it again with another") from None
-    return meta
-
-
-def read_metadata(path: str | os.PathLike) -> tuple[ModelConfig, Dict[str, Any]]:
-    """The config and metadata of an artifact or a compiled package, read from the archive
-    without loading its code (a model repository's index lists files this way).
+def read_artifact_meta(path: str | os.PathLike) -> tuple[ModelConfig, Dict[str, Any]]:
+    """An artifact's config and metadata, read from the archive without loading its code.
 
     Raises:
-        ModelLoadError: not a chanseg artifact or package.
+        ModelLoadError: not a chanseg artifact.
     """
-    from .compiled import is_package, read_meta
-
-    if is_package(path):
-        return read_meta(path)
     try:
         with zipfile.ZipFile(path) as z:
             config = ModelConfig.from_json(read_extra(z, _CONFIG_FILE).decode())
@@ -227,26 +164,6 @@ def read_metadata(path: str | os.PathLike) -> tuple[ModelConfig, Dict[str, Any]]
     except (OSError, KeyError, zipfile.BadZipFile, ValueError, TypeError, RecursionError) as exc:
         raise ModelLoadError(f"{path}: not a chanseg artifact ({type(exc).__name__}: {exc})") from exc
     return config, checked_meta(path, meta)
-
-
-def extra_member(z: zipfile.ZipFile, name: str) -> Optional[str]:
-    """The archive member holding extra file ``name`` (``torch.jit.save``'s and the
-    packages' ``<root>/extra/<name>``), if any."""
-    return next((n for n in z.namelist() if n.endswith(f"/extra/{name}")), None)
-
-
-def read_extra(z: zipfile.ZipFile, name: str, default: Optional[bytes] = None) -> bytes:
-    """Extra file ``name`` of the archive, at most :data:`MAX_METADATA_BYTES` (else ValueError);
-    ``default`` when there is none (else KeyError)."""
-    member = extra_member(z, name)
-    if member is None:
-        if default is None:
-            raise KeyError(name)
-        return default
-    size = z.getinfo(member).file_size
-    if size > MAX_METADATA_BYTES:
-        raise ValueError(f"{name} holds {size} bytes, more than metadata may ({MAX_METADATA_BYTES})")
-    return z.read(member)
 
 
 def _text(value: str | bytes) -> str:

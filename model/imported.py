@@ -28,7 +28,8 @@ from typing import Dict, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .export import ModelLoadError, export_torchscript, script
+from .artifact import ModelLoadError
+from .export import export_torchscript, script
 from .network import ModelConfig, check_identifier
 
 __all__ = ["import_torchscript", "exportable", "ModelImportError"]

@@ -13,6 +13,7 @@ else ``~/.cache/chanseg``; a temporary directory when none is writable.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -26,8 +27,13 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file
 
-from .export import Artifact, ModelLoadError, build_network, export_torchscript, read_artifact
+from . import hardware
+from .artifact import Artifact, ModelLoadError, written_atomically
+from .autoprecision import TOLERANCE, compile_and_choose
+from .compiled import read_package
+from .export import build_network, export_torchscript, read_artifact
 from .network import ModelConfig
+from .version import __version__
 
 __all__ = [
     "default_weights",
@@ -103,8 +109,6 @@ def default_artifact(directory: str | os.PathLike | None = None) -> Artifact:
 
 def _key() -> tuple[str, str, str]:
     """(weights digest, cache key, config JSON) of the bundled model."""
-    from . import __version__
-
     weights = default_weights()
     if not weights.is_file():
         raise ModelLoadError(f"{weights}: the bundled default weights are missing from the package")
@@ -117,31 +121,20 @@ def _key() -> tuple[str, str, str]:
     )
 
 
-def _machine(device: torch.device) -> str:
-    """What a compiled package is specific to: the GPU, or the CPU's instruction sets."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return "cuda-" + hashlib.sha256(torch.cuda.get_device_name(index).encode()).hexdigest()[:8]
-    from .compiled import cpu_flags
-
-    isa = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")))
-    return "cpu-" + hashlib.sha256(" ".join(isa).encode()).hexdigest()[:8]
-
-
 def default_package_path(
     device: torch.device, precision: str, directory: str | os.PathLike | None = None
 ) -> Path:
     """Where the bundled model compiled for this machine, device and precision lives
     (``python -m model compile`` writes it; it may not exist)."""
     root = Path(directory) if directory is not None else cache_dir()
-    return root / f"default-{_key()[1]}-{_machine(device)}-{precision}.pt2"
+    return root / f"default-{_key()[1]}-{hardware.machine_key(device)}-{precision}.pt2"
 
 
 def precision_record_path(device: torch.device, directory: str | os.PathLike | None = None) -> Path:
     """Where ``python -m model compile --precision auto`` records the precisions it
     measured on this machine and the one it chose."""
     root = Path(directory) if directory is not None else cache_dir()
-    return root / f"precision-{_key()[1]}-{_machine(device)}.json"
+    return root / f"precision-{_key()[1]}-{hardware.machine_key(device)}.json"
 
 
 def _cached(directory: str | os.PathLike | None) -> tuple[Path, Artifact]:
@@ -174,8 +167,6 @@ def default_package(device: torch.device, precision: str, build: bool = False) -
     """The bundled model's package for this machine from the cache (compiled first
     when ``build``), or None when there is none or it cannot run here (TorchScript
     then serves; the reason is logged)."""
-    from .compiled import read_package
-
     if precision == "auto":
         record = precision_record_path(device)
         if not record.is_file():
@@ -207,37 +198,26 @@ def compile_default(
     """Compile the bundled model for this machine into the cache: one precision, or
     with ``auto`` each one the hardware has, each scored (held-out mIoU) and timed,
     and the choice recorded (``precision_record_path``). Returns the record."""
-    import copy
-    import datetime
-
-    from .compiled import compile_package, read_meta
-    from .precision import TOLERANCE, choose, evaluate, hardware_precisions, require
-    from .predictor import Segmenter
-
     config = default_config()
     net = build_network(config, load_file(str(default_weights())))
-    if precision != "auto":
-        require(precision, device)
-    candidates = hardware_precisions(device) if precision == "auto" else [precision]
-    results = {}
-    for p in candidates:
-
-        def score(artifact: Artifact, p: str = p) -> dict:
-            return evaluate(
-                Segmenter(artifact.module, artifact, device, p, artifact.meta["channels_last"]), data, count
-            )
-
-        path = default_package_path(device, p)
-        log.info("compiling the bundled model for %s %s into %s", device, p, path)
-        compile_package(copy.deepcopy(net), path, config, device, p, version=_key()[0][:12], evaluate=score)
-        results[p] = read_meta(path)[1]["evaluation"]
+    results, chosen = compile_and_choose(
+        net,
+        config,
+        device,
+        precision,
+        lambda p: default_package_path(device, p),
+        version=_key()[0][:12],
+        data=data,
+        count=count,
+    )
     record = {
         "device": str(device),
         "results": results,
-        "chosen": choose(results) if precision == "auto" else precision,
+        "chosen": chosen,
         "tolerance": TOLERANCE,
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    if precision == "auto":
-        precision_record_path(device).write_text(json.dumps(record, indent=2))
+    if precision == "auto":  # read by every replica that starts: whole or not at all
+        with written_atomically(precision_record_path(device), ".json") as tmp:
+            Path(tmp).write_text(json.dumps(record, indent=2))
     return record

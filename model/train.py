@@ -24,11 +24,13 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .artifact import written_atomically
 from .data import FolderDataset, SyntheticShapes
+from .devices import resolve_device
 from .export import export_torchscript
-from .metrics import confusion_matrix, scores
 from .network import ChannelAttentionUNet, ModelConfig
 from .preprocess import normalize
+from .scores import confusion_matrix, scores
 
 __all__ = ["TrainOptions", "train", "evaluate", "make_datasets", "dice_loss", "SYNTHETIC"]
 
@@ -52,7 +54,7 @@ class TrainOptions:
     train_size: int = 0  # distinct synthetic training images (0: a fresh image for every sample)
     val_every: int = 250
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"  # model.devices.DEVICE_HELP
     num_workers: int = 0
     init: Optional[str] = None  # safetensors weights to start from
     resume: bool = False
@@ -80,12 +82,6 @@ def make_datasets(opts: TrainOptions, config: ModelConfig) -> Tuple[Dataset, Dat
     n_val = max(1, len(full) // 10) if len(full) > 1 else 0
     val, tr = order[:n_val], order[n_val:] or order
     return Subset(full, tr), Subset(full, val or tr)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _batches(dataset: Dataset, opts: TrainOptions, start_step: int) -> Iterator[Tuple[Tensor, Tensor]]:
@@ -161,7 +157,7 @@ def train(
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
 
     state = None
@@ -231,19 +227,19 @@ def train(
                     {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
                     out / "best.safetensors",
                 )
-            torch.save(
-                {
-                    "model": net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "step": step,
-                    "best_miou": best_miou,
-                    "losses": losses,
-                    "config": config.to_dict(),
-                    "options": asdict(opts),
-                },
-                ckpt_path.with_suffix(".tmp"),
-            )
-            ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+            with written_atomically(ckpt_path, ".tmp") as tmp:  # a run killed mid-save keeps the last one
+                torch.save(
+                    {
+                        "model": net.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "step": step,
+                        "best_miou": best_miou,
+                        "losses": losses,
+                        "config": config.to_dict(),
+                        "options": asdict(opts),
+                    },
+                    tmp,
+                )
 
     best = ChannelAttentionUNet(config)
     best.load_state_dict(load_file(out / "best.safetensors"))

@@ -38,6 +38,7 @@ import torch
 from fastapi import FastAPI
 
 import model
+from model.hardware import available_cpus
 
 from .batching import DynamicBatcher, inference_pool
 from .budget import MIB, MemoryBudget
@@ -49,7 +50,6 @@ from .middleware import RequestMiddleware
 from .repository import ModelRepository
 from .resources import (
     allocator,
-    available_cpus,
     freeze_heap,
     inference_streams,
     memory_limit_bytes,

@@ -37,25 +37,30 @@ commands:
 """
 
 
-SERVE_OPTIONS = (  # (option, setting, help): each sets the setting of that name
+SERVE_OPTIONS = (  # (option, setting, help): each sets the setting of that name (None: its description)
     ("model", "model_path", "TorchScript artifact or compiled package (default: the bundled model)"),
     ("host", "host", "listen address (default 127.0.0.1)"),
     ("port", "port", "listen port (default 8000)"),
-    ("device", "device", "auto, cpu, cuda or cuda:N"),
+    ("device", "device", None),
     ("precision", "precision", "auto, fp32, fp16 or bf16"),
     ("max-batch-size", "max_batch_size", "auto or a number"),
 )
 
 
 def serve(argv: List[str]) -> int:
+    from pydantic import ValidationError
+
+    from .__main__ import main as serve_main
+    from .settings import Settings
+
     parser = argparse.ArgumentParser(
         prog="chanseg serve",
         description="Run the server. Each option sets the setting of the same name; every other setting is "
         "read from the environment (CHANSEG_*: README, Settings). The API key is read from a file or from "
         "CHANSEG_API_KEY, never from the command line (the process list shows it to every user).",
     )
-    for option, _, help_ in SERVE_OPTIONS:
-        parser.add_argument(f"--{option}", help=help_)
+    for option, setting, help_ in SERVE_OPTIONS:
+        parser.add_argument(f"--{option}", help=help_ or Settings.model_fields[setting].description)
     parser.add_argument(
         "--api-key-file", metavar="FILE", help="require the key in FILE (its first non-empty line)"
     )
@@ -76,11 +81,6 @@ def serve(argv: List[str]) -> int:
         if key is None:  # an empty key would mean no key at all
             parser.error(f"--api-key-file {args.api_key_file}: the file holds no key")
         overrides["api_key"] = key
-    from pydantic import ValidationError
-
-    from .__main__ import main as serve_main
-    from .settings import Settings
-
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:

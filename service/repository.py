@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import model
-from model.export import read_metadata
+from model.loading import read_metadata
 
 from .errors import Conflict, DeadlineExceeded, Forbidden, InvalidRequest, NotReady
 from .interface import ServedModel

@@ -1,9 +1,8 @@
-"""What this process may use: CPUs (affinity, cgroup quota) and memory (cgroup limit, RSS).
+"""What this process may use: memory (cgroup limit, RSS), and how it uses its CPUs.
 
-A container sees the host's CPU count in ``os.cpu_count()``; sizing thread
-pools from it gives a 2-CPU pod on a 64-core node dozens of threads. Read
-from Linux's ``/proc`` and cgroup files (v2, then v1); elsewhere they fall back
-to what ``os`` says, or ``None`` for "unknown".
+The CPUs themselves (affinity, cgroup quota, model, flags) are described in
+``model/hardware.py``. Read from Linux's ``/proc`` and cgroup files (v2, then
+v1); elsewhere they fall back to what ``os`` says, or ``None`` for "unknown".
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ import ctypes
 import ctypes.util
 import functools
 import gc
-import math
-import os
 import re
 import sys
 import threading
@@ -21,7 +18,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 __all__ = [
-    "available_cpus",
     "memory_limit_bytes",
     "rss_bytes",
     "release_free_memory",
@@ -41,43 +37,6 @@ def _read(path: Path) -> Optional[str]:
         return path.read_text().strip()
     except OSError:
         return None
-
-
-def _cpu_quota() -> Optional[float]:
-    """CPUs allowed by the cgroup's CFS quota, or None when unlimited or unknown."""
-    v2 = _read(_CGROUP / "cpu.max")  # "max 100000" or "200000 100000"
-    if v2:
-        quota, _, period = v2.partition(" ")
-        if quota != "max" and period:
-            return int(quota) / int(period)
-        return None
-    quota, period = _read(_CGROUP / "cpu" / "cpu.cfs_quota_us"), _read(_CGROUP / "cpu" / "cpu.cfs_period_us")
-    if quota and period and int(quota) > 0:
-        return int(quota) / int(period)
-    return None
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on: its affinity mask, capped by the cgroup quota."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    quota = _cpu_quota()
-    if quota is not None:
-        cpus = min(cpus, max(1, math.ceil(quota)))
-    return max(1, cpus)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or ``unknown CPU``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def memory_limit_bytes() -> Optional[int]:

@@ -17,7 +17,9 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.predictor import DEVICE_NAMES, FORMATS, PRECISIONS
+from model.artifact import FORMATS
+from model.devices import DEVICE_HELP, DEVICE_NAMES
+from model.precision import PRECISIONS
 
 __all__ = ["Settings", "JSON_PARSE_COST"]
 
@@ -36,13 +38,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHANSEG_", frozen=True, extra="ignore")
 
     model_path: Optional[Path] = Field(None, description="TorchScript artifact; unset: the bundled model")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    device: str = Field("auto", description=DEVICE_HELP)
     precision: Literal[("auto", *PRECISIONS)] = Field(  # model.PRECISIONS: the names are defined there
         "auto",
         description="auto: what `python -m model compile` chose for this machine (the fastest within "
         "0.005 held-out mIoU of fp32), else fp32",
     )
-    model_format: Literal[FORMATS] = Field(  # model.predictor.FORMATS
+    model_format: Literal[("auto", *FORMATS)] = Field(  # model.artifact.FORMATS: the names are defined there
         "auto",
         description="auto: the bundled model's compiled package for this machine when there is one, "
         "else TorchScript; package: compile it into the cache when missing",
@@ -172,7 +174,7 @@ class Settings(BaseSettings):
     @classmethod
     def _device(cls, value: str) -> str:
         if not DEVICE_NAMES.fullmatch(value):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
+            raise ValueError(f"must be {DEVICE_HELP}")
         return value
 
     @field_validator("log_level", "log_format", "precision", "device", "model_format", mode="before")

@@ -33,10 +33,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 import model
-from model.export import written_atomically
+from model.artifact import written_atomically
+from model.hardware import device_description
 from model.pretrained import cache_dir, fallback_cache_dir
 
-from .resources import allocator, available_cpus, cpu_model
+from .resources import allocator
 
 log = logging.getLogger("chanseg.warmup")
 
@@ -44,7 +45,6 @@ __all__ = [
     "BatchChoice",
     "MeasurementCache",
     "choose_batch_size",
-    "device_description",
     "measure_throughput",
     "measurement_key",
     "warm_up",
@@ -229,16 +229,6 @@ def _common_times(seconds: Dict[int, float], max_batch_size: int) -> Dict[int, f
 
 
 # -- the measurement, kept -------------------------------------------------------
-
-
-def device_description(device: torch.device) -> str:
-    """The kind of machine a measurement holds for: the GPU's name, or the CPU's model
-    and how many of its CPUs and threads this process uses."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = torch.cuda.get_device_capability(index)
-        return f"{torch.cuda.get_device_name(index)} (compute {major}.{minor})"
-    return f"{cpu_model()}, {available_cpus()} CPUs, {torch.get_num_threads()} threads"
 
 
 def measurement_key(segmenter, limit: int, budget_s: float) -> Dict[str, str]:

@@ -38,7 +38,9 @@ def test_every_command_has_help(capsys):
     assert run().returncode == 2
     from service.cli import main  # the rest in this process: a torch import per command is ~2 s
 
-    bench = run("bench", "--help")  # python -m benchmarks run, a child process: service never imports benchmarks
+    bench = run(
+        "bench", "--help"
+    )  # python -m benchmarks run, a child process: service never imports benchmarks
     assert bench.returncode == 0 and bench.stdout.startswith("usage: python -m benchmarks run")
     for command in ("serve", *MODEL_COMMANDS):
         assert command in top.stdout

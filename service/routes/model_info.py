@@ -35,7 +35,7 @@ class ModelMetadata(BaseModel):
     std: List[float]
     device: str
     precision: str
-    format: str  # "torchscript", or "aoti" (a compiled package)
+    format: str  # "torchscript", or "package" (a compiled package)
     batching: Batching
 
 

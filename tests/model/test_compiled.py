@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import model
+from model.artifact import ModelLoadError
+from model.autoprecision import TOLERANCE, choose
 from model.compiled import is_package, missing_instructions, read_meta, read_package
-from model.export import ModelLoadError
-from model.precision import TOLERANCE, choose, hardware_precisions, require
+from model.precision import hardware_precisions, require
 from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow  # a real server, a real part or a compile: make test-all
@@ -30,9 +31,24 @@ def test_package_is_told_apart_from_torchscript(tiny_package, tiny_artifact):
     assert is_package(tiny_package) and not is_package(tiny_artifact)
     config, meta = read_meta(tiny_package)
     assert config == TINY
-    assert meta["format"] == "aoti" and meta["device"] == "cpu" and meta["precision"] == "fp32"
+    assert meta["format"] == "package" and meta["device"] == "cpu" and meta["precision"] == "fp32"
     assert meta["version"] == "7" and meta["torch_version"] == torch.__version__
     assert meta["cpu_isa"] and meta["channels_last"]
+
+
+def test_a_package_written_as_aoti_by_earlier_versions_still_loads(tiny_package, tmp_path):
+    """Packages were once marked "aoti" in their metadata; the one name now is "package"."""
+    old = tmp_path / "old.pt2"
+    with zipfile.ZipFile(tiny_package) as z, zipfile.ZipFile(old, "w") as dst:
+        for item in z.infolist():
+            data = z.read(item)
+            if item.filename.endswith("/extra/chanseg_meta.json"):
+                data = json.dumps({**json.loads(data), "format": "aoti"}).encode()
+            dst.writestr(item, data)
+    assert is_package(old) and read_meta(old)[1]["format"] == "package"
+    seg = model.load(old, device="cpu")
+    assert seg.format == "package" and seg.max_batch == 16
+    assert seg.predict(np.zeros((40, 30, 3), np.uint8)).shape == (40, 30)
 
 
 def test_package_gives_the_artifacts_masks(tiny_package, tiny_segmenter):
@@ -111,7 +127,7 @@ def test_package_refusals(tiny_package, tiny_artifact, monkeypatch):
         model.load(tiny_artifact, device="cpu", format="package")
     # compiled where AMX exists, loaded where it does not: refused, never a crash
     isa = read_meta(tiny_package)[1]["cpu_isa"].split()
-    monkeypatch.setattr("model.compiled.cpu_flags", lambda: {"sse4_2"})
+    monkeypatch.setattr("model.hardware.cpu_flags", lambda: {"sse4_2"})
     with pytest.raises(ModelLoadError, match="this CPU lacks"):
         read_package(tiny_package, torch.device("cpu"))
     assert missing_instructions(" ".join(isa), {"sse4_2"}) == set(isa)
@@ -141,11 +157,11 @@ def test_precision_choice_is_the_fastest_within_the_bar():
 
 
 def test_reduced_precision_needs_the_hardware(monkeypatch):
-    monkeypatch.setattr("model.precision.cpu_flags", lambda: {"avx2", "avx512f"})
+    monkeypatch.setattr("model.hardware.cpu_flags", lambda: {"avx2", "avx512f"})
     assert hardware_precisions(torch.device("cpu")) == ["fp32"]
     with pytest.raises(ModelLoadError, match="bf16 is not supported on this CPU"):
         require("bf16", torch.device("cpu"))
-    monkeypatch.setattr("model.precision.cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr("model.hardware.cpu_flags", lambda: {"avx512f", "amx_bf16", "amx_tile"})
     assert hardware_precisions(torch.device("cpu")) == ["fp32", "bf16"]
     require("bf16", torch.device("cpu"))
 
@@ -169,7 +185,7 @@ def test_compile_command_chooses_and_records(tiny_artifact, tmp_path):
     info = subprocess.run(
         [sys.executable, "-m", "model", "info", "--model", str(out)], cwd=ROOT, capture_output=True, text=True
     )
-    assert json.loads(info.stdout)["format"] == "aoti"
+    assert json.loads(info.stdout)["format"] == "package"
     with zipfile.ZipFile(out) as z:
         assert any(n.endswith("/extra/chanseg_config.json") for n in z.namelist())
 
@@ -197,4 +213,4 @@ def test_a_package_that_would_fill_the_temporary_directory_is_refused(tiny_packa
     monkeypatch.setattr("shutil.disk_usage", lambda path: usage)
     with pytest.raises(ModelLoadError, match="more than the temporary directory"):
         model.load(_with_library(tiny_package, tmp_path / "large.pt2", os.urandom(150 << 20)), device="cpu")
-    assert model.load(tiny_package, device="cpu").format == "aoti"  # a real one fits
+    assert model.load(tiny_package, device="cpu").format == "package"  # a real one fits

@@ -11,7 +11,8 @@ import torch
 
 import model
 from model import ModelConfig, ModelLoadError, export_torchscript, read_artifact
-from model.export import forget_freed_builtins, read_metadata, script
+from model.export import forget_freed_builtins, script
+from model.loading import read_metadata
 from tests.conftest import TINY, make_net
 
 

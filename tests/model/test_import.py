@@ -171,7 +171,9 @@ def test_an_imported_model_compiles_to_a_package(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["agreement_with_torchscript"] >= 0.999
     compiled = model.load(package, device="cpu", precision="auto")
-    assert compiled.format == "aoti" and compiled.name == "traced" and compiled.class_names == ("a", "b", "c")
+    assert (
+        compiled.format == "package" and compiled.name == "traced" and compiled.class_names == ("a", "b", "c")
+    )
     reference = model.load(artifact, device="cpu")
     rng = np.random.default_rng(3)
     images = [rng.integers(0, 256, (40, 50, 3), dtype=np.uint8) for _ in range(5)]

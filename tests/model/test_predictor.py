@@ -157,7 +157,7 @@ def test_any_shape_is_resized_on_the_host_before_the_device(tiny_segmenter):
 def test_recipe_is_measured_per_candidate(tiny_artifact):
     """What load() runs on CUDA to choose channels-last and cudnn.benchmark, here on the CPU."""
     from model.export import read_artifact
-    from model.predictor import measure_recipe
+    from model.loading import measure_recipe
 
     recipe = measure_recipe(read_artifact(tiny_artifact), torch.device("cpu"), "fp32", batch=2, runs=2)
     assert set(recipe) == {"channels_last", "cudnn_benchmark", "ms"}

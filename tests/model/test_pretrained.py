@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 import model
 from model import pretrained
 from model.data import synthetic_sample
-from model.metrics import confusion_matrix, scores
+from model.scores import confusion_matrix, scores
 
 
 @pytest.fixture(scope="module")

@@ -329,7 +329,7 @@ async def test_a_compiled_package_is_served_like_the_artifact(tiny_package, tiny
         packaged = await client.post("/predict?format=png", files=files(image))
     async with serve(make_settings(tiny_artifact)) as client:
         scripted = await client.post("/predict?format=png", files=files(image))
-    assert meta["format"] == "aoti" and meta["precision"] == "fp32" and meta["version"] == "7"
+    assert meta["format"] == "package" and meta["precision"] == "fp32" and meta["version"] == "7"
     assert packaged.status_code == 200
     agree = (decode_mask(packaged.content) == decode_mask(scripted.content)).mean()
     assert agree > 0.999

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import model
-from model.export import read_metadata
+from model.loading import read_metadata
 from service.pipeline import InferItem
 from service.repository import COLLECT_EVERY_S
 from service.runner import BatchRunner

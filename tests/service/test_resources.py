@@ -1,10 +1,12 @@
-"""What the process may use, read as a container sees it: affinity, cgroup CPU quota and memory limit."""
+"""What the process may use, read as a container sees it: memory limit, RSS, and the
+threads sized from its CPUs (which ``tests/model/test_hardware.py`` reads)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from model import hardware
 from service import resources
 from service.resources import inference_streams
 
@@ -12,25 +14,9 @@ from service.resources import inference_streams
 @pytest.fixture
 def cgroup(tmp_path, monkeypatch):
     monkeypatch.setattr(resources, "_CGROUP", tmp_path)
-    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(hardware, "_CGROUP", tmp_path)
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: set(range(16)))
     return tmp_path
-
-
-def test_cpus_capped_by_the_cgroup_quota(cgroup):
-    (cgroup / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs of a 16-CPU node
-    assert resources.available_cpus() == 2
-
-
-def test_cpus_without_a_quota_are_the_affinity(cgroup):
-    (cgroup / "cpu.max").write_text("max 100000\n")
-    assert resources.available_cpus() == 16
-
-
-def test_cgroup_v1_quota(cgroup):
-    (cgroup / "cpu").mkdir()
-    (cgroup / "cpu" / "cpu.cfs_quota_us").write_text("200000\n")
-    (cgroup / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert resources.available_cpus() == 2
 
 
 def test_memory_limit(cgroup):

@@ -1,4 +1,7 @@
-"""Segmentation metrics from a confusion matrix: per-class IoU, mIoU, pixel accuracy."""
+"""Segmentation scores from a confusion matrix: per-class IoU, mIoU, pixel accuracy.
+
+What ``python -m model eval``, training's validation and ``precision="auto"`` measure
+a model by (the server's Prometheus metrics are ``service/metrics.py``)."""
 
 from __future__ import annotations
 
