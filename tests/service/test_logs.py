@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import sys
+from typing import Iterator
 
 import pytest
 
@@ -16,23 +18,30 @@ from tests.service.test_app import files
 pytestmark = pytest.mark.anyio
 
 
-async def test_access_line_as_json(tiny_artifact):
+@contextlib.contextmanager
+def _access_log(formatter: logging.Formatter) -> Iterator[io.StringIO]:
+    """The access log's lines, as ``formatter`` writes them, into the stream yielded."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(formatter)
     access = logging.getLogger("chanseg.access")
     access.addHandler(handler)
     level = access.level
     access.setLevel(logging.INFO)
     try:
+        yield stream
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+
+
+async def test_access_line_as_json(tiny_artifact):
+    with _access_log(JsonFormatter()) as stream:
         async with serve(make_settings(tiny_artifact)) as client:
             r = await client.post(
                 "/predict", files=files(random_image(1), random_image(2)), headers={"x-request-id": "r-42"}
             )
             await client.get("/metrics")  # scrapes are not logged
-    finally:
-        access.removeHandler(handler)
-        access.setLevel(level)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert r.status_code == 200 and len(lines) == 1
     line = lines[0]
@@ -63,19 +72,9 @@ def test_text_formatter_appends_fields():
 
 async def test_a_path_cannot_forge_a_line_or_drive_a_terminal(tiny_artifact):
     """Issue 31: the access log wrote an unmatched route's percent-decoded path as it came."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(TextFormatter())
-    access = logging.getLogger("chanseg.access")
-    access.addHandler(handler)
-    level = access.level
-    access.setLevel(logging.INFO)
-    try:
+    with _access_log(TextFormatter()) as stream:
         async with serve(make_settings(tiny_artifact)) as client:
             r = await client.get("/x%0A2026-12-05 ERROR chanseg.app: forged%1B[2J" + "y" * 5000)
-    finally:
-        access.removeHandler(handler)
-        access.setLevel(level)
     text = stream.getvalue()
     assert r.status_code == 404
     assert text.count("\n") == 1 and "\x1b" not in text, text  # one line, no escape sequence

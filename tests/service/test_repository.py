@@ -302,17 +302,27 @@ def test_repository_setting_must_be_a_folder(tmp_path):
         Settings(model_repository=tmp_path / "nowhere")
 
 
-async def test_a_version_that_cannot_go_into_a_header_is_refused_at_load(tmp_path, tiny_artifact):
-    """It loaded and reported ready, then every inference was a 500 (X-Model-Version)."""
+def _repository_with(tmp_path, tiny_artifact, **planted) -> Path:
+    """A repository holding the tiny model as a.pt, and per ``name=meta`` a copy of it whose
+    meta.json is ``meta`` (bytes as they are, or a dict merged into the real one)."""
     root = tmp_path / "repo"
     root.mkdir()
     shutil.copy(tiny_artifact, root / "a.pt")
-    with zipfile.ZipFile(tiny_artifact) as z, zipfile.ZipFile(root / "bad.pt", "w") as out:
-        for item in z.infolist():
-            data = z.read(item)
-            if item.filename.endswith("/extra/meta.json"):
-                data = json.dumps({**json.loads(data), "version": "1.0\u2013rc1"}).encode()
-            out.writestr(item, data)
+    for name, meta in planted.items():
+        with zipfile.ZipFile(tiny_artifact) as z, zipfile.ZipFile(root / f"{name}.pt", "w") as out:
+            for item in z.infolist():
+                data = z.read(item)
+                if item.filename.endswith("/extra/meta.json"):
+                    data = (
+                        meta if isinstance(meta, bytes) else json.dumps({**json.loads(data), **meta}).encode()
+                    )
+                out.writestr(item, data)
+    return root
+
+
+async def test_a_version_that_cannot_go_into_a_header_is_refused_at_load(tmp_path, tiny_artifact):
+    """It loaded and reported ready, then every inference was a 500 (X-Model-Version)."""
+    root = _repository_with(tmp_path, tiny_artifact, bad={"version": "1.0\u2013rc1"})
     async with serve(make_settings(str(root / "a.pt"), model_repository=root)) as client:
         r = await client.post("/v2/repository/models/tiny/load", json={"parameters": {"path": "bad.pt"}})
         assert r.status_code == 400 and "model version '1.0\u2013rc1': use letters" in r.json()["error"], (
@@ -416,13 +426,7 @@ async def test_a_link_out_of_the_repository_is_neither_listed_nor_loaded(tmp_pat
 
 
 async def test_metadata_that_is_not_an_object_is_not_a_model(tmp_path, tiny_artifact):
-    root = tmp_path / "repo"
-    root.mkdir()
-    shutil.copy(tiny_artifact, root / "a.pt")
-    for name, meta in (("list.pt", b"[1]"), ("string.pt", b'"name"')):
-        with zipfile.ZipFile(tiny_artifact) as z, zipfile.ZipFile(root / name, "w") as out:
-            for item in z.infolist():
-                out.writestr(item, meta if item.filename.endswith("/extra/meta.json") else z.read(item))
+    root = _repository_with(tmp_path, tiny_artifact, list=b"[1]", string=b'"name"')
     async with serve(make_settings(str(root / "a.pt"), model_repository=root)) as client:
         rows = (await client.post("/v2/repository/index")).json()
         assert [row["path"] for row in rows] == ["a.pt"]
@@ -433,15 +437,7 @@ async def test_metadata_that_is_not_an_object_is_not_a_model(tmp_path, tiny_arti
 
 async def test_oversized_metadata_is_not_read_and_scans_leave_the_event_loop_free(tmp_path, tiny_artifact):
     """A 0.5 MB metadata file blocked /healthz 6.5 s and took ~1 GB: the index scanned on the loop."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    shutil.copy(tiny_artifact, root / "a.pt")
-    with zipfile.ZipFile(tiny_artifact) as z, zipfile.ZipFile(root / "huge.pt", "w") as out:
-        for item in z.infolist():
-            data = z.read(item)
-            if item.filename.endswith("/extra/meta.json"):
-                data = json.dumps({**json.loads(data), "notes": ["x" * 100] * 5000}).encode()
-            out.writestr(item, data)
+    root = _repository_with(tmp_path, tiny_artifact, huge={"notes": ["x" * 100] * 5000})
     with pytest.raises(model.ModelLoadError, match="more than metadata may"):
         read_metadata(root / "huge.pt")
     async with serve(make_settings(str(root / "a.pt"), model_repository=root)) as client:
