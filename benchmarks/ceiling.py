@@ -28,7 +28,7 @@ from PIL import Image
 
 import model
 from model.artifact import FORMATS
-from service.resources import inference_streams, stream_threads
+from service.threads import inference_streams, stream_threads
 from testbed.images import IMAGE_SETS
 
 
@@ -40,7 +40,9 @@ def main() -> int:
     parser.add_argument("--images", choices=list(IMAGE_SETS), help="make this set instead of reading stdin")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=["auto", *model.PRECISIONS])
-    parser.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="as the server's MODEL_FORMAT")
+    parser.add_argument(
+        "--format", default="auto", choices=["auto", *FORMATS], help="as the server's MODEL_FORMAT"
+    )
     parser.add_argument("--streams", type=int, help="as the server's INFERENCE_STREAMS (default: its auto)")
     args = parser.parse_args()
     encoded = IMAGE_SETS[args.images]() if args.images else [bytes.fromhex(h) for h in json.load(sys.stdin)]

@@ -48,20 +48,12 @@ from .logs import configure_logging
 from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .repository import ModelRepository
-from .resources import (
-    allocator,
-    freeze_heap,
-    inference_streams,
-    memory_limit_bytes,
-    name_os_thread,
-    rss_bytes,
-    stream_threads,
-    thaw_heap,
-)
+from .resources import allocator, freeze_heap, memory_limit_bytes, rss_bytes, thaw_heap
 from .routes import docs, health, metrics, model_info, page, predict, repository, v2
 from .runner import BatchRunner
 from .settings import Settings
 from .state import ServerState
+from .threads import inference_streams, name_os_thread, stream_threads
 from .tracing import start_tracing
 
 log = logging.getLogger("chanseg.app")

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Deque, Dict, Iterator, List, Optional, Sequence, Set
 
-from .resources import name_os_thread
+from .threads import name_os_thread
 
 __all__ = [
     "Job", "QueueFull", "DeadlineExpired", "BatchFailed", "collect_batch", "DynamicBatcher", "inference_pool",

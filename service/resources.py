@@ -1,7 +1,8 @@
-"""What this process may use: memory (cgroup limit, RSS), and how it uses its CPUs.
+"""The process's memory: the container's limit, what it holds (RSS), the allocator and
+handing free pages back, and the heap frozen out of the garbage collector's full walks.
 
-The CPUs themselves (affinity, cgroup quota, model, flags) are described in
-``model/hardware.py``. Read from Linux's ``/proc`` and cgroup files (v2, then
+The CPUs (affinity, cgroup quota, model, flags) are described in ``model/hardware.py``;
+the server's threads in :mod:`service.threads`. Read from Linux's ``/proc`` and cgroup files (v2, then
 v1); elsewhere they fall back to what ``os`` says, or ``None`` for "unknown".
 """
 
@@ -12,8 +13,6 @@ import ctypes.util
 import functools
 import gc
 import re
-import sys
-import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,9 +23,6 @@ __all__ = [
     "allocator",
     "freeze_heap",
     "thaw_heap",
-    "inference_streams",
-    "stream_threads",
-    "name_os_thread",
 ]
 
 _CGROUP = Path("/sys/fs/cgroup")
@@ -123,38 +119,3 @@ def freeze_heap() -> None:
 def thaw_heap() -> None:
     """Give the frozen objects back to the collector (before collecting a retired model, at shutdown)."""
     gc.unfreeze()
-
-
-def name_os_thread() -> None:
-    """Give the calling thread's Python name (``chanseg-io_0``, ``chanseg-infer_0``, ...)
-    to the OS thread as well, cut to Linux's 15 bytes: ``top -H``, ``ps -L``, perf and
-    ``/proc/<pid>/task/*/comm`` then tell the server's threads apart (``python -m
-    benchmarks run`` splits the server's CPU by it), and the OpenMP workers an inference
-    thread starts inherit its name. The thread pools run it as their initializer; it
-    does nothing off Linux (Python 3.14 names its threads itself)."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = _libc()
-    if libc is not None:
-        name = threading.current_thread().name.encode("utf-8", "replace")[:15]
-        libc.prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
-
-
-def inference_streams(setting, device, threads: int) -> int:
-    """``INFERENCE_STREAMS`` for this device: ``auto`` is 2 on a CPU with 2 torch threads
-    (measured there: README, Performance), else 1. Streams beyond 1 are for the CPU:
-    side by side forward passes on one GPU would need CUDA streams, not built."""
-    if device.type != "cpu":
-        if setting not in ("auto", 1):
-            raise ValueError(
-                f"INFERENCE_STREAMS={setting} is for CPU inference; on {device} it must be 1 or auto"
-            )
-        return 1
-    if setting == "auto":
-        return 2 if threads == 2 else 1
-    return int(setting)
-
-
-def stream_threads(threads: int, streams: int) -> int:
-    """Torch threads for a batch running beside others: its share of ``threads``."""
-    return max(1, threads // streams)

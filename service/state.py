@@ -22,8 +22,8 @@ from .batching import DynamicBatcher
 from .budget import MemoryBudget
 from .interface import ServedModel
 from .metrics import Metrics
-from .resources import stream_threads
 from .settings import Settings
+from .threads import stream_threads
 from .tracing import OFF, Tracing
 from .warmup import BatchChoice
 

@@ -149,7 +149,7 @@ def test_cpu_budget_splits_a_rows_cpu_against_the_ceiling():
 
 PARENT = """
 import subprocess, sys, threading, time
-from service.resources import name_os_thread
+from service.threads import name_os_thread
 CHILD = "import sys, time\\nend = time.thread_time() + 0.4\\nwhile time.thread_time() < end: pass\\nprint(flush=True)\\nsys.stdin.read()"
 done, release = threading.Event(), threading.Event()
 def spin():

@@ -8,7 +8,7 @@ import torch
 
 from model import hardware
 from service import resources
-from service.resources import inference_streams
+from service.threads import inference_streams
 
 
 @pytest.fixture
