@@ -37,6 +37,7 @@ def load(
     freeze: bool = True,
     channels_last: bool | None = None,
     format: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
 ) -> "Segmenter":
     """Load a model (the bundled default when ``path`` is None).
 
@@ -60,6 +61,9 @@ def load(
             machine when there is one (``python -m model compile``), else
             TorchScript; ``torchscript``; ``package`` (the bundled model is
             compiled into the cache when missing: tens of seconds).
+        cache_dir: where the bundled model is cached (its TorchScript artifact, packages
+            and precision record); default ``model.pretrained.cache_dir()``
+            (``CHANSEG_CACHE_DIR``, else ``~/.cache/chanseg``). A server passes its setting.
 
     Raises:
         ModelLoadError: missing/corrupt file, unknown device, precision or format,
@@ -80,7 +84,7 @@ def load(
             raise ModelLoadError(f"{path} is a compiled package, not a TorchScript artifact")
         return _from_package(read_package(path, dev), dev, precision)
     if path is None and format != TORCHSCRIPT:
-        found = default_package(dev, precision, build=format == PACKAGE)
+        found = default_package(dev, precision, build=format == PACKAGE, directory=cache_dir)
         if found is not None:
             return _from_package(found, dev, precision)
     elif format == PACKAGE:
@@ -90,7 +94,7 @@ def load(
     if precision == "auto":
         precision = "fp32"  # measured reduced precisions come with compiled packages
     require(precision, dev)
-    artifact = default_artifact() if path is None else read_artifact(path)
+    artifact = default_artifact(cache_dir) if path is None else read_artifact(path)
     if channels_last is None and dev.type == "cuda":
         recipe = measure_recipe(artifact, dev, precision, freeze)
         channels_last = recipe["channels_last"]

@@ -163,26 +163,28 @@ def _cached(directory: str | os.PathLike | None) -> tuple[Path, Artifact]:
     return path, read_artifact(path)
 
 
-def default_package(device: torch.device, precision: str, build: bool = False) -> Artifact | None:
-    """The bundled model's package for this machine from the cache (compiled first
-    when ``build``), or None when there is none or it cannot run here (TorchScript
-    then serves; the reason is logged)."""
+def default_package(
+    device: torch.device, precision: str, build: bool = False, directory: str | os.PathLike | None = None
+) -> Artifact | None:
+    """The bundled model's package for this machine from the cache (``directory``, default
+    :func:`cache_dir`; compiled first when ``build``), or None when there is none or it
+    cannot run here (TorchScript then serves; the reason is logged)."""
     if precision == "auto":
-        record = precision_record_path(device)
+        record = precision_record_path(device, directory)
         if not record.is_file():
             if not build:
                 return None
-            compile_default(device, "auto")
+            compile_default(device, "auto", directory=directory)
         try:
             precision = json.loads(record.read_text())["chosen"]
         except (OSError, ValueError, KeyError) as exc:
             log.warning("ignoring unreadable precision record %s: %s", record, exc)
             return None
-    path = default_package_path(device, precision)
+    path = default_package_path(device, precision, directory)
     if not path.is_file():
         if not build:
             return None
-        compile_default(device, precision)
+        compile_default(device, precision, directory=directory)
     try:
         return read_package(path, device)
     except ModelLoadError as exc:
@@ -193,9 +195,14 @@ def default_package(device: torch.device, precision: str, build: bool = False) -
 
 
 def compile_default(
-    device: torch.device, precision: str = "auto", data: str = "synthetic", count: int = 64
+    device: torch.device,
+    precision: str = "auto",
+    data: str = "synthetic",
+    count: int = 64,
+    directory: str | os.PathLike | None = None,
 ) -> dict:
-    """Compile the bundled model for this machine into the cache: one precision, or
+    """Compile the bundled model for this machine into the cache (``directory``, default
+    :func:`cache_dir`): one precision, or
     with ``auto`` each one the hardware has, each scored (held-out mIoU) and timed,
     and the choice recorded (``precision_record_path``). Returns the record."""
     config = default_config()
@@ -205,7 +212,7 @@ def compile_default(
         config,
         device,
         precision,
-        lambda p: default_package_path(device, p),
+        lambda p: default_package_path(device, p, directory),
         version=_key()[0][:12],
         data=data,
         count=count,
@@ -218,6 +225,6 @@ def compile_default(
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     if precision == "auto":  # read by every replica that starts: whole or not at all
-        with written_atomically(precision_record_path(device), ".json") as tmp:
+        with written_atomically(precision_record_path(device, directory), ".json") as tmp:
             Path(tmp).write_text(json.dumps(record, indent=2))
     return record

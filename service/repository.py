@@ -161,7 +161,14 @@ class ModelRepository:
             async def bring_up() -> tuple:
                 new = given or await state.on_inference_thread(
                     "loading the model",
-                    functools.partial(model.load, s.model_path, s.device, s.precision, format=s.model_format),
+                    functools.partial(
+                        model.load,
+                        s.model_path,
+                        s.device,
+                        s.precision,
+                        format=s.model_format,
+                        cache_dir=s.cache_dir,
+                    ),
                     since=since,
                 )
                 log.info(
@@ -261,7 +268,7 @@ class ModelRepository:
         key = await asyncio.get_running_loop().run_in_executor(
             None, measurement_key, segmenter, limit, s.auto_batch_budget_s
         )
-        cache = MeasurementCache(key)
+        cache = MeasurementCache(key, s.cache_dir)
         choice = None if s.remeasure_batch_size else cache.load()
         measured: Dict[int, float] = {}
         if choice is None:

@@ -129,6 +129,11 @@ class Settings(BaseSettings):
         description="a folder of artifacts the server may load at run time (v2 model-repository extension, "
         "SIGHUP re-reads MODEL_PATH), nothing outside it; unset: reloading is off",
     )
+    cache_dir: Optional[Path] = Field(
+        None,
+        description="where the bundled model is compiled and cached and batch-size measurements are kept; "
+        "unset: ~/.cache/chanseg (when it is read-only, this user's private $TMPDIR/chanseg-cache-<uid>)",
+    )
     tracing: bool = Field(
         False,
         description="OpenTelemetry traces (the tracing extra), exported as the standard OTEL_* variables say "

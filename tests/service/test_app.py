@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.settings import Settings
 from testbed.metrics import metric_samples
 from tests.service.conftest import decode_mask, make_settings, png_bytes, random_image, serve, tracked_by_gc
 
@@ -407,3 +408,15 @@ async def test_the_api_pages_and_their_assets_are_served_here(tiny_artifact):
         )
         assert (await client.get("/docs/assets/..%2Fcore.py")).status_code == 404
         assert (await client.get("/docs/oauth2-redirect")).status_code == 200
+
+
+async def test_the_bundled_model_is_cached_where_the_setting_says(tmp_path, monkeypatch):
+    """CACHE_DIR is a setting like any other: the server passes it to the model package."""
+    monkeypatch.delenv("CHANSEG_CACHE_DIR", raising=False)
+    monkeypatch.setenv(
+        "XDG_CACHE_HOME", str(tmp_path / "elsewhere")
+    )  # where the model package alone would look
+    settings = Settings(device="cpu", max_batch_size=1, log_level="warning", cache_dir=tmp_path / "cache")
+    async with serve(settings) as client:
+        assert (await client.get("/readyz")).status_code == 200
+    assert list((tmp_path / "cache").glob("default-*.pt")) and not (tmp_path / "elsewhere").exists()

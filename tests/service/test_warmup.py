@@ -219,14 +219,22 @@ def test_a_measurement_out_of_range_is_measured_again(tmp_path, tiny_segmenter, 
 
 @pytest.mark.anyio
 async def test_second_start_reuses_the_measurement(tiny_artifact, tmp_path, monkeypatch):
-    monkeypatch.setenv("CHANSEG_CACHE_DIR", str(tmp_path))
-    settings = make_settings(tiny_artifact, max_batch_size="auto", auto_batch_limit=8)
+    monkeypatch.delenv(
+        "CHANSEG_CACHE_DIR", raising=False
+    )  # the setting alone says where: the server passes it down
+    settings = make_settings(tiny_artifact, max_batch_size="auto", auto_batch_limit=8, cache_dir=tmp_path)
     async with serve(settings) as client:
         first = (await client.get("/v1/model")).json()["batching"]
     async with serve(settings) as client:
         second = (await client.get("/v1/model")).json()["batching"]
     async with serve(
-        make_settings(tiny_artifact, max_batch_size="auto", auto_batch_limit=8, remeasure_batch_size=True)
+        make_settings(
+            tiny_artifact,
+            max_batch_size="auto",
+            auto_batch_limit=8,
+            remeasure_batch_size=True,
+            cache_dir=tmp_path,
+        )
     ) as client:
         forced = (await client.get("/v1/model")).json()["batching"]
     assert first["max_batch_size_source"] == "measured" and first["measured_at"]
