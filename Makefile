@@ -17,6 +17,8 @@ $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
 	$(BIN)/pip install --quiet -e '.[$(EXTRAS)]'
+	# Triton's perf_analyzer (the tests' and the harness's second load generator), from PyPI.
+	$(BIN)/python -m testbed.perf_analyzer install >/dev/null
 	touch $@
 
 install: $(BIN)/.installed

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, List
+from typing import Any, Awaitable, Callable, List, Optional
 
 from .budget import Lease
 
@@ -38,6 +38,9 @@ class RequestContext:
     images: int = 0
     queue_ms: float = 0.0
     inference_ms: float = 0.0
+    # For the model's statistics (service.statistics): set once its images are queued.
+    model_stats: Optional[Any] = None  # the served version's VersionStatistics
+    computed_at: float = 0.0  # time.monotonic() when its images' results came back
 
     @property
     def deadline(self) -> float:
@@ -53,6 +56,16 @@ class RequestContext:
             lease.release()
         else:
             self.leases.append(lease)
+
+    def finish(self, ok: bool) -> None:
+        """The request is over (``ok``: answered without error): its model's statistics
+        count it, once, when its images reached the batch queue."""
+        stats, self.model_stats = self.model_stats, None
+        if stats is None:
+            return
+        now = time.monotonic()
+        output_s = now - self.computed_at if ok and self.computed_at else 0.0
+        stats.request(ok, now - self.started, self.queue_ms / 1000, self.inference_ms / 1000, output_s)
 
     def release(self) -> None:
         """The response has been sent, or never will be: every reservation goes back (idempotent)."""

@@ -48,7 +48,8 @@ from .pipeline import mask_encode_cost, pool_call, preprocess, reserve_output, s
 from .v2_codec import DTYPES, InferRequest, Output, Tensor, V2Error, V2TooLarge
 
 __all__ = [
-    "served_model", "server_metadata", "model_metadata", "live", "ready", "infer", "check_output_size", "outputs_for",
+    "served_model", "server_metadata", "model_metadata", "model_config", "model_statistics", "live", "ready", "infer",
+    "check_output_size", "outputs_for",
 ]  # fmt: skip
 
 # Peak memory per element of a JSON output while it is written (the array, its text
@@ -68,7 +69,14 @@ def served_model(state, name: str, version: Optional[str]) -> ServedModel:
 
 
 def server_metadata(state) -> dict:
-    extensions = ["binary_tensor_data"] + (["model_repository"] if state.settings.model_repository else [])
+    """Triton's tools read ``extensions``. ``statistics`` is listed while the serving version
+    is a number (Triton's versions are; a Triton-layout repository's are): perf_analyzer
+    reads the list and, seeing ``statistics``, parses each version as an integer and stops
+    on a content hash. The statistics routes answer either way."""
+    extensions = ["binary_tensor_data", "model_configuration"]
+    seg = state.segmenter
+    extensions += ["statistics"] if seg is not None and seg.version.isdigit() else []
+    extensions += ["model_repository"] if state.settings.model_repository else []
     return {"name": "chanseg", "version": model.__version__, "extensions": extensions}
 
 
@@ -93,6 +101,78 @@ def model_metadata(state, name: str, version: Optional[str]) -> dict:
             "inputs": "exactly one of IMAGE, IMAGE_BYTES",
         },
     }
+
+
+def model_config(state, name: str, version: Optional[str]) -> dict:
+    """Triton's model configuration (``GET /v2/models/{name}/config``, gRPC ``ModelConfig``)
+    of the version serving ``name``: what ``perf_analyzer`` and Triton's tools read.
+
+    ``max_batch_size`` is the most images one request may carry (MAX_IMAGES_PER_REQUEST):
+    dims leave the batch out, as Triton's do. Both inputs are optional (a request sends
+    exactly one); ``IMAGE_BYTES`` has dims ``[1]`` (requests may send ``[N]`` or ``[N, 1]``),
+    the output ``MASK_RLE`` dims ``[1]`` reshaped to ``[]`` (Triton's way to write ``[N]``). ``dynamic_batching`` is the batcher's: its batch size
+    (MAX_BATCH_SIZE, measured or set) and delay; ``instance_group`` its device and streams."""
+    seg = served_model(state, name, version)
+    s = state.settings
+    classes = seg.config.num_classes
+    scalar = {"dims": [1], "reshape": {"shape": []}}
+    device = seg.device
+    group = {
+        "name": f"{seg.name}_0",
+        "kind": "KIND_GPU" if device.type == "cuda" else "KIND_CPU",
+        "count": state.streams,
+    }
+    if device.type == "cuda":
+        group["gpus"] = [device.index or 0]
+    return {
+        "name": seg.name,
+        "platform": f"pytorch_{seg.format}",
+        "backend": "chanseg",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": s.max_images_per_request,
+        "input": [
+            {
+                "name": IMAGE,
+                "data_type": "TYPE_UINT8",
+                "format": "FORMAT_NHWC",
+                "dims": [-1, -1, 3],
+                "optional": True,
+            },
+            {"name": IMAGE_BYTES, "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+        ],
+        "output": [
+            {"name": MASK, "data_type": "TYPE_UINT8", "dims": [-1, -1]},
+            {"name": PROBABILITIES, "data_type": "TYPE_FP32", "dims": [classes, -1, -1]},
+            {"name": CONFIDENCE, "data_type": "TYPE_UINT8", "dims": [-1, -1]},
+            {"name": MASK_RLE, "data_type": "TYPE_STRING", **scalar},
+        ],
+        "dynamic_batching": {
+            "preferred_batch_size": [state.max_batch_size] if state.max_batch_size else [],
+            "max_queue_delay_microseconds": int(s.max_batch_delay_ms * 1000),
+        },
+        "instance_group": [group],
+        "parameters": {
+            "classes": {"string_value": ",".join(seg.config.class_names)},
+            "input_size": {"string_value": "x".join(map(str, seg.config.input_size))},
+        },
+    }
+
+
+def model_statistics(state, name: Optional[str], version: Optional[str]) -> dict:
+    """Triton's statistics extension: ``{"model_stats": [...]}`` for ``name`` (every model
+    when None; a name this server never served is 404), each version since it was loaded."""
+    if name:
+        seg = state.segmenter
+        known = {row["name"] for row in state.statistics.report()} | ({seg.name} if seg else set())
+        if name not in known:
+            raise NotFound(f"unknown model '{name}'; this server serves '{seg.name if seg else '?'}'")
+    rows = state.statistics.report(name or None, version or None)
+    seg = state.segmenter
+    if not rows and seg is not None and name in (None, "", seg.name) and version in (None, "", seg.version):
+        rows = [state.statistics.of(seg.name, seg.version).as_dict()]  # loaded, not asked yet: zeros
+    if version and not rows:
+        raise NotFound(f"no statistics for version '{version}' of model '{name}'")
+    return {"model_stats": rows}
 
 
 async def infer(state, seg: ServedModel, context: RequestContext, req: InferRequest, parse_lease=None):
@@ -161,8 +241,8 @@ def _input(inputs: List[Tensor], s) -> Tensor:
     elif tensor.name == IMAGE_BYTES:
         if tensor.datatype != "BYTES":
             raise InvalidRequest(f"input {IMAGE_BYTES} must be BYTES, got {tensor.datatype}")
-        if len(tensor.shape) != 1:
-            raise InvalidRequest(f"input {IMAGE_BYTES} must have shape [N], got {list(tensor.shape)}")
+        if len(tensor.shape) not in (1, 2) or tensor.shape[1:] not in ((), (1,)):
+            raise InvalidRequest(f"input {IMAGE_BYTES} must have shape [N] or [N, 1], got {list(tensor.shape)}")
         n = tensor.shape[0]
     else:
         raise InvalidRequest(f"unknown input '{tensor.name}'; this model takes {IMAGE} or {IMAGE_BYTES}")

@@ -48,6 +48,8 @@ import uuid
 from typing import Any, Awaitable, Callable, Dict
 
 import grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
 from . import dataplane
@@ -152,6 +154,8 @@ class InferenceService:
             "ModelReady": self._model_ready,
             "ModelMetadata": self._model_metadata,
             "ModelInfer": self._infer,
+            "ModelConfig": self._model_config,
+            "ModelStatistics": self._model_statistics,
         }
         methods = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
         handlers = {
@@ -189,6 +193,7 @@ class InferenceService:
             finally:
                 if context.released:  # a lease taken after the call ended (the client went away meanwhile)
                     context.release()
+                context.finish(status < 400)
                 if method not in ("ServerLive", "ServerReady"):
                     _count(state, method, status, started)
 
@@ -254,6 +259,18 @@ class InferenceService:
             inputs=[tensor(**t) for t in meta["inputs"]],
             outputs=[tensor(**t) for t in meta["outputs"]],
         ).SerializeToString()
+
+    async def _model_config(self, rpc, context, method) -> bytes:
+        request = await self._parse(pb.ModelConfigRequest, rpc, context)
+        config = dataplane.model_config(self.state, request.name, request.version or None)
+        return pb.ModelConfigResponse(
+            config=json_format.ParseDict(config, mc.ModelConfig())
+        ).SerializeToString()
+
+    async def _model_statistics(self, rpc, context, method) -> bytes:
+        request = await self._parse(pb.ModelStatisticsRequest, rpc, context)
+        stats = dataplane.model_statistics(self.state, request.name or None, request.version or None)
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse()).SerializeToString()
 
     async def _infer(self, rpc, context: RequestContext, method) -> bytes:
         state = self.state

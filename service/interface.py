@@ -88,10 +88,12 @@ class ServedModel(Protocol):
 
 
 def v2_inputs(served: ServedModel) -> List[dict]:
-    """The v2 model metadata's inputs: exactly one of them per request."""
+    """The v2 model metadata's inputs: exactly one of them per request. ``IMAGE_BYTES`` is
+    ``[N, 1]`` as Triton would describe it (its model configuration's dims are ``[1]``, which
+    perf_analyzer reads); ``[N]`` is served as well."""
     return [
         {"name": IMAGE, "datatype": "UINT8", "shape": [-1, -1, -1, 3]},
-        {"name": IMAGE_BYTES, "datatype": "BYTES", "shape": [-1]},
+        {"name": IMAGE_BYTES, "datatype": "BYTES", "shape": [-1, 1]},
     ]
 
 

@@ -105,6 +105,8 @@ class RequestMiddleware:
                 if not body["done"] and (left is None or left > _DRAINED_REMAINDER):
                     extra.append((b"connection", b"close"))  # the rest of the body would hold it
                 message["headers"] = list(message.get("headers", [])) + extra
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                context.finish(status["code"] < 400)  # before the client can read it: its statistics count it
             await send(message)
 
         async def reserve_body() -> None:
@@ -166,6 +168,7 @@ class RequestMiddleware:
                 await self._refuse(send_wrapper, 500, "internal server error", scope.get("path", ""))
         finally:
             context.release()
+            context.finish(status["code"] < 400)
             self._observe(scope, context, status["code"], started)
 
     @staticmethod

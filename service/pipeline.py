@@ -246,6 +246,7 @@ async def segment(
     if batcher is None:  # requests that got in before a drain still finish: no draining check here
         raise NotReady("the model is not ready yet", retry_after_s=5)
     rid, deadline = context.request_id, context.deadline
+    context.model_stats = state.statistics.of(served.name, served.version)
     try:
         jobs = batcher.submit(
             [InferItem(im.tensor, probabilities, confidence, rid, served) for im in images], deadline
@@ -292,6 +293,7 @@ async def segment(
         model_version=served.version,
     )
     context.images, context.queue_ms, context.inference_ms = len(jobs), timing.queue_ms, timing.inference_ms
+    context.computed_at = time.monotonic()
     return labels, timing
 
 

@@ -10,6 +10,7 @@ error that leaves the device unusable ends the server (``ServerState.lose_device
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -81,7 +82,12 @@ class BatchRunner:
         out: List[Any] = [None] * len(items)
         for index in groups.values():
             served = items[index[0]].model or self.state.segmenter
-            for i, result in zip(index, self._forward_one(served, [items[i] for i in index])):
+            started = time.perf_counter()
+            results = self._forward_one(served, [items[i] for i in index])
+            self.state.statistics.of(served.name, served.version).executed(
+                len(index), time.perf_counter() - started
+            )
+            for i, result in zip(index, results):
                 out[i] = result
         return out
 

@@ -23,6 +23,7 @@ from .budget import MemoryBudget
 from .interface import ServedModel
 from .metrics import Metrics
 from .settings import Settings
+from .statistics import Statistics
 from .threads import stream_threads
 from .tracing import OFF, Tracing
 from .warmup import BatchChoice
@@ -46,6 +47,7 @@ class ServerState:
     segmenter: Optional[ServedModel] = None  # the version serving new requests (service.repository swaps it)
     repository: Optional[ModelRepository] = None  # every load, start-up's first (service.repository)
     grpc: Optional["grpc.aio.Server"] = None  # the gRPC server (service.grpc_server), when GRPC_PORT is set
+    statistics: Statistics = field(default_factory=Statistics)  # per model version (service.statistics)
     tracing: Tracing = OFF  # service.tracing: spans, or nothing when TRACING is off
     batcher: Optional[DynamicBatcher] = None
     pool: Optional[ThreadPoolExecutor] = None  # decoding, encoding: PIL and numpy only

@@ -90,10 +90,30 @@ async def ready(state: State) -> JSONResponse:
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
+@router.get("/models/stats", **_METADATA_ROUTE)  # before /models/{name}: "stats" is no model's name
+async def all_statistics(state: State) -> dict:
+    """Triton's statistics extension for every model this server served."""
+    return dataplane.model_statistics(state, None, None)
+
+
 @router.get("/models/{name}", **_METADATA_ROUTE)
 @router.get("/models/{name}/versions/{version}", **_METADATA_ROUTE)
 async def model_metadata(state: State, name: str, version: Optional[str] = None) -> dict:
     return dataplane.model_metadata(state, name, version)
+
+
+@router.get("/models/{name}/config", **_METADATA_ROUTE)
+@router.get("/models/{name}/versions/{version}/config", **_METADATA_ROUTE)
+async def model_config(state: State, name: str, version: Optional[str] = None) -> dict:
+    """Triton's model configuration extension (what perf_analyzer reads first)."""
+    return dataplane.model_config(state, name, version)
+
+
+@router.get("/models/{name}/stats", **_METADATA_ROUTE)
+@router.get("/models/{name}/versions/{version}/stats", **_METADATA_ROUTE)
+async def model_statistics(state: State, name: Optional[str] = None, version: Optional[str] = None) -> dict:
+    """Triton's statistics extension: counts and cumulative times per model version."""
+    return dataplane.model_statistics(state, name, version)
 
 
 @router.get("/models/{name}/ready", **_READY_ROUTE)

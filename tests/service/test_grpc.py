@@ -318,8 +318,8 @@ def test_calls_without_the_key_are_refused_before_their_message_is_read(server):
 @pytest.mark.slow
 @pytest.mark.real_part("tritonclient")
 def test_calls_chanseg_does_not_implement_say_so(server):
-    code, details, _, _ = _call(server.grpc_url, b"", tuple(AUTH.items()), method="ModelStatistics")
-    assert code == "UNIMPLEMENTED" and "chanseg does not implement ModelStatistics" in details
+    code, details, _, _ = _call(server.grpc_url, b"", tuple(AUTH.items()), method="TraceSetting")
+    assert code == "UNIMPLEMENTED" and "chanseg does not implement TraceSetting" in details
 
 
 @pytest.mark.slow
