@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fetches the wheels carried to the GPU machine (benchmarks/gpu_wheels.txt: pinned,
 # with their hashes) into .whl/ (ignored by git), for CPython 3.12 on manylinux
-# x86_64 whatever this machine runs; the GPU machine has no network. 9.5 MiB.
+# x86_64 whatever this machine runs; the GPU machine has no network. 9.6 MiB.
 #
 #   bash benchmarks/fetch_wheels.sh [DIR]        (DIR: .whl by default)
 set -euo pipefail

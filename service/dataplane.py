@@ -242,7 +242,9 @@ def _input(inputs: List[Tensor], s) -> Tensor:
         if tensor.datatype != "BYTES":
             raise InvalidRequest(f"input {IMAGE_BYTES} must be BYTES, got {tensor.datatype}")
         if len(tensor.shape) not in (1, 2) or tensor.shape[1:] not in ((), (1,)):
-            raise InvalidRequest(f"input {IMAGE_BYTES} must have shape [N] or [N, 1], got {list(tensor.shape)}")
+            raise InvalidRequest(
+                f"input {IMAGE_BYTES} must have shape [N] or [N, 1], got {list(tensor.shape)}"
+            )
         n = tensor.shape[0]
     else:
         raise InvalidRequest(f"unknown input '{tensor.name}'; this model takes {IMAGE} or {IMAGE_BYTES}")

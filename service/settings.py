@@ -72,9 +72,10 @@ class Settings(BaseSettings):
         _DEFAULT_UPLOAD, description="request body limit; default 32 MiB, or half the body budget if less"
     )
     max_json_bytes: PositiveInt = Field(
-        8 * MIB,
+        32 * MIB,
         description="JSON body limit (v2 JSON tensors; parsing costs ~12x the bytes): "
-        "default 8 MiB, or less where the budget or MAX_UPLOAD_BYTES is smaller",
+        "default 32 MiB (a 1024x1024 RGB image as JSON is 11-17 MB), or less where the budget "
+        "or MAX_UPLOAD_BYTES is smaller",
     )
     max_image_pixels: PositiveInt = Field(64_000_000, description="per image, from its header")
     max_request_pixels: PositiveInt = Field(640_000_000, description="all images of one request together")
@@ -235,7 +236,7 @@ class Settings(BaseSettings):
         if "max_json_bytes" not in given:
             work = budget * MIB - budget * MIB // 4
             data["max_json_bytes"] = int(
-                max(1, min(8 * MIB, work // JSON_PARSE_COST, float(data["max_upload_bytes"])))
+                max(1, min(32 * MIB, work // JSON_PARSE_COST, float(data["max_upload_bytes"])))
             )
         if "max_images_per_request" not in given:
             data["max_images_per_request"] = max(1, min(_DEFAULT_IMAGES_PER_REQUEST, int(queue)))

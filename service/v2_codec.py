@@ -36,10 +36,12 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from pydantic.json_schema import WithJsonSchema
 
+from . import v2_json
+from .v2_json import Numbers
+
 __all__ = [
     "V2Error",
     "V2TooLarge",
-    "MAX_JSON_VALUES",
     "Tensor",
     "InferRequest",
     "InferRequestBody",
@@ -70,12 +72,9 @@ class V2TooLarge(V2Error):
     """A well-formed request over a limit: 413."""
 
 
-# Values a JSON header may hold. Parsing JSON numbers runs in C and holds Python's
-# interpreter lock throughout (21-28 ms for 262,144 integers here, 8-15 ms more to
-# make them an array): with a few such requests at once, /healthz waited 68 ms
-# for the lock. 131,072 values (a 209x209 RGB image) take ~10 ms; bigger tensors
-# go in binary, which is parsed without touching the values.
-MAX_JSON_VALUES = 1 << 17
+# A JSON header is read by service.v2_json: its inputs' long numeric "data" by numpy with
+# Python's interpreter lock let go, the rest by orjson. How much JSON a request may hold is
+# MAX_JSON_BYTES (from the memory budget: parsing costs JSON_PARSE_COST times the bytes).
 # JSON outputs are written this many values at a time, so the lock is let go
 # between pieces (json.dumps takes ~1 us per float here).
 _JSON_CHUNK = 1 << 12
@@ -191,7 +190,7 @@ class Tensor:
             return np.frombuffer(self.binary, dtype=dtype).reshape(self.shape)
         if self.packed is not None:
             return _uint8_varints(self.name, self.packed).reshape(self.shape)
-        return _json_array(self.name, self.datatype, self.data, self.count).reshape(self.shape)
+        return _json_array(self.name, self.datatype, self.data, self.shape).reshape(self.shape)
 
     def items(self) -> List[Union[bytes, memoryview]]:
         """The elements of a BYTES tensor."""
@@ -304,8 +303,14 @@ def _flatten(data: Any, name: str, count: int, depth: int) -> List[Any]:
 _KINDS = {"BOOL": "b", "FP16": "biuf", "FP32": "biuf", "FP64": "biuf"}  # integers: "iu"
 
 
-def _json_array(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
-    if not isinstance(data, list):
+def _json_array(name: str, datatype: str, data: Any, shape: Tuple[int, ...]) -> np.ndarray:
+    count = math.prod(shape)
+    if isinstance(data, Numbers):  # a long numeric array, read by numpy (service.v2_json)
+        try:
+            data = data.array(name, shape, integers=datatype not in _KINDS)
+        except ValueError as exc:
+            raise V2Error(str(exc)) from None
+    elif not isinstance(data, list):
         raise V2Error(f"input '{name}': 'data' must be a list")
     try:
         array = np.asarray(data)
@@ -327,10 +332,8 @@ def _json_array(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
 
 def _loads(header: Union[bytes, memoryview]) -> Any:
     try:
-        return json.loads(bytes(header))
-    except RecursionError:
-        raise V2Error("request header is nested too deeply") from None
-    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, or an integer of >4300 digits
+        return v2_json.loads(bytes(header))
+    except ValueError as exc:  # orjson's JSONDecodeError (also too deep, or bad UTF-8), or ours
         raise V2Error(f"request header is not valid JSON: {exc}") from None
 
 
@@ -342,13 +345,10 @@ def _messages(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def decode_request(
-    body: Union[bytes, memoryview], header_length: Optional[str], max_values: int = MAX_JSON_VALUES
-) -> InferRequest:
+def decode_request(body: Union[bytes, memoryview], header_length: Optional[str]) -> InferRequest:
     """Parse an infer request body (JSON, or JSON + binary tensor data); no tensor
-    is materialised. Raises :class:`V2Error` for anything malformed, and
-    :class:`V2TooLarge` when the JSON holds more than ``max_values`` values
-    (counted from its commas, before it is parsed)."""
+    is materialised. Raises :class:`V2Error` for anything malformed (the JSON's size
+    is the caller's to limit: MAX_JSON_BYTES)."""
     view = memoryview(body)
     if header_length is not None:
         try:
@@ -360,12 +360,6 @@ def decode_request(
         header, binary = view[:n], view[n:]
     else:
         header, binary = view, memoryview(b"")
-    values = (body if header_length is None and isinstance(body, bytes) else bytes(header)).count(b",") + 1
-    if values > max_values:
-        raise V2TooLarge(
-            f"the JSON holds up to {values} values, over the limit of {max_values} for JSON tensors: send the "
-            "tensor in binary (the binary tensor data extension), or the encoded files as IMAGE_BYTES"
-        )
     doc = _loads(header)
     if not isinstance(doc, dict):
         raise V2Error("request must be a JSON object with a non-empty 'inputs' list")

@@ -30,6 +30,7 @@ def server(tiny_artifact, tmp_path_factory):
         tmp_path_factory.mktemp("guards"),
         CHANSEG_READ_TIMEOUT_S=str(READ_TIMEOUT),
         CHANSEG_MAX_CONNECTIONS="6",
+        CHANSEG_MAX_JSON_BYTES=str(8 << 20),  # under MAX_UPLOAD_BYTES (by default they are equal)
     )
     try:
         s.wait_ready()

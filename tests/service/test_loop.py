@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.v2_codec import MAX_JSON_VALUES
 from tests.service.conftest import ServerProcess
 
 # One keep-alive connection; for each /healthz: its wall time and the CPU time the
@@ -45,14 +44,17 @@ print(json.dumps(probes))
 """
 
 
-def _json_image(height: int, width: int) -> bytes:
-    data = np.random.default_rng(0).integers(0, 256, height * width * 3).tolist()
+def _json_image(height: int, width: int, outputs=("MASK", "PROBABILITIES"), nested: bool = False) -> bytes:
+    data = np.random.default_rng(0).integers(0, 256, (height, width, 3))
     return json.dumps(
         {
-            "inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [1, height, width, 3], "data": data}],
-            "outputs": [{"name": "MASK"}, {"name": "PROBABILITIES"}],  # both as JSON
+            "inputs": [
+                {"name": "IMAGE", "datatype": "UINT8", "shape": [1, height, width, 3],
+                 "data": [data.tolist()] if nested else data.ravel().tolist()}
+            ],
+            "outputs": [{"name": name} for name in outputs],  # as JSON
         }
-    ).encode()
+    ).encode()  # fmt: skip
 
 
 def _binary_image(height: int, width: int) -> tuple[bytes, dict]:
@@ -82,9 +84,10 @@ def _base64_file(nbytes: int) -> bytes:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_healthz_answers_fast_while_the_largest_v2_requests_run(tiny_artifact, tmp_path):
-    side = int((MAX_JSON_VALUES / 3) ** 0.5)  # the most values JSON may hold
     bodies = [
-        (_json_image(side, side), {}),
+        (_json_image(209, 209), {}),  # its outputs as JSON too: 4 x 209 x 209 probabilities
+        (_json_image(1024, 1024, ["MASK"], nested=True), {}),  # issue 34: a KServe user's image.tolist()
+        (_json_image(1024, 1024, ["MASK"]), {}),  # and flat, as tritonclient sends it
         _binary_image(3000, 3400),  # ~30 MB of binary tensor, under MAX_UPLOAD_BYTES
         (_base64_file(5_500_000), {}),  # ~7.3 MB of base64, under MAX_JSON_BYTES
     ]
@@ -120,7 +123,7 @@ def test_healthz_answers_fast_while_the_largest_v2_requests_run(tiny_artifact, t
         f"\n/healthz while parsing and encoding: {len(probes)} probes, wall median {walls[len(walls) // 2]:.1f} ms,"
         f" max {walls[-1]:.1f} ms; event-loop CPU within one probe: the two most {cpus[-1]:.1f} and {cpus[-2]:.1f} ms"
     )
-    assert statuses == [200] * 9, (statuses, server.log.read_text()[-3000:])
+    assert statuses == [200] * 15, (statuses, server.log.read_text()[-3000:])
     assert len(probes) > 100
     # The loop's own CPU time within one probe: what work on the loop delays a probe by,
     # and what a descheduled server or probe does not inflate (that shows in wall time

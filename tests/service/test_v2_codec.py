@@ -43,13 +43,16 @@ MALFORMED = {
     ),
     "integer beyond int64 in shape": (
         json.dumps({"inputs": [{**IMAGE, "shape": [2**70]}]}),
-        "values for a shape",
+        "shape",
     ),
     "deeply nested data": (
         json.dumps({"inputs": [{**IMAGE, "data": json.loads("[" * 500 + "1" + "]" * 500)}]}),
         "data",
     ),
-    "nesting deeper than the parser allows": ('{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested"),
+    "nesting deeper than the parser allows": (
+        '{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        "depth limit",
+    ),
     "outputs is a number": (json.dumps({"inputs": [IMAGE], "outputs": 5}), "outputs"),
     "parameters is a list": (json.dumps({"inputs": [IMAGE], "parameters": [1]}), "parameters"),
     "output parameters is a string": (
@@ -76,7 +79,7 @@ MALFORMED = {
     "not utf-8": (b'{"inputs": "\xff\xfe"}', "JSON"),
     "NaN in FP32 data": (
         json.dumps({"inputs": [{"name": "X", "datatype": "FP32", "shape": [1], "data": [float("nan")]}]}),
-        "range",
+        "not valid JSON",
     ),
 }
 

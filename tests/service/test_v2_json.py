@@ -1,0 +1,114 @@
+"""service/v2_json.py: a v2 request's long numeric data read by numpy, the rest by orjson;
+what a JSON parser would refuse is refused, and the reading leaves the lock free."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from service import v2_json
+from service.v2_codec import V2Error, decode_request
+
+
+def _body(data, shape, datatype="UINT8", **extra) -> bytes:
+    doc = {"inputs": [{"name": "IMAGE", "shape": shape, "datatype": datatype, "data": data}], **extra}
+    return json.dumps(doc).encode()
+
+
+def _array(body: bytes) -> np.ndarray:
+    return decode_request(body, None).inputs[0].array()
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_large_image_reads_exactly_flat_or_nested(nested):
+    image = np.random.default_rng(0).integers(0, 256, (2, 96, 128, 3), dtype=np.uint8)
+    body = _body(image.tolist() if nested else image.ravel().tolist(), list(image.shape))
+    assert len(body) > v2_json.MIN_CUT  # the numpy path, not orjson's
+    assert isinstance(v2_json.loads(body)["inputs"][0]["data"], v2_json.Numbers)
+    assert np.array_equal(_array(body), image)
+    compact = json.dumps(json.loads(body), separators=(",", ":"), indent=None).encode()
+    pretty = json.dumps(json.loads(body), indent=2).encode()  # newlines and indents inside the array
+    assert np.array_equal(_array(compact), image) and np.array_equal(_array(pretty), image)
+
+
+def test_floats_and_negative_numbers():
+    values = np.random.default_rng(1).normal(size=40_000).astype(np.float32)
+    body = _body(values.tolist(), [40_000], datatype="FP32")
+    assert np.allclose(_array(body), values)
+    ints = np.arange(-20_000, 20_000, dtype=np.int32)
+    assert np.array_equal(_array(_body(ints.tolist(), [40_000], datatype="INT32")), ints)
+
+
+def _ones(count: int) -> str:
+    return ",".join(["1"] * count)
+
+
+N = 60_000  # [1, 100, 200, 3]: over MIN_CUT, so numpy reads it
+
+
+@pytest.mark.parametrize(
+    "data, why",
+    [
+        (f"[{_ones(N - 1)}]", "flat list of 60000 numbers"),  # a value short
+        (f"[{_ones(N)},]", "flat list of 60000"),  # a trailing comma
+        (f"[{_ones(N - 1)},]", "empty"),  # a value missing, the commas right
+        (f"[{_ones(N // 2)},,{_ones(N // 2 - 1)}]", "empty"),
+        (f"[{_ones(N - 1)},1 2]", "not a number"),  # two values, no comma between
+        (f"[{_ones(N - 1)},x]", "not valid JSON"),  # not numeric text: orjson's to refuse
+        ("[" + ",".join(["1.5"] * N) + "]", "integers"),  # floats for UINT8
+        ("[" + ",".join(["300"] * N) + "]", "out of range"),
+        (f"[[{_ones(N // 2)}],[{_ones(N // 2)}]]", "nested as the shape"),  # nested, not as the shape
+        ("[" + ",".join(["[1,1,1]"] * (N // 3)) + "]]", "nested as the shape"),  # an extra bracket
+    ],
+)
+def test_malformed_numbers_are_refused_with_the_reason(data, why):
+    head = b'{"inputs": [{"name": "IMAGE", "shape": [1, 100, 200, 3], "datatype": "UINT8", "data": '
+    with pytest.raises(V2Error, match=why):
+        _array(head + data.encode() + b"}]}")
+
+
+def test_a_long_numeric_data_outside_an_input_is_refused():
+    body = json.dumps({"inputs": [], "parameters": {"data": list(range(40_000))}}).encode()
+    with pytest.raises(ValueError, match="outside an input"):
+        v2_json.loads(body)
+
+
+def test_a_forged_marker_is_just_a_string():
+    marker_like = "\x00" + "0" * 32 + ":0"
+    body = _body(marker_like, [1])
+    assert v2_json.loads(body)["inputs"][0]["data"] == marker_like  # nothing was cut: no substitution
+
+
+def test_data_inside_a_string_is_not_cut():
+    text = '"data": [' + ",".join(["1"] * 40_000) + "]"
+    doc = v2_json.loads(json.dumps({"id": text, "inputs": []}).encode())
+    assert doc["id"] == text
+
+
+def test_reading_lets_the_lock_go():
+    """The loop waits for the lock: a thread ticking every ms sees gaps of a few ms, not the
+    whole parse (json.loads held it 150 ms, orjson 80 ms, for this image: benchmarks/json_parse.py)."""
+    image = np.random.default_rng(2).integers(0, 256, (1, 1024, 1024, 3), dtype=np.uint8)
+    body = _body(image.tolist(), list(image.shape))
+    gaps, stop = [], threading.Event()
+
+    def tick():
+        last = time.perf_counter()
+        while not stop.is_set():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        assert np.array_equal(_array(body), image)
+    finally:
+        stop.set()
+        ticker.join()
+    assert max(gaps) < 0.1, f"the lock was held {max(gaps) * 1000:.0f} ms at once"
