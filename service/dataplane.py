@@ -56,6 +56,11 @@ __all__ = [
 # in pieces, the joined body): measured 5.5 (class ids) and 44 (floats) here.
 _JSON_BYTES_PER_ELEMENT = {"UINT8": 8, "FP32": 56}
 _OUTPUTS = (MASK, PROBABILITIES, CONFIDENCE, MASK_RLE)
+SHARED_MEMORY_REFUSED = (
+    "chanseg does not implement Triton's {kind} shared-memory extension (no region can be registered): "
+    "send tensors in the request body (the binary tensor data extension), which a co-located client "
+    "writes at memory speed"
+)
 
 
 def served_model(state, name: str, version: Optional[str]) -> ServedModel:

@@ -28,7 +28,16 @@ from typing import Iterator, List, Optional, Tuple
 
 from tritonclient.grpc import service_pb2 as pb
 
-from .v2_codec import DTYPES, InferRequest, Output, Tensor, V2Error, V2TooLarge, varint_count
+from .v2_codec import (
+    DTYPES,
+    InferRequest,
+    Output,
+    Tensor,
+    V2Error,
+    V2TooLarge,
+    refuse_shared_memory,
+    varint_count,
+)
 
 __all__ = ["MAX_FIELDS", "MAX_DESCRIPTION_BYTES", "decode_infer_request", "encode_infer_response"]
 
@@ -172,6 +181,10 @@ def decode_infer_request(raw: bytes, max_elements: int) -> Tuple[str, str, Infer
         _tensor(described, found, raw_contents[i] if raw_contents else None)
         for i, (described, found) in enumerate(zip(message.inputs, walked))
     ]
+    for described in message.inputs:
+        refuse_shared_memory(f"input '{described.name}'", described.parameters)
+    for out in message.outputs:
+        refuse_shared_memory(f"output '{out.name}'", out.parameters)
     outputs = {out.name: True for out in message.outputs}
     request = InferRequest(id=message.id or None, inputs=inputs, outputs=outputs, binary_default=True)
     return message.model_name, message.model_version, request

@@ -157,6 +157,9 @@ class InferenceService:
             "ModelConfig": self._model_config,
             "ModelStatistics": self._model_statistics,
         }
+        for kind in ("System", "Cuda"):
+            for what in ("Status", "Register", "Unregister"):
+                calls[f"{kind}SharedMemory{what}"] = self._shared_memory
         methods = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods
         handlers = {
             m.name: grpc.stream_unary_rpc_method_handler(
@@ -305,6 +308,10 @@ class InferenceService:
         trailing = {**timing.headers(), "X-Request-ID": context.request_id}
         rpc.set_trailing_metadata(tuple((k.lower(), v) for k, v in trailing.items()))
         return response
+
+    async def _shared_memory(self, rpc, context, method) -> bytes:
+        kind = "CUDA" if method.startswith("Cuda") else "system"
+        raise InvalidRequest(f"{method}: " + dataplane.SHARED_MEMORY_REFUSED.format(kind=kind))
 
     async def _unimplemented(self, rpc, context, method) -> bytes:
         raise NotImplementedCall(

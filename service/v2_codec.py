@@ -103,7 +103,7 @@ class RequestInput(BaseModel):
 
 
 class RequestOutputParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # read for shared_memory_* (refuse_shared_memory)
 
     binary_data: Optional[StrictBool] = None
 
@@ -377,6 +377,7 @@ def decode_request(body: Union[bytes, memoryview], header_length: Optional[str])
     binary_default = bool(params.get("binary_data_output") or False)
     outputs: Dict[str, bool] = {}
     for out in parsed.outputs or []:
+        refuse_shared_memory(f"output '{out.name}'", out.parameters.model_dump() if out.parameters else {})
         flag = out.parameters.binary_data if out.parameters is not None else None
         outputs[out.name] = binary_default if flag is None else flag
     return InferRequest(parsed.id, inputs, outputs, binary_default, params)
@@ -385,6 +386,7 @@ def decode_request(body: Union[bytes, memoryview], header_length: Optional[str])
 def _describe(raw: RequestInput, binary: memoryview, offset: int) -> Tuple[Tensor, int]:
     name, shape = raw.name, tuple(raw.shape)
     params = raw.parameters or {}
+    refuse_shared_memory(f"input '{name}'", params)
     size = params.get("binary_data_size")
     tensor = Tensor(name, raw.datatype, shape)
     if size is None:
@@ -401,6 +403,16 @@ def _describe(raw: RequestInput, binary: memoryview, offset: int) -> Tuple[Tenso
     tensor.expect_bytes(size)
     tensor.binary = binary[offset : offset + size]
     return tensor, offset + size
+
+
+def refuse_shared_memory(what: str, parameters) -> None:
+    """A tensor placed in a shared-memory region (Triton's ``shared_memory_region``
+    parameter) is refused, never served inline with the region left untouched."""
+    if any(str(key).startswith("shared_memory") for key in parameters):
+        raise V2Error(
+            f"{what} names a shared-memory region: chanseg does not implement the system or CUDA "
+            "shared-memory extensions; send the tensor in the request (the binary tensor data extension)"
+        )
 
 
 # -- the response ---------------------------------------------------------------

@@ -12,6 +12,7 @@ metrics with ``/predict``.
 
 from __future__ import annotations
 
+import zlib
 from typing import AsyncIterator, Optional
 
 from fastapi import APIRouter, Request
@@ -33,6 +34,7 @@ from ..errors import (
     PayloadTooLarge,
     RequestTimeout,
     Unauthorized,
+    UnsupportedMediaType,
     responses,
 )
 from ..pipeline import pool_call, reserve_output
@@ -65,13 +67,32 @@ _INFER_ROUTE = dict(
         Unauthorized,
         NotFound,
         RequestTimeout,
+        UnsupportedMediaType,
     ),  # fmt: skip
 )
 
 
 @router.get("", name="v2_server")
+@router.get("/", name="v2_server", include_in_schema=False)  # answered, not redirected (307)
 async def server_metadata(state: State) -> dict:
     return dataplane.server_metadata(state)
+
+
+_SHARED_MEMORY_ROUTE = dict(
+    name="v2_shared_memory",
+    methods=["GET", "POST"],
+    responses=responses(InvalidRequest),
+    include_in_schema=False,
+)
+
+
+@router.api_route("/systemsharedmemory/{rest:path}", **_SHARED_MEMORY_ROUTE)
+@router.api_route("/cudasharedmemory/{rest:path}", **_SHARED_MEMORY_ROUTE)
+async def shared_memory(request: Request, rest: str) -> None:
+    """Triton's shared-memory extensions: refused, by name (tritonclient's
+    ``register_system_shared_memory`` gets a 400 that says so, never a silent success)."""
+    kind = "CUDA" if "/cudasharedmemory/" in request.url.path else "system"
+    raise InvalidRequest(dataplane.SHARED_MEMORY_REFUSED.format(kind=kind))
 
 
 @router.get(
@@ -140,6 +161,16 @@ async def infer(
             body = await request.body()  # size-limited by the middleware; no Content-Type needed
     except ClientDisconnect:
         raise ClientGone("client disconnected while sending its request") from None
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):  # tritonclient's request_compression_algorithm
+        if encoding not in _DECODERS:
+            raise UnsupportedMediaType(
+                f"Content-Encoding {encoding[:50]!r}: chanseg reads gzip, deflate or identity bodies"
+            )
+        # The decoded body is held like the work of decoding an image, within the budget.
+        lease = await reserve_output(state, context, s.max_upload_bytes, "decompressing the request")
+        body = await pool_call(state, _decompressed, body, encoding, s.max_upload_bytes)
+        lease.shrink(len(body))
     json_bytes = len(body) if header_length is None else min(len(body), max(0, _int(header_length)))
     if json_bytes > s.max_json_bytes:
         raise _json_too_large(json_bytes, s.max_json_bytes)
@@ -169,6 +200,35 @@ async def infer(
         headers["Inference-Header-Content-Length"] = str(header_length_out)
         media_type = "application/octet-stream"
     return StreamingResponse(_chunks(payload), media_type=media_type, headers=headers)
+
+
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
+    """``body`` decoded, at most ``limit`` bytes of it (more is a compression bomb: 413).
+    ``deflate`` is zlib's format, or raw deflate as some clients send it. zlib lets the
+    interpreter lock go while it inflates."""
+    try:
+        return _inflated(zlib.decompressobj(_DECODERS[encoding]), body, encoding, limit)
+    except zlib.error as exc:
+        if encoding == "deflate":
+            try:
+                return _inflated(zlib.decompressobj(-zlib.MAX_WBITS), body, encoding, limit)
+            except zlib.error:
+                pass
+        raise InvalidRequest(f"the body is not valid {encoding} ({exc})") from None
+
+
+def _inflated(inflater, body: bytes, encoding: str, limit: int) -> bytes:
+    out = inflater.decompress(body, limit + 1)
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(
+            f"the {encoding} body inflates to over {limit} bytes, the limit of MAX_UPLOAD_BYTES"
+        )
+    if not inflater.eof:
+        raise InvalidRequest(f"the {encoding} body is cut short")
+    return out
 
 
 def _int(text: str) -> int:

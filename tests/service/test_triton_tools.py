@@ -4,6 +4,10 @@ perf_analyzer (the real binary, testbed/perf_analyzer.py), over HTTP and gRPC.""
 
 from __future__ import annotations
 
+import gzip
+import zlib
+
+import httpx
 import numpy as np
 import pytest
 
@@ -123,3 +127,82 @@ def test_perf_analyzer_runs_at_concurrency_1_and_4(server, protocol, tmp_path):
         # perf_analyzer read the statistics extension: the server-side split is in its report.
         assert figures["Server Compute Infer"] > 0 and "Server:" in figures["stdout"], figures["stdout"]
         assert after - before >= 10  # its requests were served, and counted
+
+
+@pytest.mark.slow
+@pytest.mark.real_part("tritonclient")
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests_are_read(server, algorithm):
+    images = np.random.default_rng(7).integers(0, 256, (1, 40, 48, 3), dtype=np.uint8)
+    plain = _infer_pixels(server, images, ["MASK"], binary=True).as_numpy("MASK")
+    for binary in (True, False):
+        squeezed = _infer_pixels(
+            server, images, ["MASK"], binary=binary, request_compression_algorithm=algorithm
+        )
+        assert np.array_equal(squeezed.as_numpy("MASK"), plain)
+
+
+def _post(server, path: str, body: bytes, **headers) -> httpx.Response:
+    return httpx.post(server.url + path, content=body, headers={**SHARED_AUTH, **headers}, timeout=60)
+
+
+@pytest.mark.slow
+def test_bad_or_oversized_compressed_bodies_are_4xx(server):
+    bomb = zlib.compress(b"{" + b" " * (40 << 20) + b"}", 9)  # 40 KB that inflate to 40 MiB
+    assert len(bomb) < 100_000
+    r = _post(server, "/v2/models/tiny/infer", bomb, **{"content-encoding": "deflate"})
+    assert r.status_code == 413 and "inflates to over" in r.json()["error"]
+    gz = gzip.compress(b'{"inputs": []}')
+    r = _post(server, "/v2/models/tiny/infer", gz[:-6], **{"content-encoding": "gzip"})
+    assert r.status_code == 400 and "cut short" in r.json()["error"], r.text
+    r = _post(server, "/v2/models/tiny/infer", b"not gzip at all", **{"content-encoding": "gzip"})
+    assert r.status_code == 400 and "not valid gzip" in r.json()["error"]
+    r = _post(server, "/v2/models/tiny/infer", b"x", **{"content-encoding": "br"})
+    assert r.status_code == 415 and "gzip, deflate or identity" in r.json()["error"]
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+@pytest.mark.slow
+@pytest.mark.real_part("tritonclient")
+def test_shared_memory_is_refused_by_name_never_ignored(server):
+    http = triton()
+    client = http.InferenceServerClient(server.url.removeprefix("http://"))
+    with pytest.raises(http.InferenceServerException) as err:
+        client.register_system_shared_memory("region", "/chanseg_test", 1 << 20, headers=dict(SHARED_AUTH))
+    assert "shared-memory extension" in str(err.value)
+    with pytest.raises(http.InferenceServerException) as err:
+        client.get_system_shared_memory_status(headers=dict(SHARED_AUTH))
+    assert "shared-memory extension" in str(err.value)
+    # An output asked into a region: refused, not answered inline with the region left as it was.
+    image = np.zeros((1, 40, 48, 3), np.uint8)
+    inp = http.InferInput("IMAGE", list(image.shape), "UINT8")
+    inp.set_data_from_numpy(image, binary_data=True)
+    out = http.InferRequestedOutput("MASK", binary_data=True)
+    out.set_shared_memory("region", 40 * 48)
+    with pytest.raises(http.InferenceServerException) as err:
+        client.infer("tiny", [inp], outputs=[out], headers=dict(SHARED_AUTH))
+    assert "output 'MASK' names a shared-memory region" in str(err.value)
+    assert "400" in str(err.value.status())
+
+    g = grpcclient()
+    grpc = g.InferenceServerClient(server.grpc_url)
+    with pytest.raises(g.InferenceServerException) as err:
+        grpc.register_system_shared_memory("region", "/chanseg_test", 1 << 20, headers=dict(SHARED_AUTH))
+    assert str(err.value.status()) == "StatusCode.INVALID_ARGUMENT" and "shared-memory extension" in str(
+        err.value
+    )
+    ginp = g.InferInput("IMAGE", list(image.shape), "UINT8")
+    ginp.set_data_from_numpy(image)
+    gout = g.InferRequestedOutput("MASK")
+    gout.set_shared_memory("region", 40 * 48)
+    with pytest.raises(g.InferenceServerException) as err:
+        grpc.infer("tiny", [ginp], outputs=[gout], headers=dict(SHARED_AUTH))
+    assert str(err.value.status()) == "StatusCode.INVALID_ARGUMENT" and "shared-memory region" in str(
+        err.value
+    )
+
+
+@pytest.mark.slow
+def test_v2_with_a_slash_answers_instead_of_redirecting(server):
+    r = httpx.get(server.url + "/v2/", follow_redirects=False)
+    assert r.status_code == 200 and r.json()["name"] == "chanseg"
