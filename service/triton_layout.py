@@ -194,7 +194,9 @@ def read_model(root: Path, name: str) -> TritonModel:
                 path = (sub / model_file).resolve()
                 if path.is_relative_to(root) and path.is_file():
                     versions.append(int(sub.name))
-    except (OSError, RuntimeError) as exc:
+    except TritonLayoutError:
+        raise
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a link loop
         raise TritonLayoutError(f"{name}: {getattr(exc, 'strerror', None) or exc}") from None
     return TritonModel(name, folder, config, model_file, tuple(sorted(versions)))
 
