@@ -17,7 +17,15 @@ import model
 from testbed.processes import free_port
 from tests.conftest import TINY, make_net
 from tests.real_parts import missing
-from tests.service.conftest import ServerProcess, decode_mask, make_settings, png_bytes, random_image, serve
+from tests.service.conftest import (
+    SHARED_AUTH,
+    ServerProcess,
+    decode_mask,
+    make_settings,
+    png_bytes,
+    random_image,
+    serve,
+)
 
 pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
@@ -307,3 +315,16 @@ def test_tritonclient_asks_for_numeric_versions_over_http_and_grpc(triton_server
     np.testing.assert_array_equal(decode_mask(httpx.post(
         triton_server.url + "/predict?format=png", files={"file": ("a.png", png_bytes(IMAGE))}, headers=dict(USER)
     ).content), masks["2"])  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.real_part("tritonclient")
+def test_repository_calls_without_a_repository_are_permission_denied(shared_server):
+    _, grpc = _clients()
+    client = grpc.InferenceServerClient(shared_server.grpc_url)
+    for call in (client.get_model_repository_index, lambda **kw: client.load_model("tiny", **kw)):
+        with pytest.raises(grpc.InferenceServerException) as err:
+            call(headers=dict(SHARED_AUTH))
+        assert str(err.value.status()) == "StatusCode.PERMISSION_DENIED" and "MODEL_REPOSITORY" in str(
+            err.value
+        )
