@@ -1,4 +1,4 @@
-"""Triton's repository layout (service/triton_layout.py): config.pbtxt read, checked and
+"""Triton's repository layout (service/triton_layout.py, service/triton_config.py): config.pbtxt read, checked and
 refused where chanseg cannot serve it as it says; plain TorchScript wrapped once; nothing
 read outside the repository or the model's folder."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import model
+from service.triton_config import MAX_CONFIG_BYTES
 from service.triton_layout import (
-    MAX_CONFIG_BYTES,
     TritonLayoutError,
     TritonVersion,
     model_folders,
