@@ -328,3 +328,15 @@ def test_repository_calls_without_a_repository_are_permission_denied(shared_serv
         assert str(err.value.status()) == "StatusCode.PERMISSION_DENIED" and "MODEL_REPOSITORY" in str(
             err.value
         )
+
+
+@pytest.mark.anyio
+async def test_a_config_chanseg_cannot_read_stops_start_up_saying_why(repo, tmp_path):
+    from service.triton_config import TritonLayoutError
+
+    root = tmp_path / "repo"
+    shutil.copytree(repo, root)
+    (root / "tiny" / "config.pbtxt").write_text('name: "tiny" input [ { dims: [3, 64, 64')
+    with pytest.raises(TritonLayoutError, match="tiny/config.pbtxt: not a Triton model config"):
+        async with serve(_settings(root, tmp_path)):
+            pass
