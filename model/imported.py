@@ -52,6 +52,17 @@ class _SelectOutput(nn.Module):
         return outputs[self.key]
 
 
+class _ChannelsLastInput(nn.Module):
+    """A module that takes ``(N, H, W, 3)`` (Triton's ``dims: [H, W, 3]``) fed chanseg's ``(N, 3, H, W)``."""
+
+    def __init__(self, inner: torch.jit.ScriptModule) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x.permute(0, 2, 3, 1).contiguous())
+
+
 def import_torchscript(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -62,6 +73,8 @@ def import_torchscript(
     name: Optional[str] = None,
     version: str = "1",
     output_key: Optional[str] = None,
+    channels_last_input: bool = False,
+    extra_meta: Optional[Dict[str, object]] = None,
 ) -> Path:
     """Wrap the TorchScript module in ``source`` into a chanseg artifact at ``out``.
 
@@ -73,6 +86,8 @@ def import_torchscript(
             ImageNet's, what most pretrained encoders expect).
         name: the model's name for servers (default: the file's stem).
         output_key: the key of the logits when the module returns a dict.
+        channels_last_input: the module takes ``(N, H, W, 3)`` batches (fed a permuted view).
+        extra_meta: more metadata for the artifact (``meta.json``).
 
     Raises:
         ModelImportError: not TorchScript, already a chanseg artifact, or outputs that do
@@ -117,9 +132,15 @@ def import_torchscript(
     module = module.eval()
     if output_key is not None:
         module = script(_SelectOutput(module, output_key))
+    if channels_last_input:
+        module = script(_ChannelsLastInput(module))
     _check_outputs(module, config, output_key)
     return export_torchscript(
-        module, out, config=config, version=version, extra_meta={"imported_from": source.name}
+        module,
+        out,
+        config=config,
+        version=version,
+        extra_meta={"imported_from": source.name, **(extra_meta or {})},
     )
 
 

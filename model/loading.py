@@ -11,14 +11,15 @@ frozen. A package was placed when it was compiled, for one device and precision.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Mapping
 
 import torch
 
-from .artifact import FORMATS, PACKAGE, TORCHSCRIPT, Artifact, ModelLoadError
+from .artifact import FORMATS, PACKAGE, TORCHSCRIPT, Artifact, ModelLoadError, checked_meta
 from .compiled import is_package, read_meta, read_package
 from .devices import resolve_device
 from .export import read_artifact, read_artifact_meta
@@ -38,6 +39,7 @@ def load(
     channels_last: bool | None = None,
     format: str = "auto",
     cache_dir: str | os.PathLike | None = None,
+    meta: Mapping[str, Any] | None = None,
 ) -> "Segmenter":
     """Load a model (the bundled default when ``path`` is None).
 
@@ -64,6 +66,9 @@ def load(
         cache_dir: where the bundled model is cached (its TorchScript artifact, packages
             and precision record); default ``model.pretrained.cache_dir()``
             (``CHANSEG_CACHE_DIR``, else ``~/.cache/chanseg``). A server passes its setting.
+        meta: metadata that replaces the file's own for this load: ``name`` and
+            ``version`` (Triton's repository layout names a model by its folder and a
+            version by its sub-folder), ``max_batch`` (the largest batch it may run).
 
     Raises:
         ModelLoadError: missing/corrupt file, unknown device, precision or format,
@@ -82,11 +87,11 @@ def load(
     if path is not None and is_package(path):
         if format == TORCHSCRIPT:
             raise ModelLoadError(f"{path} is a compiled package, not a TorchScript artifact")
-        return _from_package(read_package(path, dev), dev, precision)
+        return _from_package(_relabelled(read_package(path, dev), meta), dev, precision)
     if path is None and format != TORCHSCRIPT:
         found = default_package(dev, precision, build=format == PACKAGE, directory=cache_dir)
         if found is not None:
-            return _from_package(found, dev, precision)
+            return _from_package(_relabelled(found, meta), dev, precision)
     elif format == PACKAGE:
         raise ModelLoadError(
             f"{path} is a TorchScript artifact: compile it with python -m model compile --model {path}"
@@ -94,7 +99,7 @@ def load(
     if precision == "auto":
         precision = "fp32"  # measured reduced precisions come with compiled packages
     require(precision, dev)
-    artifact = default_artifact(cache_dir) if path is None else read_artifact(path)
+    artifact = _relabelled(default_artifact(cache_dir) if path is None else read_artifact(path), meta)
     if channels_last is None and dev.type == "cuda":
         recipe = measure_recipe(artifact, dev, precision, freeze)
         channels_last = recipe["channels_last"]
@@ -107,6 +112,13 @@ def load(
     segmenter = _checked(Segmenter(module, artifact, dev, precision, channels_last))
     segmenter.recipe = recipe
     return segmenter
+
+
+def _relabelled(artifact: Artifact, meta: Mapping[str, Any] | None) -> Artifact:
+    """``artifact`` with ``meta`` over its own metadata (checked as a file's is)."""
+    if not meta:
+        return artifact
+    return dataclasses.replace(artifact, meta=checked_meta(artifact.path, {**artifact.meta, **meta}))
 
 
 def _placed(artifact: Artifact, dev: torch.device, precision: str, channels_last: bool, freeze: bool):

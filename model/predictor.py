@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .artifact import PACKAGE, Artifact
+from .artifact import Artifact
 from .network import ModelConfig
 from .precision import PRECISIONS
 from .preprocess import (
@@ -93,8 +93,9 @@ class Segmenter:
 
     @property
     def max_batch(self) -> int | None:
-        """The largest batch a compiled package runs (None: no limit)."""
-        value = self.meta.get("max_batch") if self.format == PACKAGE else None
+        """The largest batch it runs (None: no limit): a compiled package's bound, or what
+        ``load(meta={"max_batch": ...})`` gave (Triton's ``max_batch_size``)."""
+        value = self.meta.get("max_batch")
         return int(value) if value else None
 
     @property

@@ -31,7 +31,7 @@ from model.rle import class_rles
 
 from .budget import MIB
 from .context import RequestContext
-from .errors import InvalidRequest, NotFound, PayloadTooLarge
+from .errors import InvalidRequest, NotFound, PayloadTooLarge, VersionNotLoaded
 from .imaging import size_problem
 from .interface import (
     CONFIDENCE,
@@ -64,11 +64,18 @@ SHARED_MEMORY_REFUSED = (
 
 
 def served_model(state, name: str, version: Optional[str]) -> ServedModel:
-    """The version serving ``name`` (and ``version``, when given), else 404."""
+    """The version serving ``name`` (and ``version``, when given), else 404: ``VersionNotLoaded``
+    for another version the model repository holds (it says which one serves)."""
     seg = state.segmenter
     if seg is None or name != seg.name:
         raise NotFound(f"unknown model '{name}'; this server serves '{seg.name if seg else '?'}'")
     if version is not None and version != seg.version:
+        if state.repository is not None and version in state.repository.versions(name):
+            raise VersionNotLoaded(
+                f"version '{version}' of model '{name}' is in the model repository but not loaded: version "
+                f"'{seg.version}' serves (chanseg serves one version of a model at a time; load another through "
+                "the repository's load call)"
+            )
         raise NotFound(f"unknown version '{version}' of model '{name}'; available: '{seg.version}'")
     return seg
 

@@ -36,6 +36,7 @@ __all__ = [
     "RequestTimeout",
     "InvalidRequest",
     "NotFound",
+    "VersionNotLoaded",
     "NotImplementedCall",
     "register_handlers",
     "responses",
@@ -175,6 +176,11 @@ class NotFound(ApiError):
     """404: unknown model name or version."""
 
     status, grpc_code = 404, "NOT_FOUND"
+
+
+class VersionNotLoaded(NotFound):
+    """404: a version of the model that is in the model repository but not the one serving
+    (gRPC's ``ModelReady`` answers ``ready: false`` for it, as Triton does)."""
 
 
 class Forbidden(ApiError):

@@ -22,7 +22,9 @@ A call is guarded like an HTTP request, before its message is read:
   asked: a unary handler would receive and parse the message first); only the calls
   that read no message are open (``ServerLive``, ``ServerReady``, ``ServerMetadata``):
   ``ModelReady``, open over HTTP, reads its name over gRPC, and an open read would let
-  anyone hold the memory budget, so it takes the key;
+  anyone hold the memory budget, so it takes the key; the model-repository calls
+  (:mod:`service.grpc_repository`) take the admin key (``ADMIN_API_KEY``, else ``API_KEY``),
+  as their HTTP routes do;
 - **the memory budget**: reading a message reserves twice ``MAX_UPLOAD_BYTES`` (the
   message, then its copy in Python) from the ``body`` ledger, as a chunked HTTP body
   does, shrunk to twice the message once it is read, held until the call ends; the
@@ -54,17 +56,20 @@ from tritonclient.grpc import service_pb2 as pb
 
 from . import dataplane
 from .context import RequestContext
-from .deps import check_api_key, check_ready, check_room
+from .deps import check_admin, check_api_key, check_ready, check_room
 from .errors import (
     ApiError,
+    Forbidden,
     InvalidRequest,
     NotImplementedCall,
     Overloaded,
     PayloadTooLarge,
     RequestTimeout,
     Unauthorized,
+    VersionNotLoaded,
 )
 from .grpc_codec import decode_infer_request, encode_infer_response
+from .grpc_repository import ADMIN_METHODS, repository_calls
 from .middleware import SAFE_REQUEST_ID
 from .pipeline import pool_call, reserve_output
 from .v2_codec import V2Error, V2TooLarge
@@ -103,18 +108,19 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):
         method = details.method.rpartition("/")[2]
         if method not in OPEN_METHODS:
+            check = check_admin if method in ADMIN_METHODS else check_api_key  # the repository: the admin key
             try:
-                check_api_key(self.state, dict(details.invocation_metadata or ()))
-            except Unauthorized as exc:
-                return self._refusal(method, exc.detail)
+                check(self.state, dict(details.invocation_metadata or ()))
+            except (Unauthorized, Forbidden) as exc:
+                return self._refusal(method, exc)
         return await continuation(details)
 
-    def _refusal(self, method: str, detail: str) -> grpc.RpcMethodHandler:
+    def _refusal(self, method: str, exc: ApiError) -> grpc.RpcMethodHandler:
         started, state = time.perf_counter(), self.state
 
         async def refuse(requests, context) -> None:
-            _count(state, method, 401, started)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, detail)
+            _count(state, method, exc.status, started)
+            await context.abort(grpc.StatusCode[exc.grpc_code], exc.detail)
 
         return grpc.stream_unary_rpc_method_handler(refuse)  # reads nothing
 
@@ -156,6 +162,7 @@ class InferenceService:
             "ModelInfer": self._infer,
             "ModelConfig": self._model_config,
             "ModelStatistics": self._model_statistics,
+            **repository_calls(self),
         }
         for kind in ("System", "Cuda"):
             for what in ("Status", "Register", "Unregister"):
@@ -248,7 +255,10 @@ class InferenceService:
 
     async def _model_ready(self, rpc, context, method) -> bytes:
         request = await self._parse(pb.ModelReadyRequest, rpc, context)
-        dataplane.served_model(self.state, request.name, request.version or None)
+        try:
+            dataplane.served_model(self.state, request.name, request.version or None)
+        except VersionNotLoaded:  # in the repository, not serving: not ready, as Triton answers
+            return pb.ModelReadyResponse(ready=False).SerializeToString()
         return pb.ModelReadyResponse(ready=dataplane.ready(self.state)).SerializeToString()
 
     async def _model_metadata(self, rpc, context, method) -> bytes:
@@ -315,8 +325,8 @@ class InferenceService:
 
     async def _unimplemented(self, rpc, context, method) -> bytes:
         raise NotImplementedCall(
-            f"chanseg does not implement {method}; it serves the Open Inference Protocol's health, metadata "
-            "and inference calls"
+            f"chanseg does not implement {method}; it serves the Open Inference Protocol's health, metadata, "
+            "inference and model-repository calls"
         )
 
 

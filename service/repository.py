@@ -2,7 +2,13 @@
 (``/v2/repository/...``, as Triton implements it) and ``SIGHUP`` (re-read ``MODEL_PATH``).
 
 Off unless ``MODEL_REPOSITORY`` names a folder: the server may then load any chanseg
-artifact or compiled package inside it, nothing outside it (``resolve``).
+artifact or compiled package inside it, nothing outside it (``resolve``), and the models
+laid out as Triton lays them out, ``<name>/<N>/model.pt`` with an optional
+``<name>/config.pbtxt`` (:mod:`service.triton_layout`): named by their folder, versioned
+by their version folder's number, a load without a path serving the version their
+``version_policy`` picks (the highest by default). ``MODEL_PATH`` may name such a model's
+folder, or one of its versions' files; unset, the repository's only Triton model (when it
+holds exactly one) is served from start-up, as Triton serves its repository's models.
 
 A load (``ModelRepository.load``) reads the new version and warms it up for every
 batch size the batcher forms, on the inference thread, as jobs in its queue (the
@@ -18,14 +24,13 @@ two versions are resident: a load waits for the version the last swap retired to
 from __future__ import annotations
 
 import asyncio
-import functools
 import gc
 import logging
 import os
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import model
 from model.loading import read_metadata
@@ -33,6 +38,16 @@ from model.loading import read_metadata
 from .errors import Conflict, DeadlineExceeded, Forbidden, InvalidRequest, NotReady
 from .interface import ServedModel
 from .resources import freeze_heap, release_free_memory, thaw_heap
+from .triton_layout import (
+    VERSION,
+    TritonLayoutError,
+    TritonModel,
+    TritonVersion,
+    model_folders,
+    prepared,
+    read_model,
+    triton_file,
+)
 from .warmup import (
     BatchChoice,
     MeasurementCache,
@@ -49,7 +64,11 @@ MAX_PATH = 1024  # characters of a path a load may name
 
 log = logging.getLogger("chanseg.repository")
 
-__all__ = ["ModelRepository"]
+__all__ = ["ModelRepository", "Target", "load_path"]
+
+# What a load reads: a file (chanseg's flat layout; None: the bundled model), or a version of
+# a model in Triton's layout.
+Target = Union[Optional[Path], TritonVersion]
 
 
 class ModelRepository:
@@ -61,6 +80,11 @@ class ModelRepository:
         self._lock = asyncio.Lock()
         self._retired: Optional[weakref.ref] = None
         self.last_swap: Dict[str, Any] = {}  # what the last load measured (for the log and tests)
+        # The repository file each loaded Triton version came from (a plain TorchScript one
+        # serves from its wrapped copy in the cache), and the versions of each model the
+        # last scan saw: what the data plane tells apart from an unknown version, without I/O.
+        self._origin: "weakref.WeakKeyDictionary[ServedModel, Path]" = weakref.WeakKeyDictionary()
+        self._versions: Dict[str, Tuple[str, ...]] = {}
 
     def _need(self) -> Path:
         if self.root is None:
@@ -102,36 +126,77 @@ class ModelRepository:
                     continue
         return sorted(set(found))
 
+    def versions(self, name: str) -> Tuple[str, ...]:
+        """The versions of model ``name`` the last index or load saw in the repository (no I/O)."""
+        return self._versions.get(name, ())
+
     def index(self) -> List[dict]:
-        """Each chanseg artifact or package in the repository: name, version, path, state
-        (``READY`` for the one serving, else ``UNAVAILABLE``) and why not. Reads files:
-        call it off the event loop."""
+        """Each model in the repository: every version of each Triton-layout model (or one row
+        saying why the model cannot be served), then each chanseg artifact or package
+        elsewhere; with name, version, path, state (``READY`` for the one serving, else
+        ``UNAVAILABLE``) and why not. Reads files: call it off the event loop."""
         root = self._need()
         served = self.state.segmenter
-        serving = Path(served.path).resolve() if served is not None and served.path else None
-        rows = []
+        serving = self._origin.get(served) if served is not None else None
+        if serving is None and served is not None and served.path:
+            serving = Path(served.path).resolve()
+
+        def row(name: str, version: str, path: str, ready: bool, reason: str = "not loaded") -> dict:
+            state, reason = ("READY", "") if ready else ("UNAVAILABLE", reason)
+            return {"name": name, "version": version, "path": path, "state": state, "reason": reason}
+
+        rows: List[dict] = []
+        seen: Dict[str, List[str]] = {}  # the versions of each model
+        triton = model_folders(root)
+        for name in triton:
+            seen[name] = []
+            try:
+                found = read_model(root, name)
+            except TritonLayoutError as exc:
+                rows.append(row(name, "", name, False, self._shown(exc)))
+                continue
+            versions = [TritonVersion(found, v) for v in found.versions]
+            seen[name] = [str(v) for v in found.versions]
+            rows.extend(row(name, str(v.version), v.shown, v.path == serving) for v in versions)
+            if not versions:
+                rows.append(row(name, "", name, False, f"no version folder (<number>/{found.model_file})"))
         for path in self._files():
+            parts = path.relative_to(root).parts
+            if len(parts) == 3 and parts[0] in triton and VERSION.fullmatch(parts[1]):
+                continue  # a file of a Triton model's version folder: listed above
             try:
                 config, meta = read_metadata(path)
             except model.ModelLoadError:
                 continue  # not a model: a README, a checksum file
-            ready = path == serving
-            rows.append(
-                {
-                    "name": str(meta.get("name", config.name)),
-                    "version": str(meta.get("version", "0")),
-                    "path": str(path.relative_to(root)),
-                    "state": "READY" if ready else "UNAVAILABLE",
-                    "reason": "" if ready else "not loaded",
-                }
-            )
+            name, version = str(meta.get("name", config.name)), str(meta.get("version", "0"))
+            if name not in triton:  # a load of that name serves the Triton model
+                seen.setdefault(name, []).append(version)
+            rows.append(row(name, version, str(path.relative_to(root)), path == serving))
+        self._versions = {name: tuple(versions) for name, versions in seen.items()}
         return rows
 
-    def find(self, name: str, given: Optional[str]) -> Path:
-        """The file to load for model ``name``: ``given``, or the only artifact of that name.
-        Reads files: call it off the event loop."""
+    def _remember(self, found: TritonModel) -> TritonModel:
+        self._versions[found.name] = tuple(str(v) for v in found.versions)
+        return found
+
+    def find(self, name: str, given: Optional[str]) -> Target:
+        """What to load for model ``name``: ``given``, or for a model in Triton's layout the
+        version its policy picks, or the only artifact of that name. Reads files: call it
+        off the event loop."""
+        root = self._need()
         if given is not None:
             path = self.resolve(given)
+            try:
+                version = triton_file(root, path)
+            except TritonLayoutError as exc:
+                raise InvalidRequest(f"failed to load {self._shown(exc)}; {self._kept()}") from None
+            if version is not None:
+                if version.model.name != name:
+                    raise InvalidRequest(
+                        f"{given} is a version of model '{version.model.name}', not '{name}'"
+                    )
+                self._remember(version.model)
+                return version
             try:
                 config, meta = read_metadata(path)
             except model.ModelLoadError as exc:
@@ -140,6 +205,11 @@ class ModelRepository:
             if found != name:
                 raise InvalidRequest(f"{given} holds model '{found}', not '{name}'")
             return path
+        if name in model_folders(root):
+            try:
+                return self._remember(read_model(root, name)).chosen()
+            except TritonLayoutError as exc:
+                raise InvalidRequest(f"failed to load {self._shown(exc)}; {self._kept()}") from None
         matches = [row["path"] for row in self.index() if row["name"] == name]
         if len(matches) != 1:
             what = "no artifact" if not matches else f"{len(matches)} artifacts ({', '.join(matches)})"
@@ -159,18 +229,13 @@ class ModelRepository:
             since = time.monotonic()
 
             async def bring_up() -> tuple:
-                new = given or await state.on_inference_thread(
-                    "loading the model",
-                    functools.partial(
-                        model.load,
-                        s.model_path,
-                        s.device,
-                        s.precision,
-                        format=s.model_format,
-                        cache_dir=s.cache_dir,
-                    ),
-                    since=since,
-                )
+                if given is not None:
+                    new = given
+                else:
+                    target = await asyncio.get_running_loop().run_in_executor(None, self.start_up_target)
+                    new = await state.on_inference_thread(
+                        "loading the model", self._reader(target), since=since
+                    )
                 log.info(
                     "model %s %s loaded on %s (%s, %s)",
                     new.name,
@@ -193,8 +258,55 @@ class ModelRepository:
             await state.on_inference_thread("releasing memory", release_free_memory)  # what measuring freed
             return new
 
-    async def load(self, path: Path) -> ServedModel:
-        """Load ``path``, warm it up and swap it in; the old version keeps serving if any step
+    def start_up_target(self) -> Target:
+        """What start-up (and ``SIGHUP``) loads: ``MODEL_PATH``, or the version of a Triton-layout
+        model it names (its folder, or inside ``MODEL_REPOSITORY`` a version's folder or file;
+        the folder of one outside it is read as a repository of that one model); with
+        ``MODEL_PATH`` unset, the repository's only Triton-layout model, else the bundled model
+        (None). Reads files: off the event loop.
+
+        Raises:
+            TritonLayoutError: the model named cannot be served (why)."""
+        given, root = self.state.settings.model_path, self.root
+        if given is None:
+            names = model_folders(root) if root is not None else []
+            if len(names) > 1:
+                log.info(
+                    "MODEL_PATH unset: %d Triton-layout models in the repository, none served", len(names)
+                )
+            return self._remember(read_model(root, names[0])).chosen() if len(names) == 1 else None
+        path = given.resolve()
+        if root is None or not path.is_relative_to(root):
+            if not path.is_dir():
+                return given
+            root = path.parent
+        parts = path.relative_to(root).parts
+        if path.is_dir() and len(parts) == 1:
+            return self._remember(read_model(root, parts[0])).chosen()
+        if path.is_dir() and len(parts) == 2 and VERSION.fullmatch(parts[1]):
+            return TritonVersion(self._remember(read_model(root, parts[0])), int(parts[1]))
+        version = triton_file(root, path) if path.is_file() else None
+        if version is not None:
+            self._remember(version.model)
+        return version or given
+
+    def _reader(self, target: Target) -> Callable[[], ServedModel]:
+        """``target`` read and placed: a job for the inference thread (a plain TorchScript
+        version of a Triton-layout model is wrapped first, once: ``triton_layout.prepared``)."""
+        s = self.state.settings
+
+        def read() -> ServedModel:
+            if not isinstance(target, TritonVersion):
+                return model.load(target, s.device, s.precision, format=s.model_format, cache_dir=s.cache_dir)
+            path, meta = prepared(target, s.cache_dir)
+            new = model.load(path, s.device, s.precision, format=s.model_format, meta=meta)
+            self._origin[new] = target.path
+            return new
+
+        return read
+
+    async def load(self, target: Target) -> ServedModel:
+        """Load ``target``, warm it up and swap it in; the old version keeps serving if any step
         fails. Loading and warming up must end within LOAD_TIMEOUT_S (else 504, and liveness
         fails while the inference thread is still in it: ``ServerState.stuck``)."""
         if self._lock.locked():
@@ -204,20 +316,23 @@ class ModelRepository:
             await self._wait_for_retired()
             s, state = self.state.settings, self.state
             started = time.perf_counter()
+            shown = _shown_target(target)
             try:
-                new, loaded, seconds = await asyncio.wait_for(self._load_and_warm_up(path), s.load_timeout_s)
+                new, loaded, seconds = await asyncio.wait_for(
+                    self._load_and_warm_up(target), s.load_timeout_s
+                )
             except asyncio.TimeoutError:
                 what = state.loading[0] if state.loading else "loading"
                 log.error(
-                    "model at %s refused: not loaded within LOAD_TIMEOUT_S (%s still running)", path, what
+                    "model at %s refused: not loaded within LOAD_TIMEOUT_S (%s still running)", shown, what
                 )
                 raise DeadlineExceeded(
-                    f"{path.name} did not load and warm up within LOAD_TIMEOUT_S ({s.load_timeout_s:g} s): "
+                    f"{shown} did not load and warm up within LOAD_TIMEOUT_S ({s.load_timeout_s:g} s): "
                     f"{what} is still running on the inference thread; {self._kept()}, and liveness fails "
                     "while the thread stays in it"
                 ) from None
             except Exception as exc:  # any failure refuses the version: the one serving stays
-                log.error("model at %s refused: %s: %s; %s", path, type(exc).__name__, exc, self._kept())
+                log.error("model at %s refused: %s: %s; %s", shown, type(exc).__name__, exc, self._kept())
                 raise InvalidRequest(f"failed to load {self._shown(exc)}; {self._kept()}") from None
             old = await self._serve(new, seconds)
             self.last_swap = {
@@ -247,12 +362,12 @@ class ModelRepository:
         """MAX_BATCH_SIZE: the setting, the measurement kept in the cache, or a fresh
         measurement (then kept); and every used size warmed up, with its batch time."""
         s, state = self.state.settings, self.state
-        most = segmenter.max_batch or s.auto_batch_limit  # a compiled package's bound
+        most = segmenter.max_batch or s.auto_batch_limit  # a compiled package's bound, config.pbtxt's
         if s.max_batch_size != "auto":
             if s.max_batch_size > most:
                 raise model.ModelLoadError(
-                    f"MAX_BATCH_SIZE ({s.max_batch_size}) is more than the compiled package runs ({most}): "
-                    "lower it, or compile the package for larger batches"
+                    f"MAX_BATCH_SIZE ({s.max_batch_size}) is more than the model runs ({most}: a compiled package's "
+                    "bound, or config.pbtxt's max_batch_size): lower it, or compile the package for larger batches"
                 )
             choice = BatchChoice(s.max_batch_size, "setting")
             return choice, await state.on_inference_thread(
@@ -302,14 +417,11 @@ class ModelRepository:
             since=since,
         )
 
-    async def _load_and_warm_up(self, path: Path) -> tuple:
+    async def _load_and_warm_up(self, target: Target) -> tuple:
         """(the new version, when it was loaded, its warmed sizes' batch times)."""
         s, state, since = self.state.settings, self.state, time.monotonic()
-        new = await self.state.on_inference_thread(
-            f"loading {path.name}",
-            functools.partial(model.load, path, s.device, s.precision, format=s.model_format),
-            since=since,
-        )
+        shown = _shown_target(target)
+        new = await self.state.on_inference_thread(f"loading {shown}", self._reader(target), since=since)
         if new.max_batch is not None and new.max_batch < state.max_batch_size:
             raise model.ModelLoadError(
                 f"it runs batches of at most {new.max_batch}, this server forms {state.max_batch_size}"
@@ -317,7 +429,7 @@ class ModelRepository:
         loaded = time.perf_counter()
 
         def run(fn, *args):
-            return self.state.on_inference_thread(f"warming up {path.name}", fn, *args, since=since)
+            return self.state.on_inference_thread(f"warming up {shown}", fn, *args, since=since)
 
         return new, loaded, await warm_up_in_turns(new, state.max_batch_size, s.auto_batch_budget_s, run)
 
@@ -342,12 +454,14 @@ class ModelRepository:
             raise NotReady(f"the model repository cannot act now: {problem[1]}; the server must be restarted")
 
     async def reload(self) -> None:
-        """``SIGHUP``: load ``MODEL_PATH`` again (a file replaced on disk), swapped in like any load."""
+        """``SIGHUP``: load ``MODEL_PATH`` again (a file replaced on disk; for a Triton-layout
+        model, the version its policy picks now), swapped in like any load."""
         if self.root is None:
             log.warning("SIGHUP ignored: reloading is off (MODEL_REPOSITORY unset)")
             return
         try:
-            await self.load(self.state.settings.model_path)
+            target = await asyncio.get_running_loop().run_in_executor(None, self.start_up_target)
+            await self.load(target)
         except Exception as exc:  # refused or busy: logged by load, or here
             log.error("SIGHUP reload of %s failed: %s", self.state.settings.model_path, exc)
 
@@ -403,3 +517,27 @@ class ModelRepository:
                 freeze_heap()
         self._retired = None
         await self.state.on_inference_thread("releasing memory", release_free_memory)
+
+
+def _shown_target(target: Target) -> str:
+    if isinstance(target, TritonVersion):
+        return target.shown
+    return target.name if target is not None else "the bundled model"
+
+
+def load_path(parameters: Dict[str, Any]) -> Optional[str]:
+    """The ``path`` parameter of a load (HTTP's body ``parameters``, gRPC's ``parameters``
+    map): a file in the repository, or None. Triton's ``config`` (a model config to load
+    instead of the repository's) and ``file:<name>`` (model files uploaded with the call)
+    are refused: chanseg loads only what is in the repository, and writes nothing there."""
+    refused = sorted(k for k in parameters if k == "config" or k.startswith("file:"))
+    if refused:
+        shown = ", ".join(k[:100] for k in refused[:5])
+        raise InvalidRequest(
+            f"load parameters {shown}: chanseg does not load a config or files sent with the call; put the model "
+            'in the model repository and name it, or one of its files with {"path": "<file in the repository>"}'
+        )
+    path = parameters.get("path")
+    if path is not None and not isinstance(path, str):
+        raise InvalidRequest("parameters.path must be a string: a file in the model repository")
+    return path

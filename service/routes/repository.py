@@ -1,8 +1,10 @@
 """The Open Inference Protocol's model-repository extension, as Triton has it:
 ``POST /v2/repository/index``, ``POST /v2/repository/models/{name}/load`` (body
-``{"parameters": {"path": "<file in MODEL_REPOSITORY>"}}``, optional when the
-repository holds one artifact of that name) and ``.../unload``. 403 while
-``MODEL_REPOSITORY`` is unset. The work is :mod:`service.repository`'s.
+``{"parameters": {"path": "<file in MODEL_REPOSITORY>"}}``, optional for a model in
+Triton's layout, whose version policy picks, and when the repository holds one artifact
+of that name; Triton's ``config`` and ``file:...`` parameters are refused) and
+``.../unload``. 403 while ``MODEL_REPOSITORY`` is unset. The work is
+:mod:`service.repository`'s; the gRPC calls (:mod:`service.grpc_repository`) answer alike.
 
 The admin API, guarded against web pages and clumsy clients (``deps.check_admin``):
 a browser's request from another origin is 403 (the request carries ``Origin``), the
@@ -32,6 +34,7 @@ from ..errors import (
     responses,
 )
 from ..pipeline import pool_call
+from ..repository import load_path
 
 router = APIRouter(prefix="/v2/repository", tags=["v2 repository"])
 
@@ -89,15 +92,13 @@ def _path_parameter(doc: dict) -> Optional[str]:
     parameters = doc.get("parameters", {})
     if not isinstance(parameters, dict):
         raise InvalidRequest("'parameters' must be an object")
-    path = parameters.get("path")
-    if path is not None and not isinstance(path, str):
-        raise InvalidRequest("parameters.path must be a string: a file in the model repository")
-    return path
+    return load_path(parameters)
 
 
 @router.post("/index", name="v2_repository", dependencies=[Admin], responses=_ERRORS)
 async def index(request: Request, state: State) -> JSONResponse:
-    """Every chanseg model file in the repository, with its name, version and state."""
+    """Every model in the repository (each version of a Triton-layout model, each chanseg
+    file elsewhere), with its name, version and state."""
     doc = await _json(request, state)
     repository = state.repository
     rows = await pool_call(state, repository.index)
