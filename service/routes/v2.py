@@ -81,7 +81,8 @@ async def server_metadata(state: State) -> dict:
 _SHARED_MEMORY_ROUTE = dict(
     name="v2_shared_memory",
     methods=["GET", "POST"],
-    responses=responses(InvalidRequest),
+    dependencies=[Authorized],  # as over gRPC, where every call but the server's health takes the key
+    responses=responses(InvalidRequest, Unauthorized),
     include_in_schema=False,
 )
 
