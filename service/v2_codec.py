@@ -333,6 +333,8 @@ def _json_array(name: str, datatype: str, data: Any, shape: Tuple[int, ...]) -> 
 def _loads(header: Union[bytes, memoryview]) -> Any:
     try:
         return v2_json.loads(bytes(header))
+    except v2_json.TooManyValues as exc:
+        raise V2TooLarge(str(exc)) from None
     except ValueError as exc:  # orjson's JSONDecodeError (also too deep, or bad UTF-8), or ours
         raise V2Error(f"request header is not valid JSON: {exc}") from None
 

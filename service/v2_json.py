@@ -27,16 +27,24 @@ from typing import Any, List, Sequence, Tuple
 import numpy as np
 import orjson
 
-__all__ = ["loads", "Numbers", "MIN_CUT"]
+__all__ = ["loads", "Numbers", "MIN_CUT", "MAX_PARSED_VALUES", "TooManyValues"]
 
 MIN_CUT = 64 << 10  # a data array shorter than this is left to orjson
+# Values orjson may parse in one request (what is not cut out): it holds the lock
+# throughout, ~10 ms for this many here; more went in a long data array, or is refused.
+MAX_PARSED_VALUES = 1 << 17
 _PIECE = 1 << 20  # bytes per bytes operation: each holds the lock for about a millisecond
+_FIRST_PIECE = 4 << 10  # where an array ends is looked for in pieces growing from this
 _NUMERIC = b"0123456789.eE+-"
 _SPACE = b" \t\r\n"
 _ALPHABET = _NUMERIC + _SPACE + b",[]"  # what a numeric array's text is made of
 _BRACKETS_TO_SPACES = bytes.maketrans(b"[]", b"  ")
 # np.fromstring warns when it stops early; the count says so (Numbers.array).
 warnings.filterwarnings("ignore", "string or file could not be read to its end", DeprecationWarning)
+
+
+class TooManyValues(ValueError):
+    """More values outside the inputs' data than :data:`MAX_PARSED_VALUES`."""
 
 
 class Numbers:
@@ -53,7 +61,11 @@ class Numbers:
         count = math.prod(shape)
         shape = list(shape) or [count]
         skeleton = _pieces(self.text, lambda piece: piece.translate(None, _NUMERIC + _SPACE))
-        if skeleton not in (_skeleton([count]), _skeleton(shape)):
+        # Built only at the skeleton's own length (a shape of many 1s would make a nested
+        # skeleton far longer than any text): so never longer than the request.
+        if not any(
+            _skeleton_length(s) == len(skeleton) and skeleton == _skeleton(s) for s in ([count], shape)
+        ):
             raise ValueError(
                 f"input '{name}': 'data' must be a flat list of {count} numbers, or nested as the shape {list(shape)}"
             )
@@ -79,6 +91,16 @@ def _pieces(text: bytes, fn) -> bytes:
     return b"".join(fn(text[i : i + _PIECE]) for i in range(0, len(text), _PIECE))
 
 
+def _skeleton_length(shape: List[int]) -> int:
+    """``len(_skeleton(shape))``, without making it: per level, two brackets and the
+    commas between the items of each list."""
+    total, lists = 0, 1
+    for size in shape:
+        total += lists * (2 + max(0, size - 1))
+        lists *= size
+    return total
+
+
 def _skeleton(shape: List[int]) -> bytes:
     """The brackets and commas of a list nested as ``shape``, without the values."""
     inner = b"[" + b"," * max(0, shape[-1] - 1) + b"]"
@@ -88,12 +110,16 @@ def _skeleton(shape: List[int]) -> bytes:
 
 
 def _first_outside(text: bytes, start: int) -> int:
-    """The index of the first byte at or after ``start`` that no numeric array holds."""
-    for at in range(start, len(text), _PIECE):
-        piece = text[at : at + _PIECE]
+    """The index of the first byte at or after ``start`` that no numeric array holds;
+    the pieces looked at grow from :data:`_FIRST_PIECE`, so a short array costs little
+    however many there are."""
+    at, size = start, _FIRST_PIECE
+    while at < len(text):
+        piece = text[at : at + size]
         others = piece.translate(None, _ALPHABET)
         if others:
             return at + piece.index(others[:1])
+        at, size = at + size, min(2 * size, _PIECE)
     return len(text)
 
 
@@ -142,6 +168,12 @@ def loads(text: bytes) -> Any:
     """The document, each input's long numeric ``data`` a :class:`Numbers`. ``ValueError``
     (orjson's ``JSONDecodeError`` is one) for text that is not JSON."""
     short, cut, marker = _cut(text)
+    values = short.count(b",") + 1  # at most: commas also separate keys, and sit in strings
+    if values > MAX_PARSED_VALUES:
+        raise TooManyValues(
+            f"the JSON holds up to {values} values outside its inputs' numeric data, over the limit of "
+            f"{MAX_PARSED_VALUES}: numbers of a tensor go in an input's 'data' (or in binary)"
+        )
     doc = orjson.loads(short)
     if not cut:
         return doc
