@@ -127,7 +127,6 @@ def model_config(state, name: str, version: Optional[str]) -> dict:
     seg = served_model(state, name, version)
     s = state.settings
     classes = seg.config.num_classes
-    scalar = {"dims": [1], "reshape": {"shape": []}}
     device = seg.device
     group = {
         "name": f"{seg.name}_0",
@@ -156,7 +155,7 @@ def model_config(state, name: str, version: Optional[str]) -> dict:
             {"name": MASK, "data_type": "TYPE_UINT8", "dims": [-1, -1]},
             {"name": PROBABILITIES, "data_type": "TYPE_FP32", "dims": [classes, -1, -1]},
             {"name": CONFIDENCE, "data_type": "TYPE_UINT8", "dims": [-1, -1]},
-            {"name": MASK_RLE, "data_type": "TYPE_STRING", **scalar},
+            {"name": MASK_RLE, "data_type": "TYPE_STRING", "dims": [1], "reshape": {"shape": []}},
         ],
         "dynamic_batching": {
             "preferred_batch_size": [state.max_batch_size] if state.max_batch_size else [],
@@ -173,17 +172,13 @@ def model_config(state, name: str, version: Optional[str]) -> dict:
 def model_statistics(state, name: Optional[str], version: Optional[str]) -> dict:
     """Triton's statistics extension: ``{"model_stats": [...]}`` for ``name`` (every model
     when None; a name this server never served is 404), each version since it was loaded."""
-    if name:
-        seg = state.segmenter
-        known = {row["name"] for row in state.statistics.report()} | ({seg.name} if seg else set())
-        if name not in known:
-            raise NotFound(f"unknown model '{name}'; this server serves '{seg.name if seg else '?'}'")
-    rows = state.statistics.report(name or None, version or None)
     seg = state.segmenter
-    if not rows and seg is not None and name in (None, "", seg.name) and version in (None, "", seg.version):
-        rows = [state.statistics.of(seg.name, seg.version).as_dict()]  # loaded, not asked yet: zeros
-    if version and not rows:
-        raise NotFound(f"no statistics for version '{version}' of model '{name}'")
+    if seg is not None:
+        state.statistics.of(seg.name, seg.version)  # the serving version is listed from its load: zeros
+    rows = state.statistics.report(name or None, version or None)
+    if name and not rows:
+        what = f"version '{version}' of model '{name}'" if version else f"model '{name}'"
+        raise NotFound(f"no statistics for {what}; this server serves '{seg.name if seg else '?'}'")
     return {"model_stats": rows}
 
 

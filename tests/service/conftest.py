@@ -146,11 +146,18 @@ SHARED_AUTH = {"authorization": f"Bearer {SHARED_KEY}"}
 
 class ServerProcess(ServiceProcess):
     """``python -m service`` on the CPU, batches of up to 4, its log in ``tmp``;
-    ``artifact=None``: the bundled model. (The launcher is the benchmarks' own.)"""
+    ``artifact=None``: the bundled model; ``grpc``: gRPC on a free port too, at
+    ``grpc_url``. (The launcher is the benchmarks' own.)"""
 
-    def __init__(self, artifact: Optional[str], tmp: Path, port: Optional[int] = None, **env: str) -> None:
+    def __init__(
+        self, artifact: Optional[str], tmp: Path, port: Optional[int] = None, grpc: bool = False, **env: str
+    ) -> None:
         port = port or free_port()
         settings = {"CHANSEG_DEVICE": "cpu", "CHANSEG_MAX_BATCH_SIZE": "4", "CHANSEG_LOG_LEVEL": "info"}
+        if grpc:
+            grpc_port = free_port()
+            settings["CHANSEG_GRPC_PORT"] = str(grpc_port)
+            self.grpc_url = f"127.0.0.1:{grpc_port}"
         if artifact is not None:
             settings["CHANSEG_MODEL_PATH"] = artifact
         if os.environ.get("LD_PRELOAD"):
@@ -163,14 +170,9 @@ def shared_server(tiny_artifact, tmp_path_factory):
     """One real ``python -m service`` on the tiny model for the whole run, HTTP and gRPC
     (``shared_server.grpc_url``), behind ``SHARED_KEY``: the tests of real clients
     (tritonclient over HTTP and gRPC) share it rather than start one a module."""
-    grpc_port = free_port()
     proc = ServerProcess(
-        tiny_artifact,
-        tmp_path_factory.mktemp("shared"),
-        CHANSEG_GRPC_PORT=str(grpc_port),
-        CHANSEG_API_KEY=SHARED_KEY,
+        tiny_artifact, tmp_path_factory.mktemp("shared"), grpc=True, CHANSEG_API_KEY=SHARED_KEY
     )
-    proc.grpc_url = f"127.0.0.1:{grpc_port}"
     try:
         proc.wait_ready()
         yield proc

@@ -175,9 +175,7 @@ def _slow_server(tmp_path, **env) -> ServerProcess:
     model.export_torchscript(
         make_net(ModelConfig(widths=(8, 16, 32), input_size=(256, 256), name="slow")), slow
     )
-    port = free_port()
-    proc = ServerProcess(str(slow), tmp_path, CHANSEG_GRPC_PORT=str(port), **env)
-    proc.grpc_url = f"127.0.0.1:{port}"
+    proc = ServerProcess(str(slow), tmp_path, grpc=True, **env)
     try:
         proc.wait_ready()
     except BaseException:

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import model
-from testbed.processes import free_port
 from tests.conftest import TINY, make_net
 from tests.real_parts import missing
 from tests.service.conftest import (
@@ -226,12 +225,10 @@ def triton_server(tmp_path_factory):
     API key and an admin key of its own."""
     tmp = tmp_path_factory.mktemp("triton-server")
     root = triton_repository(tmp / "repo")
-    grpc_port = free_port()
     proc = ServerProcess(
-        None, tmp, CHANSEG_MODEL_REPOSITORY=str(root), CHANSEG_GRPC_PORT=str(grpc_port),
+        None, tmp, grpc=True, CHANSEG_MODEL_REPOSITORY=str(root),
         CHANSEG_API_KEY="user-key", CHANSEG_ADMIN_API_KEY="admin-key", CHANSEG_CACHE_DIR=str(tmp / "cache"),
     )  # fmt: skip
-    proc.grpc_url = f"127.0.0.1:{grpc_port}"
     try:
         proc.wait_ready()
         yield proc
