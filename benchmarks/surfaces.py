@@ -1,6 +1,6 @@
-"""The attacks of issue 31 against a real ``python -m service``, measured: memory and
-``/healthz`` latency while hostile gRPC calls are in flight, and the outcome of model
-loads after an unload and of a quick rollback.
+"""The attacks of issues 31 and 34 against a real ``python -m service``, measured: memory
+and ``/healthz`` latency while hostile gRPC calls or v2 JSON bodies are in flight, and the
+outcome of model loads after an unload and of a quick rollback.
 
     python -m benchmarks.surfaces                 # this checkout
     python -m benchmarks.surfaces --root ../old   # another checkout (before/after)
@@ -13,7 +13,11 @@ calls ended:
 - ``unauthenticated``: 16 gRPC ``ModelInfer`` calls of 30 MiB of raw contents, no key;
 - ``empty-bytes``: 8 calls of 15 M empty ``bytes_contents``, no key;
 - ``typed``: 8 keyed calls with 15 M values of ``uint_contents``;
-- ``unload-load``, ``rollback``: unload then load; load B, then A, no request between.
+- ``unload-load``, ``rollback``: unload then load; load B, then A, no request between;
+- ``json-keys``: 4 keyed v2 bodies of 200,000 one-value ``data`` arrays (11 MB each);
+- ``json-params``: 4 keyed bodies of 16 M numbers under ``parameters`` (32 MB each);
+- ``json-1024``: 8 keyed 1024x1024 RGB images as nested JSON (``image.tolist()``, 13 MB);
+- ``deflate-bomb``: 8 keyed 40 KB deflate bodies that inflate to 40 MiB.
 """
 
 from __future__ import annotations
@@ -124,6 +128,50 @@ def _messages() -> Dict[str, Callable[[], tuple]]:
     return {"unauthenticated": raw30, "empty-bytes": empty_bytes, "typed": typed}
 
 
+def _http_posts(url: str, requests: List[tuple]) -> Dict[str, int]:
+    """Each (body, headers) POSTed to the model's v2 infer at once: the outcomes counted."""
+
+    def one(request: tuple) -> str:
+        body, headers = request
+        r = httpx.post(url + "/v2/models/chanseg/infer", content=body, headers=headers, timeout=120)
+        return str(r.status_code) if r.status_code == 200 else f"{r.status_code}: {r.json()['error'][:60]}"
+
+    outcomes: Dict[str, int] = {}
+    with ThreadPoolExecutor(len(requests)) as pool:
+        for outcome in pool.map(one, requests):
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return outcomes
+
+
+def _bodies() -> Dict[str, Callable[[], List[tuple]]]:
+    import zlib
+
+    import numpy as np
+
+    auth = {"authorization": f"Bearer {KEY}"}
+
+    def keys() -> List[tuple]:
+        item = b'{"name":"IMAGE","datatype":"UINT8","shape":[1],"data":[1]}'
+        return [(b'{"inputs":[' + b",".join([item] * 200_000) + b"]}", auth)] * 4
+
+    def params() -> List[tuple]:
+        return [(b'{"inputs":[],"parameters":{"x":[' + b"1," * 15_999_999 + b"1]}}", auth)] * 4
+
+    def image1024() -> List[tuple]:
+        pixels = np.random.default_rng(0).integers(0, 256, (1, 1024, 1024, 3))
+        doc = {
+            "inputs": [
+                {"name": "IMAGE", "datatype": "UINT8", "shape": [1, 1024, 1024, 3], "data": pixels.tolist()}
+            ]
+        }
+        return [(json.dumps(doc, separators=(",", ":")).encode(), auth)] * 8
+
+    def bomb() -> List[tuple]:
+        return [(zlib.compress(b" " * (40 * MIB), 9), {**auth, "content-encoding": "deflate"})] * 8
+
+    return {"json-keys": keys, "json-params": params, "json-1024": image1024, "deflate-bomb": bomb}
+
+
 def _repository_outcomes(server: ServiceProcess) -> Dict[str, str]:
     """A request, unload, then load; then load B, load A with no request between: status codes and times."""
     auth = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
@@ -169,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name, version in (("a.pt", "a"), ("b.pt", "b")):
             model.export_torchscript(net, repo / name, config, version=version)
         del net
-        scenarios = [*_messages(), "repository"]
+        scenarios = [*_messages(), *_bodies(), "repository"]
         for name in [s for s in scenarios if not args.only or s in args.only]:
             grpc_port = free_port()
             env = {
@@ -185,10 +233,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                     for what, outcome in _repository_outcomes(server).items():
                         print(f"{what:24s} {outcome}", flush=True)
                     continue
-                requests, metadata = _messages()[name]()
-                with Watch(server) as watch:
-                    outcomes = _grpc_calls(f"127.0.0.1:{grpc_port}", requests, metadata)
-                    time.sleep(0.5)
+                if name in _bodies():
+                    requests = _bodies()[name]()
+                    with Watch(server) as watch:
+                        outcomes = _http_posts(server.url, requests)
+                        time.sleep(0.5)
+                else:
+                    requests, metadata = _messages()[name]()
+                    with Watch(server) as watch:
+                        outcomes = _grpc_calls(f"127.0.0.1:{grpc_port}", requests, metadata)
+                        time.sleep(0.5)
                 print(
                     f"{name:16s} idle {watch.idle / MIB:5.0f} MiB, peak +{(watch.peak - watch.idle) / MIB:5.0f} MiB, "
                     f"after +{(watch.after - watch.idle) / MIB:5.0f} MiB; /healthz worst {watch.worst_ms:6.0f} ms; "

@@ -30,6 +30,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from .v2_codec import (
     DTYPES,
+    MAX_DIMS,
     InferRequest,
     Output,
     Tensor,
@@ -45,7 +46,6 @@ __all__ = ["MAX_FIELDS", "MAX_DESCRIPTION_BYTES", "decode_infer_request", "encod
 MAX_FIELDS = 1024
 # What protobuf parses: the request less its payloads (names, shapes, parameters, id, outputs).
 MAX_DESCRIPTION_BYTES = 64 << 10
-_MAX_DIMS = 16
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 # ModelInferRequest: 5 inputs, 7 raw_input_contents; InferInputTensor: 5 contents;
 # InferTensorContents: 4 uint_contents, 8 bytes_contents (1-7 numbers of each type).
@@ -194,8 +194,8 @@ def _tensor(described, walked: _Input, raw: Optional[memoryview]) -> Tensor:
     name, datatype = described.name, described.datatype
     if datatype not in DTYPES and datatype != "BYTES":
         raise V2Error(f"input '{name}': unknown datatype {datatype}")
-    if len(described.shape) > _MAX_DIMS:
-        raise V2Error(f"input '{name}': {len(described.shape)} dimensions, at most {_MAX_DIMS}")
+    if len(described.shape) > MAX_DIMS:
+        raise V2Error(f"input '{name}': {len(described.shape)} dimensions, at most {MAX_DIMS}")
     shape = tuple(int(d) for d in described.shape)
     if any(d < 0 for d in shape):
         raise V2Error(f"input '{name}': negative dimension in shape {list(shape)}")

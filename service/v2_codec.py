@@ -51,6 +51,7 @@ __all__ = [
     "encode_response",
     "request_schema",
     "DTYPES",
+    "MAX_DIMS",
 ]
 
 DTYPES = {
@@ -88,13 +89,16 @@ _DATA_SCHEMA = {
     "items": {"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "boolean"}, {"type": "array"}]},
 }
 Dim = Annotated[StrictInt, Field(ge=0)]
+# Dimensions of one tensor: a shape's element count is their product, and a product of
+# 131,072 huge dimensions (fits in 2.7 MB of JSON) takes ~55 s with the lock held.
+MAX_DIMS = 16
 
 
 class RequestInput(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     name: StrictStr
-    shape: List[Dim]
+    shape: Annotated[List[Dim], Field(max_length=MAX_DIMS)]
     datatype: Datatype
     parameters: Optional[Dict[str, Any]] = Field(
         None, description="binary_data_size: the byte count of this input's data after the JSON header"

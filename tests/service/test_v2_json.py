@@ -143,3 +143,22 @@ def test_a_shape_of_many_ones_builds_no_skeleton_longer_than_the_request():
     assert v2_json.Numbers(flat).array("IMAGE", shape, integers=True).size == n  # flat data fits any shape
     for small in ([3], [2, 3], [1, 4, 5, 3], [2, 1, 1, 3]):
         assert v2_json._skeleton_length(small) == len(v2_json._skeleton(small))
+
+
+def test_a_shape_of_many_huge_dimensions_is_refused_before_its_product():
+    """131,072 dimensions of 2**64-1 fit in 2.7 MB: their product took ~55 s with the lock
+    held, then its message could not be written (a 500). At most MAX_DIMS, as over gRPC."""
+    from service.v2_codec import MAX_DIMS
+
+    shape = [2**64 - 1] * 100_000
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "IMAGE", "datatype": "UINT8", "shape": shape, "parameters": {"binary_data_size": 0}}
+            ]
+        }
+    ).encode()
+    started = time.perf_counter()
+    with pytest.raises(V2Error, match=f"at most {MAX_DIMS}"):
+        decode_request(body, str(len(body)))
+    assert time.perf_counter() - started < 5
