@@ -24,7 +24,7 @@ from benchmarks.client import GrpcClient, v2_binary
 from benchmarks.loadgen import measure
 from testbed import perf_analyzer
 from testbed.images import IMAGE_SETS
-from testbed.processes import ServiceProcess, free_port
+from testbed.processes import ServiceProcess
 
 
 def main() -> None:
@@ -37,11 +37,10 @@ def main() -> None:
         raise SystemExit("perf_analyzer is not installed: python -m testbed.perf_analyzer install")
     png = IMAGE_SETS["png256"]()[0]
     pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-    grpc_port = free_port()
-    env = {"CHANSEG_DEVICE": "cpu", "CHANSEG_GRPC_PORT": str(grpc_port), "CHANSEG_LOG_LEVEL": "warning"}
+    env = {"CHANSEG_DEVICE": "cpu", "CHANSEG_LOG_LEVEL": "warning"}
     if args.model_path:
         env["CHANSEG_MODEL_PATH"] = args.model_path
-    server = ServiceProcess(env)
+    server = ServiceProcess(env, grpc=True)
     rows = []
     try:
         server.wait_ready(300)
@@ -51,11 +50,9 @@ def main() -> None:
             for protocol in ("http", "grpc"):
                 for concurrency in args.concurrency:
                     ours = asyncio.run(
-                        _harness(server.url, grpc_port, name, png, protocol, concurrency, args.window)
+                        _harness(server.url, server.grpc_url, name, png, protocol, concurrency, args.window)
                     )
-                    target = (
-                        f"127.0.0.1:{grpc_port}" if protocol == "grpc" else server.url.removeprefix("http://")
-                    )
+                    target = server.grpc_url if protocol == "grpc" else server.url.removeprefix("http://")
                     theirs = perf_analyzer.run(
                         target, name, data, concurrency, protocol, window_ms=int(args.window * 1000)
                     )
@@ -75,10 +72,10 @@ def main() -> None:
 
 
 async def _harness(
-    url: str, grpc_port: int, name: str, png: bytes, protocol: str, concurrency: int, window: float
+    url: str, grpc_url: str, name: str, png: bytes, protocol: str, concurrency: int, window: float
 ):
     payload = v2_binary(png)
-    client = GrpcClient(f"127.0.0.1:{grpc_port}", name, 60.0) if protocol == "grpc" else None
+    client = GrpcClient(grpc_url, name, 60.0) if protocol == "grpc" else None
     return await measure(
         url,
         [payload],

@@ -26,7 +26,7 @@ from benchmarks.client import GrpcClient, multipart, v2_binary
 from benchmarks.loadgen import measure
 from testbed.allocators import ALLOCATORS, find_library
 from testbed.images import make_images
-from testbed.processes import ServiceProcess, free_port
+from testbed.processes import ServiceProcess
 
 
 async def _one(
@@ -53,14 +53,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--max-windows", type=int, default=5)
     parser.add_argument("--model", help="artifact (default: the bundled model)")
     args = parser.parse_args(argv)
-    port = free_port()
-    env = {"CHANSEG_DEVICE": "cpu", "CHANSEG_GRPC_PORT": str(port), "CHANSEG_LOG_LEVEL": "warning"}
+    env = {"CHANSEG_DEVICE": "cpu", "CHANSEG_LOG_LEVEL": "warning"}
     if args.model:
         env["CHANSEG_MODEL_PATH"] = args.model
     tcmalloc = find_library(ALLOCATORS["tcmalloc"])
     if tcmalloc:
         env["LD_PRELOAD"] = tcmalloc
-    server = ServiceProcess(env)
+    server = ServiceProcess(env, grpc=True)
     try:
         server.wait_ready(600)
         import httpx
@@ -75,7 +74,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
         for c in args.concurrency:
             for protocol in ("predict", "v2-http", "v2-grpc"):
-                m = asyncio.run(_one(server.url, f"127.0.0.1:{port}", model_name, protocol, c, image, args))
+                m = asyncio.run(_one(server.url, server.grpc_url, model_name, protocol, c, image, args))
                 print(
                     f"{protocol:<10} {c:>3} {m.images_per_s:>8.1f} {m.p50_ms:>8.1f} {m.p99_ms:>8.1f} "
                     f"{m.client_cpu_ms_per_request:>14.2f} {m.status:>9}"

@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional
 
 import httpx
 
-from testbed.processes import ROOT, ServiceProcess, free_port
+from testbed.processes import ROOT, ServiceProcess
 
 KEY = "surfaces-key"
 MIB = 1 << 20
@@ -219,14 +219,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         del net
         scenarios = [*_messages(), *_bodies(), "repository"]
         for name in [s for s in scenarios if not args.only or s in args.only]:
-            grpc_port = free_port()
             env = {
-                "CHANSEG_DEVICE": "cpu", "CHANSEG_GRPC_PORT": str(grpc_port), "CHANSEG_API_KEY": KEY,
+                "CHANSEG_DEVICE": "cpu", "CHANSEG_API_KEY": KEY,
                 "CHANSEG_MODEL_REPOSITORY": str(repo), "CHANSEG_MODEL_PATH": str(repo / "a.pt"),
                 "CHANSEG_MAX_BATCH_SIZE": "4", "CHANSEG_LOG_LEVEL": "warning", "TMPDIR": tmp,
             }  # fmt: skip
             log = Path(tmp) / f"server-{name}.log"
-            server = ServiceProcess(env, log=log, root=args.root)  # a fresh server per scenario
+            server = ServiceProcess(env, log=log, root=args.root, grpc=True)  # a fresh server per scenario
             try:
                 server.wait_ready(240)
                 if name == "repository":
@@ -241,7 +240,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 else:
                     requests, metadata = _messages()[name]()
                     with Watch(server) as watch:
-                        outcomes = _grpc_calls(f"127.0.0.1:{grpc_port}", requests, metadata)
+                        outcomes = _grpc_calls(server.grpc_url, requests, metadata)
                         time.sleep(0.5)
                 print(
                     f"{name:16s} idle {watch.idle / MIB:5.0f} MiB, peak +{(watch.peak - watch.idle) / MIB:5.0f} MiB, "

@@ -46,16 +46,27 @@ class ServiceProcess:
     ``LD_PRELOAD``), its output in ``log``. The benchmarks and the tests both start
     the server through this; ``wait_ready`` polls ``/readyz``.
 
-    ``root``: the source tree it runs (another checkout: ``benchmarks.ab``).
-    Attributes: ``port``, ``url``, ``log`` (the file, or None), ``proc`` (the Popen)."""
+    ``root``: the source tree it runs (another checkout: ``benchmarks.ab``); ``grpc``:
+    gRPC on a free port too. Attributes: ``port``, ``url``, ``grpc_url`` (``host:port``, or
+    None), ``log`` (the file, or None), ``proc`` (the Popen)."""
 
     def __init__(
-        self, env: Dict[str, str], log: Optional[Path] = None, port: Optional[int] = None, root: Path = ROOT
+        self,
+        env: Dict[str, str],
+        log: Optional[Path] = None,
+        port: Optional[int] = None,
+        root: Path = ROOT,
+        grpc: bool = False,
     ) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         settings = {"CHANSEG_HOST": "127.0.0.1", "CHANSEG_PORT": str(self.port), **env}
+        self.grpc_url = None
+        if grpc:
+            grpc_port = free_port()
+            settings["CHANSEG_GRPC_PORT"] = str(grpc_port)
+            self.grpc_url = f"127.0.0.1:{grpc_port}"
         with contextlib.ExitStack() as stack:
             out = stack.enter_context(open(log, "wb")) if log else subprocess.DEVNULL
             self.proc = subprocess.Popen(

@@ -147,22 +147,18 @@ SHARED_AUTH = {"authorization": f"Bearer {SHARED_KEY}"}
 class ServerProcess(ServiceProcess):
     """``python -m service`` on the CPU, batches of up to 4, its log in ``tmp``;
     ``artifact=None``: the bundled model; ``grpc``: gRPC on a free port too, at
-    ``grpc_url``. (The launcher is the benchmarks' own.)"""
+    ``grpc_url``. (The launcher is the benchmarks' own: testbed.processes.)"""
 
     def __init__(
         self, artifact: Optional[str], tmp: Path, port: Optional[int] = None, grpc: bool = False, **env: str
     ) -> None:
         port = port or free_port()
         settings = {"CHANSEG_DEVICE": "cpu", "CHANSEG_MAX_BATCH_SIZE": "4", "CHANSEG_LOG_LEVEL": "info"}
-        if grpc:
-            grpc_port = free_port()
-            settings["CHANSEG_GRPC_PORT"] = str(grpc_port)
-            self.grpc_url = f"127.0.0.1:{grpc_port}"
         if artifact is not None:
             settings["CHANSEG_MODEL_PATH"] = artifact
         if os.environ.get("LD_PRELOAD"):
             settings["LD_PRELOAD"] = os.environ["LD_PRELOAD"]
-        super().__init__({**settings, **env}, log=tmp / f"server-{port}.log", port=port)
+        super().__init__({**settings, **env}, log=tmp / f"server-{port}.log", port=port, grpc=grpc)
 
 
 @pytest.fixture(scope="session")
