@@ -22,7 +22,7 @@ from .compiled import compile_package, is_package, read_meta, read_package
 from .data import FolderDataset, SyntheticShapes, synthetic_sample
 from .devices import DEVICE_HELP, resolve_device
 from .export import build_network, export_torchscript, read_artifact
-from .imported import ModelImportError, exportable, import_torchscript
+from .imported import IMAGENET_MEAN, IMAGENET_STD, ModelImportError, exportable, import_torchscript
 from .loading import load
 from .network import ModelConfig
 from .precision import PRECISIONS
@@ -291,8 +291,8 @@ def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
     )
     p.add_argument("--classes", required=True, help="class names, comma-separated, one per output channel")
     p.add_argument("--input-size", required=True, type=int, nargs=2, metavar=("H", "W"))
-    p.add_argument("--mean", type=float, nargs=3, default=[0.485, 0.456, 0.406], help="default: ImageNet's")
-    p.add_argument("--std", type=float, nargs=3, default=[0.229, 0.224, 0.225], help="default: ImageNet's")
+    p.add_argument("--mean", type=float, nargs=3, default=list(IMAGENET_MEAN), help="default: ImageNet's")
+    p.add_argument("--std", type=float, nargs=3, default=list(IMAGENET_STD), help="default: ImageNet's")
     p.add_argument("--name", help="the model's name (default: the file's stem)")
     p.add_argument("--version", default="1")
     p.add_argument("--output-key", help="the logits' key when the module returns a dict (torchvision: out)")

@@ -32,6 +32,9 @@ from .artifact import ModelLoadError
 from .export import export_torchscript, script
 from .network import ModelConfig, check_identifier
 
+# Per-channel normalisation most pretrained encoders expect: an imported model's default.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 __all__ = ["import_torchscript", "exportable", "ModelImportError"]
 
 
@@ -68,8 +71,8 @@ def import_torchscript(
     out: str | os.PathLike,
     class_names: Sequence[str],
     input_size: Sequence[int],
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
     name: Optional[str] = None,
     version: str = "1",
     output_key: Optional[str] = None,

@@ -32,6 +32,7 @@ class RequestContext:
     timeout_s: float  # REQUEST_TIMEOUT_S: from ``started`` to the deadline
     started: float = field(default_factory=time.monotonic)  # time.monotonic()
     wait_gone: Callable[[], Awaitable[None]] = _never  # returns once the client has gone away
+    id_given: bool = False  # request_id is the client's (X-Request-ID, gRPC x-request-id), not made here
     leases: List[Lease] = field(default_factory=list)
     released: bool = False
     # For the access log: filled in once the images were computed.

@@ -8,7 +8,7 @@ what it returns; nothing here knows HTTP or gRPC. (KServe's layering: ``infer_ty
 The model's v2 inputs and outputs:
 
 - inputs (exactly one per request): ``IMAGE``, ``UINT8 [N, H, W, 3]`` RGB pixels, or
-  ``IMAGE_BYTES``, ``BYTES [N]`` encoded image files;
+  ``IMAGE_BYTES``, ``BYTES [N]`` (or ``[N, 1]``, as the metadata describes it) encoded image files;
 - outputs: ``MASK`` ``UINT8 [N, H, W]`` class ids (by default); when requested,
   ``PROBABILITIES`` ``FP32 [N, C, H, W]``, ``CONFIDENCE`` ``UINT8 [N, H, W]`` (the top
   class's probability x 255) and ``MASK_RLE`` ``BYTES [N]`` (per image a JSON document: per
@@ -172,11 +172,9 @@ def model_config(state, name: str, version: Optional[str]) -> dict:
 def model_statistics(state, name: Optional[str], version: Optional[str]) -> dict:
     """Triton's statistics extension: ``{"model_stats": [...]}`` for ``name`` (every model
     when None; a name this server never served is 404), each version since it was loaded."""
-    seg = state.segmenter
-    if seg is not None:
-        state.statistics.of(seg.name, seg.version)  # the serving version is listed from its load: zeros
     rows = state.statistics.report(name or None, version or None)
     if name and not rows:
+        seg = state.segmenter
         what = f"version '{version}' of model '{name}'" if version else f"model '{name}'"
         raise NotFound(f"no statistics for {what}; this server serves '{seg.name if seg else '?'}'")
     return {"model_stats": rows}

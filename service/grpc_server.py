@@ -132,7 +132,10 @@ def _request_context(state, rpc: grpc.aio.ServicerContext, metadata: Dict[str, A
     safe = isinstance(given, str) and SAFE_REQUEST_ID.fullmatch(given) is not None
     ended = asyncio.Event()
     context = RequestContext(
-        given if safe else uuid.uuid4().hex, state.settings.request_timeout_s, wait_gone=ended.wait
+        given if safe else uuid.uuid4().hex,
+        state.settings.request_timeout_s,
+        wait_gone=ended.wait,
+        id_given=safe,
     )
 
     def done(_rpc) -> None:
@@ -178,7 +181,8 @@ class InferenceService:
 
     def _handled(self, method: str, fn) -> Callable:
         """A behaviour for grpc: ``fn(rpc, context, method)``, its ApiError answered with the
-        error's gRPC code, the call counted (not the health checks: as HTTP's probes)."""
+        error's gRPC code, the call counted in the metrics (not ``ServerLive``/``ServerReady``,
+        which probes call every few seconds; HTTP's probes are counted, only not logged)."""
         state = self.state
 
         async def behavior(requests, rpc) -> bytes:
@@ -201,8 +205,6 @@ class InferenceService:
                 )
                 await rpc.abort(grpc.StatusCode.INTERNAL, "internal server error")
             finally:
-                if context.released:  # a lease taken after the call ended (the client went away meanwhile)
-                    context.release()
                 context.finish(status < 400)
                 if method not in ("ServerLive", "ServerReady"):
                     _count(state, method, status, started)
@@ -299,8 +301,9 @@ class InferenceService:
         except V2Error as exc:
             raise InvalidRequest(str(exc)) from None
         seg = dataplane.served_model(state, name, version or None)
-        named = dict(rpc.invocation_metadata() or ()).get("x-request-id") == context.request_id
-        if not named and req.id and SAFE_REQUEST_ID.fullmatch(req.id):  # no x-request-id: the message's id
+        if (
+            not context.id_given and req.id and SAFE_REQUEST_ID.fullmatch(req.id)
+        ):  # no x-request-id: the message's id
             context.request_id = req.id
         converting = None  # typed numbers are converted on the I/O pool, at up to 3x their bytes for a moment
         if any(t.packed is not None for t in req.inputs):

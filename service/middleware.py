@@ -148,7 +148,9 @@ class RequestMiddleware:
                 pass
 
         # Not scope["state"]: that dict is shared with the lifespan state by some servers.
-        context = scope["chanseg"] = RequestContext(request_id, self.request_timeout_s, wait_gone=wait_gone)
+        context = scope["chanseg"] = RequestContext(
+            request_id, self.request_timeout_s, wait_gone=wait_gone, id_given=request_id == given
+        )
         try:
             if connection.get("over_capacity"):
                 await self._refuse(

@@ -128,14 +128,10 @@ def pool_call(state, fn, *args):
     return asyncio.get_running_loop().run_in_executor(state.pool, fn, *args)
 
 
-def _remaining(deadline: float) -> float:
-    return max(0.0, deadline - time.monotonic())
-
-
-async def _reserve(state, nbytes: int, deadline: float, what: str) -> Lease:
+async def _reserve(state, context: RequestContext, nbytes: int, what: str) -> Lease:
     """Work-ledger memory for ``what``, waiting at most until the request's deadline."""
     try:
-        return await state.work_budget.reserve(nbytes, timeout=_remaining(deadline))
+        return await state.work_budget.reserve(nbytes, timeout=context.remaining())
     except BudgetExceeded as exc:
         raise PayloadTooLarge(
             f"{what} needs {exc.nbytes / MIB:.0f} MiB, more than this server may use for it "
@@ -158,7 +154,7 @@ async def preprocess(
     pinned to); the first bad image raises. ``check`` sees every image's (height, width)
     from the headers, before anything is decoded."""
     s, segmenter, hist = state.settings, served, state.metrics.preprocess
-    target, deadline = tuple(segmenter.config.input_size), context.deadline
+    target = tuple(segmenter.config.input_size)
 
     if state.batcher is None:
         announce = contextlib.nullcontext()
@@ -192,7 +188,7 @@ async def preprocess(
         else:
             cost, what = item.cost, f"decoding {name} ({item.width}x{item.height} {item.mode})"
         with state.tracing.span("decode", **{"chanseg.image": name}):
-            lease = await _reserve(state, cost, deadline, what)
+            lease = await _reserve(state, context, cost, what)
             try:
                 return await pool_call(state, prepare, name, item, started, cost >= LARGE)
             finally:
@@ -246,18 +242,18 @@ async def segment(
     if batcher is None:  # requests that got in before a drain still finish: no draining check here
         raise NotReady("the model is not ready yet", retry_after_s=5)
     rid, deadline = context.request_id, context.deadline
-    context.model_stats = state.statistics.of(served.name, served.version)
     try:
         jobs = batcher.submit(
             [InferItem(im.tensor, probabilities, confidence, rid, served) for im in images], deadline
         )
     except QueueFull as exc:
         raise overloaded(exc) from None
+    context.model_stats = state.statistics.of(served.name, served.version)  # in the queue: it counts
     gathered = asyncio.gather(*(job.future for job in jobs))
     watcher = asyncio.create_task(context.wait_gone())
     try:
         done, _ = await asyncio.wait(
-            {gathered, watcher}, timeout=_remaining(deadline), return_when=asyncio.FIRST_COMPLETED
+            {gathered, watcher}, timeout=context.remaining(), return_when=asyncio.FIRST_COMPLETED
         )
     finally:
         watcher.cancel()
@@ -347,7 +343,7 @@ async def encode_masks(
         copies = (mask is not None) + (mask == "rle") + (result.confidence is not None)
         cost = mask_encode_cost(image.size) * max(1, copies)
         with state.tracing.span("encode", **{"chanseg.image": image.name}):
-            lease = await _reserve(state, cost, context.deadline, f"the mask of {image.name}")
+            lease = await _reserve(state, context, cost, f"the mask of {image.name}")
             try:
                 return await pool_call(state, encode, result, image.size, cost >= LARGE)
             finally:
@@ -358,6 +354,6 @@ async def encode_masks(
 
 async def reserve_output(state, context: RequestContext, nbytes: int, what: str) -> Lease:
     """Reserve a response's memory (within the request's deadline) until it has been sent."""
-    lease = await _reserve(state, nbytes, context.deadline, what)
+    lease = await _reserve(state, context, nbytes, what)
     context.hold(lease)
     return lease

@@ -483,6 +483,7 @@ class ModelRepository:
         old, self.state.segmenter = self.state.segmenter, new
         if new is not None:
             self.state.metrics.set_model(new.name, new.version, str(new.device), new.precision)
+            self.state.statistics.of(new.name, new.version)  # listed from now on, at zero until asked
         else:
             self.state.metrics.model_info.info({})
         return old

@@ -24,8 +24,12 @@ from model.precision import PRECISIONS
 __all__ = ["Settings", "JSON_PARSE_COST"]
 
 MIB = 1 << 20
-# Bytes of memory per byte of a JSON body while it is parsed into numbers
-# (Python lists, then an int64 array): measured 3.7 (flat data) to 9.7 (nested) here.
+# Bytes of memory per byte of a JSON body while it is parsed into numbers, beside the
+# body: long data arrays are read by numpy (service.v2_json: text copies, then an int64
+# array), measured 4.3 (random pixels) to 6.5 (all zeros, 2 bytes a value) times the body
+# for a 1024x1024 image (tracemalloc); the rest goes to orjson as Python objects, at most
+# v2_json.MAX_PARSED_VALUES values (~24x, a few MiB at most). 12 was measured for the
+# lists every value once became (3.7 flat to 9.7 nested), and is kept: it covers both.
 JSON_PARSE_COST = 12
 _DEFAULT_BUDGET_MB = 1024
 _DEFAULT_UPLOAD = 32 * MIB

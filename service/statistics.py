@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 __all__ = ["Statistics", "VersionStatistics"]
 
-MAX_VERSIONS = 16  # versions kept (each load adds one): the oldest not serving is dropped
+MAX_VERSIONS = 16  # versions kept (each load adds one): the least recently used is dropped
 
 
 class _Duration:
@@ -107,6 +107,8 @@ class Statistics:
         self._versions: "OrderedDict[Tuple[str, str], VersionStatistics]" = OrderedDict()
 
     def of(self, name: str, version: str) -> VersionStatistics:
+        """The figures of ``version``, created at its first use (its load: ``ModelRepository._swap``);
+        each use keeps it from being dropped, so the serving version is not."""
         key = (name, version)
         with self._lock:
             found = self._versions.get(key)
@@ -114,6 +116,8 @@ class Statistics:
                 found = self._versions[key] = VersionStatistics(name, version)
                 while len(self._versions) > MAX_VERSIONS:
                     self._versions.popitem(last=False)
+            else:
+                self._versions.move_to_end(key)
             return found
 
     def report(self, name: Optional[str] = None, version: Optional[str] = None) -> List[dict]:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from model.artifact import ModelLoadError
+from model.imported import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["TritonLayoutError", "read_config", "specific", "plain_name", "described", "CONFIG_FILE"]
 
@@ -48,7 +49,6 @@ MAX_CONFIG_BYTES = 1 << 20
 MAX_LABELS_BYTES = 1 << 20
 MAX_SIDE = 4096  # of the input size: a plain model is checked on a batch of two at that size
 MAX_CLASSES = 256  # masks are uint8 class ids
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _REFUSED = {
     "ensemble_scheduling": "an ensemble is a pipeline of models, not one chanseg can run",
     "sequence_batching": "chanseg has no stateful sequences",
@@ -164,7 +164,7 @@ def plain_name(value: str, field: str, name: str) -> str:
 
 
 def described(name: str, folder: Path, config) -> Dict[str, Any]:
-    """The :func:`import_torchscript` arguments for a plain TorchScript version of ``found``:
+    """The :func:`import_torchscript` arguments for a plain TorchScript version of model ``name``:
     class names, input size, mean, std, channels_last_input; and ``max_batch``."""
     where = f"{name}/{CONFIG_FILE}"
     if config is None:

@@ -69,14 +69,21 @@ class Numbers:
             raise ValueError(
                 f"input '{name}': 'data' must be a flat list of {count} numbers, or nested as the shape {list(shape)}"
             )
+        # Needed, not only for the message: np.fromstring reads an empty value between
+        # separators and spaces ("1, ,1") as 0.
         squeezed = _pieces(self.text, lambda piece: piece.translate(None, _SPACE))
         if any(gap in squeezed for gap in (b",,", b"[,", b",]", b"[]")):
             raise ValueError(f"input '{name}': 'data' has an empty value")
         del squeezed
         numbers = _pieces(self.text, lambda piece: piece.translate(_BRACKETS_TO_SPACES))
-        dtype = np.int64 if integers and not any(c in self.text for c in (b".", b"e", b"E")) else np.float64
+        text = self.text  # searched a piece at a time, as everything here
+        fractions = any(
+            text.find(c, at, at + _PIECE) >= 0 for at in range(0, len(text), _PIECE) for c in b".eE"
+        )
         try:  # the lock is let go while it parses; it stops at the first word that is not a number
-            values = np.fromstring(numbers, dtype=dtype, sep=",")
+            values = np.fromstring(
+                numbers, dtype=np.int64 if integers and not fractions else np.float64, sep=","
+            )
         except (DeprecationWarning, ValueError):  # that stop, where warnings are errors
             values = np.empty(0)
         if values.size != count:

@@ -56,6 +56,7 @@ N = 60_000  # [1, 100, 200, 3]: over MIN_CUT, so numpy reads it
         (f"[{_ones(N - 1)}]", "flat list of 60000 numbers"),  # a value short
         (f"[{_ones(N)},]", "flat list of 60000"),  # a trailing comma
         (f"[{_ones(N - 1)},]", "empty"),  # a value missing, the commas right
+        (f"[{_ones(N // 2)}, ,{_ones(N // 2 - 1)}]", "empty"),  # np.fromstring would read it as 0
         (f"[{_ones(N // 2)},,{_ones(N // 2 - 1)}]", "empty"),
         (f"[{_ones(N - 1)},1 2]", "not a number"),  # two values, no comma between
         (f"[{_ones(N - 1)},x]", "not valid JSON"),  # not numeric text: orjson's to refuse
