@@ -22,7 +22,7 @@ import stat
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from safetensors.torch import load_file
@@ -89,6 +89,13 @@ def fallback_cache_dir() -> Optional[Path]:
     return path
 
 
+def cache_places(directory: str | os.PathLike | None = None) -> List[Path]:
+    """Where cached files are looked for and written, in order: ``directory`` (else
+    :func:`cache_dir`), then this user's private fallback when there is one."""
+    primary = Path(directory) if directory is not None else cache_dir()
+    return [primary] + ([fallback] if (fallback := fallback_cache_dir()) is not None else [])
+
+
 def _writable(directory: Path) -> bool:
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -142,20 +149,23 @@ def _cached(directory: str | os.PathLike | None) -> tuple[Path, Artifact]:
     weights = default_weights()
     root = Path(directory) if directory is not None else cache_dir()
     name = f"default-{key}.pt"
-    if (root / name).is_file():  # a read-only cache (a container's) is fine when it holds the file
-        try:
-            return root / name, read_artifact(root / name)
-        except ModelLoadError as exc:
-            log.warning("rebuilding corrupt cached artifact %s: %s", root / name, exc)
+
+    def reused(path: Path) -> Optional[tuple[Path, Artifact]]:
+        if path.is_file():  # a read-only cache (a container's) is fine when it holds the file
+            try:
+                return path, read_artifact(path)
+            except ModelLoadError as exc:
+                log.warning("rebuilding corrupt cached artifact %s: %s", path, exc)
+        return None
+
+    if found := reused(root / name):
+        return found
     if not _writable(root):
         fallback = fallback_cache_dir() or Path(tempfile.mkdtemp(prefix="chanseg-cache-"))
         log.warning("cache directory %s is not writable; using %s", root, fallback)
         root = fallback
-        if (root / name).is_file():
-            try:
-                return root / name, read_artifact(root / name)
-            except ModelLoadError as exc:
-                log.warning("rebuilding corrupt cached artifact %s: %s", root / name, exc)
+        if found := reused(root / name):
+            return found
     path = root / name
     config = ModelConfig.from_json(config_text)
     net = build_network(config, load_file(str(weights)))

@@ -31,8 +31,7 @@ from model.artifact import ModelLoadError
 from model.imported import import_torchscript
 from model.loading import read_metadata
 from model.network import check_identifier
-from model.pretrained import cache_dir as default_cache_dir
-from model.pretrained import fallback_cache_dir
+from model.pretrained import cache_places
 
 from . import triton_config
 from .triton_config import CONFIG_FILE, TritonLayoutError, plain_name, read_config, specific
@@ -194,9 +193,7 @@ def _wrapped(version: TritonVersion, path: Path, described: Dict[str, Any], cach
     }  # fmt: skip
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     filename = f"{version.model.name}-{version.version}-{name}.pt"
-    places = [Path(cache) if cache is not None else default_cache_dir()]
-    if (fallback := fallback_cache_dir()) is not None:
-        places.append(fallback)
+    places = cache_places(cache)
     for place in places:
         if (place / "triton" / filename).is_file():
             return place / "triton" / filename

@@ -35,7 +35,7 @@ import torch
 import model
 from model.artifact import written_atomically
 from model.hardware import device_description
-from model.pretrained import cache_dir, fallback_cache_dir
+from model.pretrained import cache_places
 
 from .resources import allocator
 
@@ -261,8 +261,7 @@ class MeasurementCache:
         self.key = key
         name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         self.filename = f"batch-size-{name}.json"
-        primary = Path(directory) if directory is not None else cache_dir()
-        self.places = [primary] + ([fallback] if (fallback := fallback_cache_dir()) is not None else [])
+        self.places = cache_places(directory)
 
     def load(self) -> Optional[BatchChoice]:
         for place in self.places:
