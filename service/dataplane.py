@@ -182,7 +182,11 @@ def model_statistics(state, name: Optional[str], version: Optional[str]) -> dict
 
 async def infer(state, seg: ServedModel, context: RequestContext, req: InferRequest, parse_lease=None):
     """An infer request, decoded, to its outputs (to encode) and timings. ``parse_lease``:
-    the memory of the request's parsed form, released once its images are prepared."""
+    the memory of the request's parsed form; once its tensor is materialised, it keeps only
+    what the images take until they are prepared (then it is released), so a request that
+    waits for decoding memory does not hold its parse's peak meanwhile: eight 1024x1024
+    JSON images at once held the whole work budget that way, and each waited for the
+    others until its deadline."""
     s = state.settings
     try:
         tensor = _input(req.inputs, s)
@@ -211,6 +215,8 @@ async def infer(state, seg: ServedModel, context: RequestContext, req: InferRequ
     except V2Error as exc:
         raise InvalidRequest(str(exc)) from None
     del tensor
+    if parse_lease is not None:
+        parse_lease.shrink(sum(getattr(source, "nbytes", None) or len(source) for _, source in sources))
     prepared = await preprocess(state, seg, context, sources, check=check)
     del sources
     if parse_lease is not None:

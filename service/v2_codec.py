@@ -334,9 +334,9 @@ def _json_array(name: str, datatype: str, data: Any, shape: Tuple[int, ...]) -> 
     return array.astype(target).ravel()
 
 
-def _loads(header: Union[bytes, memoryview]) -> Any:
+def _loads(header: bytes) -> Any:
     try:
-        return v2_json.loads(bytes(header))
+        return v2_json.loads(header)
     except v2_json.TooManyValues as exc:
         raise V2TooLarge(str(exc)) from None
     except ValueError as exc:  # orjson's JSONDecodeError (also too deep, or bad UTF-8), or ours
@@ -366,7 +366,8 @@ def decode_request(body: Union[bytes, memoryview], header_length: Optional[str])
         header, binary = view[:n], view[n:]
     else:
         header, binary = view, memoryview(b"")
-    doc = _loads(header)
+    # The whole body is the JSON: read it as it is, not a copy of it (up to MAX_JSON_BYTES).
+    doc = _loads(body if header_length is None and isinstance(body, bytes) else bytes(header))
     if not isinstance(doc, dict):
         raise V2Error("request must be a JSON object with a non-empty 'inputs' list")
     try:

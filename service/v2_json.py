@@ -175,7 +175,8 @@ def loads(text: bytes) -> Any:
     """The document, each input's long numeric ``data`` a :class:`Numbers`. ``ValueError``
     (orjson's ``JSONDecodeError`` is one) for text that is not JSON."""
     short, cut, marker = _cut(text)
-    values = short.count(b",") + 1  # at most: commas also separate keys, and sit in strings
+    # At most (commas also separate keys, and sit in strings); a piece at a time.
+    values = 1 + sum(short.count(b",", at, at + _PIECE) for at in range(0, len(short), _PIECE))
     if values > MAX_PARSED_VALUES:
         raise TooManyValues(
             f"the JSON holds up to {values} values outside its inputs' numeric data, over the limit of "

@@ -244,3 +244,71 @@ def test_a_refusal_sent_before_the_body_is_read_reaches_a_blocking_client(server
     assert status == 413 and words in text.decode(), text
     assert closed
     assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def _healthz_worst_ms(server, during) -> tuple:
+    """``during()`` run while /healthz is polled every 10 ms: (its result, the slowest answer in ms)."""
+    import threading
+
+    worst, stop = [0.0], threading.Event()
+
+    def poll():
+        with httpx.Client(timeout=10) as client:
+            while not stop.is_set():
+                started = time.perf_counter()
+                client.get(server.url + "/healthz")
+                worst[0] = max(worst[0], (time.perf_counter() - started) * 1000)
+                time.sleep(0.01)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        result = during()
+    finally:
+        stop.set()
+        poller.join()
+    return result, worst[0]
+
+
+V2_JSON_ATTACKS = {
+    # Each one-value data array's end was looked for in a 1 MiB piece: quadratic (119 s for 11 MB).
+    "many short data arrays": (
+        b'{"inputs":['
+        + b",".join([b'{"name":"IMAGE","datatype":"UINT8","shape":[1],"data":[1]}'] * 120_000)
+        + b"]}",
+        413,
+        "outside its inputs' numeric data",
+    ),
+    # orjson holds the lock while it parses: numbers under another key held it 316 ms (16 M).
+    "numbers under parameters": (
+        b'{"inputs":[],"parameters":{"x":[' + b"1," * 3_500_000 + b"1]}}",
+        413,
+        "outside",
+    ),
+    # The product of 100,000 huge dimensions: ~40 s with the lock held, then a 500.
+    "a shape of 100,000 huge dimensions": (
+        json.dumps(
+            {"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [2**64 - 1] * 100_000, "data": [1]}]}
+        ).encode(),
+        400,
+        "at most 16",
+    ),
+}
+
+
+@pytest.mark.parametrize("body, status, words", V2_JSON_ATTACKS.values(), ids=V2_JSON_ATTACKS.keys())
+def test_hostile_v2_json_is_refused_fast_while_healthz_answers(server, body, status, words):
+    """Issue 34's reader of long JSON numbers, attacked as issue 31's surfaces were."""
+
+    def send() -> list:
+        return [httpx.post(server.url + "/v2/models/tiny/infer", content=body, timeout=60) for _ in range(3)]
+
+    started = time.perf_counter()
+    answers, worst_ms = _healthz_worst_ms(server, send)
+    assert [r.status_code for r in answers] == [status] * 3, answers[0].text
+    assert words in answers[0].json()["error"]
+    assert time.perf_counter() - started < 30
+    assert worst_ms < 1000, worst_ms  # a readiness probe's timeout (measured here: see the note)
+    print(
+        f"\n{len(body) / 1e6:.1f} MB x3: {time.perf_counter() - started:.2f} s, /healthz worst {worst_ms:.0f} ms"
+    )

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -139,3 +140,28 @@ def test_healthz_answers_fast_while_the_largest_v2_requests_run(tiny_artifact, t
     # one failure takes the pod out of the Service (deploy/k8s); here the median is
     # under 1 ms, the worst 15-220 ms (scheduling on 2 vCPUs).
     assert walls[len(walls) // 2] < 10 and walls[-1] < 1000, walls[-10:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_eight_json_images_at_once_are_all_served(tiny_artifact, tmp_path):
+    """Issue 34: eight 1024x1024 JSON images at once each held their parse's reservation
+    (12x the JSON) while waiting for decoding memory: the work budget was full of waiters,
+    and all eight got 503 or 504 at their deadline. The reservation shrinks to the pixels
+    once the tensor is read."""
+    body = _json_image(1024, 1024, ["MASK"], nested=True)
+    server = ServerProcess(tiny_artifact, tmp_path, CHANSEG_LOG_LEVEL="warning")
+    try:
+        server.wait_ready()
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(
+                pool.map(
+                    lambda _: httpx.post(server.url + "/v2/models/tiny/infer", content=body, timeout=120),
+                    range(8),
+                )
+            )
+    finally:
+        server.stop()
+    assert [r.status_code for r in answers] == [200] * 8, [
+        r.text[:100] for r in answers if r.status_code != 200
+    ]
