@@ -85,7 +85,7 @@ def _type_name(annotation: Any) -> str:
     """A setting's type in words: ``auto`` or an integer > 0, one of text, json, ..."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
-        return " \\| ".join(f"`{a}`" for a in args)
+        return " | ".join(f"`{a}`" for a in args)
     if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
         kinds = [_type_name(a) for a in args if a is not type(None)]
         return " or ".join(kinds) if len(kinds) > 1 else kinds[0]
@@ -93,7 +93,7 @@ def _type_name(annotation: Any) -> str:
         base, *meta = args
         bounds = [f"> {m.gt}" for m in meta if getattr(m, "gt", None) is not None]
         return f"{_type_name(base)} {' '.join(bounds)}".strip()
-    return {int: "integer", float: "number", bool: "`true` \\| `false`", str: "text", Path: "path"}.get(
+    return {int: "integer", float: "number", bool: "`true` | `false`", str: "text", Path: "path"}.get(
         annotation, "secret" if annotation is SecretStr else getattr(annotation, "__name__", str(annotation))
     )
 
@@ -155,7 +155,7 @@ def _metric_rows(metrics: Metrics) -> List[Dict[str, str]]:
         if family.type == "histogram":
             buckets = tuple(collector._upper_bounds[:-1])  # without +Inf
             if buckets == tuple(LATENCY_BUCKETS):
-                notes = f" Buckets: {len(buckets)}, 1 ms to 30 s."
+                notes = f" (buckets: {len(buckets)}, from 1 ms to 30 s)"
         rows.append(
             {
                 "name": exposed,
