@@ -74,14 +74,14 @@ COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/chanseg /opt/chanseg
 
 # Settings: every CHANSEG_* with a fixed default, as the server would take it
-# (README, "Settings"), but HOST (all interfaces), DRAIN_TIMEOUT_S (inside
+# (docs/configuration.md), but HOST (all interfaces), DRAIN_TIMEOUT_S (inside
 # Docker's 10 s), LOG_FORMAT (json) and GRPC_PORT (8001, as Triton's: gRPC on). Left unset on purpose: MODEL_PATH, NUM_THREADS
 # and API_KEY (unset is their default), and the settings whose defaults follow
 # others (MAX_QUEUE, MEMORY_BUDGET_MB, MAX_REQUEST_PIXELS, MAX_UPLOAD_BYTES,
 # MAX_JSON_BYTES, MAX_IMAGES_PER_REQUEST): set here, they would stop a container
 # started with, say, a larger MAX_BATCH_SIZE or a smaller budget.
 # tcmalloc: measured fastest for this model on CPU, glibc malloc and jemalloc
-# slower at batch > 1 (README, "Allocator").
+# slower at batch > 1 (docs/performance.md, "Allocator").
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     LD_PRELOAD=/usr/local/lib/libtcmalloc_minimal.so.4 \

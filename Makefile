@@ -8,10 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= serve,grpc,tracing,dev,bench,ray
 BIN := $(VENV)/bin
 
-# tcmalloc when installed (apt-get install libtcmalloc-minimal4): see README, "Allocator".
+# tcmalloc when installed (apt-get install libtcmalloc-minimal4): see docs/performance.md, "Allocator".
 TCMALLOC := $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4))
 
-.PHONY: install test test-all lint serve reliability bench-model bench-serve gpu-rehearsal screenshot clean
+.PHONY: install test test-all lint docs docs-pages serve reliability bench-model bench-serve gpu-rehearsal screenshot site-screenshot clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,20 @@ reliability: install
 	CHANSEG_RELIABILITY=long $(BIN)/pytest -s -m reliability tests/reliability tests/deploy/test_rolling_update.py
 	CHANSEG_RELIABILITY=long $(BIN)/pytest -s tests/deploy/test_ray.py
 
+# The documentation site (mkdocs.yml, docs/) into site/, offline and strict: a broken link or
+# anchor fails. `make test-all` builds it too (tests/test_docs.py), and runs its examples.
+docs: install
+	$(BIN)/mkdocs build --strict
+
+# docs/configuration.md and docs/metrics.md, written from Settings and the metric definitions
+# (tests/test_docs.py fails when they are stale).
+docs-pages: install
+	$(BIN)/python -m service.docs_pages
+
+# docs/site.png, the site's landing page: the site's browser test, keeping its screenshot.
+site-screenshot: install
+	CHANSEG_SITE_SCREENSHOT=docs/site.png $(BIN)/pytest -q tests/test_docs.py -k browser
+
 # docs/page.png, the README's picture of the page at /: the browser test, keeping its screenshot.
 screenshot: install
 	CHANSEG_SCREENSHOT=docs/page.png $(BIN)/pytest -q tests/service/test_page.py
@@ -62,7 +76,7 @@ bench-model: install
 	$(BIN)/python -m model compile --if-missing
 	$(BIN)/python benchmarks/model_speed.py --compare --batches 1 4 8
 
-# The GPU machine's one command (README, "On a GPU"), rehearsed on this CPU: an environment
+# The GPU machine's one command (docs/performance.md, "On a GPU"), rehearsed on this CPU: an environment
 # like that machine's image (Python 3.12, torch 2.11, its packages only: 2.6 GB, kept in
 # ~/.cache/chanseg-gpu-rehearsal), the carried wheels, benchmarks/gpu_device_run.sh on a copy
 # of the tree with the CUDA steps on cpu, and checks of what would come back. Needs no .venv.
@@ -70,4 +84,4 @@ gpu-rehearsal:
 	bash benchmarks/gpu_rehearsal.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build site *.egg-info .pytest_cache .ruff_cache

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU figure the README's GPU section needs, in one run of at most DEADLINE_S
+# Every GPU figure docs/performance.md's GPU section needs, in one run of at most DEADLINE_S
 # (540 s) on a machine with an NVIDIA GPU. On the lent GPU machine it is started by
-# benchmarks/gpu_device_run.sh (see the README, "On a GPU"); by hand:
+# benchmarks/gpu_device_run.sh (see docs/performance.md, "On a GPU"); by hand:
 #
 #   PYTHON=.venv/bin/python RESULTS=runs/gpu-check benchmarks/gpu_check.sh
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command on the lent GPU machine (README, "On a GPU"): from the repository
+# The one command on the lent GPU machine (docs/performance.md, "On a GPU"): from the repository
 # root, with the wheels of benchmarks/fetch_wheels.sh carried in .whl/,
 #
 #   bash benchmarks/gpu_device_run.sh

@@ -10,7 +10,7 @@
 # 2. The carried wheels (benchmarks/fetch_wheels.sh into .whl/).
 # 3. A copy of what the GPU machine gets: the files git tracks or does not ignore,
 #    plus .whl/ (at most 64 MiB in all).
-# 4. benchmarks/gpu_device_run.sh there, as the README runs it, with the CUDA steps
+# 4. benchmarks/gpu_device_run.sh there, as docs/performance.md runs it, with the CUDA steps
 #    on `cpu` (the reduced precision is bf16 where this CPU has it, else fp32;
 #    fp16 on a CPU is refused), the workloads made small and the time limits
 #    (the deadline, each step's) times TIME_SCALE, 1.5 by default.

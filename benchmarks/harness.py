@@ -95,7 +95,7 @@ def find_row(
 
 
 def targets(report: dict, images: str = "png256") -> List[dict]:
-    """The serving targets (the README's table), as measured ratios with pass/fail."""
+    """The serving targets (docs/performance.md's table), as measured ratios with pass/fail."""
     rows, out = report["rows"], []
     ceiling = report["ceiling"][images]
 
@@ -240,13 +240,13 @@ def table(report: dict) -> str:
 
 
 def readme_cell(row: dict) -> str:
-    """How the README quotes a row: img/s (p99 ms), marked when unstable."""
+    """How the docs quote a row: img/s (p99 ms), marked when unstable."""
     unstable = ", unstable" if row["status"] == "unstable" else ""
     return f"{row['images_per_s']:.1f} ({row['p99_ms']:.0f}{unstable})"
 
 
 def readme_rate(row: dict) -> str:
-    """How the README quotes an open-loop row."""
+    """How the docs quote an open-loop row."""
     unstable = " (unstable)" if row["status"] == "unstable" else ""
     return (
         f"{row['load']:g} req/s: {row['images_per_s']:.1f} img/s, "
@@ -255,10 +255,10 @@ def readme_rate(row: dict) -> str:
 
 
 def readme_tables(report: dict) -> str:
-    """The run as the README quotes it (``tests/benchmarks/test_readme_figures.py``
-    checks the README against it): per image set its raw ceiling and an img/s (p99)
-    table of the closed-loop levels (the README adds a few words after each
-    scenario's name), then the open-loop rows."""
+    """The run as the docs quote it (``tests/benchmarks/test_quoted_figures.py`` checks
+    docs/performance.md and the README's headline table against it): per image set its
+    raw ceiling and an img/s (p99) table of the closed-loop levels (the docs add a few
+    words after each scenario's name), then the open-loop rows."""
     lines = []
     for images, ceiling in report["ceiling"].items():
         rows = [r for r in report["rows"] if r["images"] == images and r["mode"] == "concurrency"]
@@ -281,7 +281,7 @@ def readme_tables(report: dict) -> str:
 
 
 def readme_cpu(report: dict, images: str) -> Optional[str]:
-    """How the README quotes where the CPU went at CPU_LEVEL on one image set."""
+    """How the docs quote where the CPU went at CPU_LEVEL on one image set."""
     found = {r["scenario"]: b for r, b in _cpu_rows(report) if r["images"] == images}
     mine = found.get("chanseg")
     if mine is None or "share" not in mine:

@@ -107,7 +107,7 @@ def load(
     else:
         recipe = None
         if channels_last is None:
-            channels_last = True  # measured on CPU: ~1.2-1.4x faster (README, "Model speed")
+            channels_last = True  # measured on CPU: ~1.2-1.4x faster (docs/performance.md, "The model alone")
     module = _placed(artifact, dev, precision, channels_last, freeze)
     segmenter = _checked(Segmenter(module, artifact, dev, precision, channels_last))
     segmenter.recipe = recipe

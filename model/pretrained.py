@@ -1,7 +1,7 @@
 """The bundled default model: weights shipped in the package, compiled on first use.
 
 ``model/weights/default.safetensors`` + ``default.json`` (the config) are the
-weights of the default network trained on the synthetic shapes (how: README).
+weights of the default network trained on the synthetic shapes (how: docs/model.md, "The bundled default model").
 ``default_artifact_path()`` scripts them into a TorchScript artifact in a cache
 directory, keyed by the weights' and config's hash and by the torch and
 chanseg versions, so an upgrade never loads a stale artifact; later calls

@@ -29,7 +29,7 @@ def main(argv: Optional[List[str]] = None, settings: Optional[Settings] = None) 
     parser = argparse.ArgumentParser(
         prog="python -m service",
         description="Run the chanseg server. It takes no options: every setting is an environment variable "
-        "(CHANSEG_PORT, CHANSEG_MODEL_PATH, CHANSEG_API_KEY, ...; the README's Configuration lists them), "
+        "(CHANSEG_PORT, CHANSEG_MODEL_PATH, CHANSEG_API_KEY, ...; docs/configuration.md lists them), "
         "or use `chanseg serve --help` for the common ones as options.",
     )
     parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -188,7 +188,7 @@ def _warn_about_an_open_repository(s: Settings) -> None:
     who = "anyone who can reach this port" if s.api_key is None else "every client that holds API_KEY"
     log.warning(
         "MODEL_REPOSITORY is set without ADMIN_API_KEY: %s can load and unload models (%s). Set ADMIN_API_KEY "
-        "to a key of its own, and keep the port off untrusted networks (README: Security)",
+        "to a key of its own, and keep the port off untrusted networks (docs/operations.md: Security)",
         who, s.model_repository,
     )  # fmt: skip
 

@@ -6,8 +6,8 @@
     chanseg bench ...                                           (python -m benchmarks run, from a checkout)
 
 ``python -m service`` and ``python -m model`` keep working; this only dispatches.
-``serve``'s options are the settings of the same name (``CHANSEG_*``; the README's
-table has all of them, and any can be set in the environment as well); they are passed
+``serve``'s options are the settings of the same name (``CHANSEG_*``; docs/configuration.md
+has all of them, and any can be set in the environment as well); they are passed
 to the server as settings, not through the environment.
 """
 
@@ -56,7 +56,7 @@ def serve(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="chanseg serve",
         description="Run the server. Each option sets the setting of the same name; every other setting is "
-        "read from the environment (CHANSEG_*: README, Settings). The API key is read from a file or from "
+        "read from the environment (CHANSEG_*: docs/configuration.md). The API key is read from a file or from "
         "CHANSEG_API_KEY, never from the command line (the process list shows it to every user).",
     )
     for option, setting, help_ in SERVE_OPTIONS:

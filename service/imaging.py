@@ -17,7 +17,7 @@ is decoded smaller: libjpeg scales by 1/2, 1/4 or 1/8 while it decodes (DCT
 scaling, what PIL's ``draft`` and ``thumbnail`` use), as far as the result still
 covers the target on both sides. A 12 MP photo for a 256x256 model decodes at
 1/8 (504x378 pixels): 4.4x faster, 1/64 of the pixels to hold, and masks that
-agree with a full-size decode on 99.9-100% of the pixels (README, "JPEGs decoded
+agree with a full-size decode on 99.9-100% of the pixels (docs/performance.md, "JPEGs decoded
 at a reduced size").
 
 PIL's and libraries' own messages never reach the client: a corrupt image is

@@ -1,6 +1,7 @@
 """Prometheus collectors, created on a registry that is passed in (one per app).
 
-Names and labels are a contract (docs/design.md, the README's "Metrics"). Labels are bounded: ``endpoint`` is
+Names and labels are a contract (docs/design.md; docs/metrics.md lists them, generated from
+this file by ``python -m service.docs_pages``). Labels are bounded: ``endpoint`` is
 a fixed route name, ``status`` an HTTP status code.
 """
 
@@ -60,7 +61,7 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "chanseg_batch_size",
-            "Images per batch",
+            "Images per batch (a bucket per size, 1 to the largest batch)",
             buckets=tuple(float(b) for b in range(1, max(1, max_batch_size) + 1)),
             registry=r,
         )

@@ -7,7 +7,7 @@ Each replica runs :func:`service.app.create_app` behind Serve's FastAPI ingress:
 its own model, dynamic batcher, memory budget, limits, probes and metrics, so the
 HTTP contract through Ray is the one ``python -m service`` serves. The batcher
 is chanseg's own: ``benchmarks/ray_serve.py`` measures it against
-``@serve.batch`` around the same forward pass (README, "Ray Serve"), and the two
+``@serve.batch`` around the same forward pass (docs/deploy.md, "Ray Serve"), and the two
 are never stacked.
 
 How Ray's parts map onto chanseg's:

@@ -41,39 +41,61 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CHANSEG_", frozen=True, extra="ignore")
 
-    model_path: Optional[Path] = Field(None, description="TorchScript artifact; unset: the bundled model")
-    device: str = Field("auto", description=DEVICE_HELP)
+    model_path: Optional[Path] = Field(
+        None,
+        description="TorchScript artifact (`python -m model export` makes one) or compiled package, or a "
+        "Triton-layout model's folder (or, inside MODEL_REPOSITORY, a version's folder or file); unset: the "
+        "bundled model, or the repository's only Triton-layout model",
+    )
+    device: str = Field("auto", description=f"{DEVICE_HELP}; auto: cuda if available, else cpu")
     precision: Literal[("auto", *PRECISIONS)] = Field(  # model.PRECISIONS: the names are defined there
         "auto",
         description="auto: what `python -m model compile` chose for this machine (the fastest within "
-        "0.005 held-out mIoU of fp32), else fp32",
+        "0.005 held-out mIoU of fp32), fp32 when nothing was compiled; or fp32, fp16, bf16 (refused, with a "
+        "message, where the hardware lacks it)",
     )
     model_format: Literal[("auto", *FORMATS)] = Field(  # model.artifact.FORMATS: the names are defined there
         "auto",
         description="auto: the bundled model's compiled package for this machine when there is one, "
-        "else TorchScript; package: compile it into the cache when missing",
+        "else TorchScript; torchscript; package: compile it into the cache when missing (minutes)",
     )
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="listen address (the Docker image sets 0.0.0.0)")
+    port: int = Field(8000, ge=0, le=65535, description="listen port for HTTP")
     grpc_port: Optional[int] = Field(
         None,
         ge=1,
         le=65535,
-        description="the Open Inference Protocol over gRPC on this port (the grpc extra); unset: off",
+        description="the Open Inference Protocol over gRPC on this port (the grpc extra; the Docker image "
+        "sets 8001, as Triton's); unset: no gRPC",
     )
     max_batch_size: Union[Literal["auto"], PositiveInt] = Field(
-        "auto", description="'auto': measured at warm-up on the device; or a number"
+        "auto",
+        description="auto: measured on the device at the first start (the smallest batch within 10% of the "
+        "best images/s, up to AUTO_BATCH_LIMIT), kept in the cache and reused; or a number",
     )
-    max_batch_delay_ms: float = Field(5.0, ge=0, le=10_000)
-    max_queue: PositiveInt = Field(64, description="images waiting for inference, all requests together")
-    request_timeout_s: float = Field(30.0, gt=0)
+    max_batch_delay_ms: float = Field(
+        5.0, ge=0, le=10_000, description="longest the first image of a batch waits for company"
+    )
+    max_queue: PositiveInt = Field(
+        64,
+        description="images waiting or being decoded, all requests together; beyond it new requests get 503 "
+        "at once, before their body is read; default 64, or a larger numeric MAX_BATCH_SIZE",
+    )
+    request_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="per-request deadline; expired images are dropped before compute, the client gets 504",
+    )
     memory_budget_mb: PositiveInt = Field(
         _DEFAULT_BUDGET_MB,
         description="memory that requests in flight may hold together (bodies, decoding, outputs), "
-        "on top of the loaded model: 1/4 for bodies, 3/4 for decoding and outputs",
+        "on top of the loaded model: 1/4 for bodies, 3/4 for decoding, v2 parsing and outputs; default 1024, "
+        "or what a larger MAX_UPLOAD_BYTES or MAX_JSON_BYTES needs",
     )
     max_upload_bytes: PositiveInt = Field(
-        _DEFAULT_UPLOAD, description="request body limit; default 32 MiB, or half the body budget if less"
+        _DEFAULT_UPLOAD,
+        description="request body limit, enforced while reading; default 32 MiB, or 1/8 of the budget "
+        "(half the bodies' share) if less",
     )
     max_json_bytes: PositiveInt = Field(
         32 * MIB,
@@ -81,16 +103,27 @@ class Settings(BaseSettings):
         "default 32 MiB (a 1024x1024 RGB image as JSON is 11-17 MB), or less where the budget "
         "or MAX_UPLOAD_BYTES is smaller",
     )
-    max_image_pixels: PositiveInt = Field(64_000_000, description="per image, from its header")
-    max_request_pixels: PositiveInt = Field(640_000_000, description="all images of one request together")
-    min_image_side: PositiveInt = Field(8, description="images smaller than this on a side are refused")
+    max_image_pixels: PositiveInt = Field(
+        64_000_000,
+        description="per image, checked from its header before decoding (a 48 Mpx phone photo fits)",
+    )
+    max_request_pixels: PositiveInt = Field(
+        640_000_000,
+        description="all images of one request together; default 640000000, or a larger MAX_IMAGE_PIXELS",
+    )
+    min_image_side: PositiveInt = Field(8, description="images smaller than this on a side are refused (400)")
     max_images_per_request: PositiveInt = Field(
-        _DEFAULT_IMAGES_PER_REQUEST, description="default 16, or MAX_QUEUE if less"
+        _DEFAULT_IMAGES_PER_REQUEST, description="images in one request; default 16, or MAX_QUEUE if less"
     )
     read_timeout_s: PositiveFloat = Field(
-        60.0, description="a request's headers and body must arrive within this (else 408)"
+        60.0,
+        description="a request's headers and body must arrive within this of its first byte (else 408); a "
+        "client that reads none of its response for this long is disconnected",
     )
-    max_connections: PositiveInt = Field(256, description="open connections; beyond, 503 and close")
+    max_connections: PositiveInt = Field(
+        256,
+        description="open connections; requests on more get 503 with Retry-After, and the connection is closed",
+    )
     watchdog_s: Union[Literal["auto"], PositiveFloat] = Field(
         "auto",
         description="liveness fails when one batch runs longer than this; "
@@ -99,7 +132,10 @@ class Settings(BaseSettings):
     load_timeout_s: PositiveFloat = Field(
         300.0,
         description="a model load and its warm-up (start-up's, or through the repository) must finish within "
-        "this: beyond, the load fails, and liveness fails while the inference thread is still in it",
+        "this: a start-up past it stops the process (`python -m service` and `chanseg serve` exit at once; "
+        "under a bare `uvicorn service.app:app` the interpreter waits for the thread, so use those), a "
+        "repository load past it answers 504, and liveness fails while the inference thread is still in it "
+        "(further loads and unloads: 503)",
     )
     num_threads: Optional[PositiveInt] = Field(
         None, description="torch intra-op threads; unset: torch's default"
@@ -116,7 +152,14 @@ class Settings(BaseSettings):
         "(affinity mask and container CPU quota) + 2, at most 64",
     )
     api_key: Optional[SecretStr] = Field(
-        None, description="the key inference and metadata calls must carry (HTTP and gRPC); unset: no auth"
+        None,
+        description="the key inference and metadata calls must carry: `Authorization: Bearer KEY` or "
+        "`X-API-Key: KEY` (gRPC: the same metadata); unset: no auth. These stay open: `/healthz`, `/readyz`, "
+        "`/metrics`, `/v2`, `/v2/`, `/v2/health/live`, `/v2/health/ready`, `/v2/models/{name}/ready`, "
+        "`/v2/models/{name}/versions/{version}/ready`, `/docs`, `/docs/oauth2-redirect`, `/docs/assets/{name}`, "
+        "`/redoc`, `/openapi.json`, `/` (probes, scrapes, the API's own description and the page; none carries "
+        "a secret); over gRPC ServerLive, ServerReady, ServerMetadata (they read no message; ModelReady reads "
+        "one, so it takes the key)",
     )
     admin_api_key: Optional[SecretStr] = Field(
         None,
@@ -131,23 +174,37 @@ class Settings(BaseSettings):
     )
     model_repository: Optional[Path] = Field(
         None,
-        description="a folder of artifacts the server may load at run time (v2 model-repository extension, "
-        "SIGHUP re-reads MODEL_PATH), nothing outside it; unset: reloading is off",
+        description="a folder of artifacts, or of models in Triton's layout, the server may load at run time "
+        "(the v2 model-repository extension), nothing outside it; also turns on SIGHUP (load MODEL_PATH "
+        "again); unset: reloading is off",
     )
     cache_dir: Optional[Path] = Field(
         None,
-        description="where the bundled model is compiled and cached and batch-size measurements are kept; "
-        "unset: ~/.cache/chanseg (when it is read-only, this user's private $TMPDIR/chanseg-cache-<uid>)",
+        description="where the bundled weights are compiled to TorchScript and batch-size measurements are "
+        "kept (the server passes it to the model package: `model.load(cache_dir=...)`; `python -m model` reads "
+        "CHANSEG_CACHE_DIR itself); unset: ~/.cache/chanseg. When it is read-only (the image's): this user's "
+        "private $TMPDIR/chanseg-cache-<uid> (0700; one that exists is used only when it is the user's own "
+        "and no one else may write it)",
     )
     tracing: bool = Field(
         False,
         description="OpenTelemetry traces (the tracing extra), exported as the standard OTEL_* variables say "
         "(OTLP over HTTP by default)",
     )
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="the server's log level"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="json: one object per line; either way one access line per request with its id, status, "
+        "images and queue/inference/total ms",
+    )
     drain_timeout_s: float = Field(
-        25.0, ge=0, description="shutdown budget: from SIGTERM to exit, at most this (plus ~1 s to exit)"
+        25.0,
+        ge=0,
+        description="the shutdown budget: from SIGTERM to exit at most this (+ ~1.5 s for the interpreter to "
+        "exit); /readyz and new work get 503 at once, accepted work finishes within it; exit 0 when all of it "
+        "did, 1 when the budget ran out",
     )
     auto_batch_limit: PositiveInt = Field(32, description="largest batch size 'auto' tries")
     auto_batch_budget_s: PositiveFloat = Field(

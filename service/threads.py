@@ -29,7 +29,7 @@ def name_os_thread() -> None:
 
 def inference_streams(setting, device, threads: int) -> int:
     """``INFERENCE_STREAMS`` for this device: ``auto`` is 2 on a CPU with 2 torch threads
-    (measured there: README, Performance), else 1. Streams beyond 1 are for the CPU:
+    (measured there: docs/performance.md, "Streams"), else 1. Streams beyond 1 are for the CPU:
     side by side forward passes on one GPU would need CUDA streams, not built."""
     if device.type != "cpu":
         if setting not in ("auto", 1):

@@ -18,7 +18,7 @@ or ``OTEL_TRACES_EXPORTER=console``; ``OTEL_SERVICE_NAME`` (default ``chanseg``)
 ``OTEL_TRACES_SAMPLER`` as the SDK reads them.
 
 Off, :data:`OFF` stands in: its ``span`` is a shared no-op context manager and
-nothing of OpenTelemetry is imported (the c=1 cost is in the README).
+nothing of OpenTelemetry is imported (the c=1 cost is in docs/operations.md, "Traces").
 """
 
 from __future__ import annotations

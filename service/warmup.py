@@ -2,7 +2,7 @@
 once, then reused.
 
 On a CPU every batch size runs at about the same images/s, on a GPU large
-batches win (see README): no fixed default serves both, so the server measures
+batches win (see docs/performance.md): no fixed default serves both, so the server measures
 throughput per batch size (1, 2, 4, ...) and takes the smallest size within
 ``tolerance`` of the best (smaller batches wait less to fill). It stops once the
 curve has clearly peaked (two sizes in a row no better than the best) or its
@@ -51,7 +51,7 @@ __all__ = [
     "warmup_sizes",
 ]
 
-TOLERANCE = 0.10  # the noise between runs of the same thing on a shared machine (README)
+TOLERANCE = 0.10  # the noise between runs of the same thing on a shared machine (docs/performance.md)
 ROUNDS = 3  # timed calls per size taken in turns after the search (measure_throughput)
 # How a size is measured and chosen: part of the cache key, so that a choice made
 # the old way (sizes timed one after another, before ROUNDS) is measured again.

@@ -1,5 +1,5 @@
 """The allocators a server may run with (``LD_PRELOAD``), and where their libraries are:
-glibc's malloc, jemalloc, tcmalloc (see the README, "Allocator")."""
+glibc's malloc, jemalloc, tcmalloc (see docs/performance.md, "Allocator")."""
 
 from __future__ import annotations
 

@@ -1,12 +1,15 @@
-"""Shared fixtures: one tiny model, built and exported once per test run."""
+"""Shared fixtures: one tiny model, built and exported once per test run; a headless browser."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 
 import model
 from model import ChannelAttentionUNet, ModelConfig
+from tests.real_parts import missing, need_tool
 
 TINY = ModelConfig(widths=(4, 8, 16), input_size=(64, 64), name="tiny")
 
@@ -54,6 +57,36 @@ def tiny_package(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_segmenter(tiny_artifact) -> model.Segmenter:
     return model.load(tiny_artifact, device="cpu")
+
+
+@pytest.fixture
+def browser():
+    """Debian's chromium, headless, driven by selenium through Debian's chromedriver
+    (nothing downloads a browser): the page's test and the site's."""
+    install = "apt-get install chromium chromium-driver; pip install selenium (dev extra)"
+    chromium = need_tool("chromium", install)
+    chromedriver = need_tool("chromedriver", install)
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing("selenium", install)
+    os.environ.setdefault("SE_OFFLINE", "true")  # selenium must never fetch a driver or browser
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1100",
+    ):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
 
 
 def pytest_collection_modifyitems(config, items):

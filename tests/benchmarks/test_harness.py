@@ -109,7 +109,7 @@ def test_run_writes_json_csv_plot_and_table(tiny_artifact, tmp_path):
     assert plot.format == "PNG" and plot.width > 500
     table = out.with_suffix(".md").read_text()
     assert "| chanseg | c1 |" in table and "| naive | c2 |" in table and "raw ceiling" in table
-    quoted = table.split("## As the README quotes it", 1)[1]  # what test_readme_figures reads
+    quoted = table.split("## As the README quotes it", 1)[1]  # what test_quoted_figures reads
     assert "| png256: img/s (p99 ms) | c1 | c2 |" in quoted and "\n| naive | " in quoted
     assert "Open loop (Poisson) on chanseg: " in quoted
     assert "| chanseg |" in done.stdout  # printed too

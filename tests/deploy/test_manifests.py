@@ -208,6 +208,8 @@ def test_dockerfile_writes_every_fixed_default_as_env():
         else:
             assert value == str(expected), (key, value, expected)
     assert set(env) <= {f"CHANSEG_{n.upper()}" for n in Settings.model_fields}  # every ENV is a setting
+    # and all of them valid together, as the image's server would read them
+    Settings(**{key.removeprefix("CHANSEG_").lower(): value for key, value in env.items()})
 
 
 def test_compose_file_parses_and_points_at_files_that_exist():

@@ -16,41 +16,12 @@ from PIL import Image
 
 from model.data import synthetic_sample
 from service.budget import MIB
-from tests.real_parts import missing, need_tool
 from tests.service.conftest import ServerProcess, until
 
 pytestmark = pytest.mark.slow  # a real server, a real part or a compile: make test-all
 
 KEY = "page-test-key"
 UPLOAD_LIMIT = 2 * MIB
-INSTALL = "apt-get install chromium chromium-driver; pip install selenium (dev extra)"
-
-
-@pytest.fixture
-def browser():
-    chromium = need_tool("chromium", INSTALL)
-    chromedriver = need_tool("chromedriver", INSTALL)
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        missing("selenium", INSTALL)
-    os.environ.setdefault("SE_OFFLINE", "true")  # selenium must never fetch a driver or browser
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,1100",
-    ):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def _wait(driver, css: str, timeout: float = 60):
