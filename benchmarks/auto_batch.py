@@ -37,7 +37,7 @@ def main(argv: List[str] | None = None) -> int:
     for precision in args.precisions:
         try:
             segmenter = model.load(args.model, device=args.device, precision=precision, format="torchscript")
-            throughput, _ = measure_throughput(segmenter, limit=args.limit, budget_s=args.budget_s)
+            throughput, _, _ = measure_throughput(segmenter, limit=args.limit, budget_s=args.budget_s)
         except (model.ModelLoadError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
             out[precision], failed = {"error": f"{type(exc).__name__}: {exc}"}, failed + 1
             print(f"auto batch, {precision}: {out[precision]['error']}", file=sys.stderr, flush=True)

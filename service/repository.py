@@ -387,7 +387,7 @@ class ModelRepository:
         choice = None if s.remeasure_batch_size else cache.load()
         measured: Dict[int, float] = {}
         if choice is None:
-            throughput, measured = await state.on_inference_thread(
+            throughput, measured, complete = await state.on_inference_thread(
                 "measuring batch sizes",
                 measure_throughput,
                 segmenter,
@@ -395,14 +395,22 @@ class ModelRepository:
                 s.auto_batch_budget_s,
                 since=since,
             )
-            choice = BatchChoice(choose_batch_size(throughput), "measured", throughput, now_iso())
-            where = cache.save(choice)
-            log.info(
-                "MAX_BATCH_SIZE=auto chose %d from images/s %s (kept in %s)",
-                choice.max_batch_size,
-                {b: round(v, 1) for b, v in throughput.items()},
-                where,
-            )
+            choice = BatchChoice(choose_batch_size(throughput), "measured", throughput, now_iso(), complete)
+            shown = {b: round(v, 1) for b, v in throughput.items()}
+            if complete:
+                where = cache.save(choice)
+                log.info(
+                    "MAX_BATCH_SIZE=auto chose %d from images/s %s (kept in %s)",
+                    choice.max_batch_size,
+                    shown,
+                    where,
+                )
+            else:  # a busy machine, or a slow one: the next start measures again
+                log.warning(
+                    "MAX_BATCH_SIZE=auto chose %d from images/s %s for now: AUTO_BATCH_BUDGET_S (%g s) ran out "
+                    "while larger batches were still faster; not kept, measured again at the next start",
+                    choice.max_batch_size, shown, s.auto_batch_budget_s,
+                )  # fmt: skip
         else:
             log.info(
                 "MAX_BATCH_SIZE=auto: %d, measured %s (reused)", choice.max_batch_size, choice.measured_at

@@ -55,7 +55,7 @@ TOLERANCE = 0.10  # the noise between runs of the same thing on a shared machine
 ROUNDS = 3  # timed calls per size taken in turns after the search (measure_throughput)
 # How a size is measured and chosen: part of the cache key, so that a choice made
 # the old way (sizes timed one after another, before ROUNDS) is measured again.
-METHOD = f"search, {ROUNDS} rounds in turns, within {TOLERANCE:g} of the best"
+METHOD = f"search, {ROUNDS} rounds in turns, within {TOLERANCE:g} of the best, kept when the curve was seen"
 
 
 @dataclass
@@ -66,6 +66,9 @@ class BatchChoice:
     source: str  # "measured" (at this start), "reused" (from the cache) or "setting"
     throughput: Dict[int, float] = field(default_factory=dict)  # images/s per measured size
     measured_at: Optional[str] = None  # ISO time of the measurement
+    # False when the measurement's time budget ran out before the curve was seen (the sizes
+    # were still getting faster): such a choice is not kept, and the next start measures again.
+    complete: bool = True
 
 
 def choose_batch_size(throughput: Dict[int, float], tolerance: float = TOLERANCE) -> int:
@@ -110,9 +113,10 @@ def measure_throughput(
     runs: int = 3,
     tolerance: float = TOLERANCE,
     rounds: int = ROUNDS,
-) -> Tuple[Dict[int, float], Dict[int, float]]:
-    """Images/s per batch size 1, 2, 4, ... up to ``limit``, and each size's batch
-    time in seconds.
+) -> Tuple[Dict[int, float], Dict[int, float], bool]:
+    """Images/s per batch size 1, 2, 4, ... up to ``limit``, each size's batch time in
+    seconds, and whether the curve was seen (the search reached ``limit`` or the peak,
+    rather than running out of ``budget_s`` while the sizes still got faster).
 
     First the search: each size gets the untimed calls a new shape needs, then
     ``runs`` timed ones (median); it stops when the curve has clearly peaked (two
@@ -126,7 +130,7 @@ def measure_throughput(
     and 22.4)."""
     searched: Dict[int, float] = {}
     started = time.perf_counter()
-    best, since_best, batch = 0.0, 0, 1
+    best, since_best, batch, complete = 0.0, 0, 1, False
     while batch <= limit:
         images = _dummy(segmenter, batch)
         for _ in range(_untimed_calls(segmenter)):
@@ -138,7 +142,10 @@ def measure_throughput(
             best, since_best = throughput, 0
         else:
             best, since_best = max(best, throughput), since_best + 1
-        if since_best >= 2 or time.perf_counter() - started > budget_s:
+        if since_best >= 2 or batch == limit:
+            complete = True
+            break
+        if time.perf_counter() - started > budget_s:
             break
         batch = batch * 2 if batch * 2 <= limit or batch == limit else limit
     in_turns: Dict[int, List[float]] = {b: [] for b in searched}  # always holds batch 1
@@ -150,7 +157,7 @@ def measure_throughput(
     if done:
         shown = ", ".join(f"batch {b} -> {b / t:.1f} images/s" for b, t in seconds.items())
         log.info("measuring in turns (%d rounds): %s", done, shown)
-    return {b: b / t for b, t in seconds.items()}, seconds
+    return {b: b / t for b, t in seconds.items()}, seconds, complete
 
 
 def _common_sizes(max_batch_size: int) -> List[int]:

@@ -20,6 +20,9 @@ class Batching(BaseModel):
     max_batch_size_setting: str
     max_batch_size_source: str  # "measured" at this start, "reused" from the cache, or "setting"
     measured_at: Optional[str] = None  # when the measurement was made (ISO 8601)
+    # Measured at this start: False when AUTO_BATCH_BUDGET_S ran out while larger batches were
+    # still faster (the choice is for now: not kept, measured again at the next start).
+    measurement_complete: Optional[bool] = None
     max_batch_delay_ms: float
     max_queue: int
     measured_images_per_s: Optional[Dict[int, float]] = None
@@ -64,6 +67,7 @@ async def model_metadata(state: State) -> ModelMetadata:
             max_batch_size_setting=str(s.max_batch_size),
             max_batch_size_source=state.batching.source,
             measured_at=state.batching.measured_at,
+            measurement_complete=state.batching.complete if state.batching.source == "measured" else None,
             max_batch_delay_ms=s.max_batch_delay_ms,
             max_queue=s.max_queue,
             measured_images_per_s={b: round(v, 2) for b, v in state.batching.throughput.items()} or None,

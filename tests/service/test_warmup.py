@@ -56,11 +56,11 @@ class Timed:
 
 def test_measuring_stops_once_the_curve_has_peaked():
     flat = Timed(lambda n: 0.004 * n)  # the same images/s at every size, as on this CPU
-    throughput, seconds = measure_throughput(flat, limit=32, runs=1)
+    throughput, seconds, _ = measure_throughput(flat, limit=32, runs=1)
     assert sorted(throughput) == [1, 2, 4]  # two sizes in a row no better: stop
     assert set(seconds) == {1, 2, 4} and seconds[4] > seconds[1]
     gpu = Timed(lambda n: 0.004 + 0.0002 * n)  # fixed cost per batch: bigger is better
-    throughput, _ = measure_throughput(gpu, limit=16, runs=1)
+    throughput, _, _ = measure_throughput(gpu, limit=16, runs=1)
     assert sorted(throughput) == [1, 2, 4, 8, 16]
     assert choose_batch_size(throughput) == 16
 
@@ -87,7 +87,7 @@ class Compiling(Timed):
 def test_measuring_waits_for_a_shape_to_settle_and_rides_out_one_dip(monkeypatch):
     monkeypatch.setattr("service.warmup._sync", lambda segmenter: None)
     seg = Compiling()
-    throughput, _ = measure_throughput(seg, limit=32, runs=3)
+    throughput, _, _ = measure_throughput(seg, limit=32, runs=3)
     # Timed after one untimed call, batch 2 would have looked slower than 1 (the
     # fusing call), and the old rule stopped at the first size 10% below the best.
     assert throughput[2] > 1.5 * throughput[1]
@@ -112,10 +112,10 @@ class Drifting(Timed):
 
 
 def test_measuring_in_turns_cancels_the_machines_drift():
-    one_after_another, _ = measure_throughput(Drifting(), limit=8, runs=3, rounds=0)
+    one_after_another, _, _ = measure_throughput(Drifting(), limit=8, runs=3, rounds=0)
     assert choose_batch_size(one_after_another) == 1  # the drift passed for batch 1 being faster
     drifting = Drifting()
-    in_turns, seconds = measure_throughput(drifting, limit=8, runs=3)
+    in_turns, seconds, _ = measure_throughput(drifting, limit=8, runs=3)
     assert choose_batch_size(in_turns) == 2
     assert in_turns[2] > 1.15 * in_turns[1] and set(seconds) == set(in_turns) == {1, 2, 4}
     assert drifting.calls[-9:] == [1, 2, 4] * 3  # the rounds, in turns
@@ -124,7 +124,7 @@ def test_measuring_in_turns_cancels_the_machines_drift():
 def test_measuring_keeps_to_its_budget():
     slow = Timed(lambda n: 0.05 + 0.0001 * n)  # keeps improving
     started = time.perf_counter()
-    throughput, _ = measure_throughput(slow, limit=1024, runs=1, budget_s=0.3)
+    throughput, _, _ = measure_throughput(slow, limit=1024, runs=1, budget_s=0.3)
     assert time.perf_counter() - started < 1.0 and max(throughput) < 1024
 
 
@@ -143,7 +143,7 @@ def test_warm_up_keeps_to_its_budget_for_odd_sizes():
 
 
 def test_measurement_on_a_real_model(tiny_segmenter):
-    throughput, seconds = measure_throughput(tiny_segmenter, limit=4, runs=1)
+    throughput, seconds, _ = measure_throughput(tiny_segmenter, limit=4, runs=1)
     assert set(throughput) <= {1, 2, 4} and 1 in throughput
     assert all(v > 0 for v in throughput.values()) and set(seconds) == set(throughput)
 
@@ -253,3 +253,36 @@ async def test_second_start_reuses_the_measurement(tiny_artifact, tmp_path, monk
 @pytest.fixture
 def anyio_backend():
     return "asyncio"
+
+
+def test_a_measurement_cut_by_its_budget_says_so():
+    """Issue 36: a first start on a busy machine measured batch 1 alone within its budget,
+    chose 1 and kept it for every later start."""
+    *_, complete = measure_throughput(Timed(lambda n: 0.05 + 0.0001 * n), limit=1024, runs=1, budget_s=0.3)
+    assert not complete  # larger batches were still faster when the budget ran out
+    *_, complete = measure_throughput(Timed(lambda n: 0.01 * n), limit=1024, runs=1, budget_s=30)
+    assert complete  # the curve peaked (flat: no size faster per image)
+    *_, complete = measure_throughput(Timed(lambda n: 0.001), limit=4, runs=1)
+    assert complete  # it reached the limit
+
+
+@pytest.mark.anyio
+async def test_a_measurement_cut_by_its_budget_is_not_kept(tiny_artifact, tmp_path):
+    settings = make_settings(
+        tiny_artifact,
+        max_batch_size="auto",
+        auto_batch_limit=8,
+        auto_batch_budget_s=0.001,
+        cache_dir=tmp_path,
+    )
+    for _ in range(2):
+        async with serve(settings) as client:
+            batching = (await client.get("/v1/model")).json()["batching"]
+        assert batching["max_batch_size_source"] == "measured"  # the second start measures again
+        assert batching["measurement_complete"] is False
+        assert not list(tmp_path.glob("batch-size-*.json"))
+    async with serve(
+        make_settings(tiny_artifact, max_batch_size="auto", auto_batch_limit=2, cache_dir=tmp_path)
+    ) as client:
+        batching = (await client.get("/v1/model")).json()["batching"]
+    assert batching["measurement_complete"] is True and list(tmp_path.glob("batch-size-*.json"))
