@@ -20,6 +20,20 @@ covers the target on both sides. A 12 MP photo for a 256x256 model decodes at
 agree with a full-size decode on 99.9-100% of the pixels (docs/performance.md, "JPEGs decoded
 at a reduced size").
 
+The common images decode faster than PIL decodes them, with the same pixels
+(``decode_probed`` and ``prepare_probed`` choose, ``Probed.decoder`` says which):
+
+- 8-bit RGB and grey JPEGs (not CMYK, not MPO) by libjpeg-turbo through
+  ``simplejpeg``, scaled while decoding exactly as PIL's draft mode scales them,
+  into PIL's own 4-byte layout, which PIL then uses in place;
+- 8-bit RGB and grey PNGs without transparency by libspng through ``imagecodecs``.
+
+Both let Python's interpreter lock go while they decode. A file either of them
+refuses is decoded by PIL, which decides as before whether it is corrupt. What
+was measured against what (pyspng is faster still but holds the lock while it
+decodes, which would serialise every decoding thread) is in docs/performance.md,
+"Host work per image".
+
 PIL's and libraries' own messages never reach the client: a corrupt image is
 "corrupt or truncated image data", and the detail goes to the debug log.
 """
@@ -32,7 +46,9 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
+import imagecodecs
 import numpy as np
+import simplejpeg
 from PIL import ExifTags, Image
 
 from model.preprocess import prepare_image, to_rgb_array
@@ -64,6 +80,9 @@ _ORIENTATION = {
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+# The orientations that swap width and height.
+_TRANSPOSING = (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                Image.Transpose.ROTATE_90)  # fmt: skip
 _ONE_BYTE_MODES = {"1", "L", "P"}
 _TWO_BYTE_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 # Bytes per pixel the decoder itself holds beside the image, by format, measured
@@ -73,6 +92,7 @@ _TWO_BYTE_MODES = {"I;16", "I;16B", "I;16L", "I;16N"}
 _DECODER_BYTES = {"JPEG": 1, "MPO": 1, "WEBP": 13, "TIFF": 1}
 _PROGRESSIVE_JPEG_BYTES = 7
 _FIXED_COST = 8 << 20
+PIL, SIMPLEJPEG, SPNG = "pil", "simplejpeg", "spng"
 
 
 @dataclass
@@ -89,6 +109,8 @@ class Probed:
     decoded_size: Optional[Tuple[int, int]] = (
         None  # (width, height) once decoded, as displayed; None: full size
     )
+    decoder: str = PIL  # SIMPLEJPEG, SPNG or PIL: what decodes it (module docstring)
+    data: bytes = b""  # the encoded file, for a decoder other than PIL
 
     @property
     def pixels(self) -> int:
@@ -199,8 +221,7 @@ def probe_image(
     except Exception as exc:
         log.debug("%s: unreadable EXIF ignored (%s)", name, exc)
         orientation = None
-    transposed = orientation in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
-                                 Image.Transpose.ROTATE_90)  # fmt: skip
+    transposed = orientation in _TRANSPOSING
     if transposed:
         width, height = height, width
     decoded_size = None
@@ -215,7 +236,31 @@ def probe_image(
         progressive=bool(image.info.get("progressive") or image.info.get("progression")),
         transparent="transparency" in image.info, target=target or (256, 256), decoded_size=decoded_size,
     )  # fmt: skip
-    return Probed(image, name, width, height, orientation, cost, mode, decoded_size)
+    decoder = _fast_decoder(fmt, mode, data, image.info)
+    if decoder == SPNG and (orientation is not None or target is None or (height, width) != tuple(target)):
+        cost += width * height * 3  # libspng's RGB array beside PIL's copy, which rotates or resizes
+    elif decoder == SIMPLEJPEG:
+        w, h = decoded_size or (width, height)
+        cost += w * h  # its working buffers: measured ~0.8 bytes per decoded pixel above PIL's
+    return Probed(image, name, width, height, orientation, cost, mode, decoded_size, decoder, data)
+
+
+def _fast_decoder(fmt: str, mode: str, data: bytes, info: dict) -> str:
+    """Which decoder takes an image PIL has read the header of (module docstring)."""
+    if mode not in ("RGB", "L"):
+        return PIL
+    if fmt == "JPEG":
+        return SIMPLEJPEG
+    # IHDR is the first chunk: bit depth at byte 24, colour type (0 grey, 2 RGB) at 25.
+    if (
+        fmt == "PNG"
+        and data[12:16] == b"IHDR"
+        and data[24] == 8
+        and data[25] in (0, 2)
+        and "transparency" not in info
+    ):
+        return SPNG
+    return PIL
 
 
 def decode_probed(probed: Probed) -> Image.Image:
@@ -256,8 +301,76 @@ def decode_image(data: bytes, max_pixels: int, min_side: int = 1, name: str = "i
 
 def prepare_probed(probed: Probed, size: Sequence[int]) -> np.ndarray:
     """Decode and resize to ``size = (h, w)`` in one go: ``(h, w, 3)`` uint8."""
-    image = decode_probed(probed)
+    h, w = int(size[0]), int(size[1])
+    pixels = _decode_fast(probed)
+    if pixels is not None:
+        if probed.orientation is None and pixels.shape[:2] == (h, w):  # at the size wanted: no PIL at all
+            return (
+                np.ascontiguousarray(pixels[..., :3])
+                if pixels.ndim == 3
+                else np.repeat(pixels[..., None], 3, 2)
+            )
+        image = _as_pil(pixels)
+        del pixels  # PIL's image holds the pixels now (libjpeg-turbo's array in place, libspng's copied)
+        if probed.orientation is not None:
+            image = image.transpose(probed.orientation)
+        if image.mode == "RGBX":  # resized as RGBX, then made RGB: the same pixels, no full-size copy
+            small = image.resize((w, h), Image.Resampling.BILINEAR) if image.size != (w, h) else image
+            return np.array(small.convert("RGB"))
+    else:
+        image = decode_probed(probed)
     try:
         return prepare_image(image, size)
     except Exception as exc:
         raise _bad(probed.name, "corrupt or truncated image data", exc) from None
+
+
+def _decode_fast(probed: Probed) -> Optional[np.ndarray]:
+    """The pixels by libjpeg-turbo (RGBX or grey) or libspng (RGB or grey), in the file's own
+    orientation; None when PIL is to decode it (``probed.decoder``, or a fast decoder refused
+    the file or disagreed with its header: PIL decides then)."""
+    if probed.decoder == PIL:
+        return None
+    width, height = probed.decoded_size or (probed.width, probed.height)
+    if probed.orientation in _TRANSPOSING:
+        width, height = height, width  # the file's own orientation
+    try:
+        if probed.decoder == SIMPLEJPEG:
+            pixels = simplejpeg.decode_jpeg(
+                probed.data, "RGBX" if probed.mode == "RGB" else "GRAY", min_height=height, min_width=width
+            )
+        else:
+            pixels = imagecodecs.spng_decode(probed.data)
+        if pixels.ndim == 3 and pixels.shape[2] == 1:
+            pixels = pixels[..., 0]
+    except Exception as exc:  # corrupt, truncated, or only a warning libjpeg-turbo would raise for
+        log.debug(
+            "%s: %s declined it (%s: %s); PIL decodes it",
+            probed.name,
+            probed.decoder,
+            type(exc).__name__,
+            exc,
+        )
+        return None
+    if pixels.shape[:2] != (height, width) or pixels.dtype != np.uint8:
+        log.debug(
+            "%s: %s decoded %s, not %dx%d; PIL decodes it",
+            probed.name,
+            probed.decoder,
+            pixels.shape,
+            width,
+            height,
+        )
+        return None
+    probed.image, probed.data = None, b""  # the decoded pixels are what is held now
+    return pixels
+
+
+def _as_pil(pixels: np.ndarray) -> Image.Image:
+    """Decoded pixels as a PIL image: RGBX and grey arrays in place, RGB copied."""
+    h, w = pixels.shape[:2]
+    if pixels.ndim == 2:
+        return Image.frombuffer("L", (w, h), pixels, "raw", "L", 0, 1)
+    if pixels.shape[2] == 4:
+        return Image.frombuffer("RGBX", (w, h), pixels, "raw", "RGBX", 0, 1)
+    return Image.fromarray(pixels)

@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from service import imaging
 from service.errors import BadImage, PayloadTooLarge
-from service.imaging import decode_image, probe_image
+from service.imaging import decode_image, prepare_probed, probe_image
 from tests.service.conftest import png_bytes, random_image
 
 BIG = 10**9
@@ -82,7 +83,6 @@ def test_a_large_jpeg_decodes_reduced_to_what_the_model_needs(orientation):
     1/2, 1/4 or 1/8 (libjpeg's DCT scaling), still covering the input size: the
     same picture from far fewer pixels. The full size is what the mask is restored to."""
     from model.preprocess import prepare_image
-    from service.imaging import prepare_probed
     from testbed.images import make_images
 
     exif = Image.Exif()
@@ -180,6 +180,8 @@ pal = Image.new("P", S, 1); pal.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
 noise = Image.effect_noise(S, 60).convert("RGB")
 cases = {
     "png rgb": enc(Image.new("RGB", S, (200, 30, 30)), "PNG"),
+    "png rgb at the model's size": enc(noise.resize((256, 256)), "PNG"),
+    "jpeg grey": enc(noise.convert("L"), "JPEG", quality=90),
     "png grey": enc(Image.new("L", S, 100), "PNG"),
     "png 16-bit": enc(Image.new("I;16", S, 40000), "PNG"),
     "png rgba": enc(Image.new("RGBA", S, (30, 30, 200, 128)), "PNG"),
@@ -226,7 +228,7 @@ def test_decode_cost_covers_the_peak():
         [sys.executable, "-c", _COST_PROBE], capture_output=True, text=True, env=env, timeout=300, check=True
     ).stdout
     rows = [line.split("|") for line in out.splitlines()]
-    assert len(rows) == 22
+    assert len(rows) == 24
     over = {name: (int(peak) / int(cost)) for name, peak, cost in rows if int(peak) > int(cost)}
     assert over == {}, over
     # and the estimate is not wildly pessimistic for the common cases
@@ -320,7 +322,6 @@ def test_mutated_files_of_every_format_raise_only_our_errors(fmt, flips, cut):
     (struct.error, KeyError, ZeroDivisionError, ...) never escape, and PIL's
     messages are not passed on. Both ways: full size, and the server's (probed for
     an 8x8 input, which has the 24x20 JPEG decode at half its size)."""
-    from service.imaging import prepare_probed
 
     data = _mutate(_SEEDS[fmt], flips, cut)
     for decode in (
@@ -344,3 +345,98 @@ def test_messages_are_ours_not_pils():
         decode_image(b"GIF89a" + b"\x00" * 20, BIG, 1, "b.gif")
     assert str(raised.value) in ("b.gif: not a decodable image (PNG, JPEG, WebP, BMP, TIFF or GIF)",
                                  "b.gif: corrupt or truncated image data")  # fmt: skip
+
+
+# -- the fast decoders: libjpeg-turbo (simplejpeg) and libspng (imagecodecs) ---------
+
+
+def _shapes(h: int, w: int, mode: str) -> Image.Image:
+    from model.data import synthetic_sample
+
+    return Image.fromarray(synthetic_sample(3, h + w, (h, w)).image).convert(mode)
+
+
+def _both(data: bytes, target) -> tuple:
+    """prepare_probed's pixels as the server decodes them, and as PIL alone does."""
+    fast = probe_image(data, BIG, 1, "x", target)
+    plain = probe_image(data, BIG, 1, "x", target)
+    plain.decoder = imaging.PIL
+    chosen = fast.decoder
+    out = prepare_probed(fast, target)
+    assert fast.data == b"", f"{chosen} declined a valid file"  # it decoded it, not PIL
+    return chosen, out, prepare_probed(plain, target)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 7])
+@pytest.mark.parametrize(
+    "fmt,save",
+    [("PNG", {}), ("JPEG", {"quality": 90}), ("JPEG", {"quality": 75, "progressive": True}),
+     ("JPEG", {"quality": 95, "subsampling": 0})],
+    ids=["png", "jpeg", "jpeg progressive", "jpeg 4:4:4"],
+)  # fmt: skip
+@pytest.mark.parametrize("size", [(256, 256), (255, 257), (1024, 768), (100, 1200)])
+def test_fast_decoders_give_pils_pixels(mode, orientation, fmt, save, size):
+    """Same pixels as PIL's decode at every step the server takes: at the model's size,
+    resized, reduced while decoding (JPEG), rotated by EXIF, grey."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(_shapes(*size, mode), fmt, exif=exif.tobytes(), **save)
+    for target in ((256, 256), (96, 64)):
+        chosen, fast, plain = _both(data, target)
+        assert chosen == (imaging.SPNG if fmt == "PNG" else imaging.SIMPLEJPEG)
+        np.testing.assert_array_equal(fast, plain)
+
+
+@pytest.mark.parametrize(
+    "image,fmt,decoder",
+    [
+        (Image.new("RGB", (32, 32)), "PNG", "spng"),
+        (Image.new("L", (32, 32)), "PNG", "spng"),
+        (Image.new("RGB", (32, 32)), "JPEG", "simplejpeg"),
+        (Image.new("L", (32, 32)), "JPEG", "simplejpeg"),
+        (Image.new("CMYK", (32, 32)), "JPEG", "pil"),
+        (Image.new("RGBA", (32, 32)), "PNG", "pil"),
+        (Image.new("P", (32, 32)), "PNG", "pil"),
+        (Image.new("I;16", (32, 32)), "PNG", "pil"),
+        (Image.new("RGB", (32, 32)), "WEBP", "pil"),
+    ],
+    ids=[
+        "png rgb",
+        "png grey",
+        "jpeg rgb",
+        "jpeg grey",
+        "jpeg cmyk",
+        "png rgba",
+        "png palette",
+        "png 16-bit",
+        "webp",
+    ],
+)
+def test_which_decoder(image, fmt, decoder):
+    assert probe_image(encode(image, fmt), BIG, 1, "x", (16, 16)).decoder == decoder
+
+
+def test_16_bit_and_transparent_pngs_stay_with_pil():
+    """Mode RGB or L in PIL can still be 16 bits a sample, or carry a transparent colour."""
+    rgb16 = bytearray(png_bytes(random_image(1, 20, 20)))
+    grey = Image.fromarray(random_image(2, 20, 20)[..., 0])
+    assert probe_image(encode(grey, "PNG", transparency=7), BIG).decoder == imaging.PIL
+    rgb16[24] = 16  # the IHDR's bit depth, as a 16-bit file declares it
+    assert imaging._fast_decoder("PNG", "RGB", bytes(rgb16), {}) == imaging.PIL
+
+
+def test_a_file_a_fast_decoder_refuses_is_pils_to_judge():
+    """libjpeg-turbo in strict mode refuses a JPEG with stray bytes before a marker, which
+    PIL decodes (libjpeg only warns): served as before. A truncated file is corrupt to both."""
+    data = encode(_shapes(64, 64, "RGB"), "JPEG", quality=90)
+    sos = data.index(b"\xff\xda")
+    stray = data[:sos] + b"\x00\x00" + data[sos:]
+    probed = probe_image(stray, BIG, 1, "x", (64, 64))
+    assert probed.decoder == imaging.SIMPLEJPEG
+    out = prepare_probed(probed, (64, 64))
+    assert probed.data != b""  # simplejpeg declined, PIL decoded it
+    np.testing.assert_array_equal(out, decode_image(stray, BIG))
+    for broken in (data[: len(data) // 2], png_bytes(random_image(3, 64, 64))[:-200]):
+        with pytest.raises(BadImage, match="corrupt or truncated"):
+            prepare_probed(probe_image(broken, BIG, 1, "x", (64, 64)), (64, 64))
