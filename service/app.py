@@ -49,6 +49,7 @@ from .metrics import Metrics
 from .middleware import RequestMiddleware
 from .repository import ModelRepository
 from .resources import allocator, freeze_heap, memory_limit_bytes, rss_bytes, thaw_heap
+from .responses import JSONResponse
 from .routes import docs, health, metrics, model_info, page, predict, repository, v2
 from .runner import BatchRunner
 from .settings import Settings
@@ -121,12 +122,14 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,  # service.routes.docs: the same pages, their assets served from here
         redoc_url=None,
+        default_response_class=JSONResponse,  # orjson (service.responses)
     )
     app.state.chanseg = state
     register_handlers(app)
     routers = (health, predict, model_info, metrics, v2, repository, page, docs)
     for router in (module.router for module in routers):
         app.include_router(router)
+    app.add_middleware(predict.Direct)  # POST /predict past FastAPI's routing (routes/predict.py)
     app.add_middleware(
         RequestMiddleware,
         metrics=state.metrics,

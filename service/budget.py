@@ -79,10 +79,12 @@ class MemoryBudget:
         self.name, self.capacity = name, capacity
         self.in_use = 0
         self._waiters: Deque[Tuple[int, asyncio.Future]] = deque()
-        self._metrics = metrics
+        self._reserved_gauge = self._wait_histogram = None  # this ledger's children, looked up once
         if metrics is not None:
             metrics.memory_budget.labels(name).set(capacity)
-            metrics.memory_reserved.labels(name).set(0)
+            self._reserved_gauge = metrics.memory_reserved.labels(name)
+            self._wait_histogram = metrics.memory_wait.labels(name)
+            self._reserved_gauge.set(0)
 
     @property
     def waiting(self) -> int:
@@ -117,8 +119,8 @@ class MemoryBudget:
                 self._grant()  # the next in line may fit now
             raise
         finally:
-            if self._metrics is not None:
-                self._metrics.memory_wait.labels(self.name).observe(time.perf_counter() - started)
+            if self._wait_histogram is not None:
+                self._wait_histogram.observe(time.perf_counter() - started)
         return Lease(self, nbytes)
 
     @contextlib.asynccontextmanager
@@ -152,5 +154,5 @@ class MemoryBudget:
             future.set_result(None)
 
     def _observe(self) -> None:
-        if self._metrics is not None:
-            self._metrics.memory_reserved.labels(self.name).set(self.in_use)
+        if self._reserved_gauge is not None:
+            self._reserved_gauge.set(self.in_use)

@@ -14,8 +14,9 @@ from typing import Dict, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .responses import JSONResponse
 
 __all__ = [
     "ApiError",

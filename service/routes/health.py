@@ -11,9 +11,9 @@ request fails.
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
 
 from ..deps import State
+from ..responses import JSONResponse
 
 router = APIRouter(tags=["health"])
 

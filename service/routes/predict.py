@@ -1,19 +1,33 @@
 """``POST /predict``: images in (multipart ``file`` parts or a raw ``image/*`` body),
-masks out (JSON with base64 PNGs, or one PNG)."""
+masks out (JSON with base64 PNGs, or one PNG).
+
+Two ways in, one handler (:func:`handle`): the FastAPI route (the OpenAPI schema,
+and any request whose query FastAPI must validate), and :class:`Direct`, which
+answers a ``POST /predict`` whose query is plain (``format`` one of its values,
+``confidence`` a boolean, nothing repeated) without FastAPI's routing and
+dependency solving: measured at c16 on 256x256 PNGs, the event loop spent
+~40% of its time per request there (``docs/performance.md``, "Host work per image").
+It checks the same three things the route's dependencies do, in the same order
+(the API key, readiness, room in the queue), and answers errors as the
+exception handlers do.
+"""
 
 from __future__ import annotations
 
 import base64
 import re
-from typing import List, Literal, Optional, Sequence, Tuple
+import urllib.parse
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..deps import Admitted, Authorized, Context, Ready, State
+from ..context import RequestContext
+from ..deps import Admitted, Authorized, Context, Ready, State, check_api_key, check_ready, check_room
 from ..errors import (
+    ApiError,
     BadImage,
     ClientGone,
     DeadlineExceeded,
@@ -24,9 +38,12 @@ from ..errors import (
     RequestTimeout,
     Unauthorized,
     UnsupportedMediaType,
+    error_body,
     responses,
 )
+from ..multipart import MultipartError, TooManyFiles, read_parts
 from ..pipeline import Prepared, Segmented, encode_masks, preprocess, segment
+from ..responses import JSONResponse
 
 router = APIRouter(tags=["predict"])
 
@@ -63,22 +80,22 @@ async def read_images(request: Request, max_images: int) -> List[Tuple[str, byte
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type == "multipart/form-data":
         try:
-            form = await request.form(max_files=max_images, max_fields=max_images + 16)
+            parts = await read_parts(
+                request.headers["content-type"], request.stream(), "file", max_images, max_images + 16
+            )
         except ClientDisconnect:
             raise ClientGone("client disconnected while sending its request") from None
-        except StarletteHTTPException as exc:
-            if "Too many files" in str(exc.detail):
-                raise PayloadTooLarge(f"more than {max_images} images in one request") from None
-            raise BadImage(f"malformed multipart body: {exc.detail}") from None
-        parts = form.getlist("file")
+        except TooManyFiles:
+            raise PayloadTooLarge(f"more than {max_images} images in one request") from None
+        except MultipartError as exc:
+            raise BadImage(f"malformed multipart body: {exc}") from None
         if not parts:
             raise NoImage("no 'file' part in the multipart body")
         images = []
-        for i, part in enumerate(parts):
-            if isinstance(part, str):
+        for i, (_, filename, data) in enumerate(parts):
+            if filename is None:
                 raise NoImage(f"'file' part {i + 1} is a text field, not a file")
-            images.append((part.filename or f"file{i + 1}", await part.read()))
-            await part.close()
+            images.append((filename or f"file{i + 1}", data))
         return images
     if media_type.startswith("image/"):
         try:
@@ -132,6 +149,13 @@ async def predict(
     the mask as a base64 palette PNG (pixel value = class id), or with
     ``format=rle`` as ``mask_rle``: per class present, ``{"size": [H, W],
     "counts": ...}`` in COCO's compressed RLE."""
+    return await handle(request, state, context, format, confidence)
+
+
+async def handle(
+    request: Request, state, context: RequestContext, format: Optional[str], confidence: bool
+) -> Response:
+    """``POST /predict`` once its caller has checked the key, readiness and room."""
     s, served = state.settings, state.segmenter  # the version this request is pinned to
     with state.tracing.span("read"):
         blobs = await read_images(request, s.max_images_per_request)
@@ -180,3 +204,69 @@ def _prediction(image: Prepared, result: Segmented, classes: Sequence[str]) -> d
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+_FORMATS = frozenset(("json", "png", "rle", "confidence"))
+# What pydantic reads as a boolean (any case); anything else goes to the route, which answers 422.
+_BOOLEANS = {
+    **dict.fromkeys(("1", "on", "t", "true", "y", "yes"), True),
+    **dict.fromkeys(("0", "off", "f", "false", "n", "no"), False),
+}
+
+
+def plain_query(query_string: bytes) -> Optional[Dict[str, object]]:
+    """``format`` and ``confidence`` from a query FastAPI would accept as it is, else None
+    (a value it would refuse, or a parameter given twice: the route decides those)."""
+    out: Dict[str, object] = {"format": None, "confidence": False}
+    seen = set()
+    for key, value in urllib.parse.parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if key in seen:
+            return None
+        seen.add(key)
+        if key == "format":
+            if value not in _FORMATS:
+                return None
+            out["format"] = value
+        elif key == "confidence":
+            flag = _BOOLEANS.get(value.lower())
+            if flag is None:
+                return None
+            out["confidence"] = flag
+    return out
+
+
+class Direct:
+    """ASGI: ``POST /predict`` with a plain query straight to :func:`handle`; every other
+    request to ``app`` (the FastAPI stack). Sits inside the request middleware, which
+    made the request's context."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.route = next(r for r in router.routes if getattr(r, "name", None) == "predict")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        query = None
+        if scope["type"] == "http" and scope["method"] == "POST" and _route_path(scope) == "/predict":
+            query = plain_query(scope.get("query_string", b""))
+        if query is None:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = self.route  # for the metrics' and access log's endpoint, as the router sets it
+        request = Request(scope, receive, send)
+        state = scope["app"].state.chanseg
+        try:
+            check_api_key(state, request.headers)
+            check_ready(state)
+            check_room(state)
+            response = await handle(request, state, scope["chanseg"], **query)
+        except ApiError as exc:  # as errors.register_handlers answers it
+            response = JSONResponse(
+                error_body("/predict", exc.detail), status_code=exc.status, headers=exc.headers
+            )
+        await response(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path as the router matches it: without the ``root_path`` the app is mounted at."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path

@@ -19,7 +19,6 @@ import json
 from typing import Any, Optional
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from ..deps import Admin, State
 from ..errors import (
@@ -35,6 +34,7 @@ from ..errors import (
 )
 from ..pipeline import pool_call
 from ..repository import load_path
+from ..responses import JSONResponse
 
 router = APIRouter(prefix="/v2/repository", tags=["v2 repository"])
 

@@ -16,7 +16,7 @@ import zlib
 from typing import AsyncIterator, Optional
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from .. import dataplane
@@ -38,6 +38,7 @@ from ..errors import (
     responses,
 )
 from ..pipeline import pool_call, reserve_output
+from ..responses import JSONResponse
 from ..settings import JSON_PARSE_COST
 from ..v2_codec import V2Error, V2TooLarge, decode_request, encode_response, request_schema
 

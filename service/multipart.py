@@ -1,0 +1,137 @@
+"""``multipart/form-data`` bodies read straight into bytes: python-multipart's parser,
+without Starlette's form layer.
+
+Starlette's ``request.form()`` gives each file a ``SpooledTemporaryFile`` and an
+``UploadFile``, writes the data into it as it arrives and reads it back; measured
+at c16 on 256x256 PNGs it was a quarter of the event loop's time per ``/predict``
+request (``docs/performance.md``, "Host work per image"). Here the same parser
+(python-multipart, which Starlette uses) feeds the parts' bytes into lists joined
+once per part, keeping only what the caller wants: the ``file`` parts.
+
+The rules are Starlette's: a part is a file when its ``Content-Disposition`` has a
+``filename``; every part needs a ``name``; at most ``max_files`` files and
+``max_fields`` other fields, each field at most 1 MiB; names decode as the body's
+charset or Latin-1.
+"""
+
+from __future__ import annotations
+
+import codecs
+from typing import AsyncIterator, List, Optional, Tuple
+
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+__all__ = ["MultipartError", "TooManyFiles", "FilePart", "read_parts"]
+
+MAX_FIELD_BYTES = 1 << 20  # a part that is not a file (Starlette's max_part_size)
+
+
+class MultipartError(ValueError):
+    """The body is not multipart data we can read; the message says why."""
+
+
+class TooManyFiles(MultipartError):
+    """More file parts than allowed."""
+
+
+FilePart = Tuple[str, Optional[str], bytes]  # (name, filename or None for a text field, data)
+
+
+class _Reader:
+    def __init__(self, wanted: str, max_files: int, max_fields: int, charset: str) -> None:
+        self.wanted, self.max_files, self.max_fields, self.charset = wanted, max_files, max_fields, charset
+        self.parts: List[FilePart] = []
+        self.files = self.fields = 0
+        self._header_name = self._header_value = b""
+        self._disposition = b""
+        self._data: List[bytes] = []
+        self._size = 0
+        self._name = ""
+        self._filename: Optional[str] = None
+        self._keep = False
+
+    def _decode(self, raw: bytes) -> str:
+        try:
+            return raw.decode(self.charset)
+        except UnicodeDecodeError:
+            return raw.decode("latin-1")
+
+    def on_part_begin(self) -> None:
+        self._disposition, self._data, self._size = b"", [], 0
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if self._header_name.lower() == b"content-disposition":
+            self._disposition = self._header_value
+        self._header_name = self._header_value = b""
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._disposition)
+        if b"name" not in options:
+            raise MultipartError('The Content-Disposition header field "name" must be provided.')
+        self._name = self._decode(options[b"name"])
+        if b"filename" in options:
+            self.files += 1
+            if self.files > self.max_files:
+                raise TooManyFiles(f"Too many files. Maximum number of files is {self.max_files}.")
+            self._filename = self._decode(options[b"filename"])
+        else:
+            self.fields += 1
+            if self.fields > self.max_fields:
+                raise MultipartError(f"Too many fields. Maximum number of fields is {self.max_fields}.")
+            self._filename = None
+        self._keep = self._name == self.wanted
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._size += end - start
+        if self._filename is None and self._size > MAX_FIELD_BYTES:
+            raise MultipartError(f"Part exceeded maximum size of {MAX_FIELD_BYTES // 1024}KB.")
+        if self._keep:
+            self._data.append(data[start:end])
+
+    def on_part_end(self) -> None:
+        if self._keep:
+            self.parts.append((self._name, self._filename, b"".join(self._data)))
+        self._data = []
+
+
+async def read_parts(
+    content_type: str, chunks: AsyncIterator[bytes], wanted: str, max_files: int, max_fields: int
+) -> List[FilePart]:
+    """The parts named ``wanted``, in order, from a multipart body arriving as ``chunks``.
+
+    Raises:
+        TooManyFiles: more than ``max_files`` file parts.
+        MultipartError: anything else that makes the body unreadable as multipart data.
+    """
+    _, params = parse_options_header(content_type)
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise MultipartError("Missing boundary in multipart.")
+    charset = params.get(b"charset", b"utf-8").decode("latin-1")
+    try:
+        charset = codecs.lookup(charset).name
+    except LookupError:
+        charset = "latin-1"
+    reader = _Reader(wanted, max_files, max_fields, charset)
+    callbacks = {
+        name: getattr(reader, name)
+        for name in (
+            "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
+            "on_header_end", "on_headers_finished",
+        )
+    }  # fmt: skip
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        async for chunk in chunks:
+            parser.write(chunk)
+        parser.finalize()
+    except FormParserError:
+        raise MultipartError("Invalid multipart data.") from None
+    return reader.parts
