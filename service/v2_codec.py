@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Dict, List, Literal, Optional, Tuple, Union
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 from pydantic.json_schema import WithJsonSchema
 
@@ -76,8 +77,9 @@ class V2TooLarge(V2Error):
 # A JSON header is read by service.v2_json: its inputs' long numeric "data" by numpy with
 # Python's interpreter lock let go, the rest by orjson. How much JSON a request may hold is
 # MAX_JSON_BYTES (from the memory budget: parsing costs JSON_PARSE_COST times the bytes).
-# JSON outputs are written this many values at a time, so the lock is let go
-# between pieces (json.dumps takes ~1 us per float here).
+# JSON outputs are written by orjson this many values at a time, so the lock is let go
+# between pieces (~0.1 ms each; json.dumps of the values as a list took 19x longer:
+# 124 against 6.6 ms for 4x256x256 FP32 logits, measured in one run here).
 _JSON_CHUNK = 1 << 12
 
 # -- the request's JSON header, as a schema ------------------------------------
@@ -498,10 +500,14 @@ def encode_response(
 
 
 def _json_values(flat: np.ndarray) -> List[bytes]:
-    """``[v0,v1,...]`` as pieces of bytes, made ``_JSON_CHUNK`` values at a time."""
+    """``[v0,v1,...]`` as pieces of bytes, made ``_JSON_CHUNK`` values at a time by orjson:
+    each float as the shortest text that reads back as the same value of its own type
+    (an FP32 0.1 is ``0.1``), a NaN or infinity as ``null`` (JSON has no such numbers)."""
     pieces = [b"["]
     for start in range(0, len(flat), _JSON_CHUNK):
-        text = json.dumps(flat[start : start + _JSON_CHUNK].tolist(), separators=(",", ":"))
-        pieces.append((text[1:-1] if start == 0 else "," + text[1:-1]).encode())
+        text = orjson.dumps(
+            np.ascontiguousarray(flat[start : start + _JSON_CHUNK]), option=orjson.OPT_SERIALIZE_NUMPY
+        )
+        pieces.append(text[1:-1] if start == 0 else b"," + text[1:-1])
     pieces.append(b"]")
     return pieces
