@@ -50,7 +50,7 @@ CSV_FIELDS = [
     "scenario", "images", "mode", "load", "status", "images_per_s", "pct_of_ceiling",
     "p50_ms", "p90_ms", "p95_ms", "p99_ms", "mean_ms", "ok", "requests", "rejected", "errors",
     "rejected_p99_ms", "server_queue_ms", "server_inference_ms_per_batch", "server_batch_size",
-    "client_cpu_ms_per_request", "server_cpu_ms_per_image",
+    "client_cpu_ms_per_request", "server_cpu_ms_per_image", "server_host_ms_per_image",
 ]  # fmt: skip
 
 
@@ -78,6 +78,7 @@ def _row(scenario: str, images: str, m) -> dict:
         "server_batch_size": server.get("batch_size"),
         "client_cpu_ms_per_request": m.client_cpu_ms_per_request,
         "server_cpu_ms_per_image": (m.server_cpu or {}).get("total"),  # the CSV's column
+        "server_host_ms_per_image": host_ms(m.server_cpu),
         "server_cpu": m.server_cpu,  # by thread role (benchmarks.cpu)
         "statuses": m.statuses,
         "windows": len(m.windows),
@@ -140,6 +141,15 @@ def targets(report: dict, images: str = "png256") -> List[dict]:
 CPU_LEVEL = 16  # the concurrency whose CPU split bench.md shows
 
 
+def host_ms(cpu: Optional[dict]) -> Optional[float]:
+    """The host's work per image: the server's CPU beside its inference threads (decoding,
+    encoding, HTTP, the event loop), which a GPU does not take over. None for a server
+    whose threads do not say which ran the model (``benchmarks.cpu``)."""
+    if not cpu or cpu.get("inference", 0) <= 0:
+        return None
+    return cpu["total"] - cpu["inference"]
+
+
 def cpu_budget(report: dict, row: dict) -> Optional[dict]:
     """Where a row's CPU went, ms per image: the server's by thread role and ``total``
     (``benchmarks.cpu``), the load generator's (``client``), and the ceiling's
@@ -156,6 +166,8 @@ def cpu_budget(report: dict, row: dict) -> Optional[dict]:
     client = row["client_cpu_ms_per_request"]
     used = cpu["total"] + client
     out = {**cpu, "client": client, "ceiling": report["cpus"] * 1000 / ceiling}
+    if host_ms(cpu) is not None:
+        out["host"] = host_ms(cpu)
     out["of_ceiling"] = row["images_per_s"] / ceiling
     out["busy"] = row["images_per_s"] * used / (1000 * report["cpus"])
     if cpu["inference"] > 0:
@@ -177,6 +189,7 @@ def cpu_table(report: dict) -> List[str]:
         return []
     keys = (
         "total",
+        "host",
         "inference",
         "io",
         "main",
@@ -193,9 +206,9 @@ def cpu_table(report: dict) -> List[str]:
         "benchmarks/cpu.py; ceiling: its CPUs' time per image, which for the JPEG sets includes predict "
         "resizing the full-size image). Of the ceiling = CPUs busy x inference's share of that time x "
         "its speed (the ceiling's CPU per image over the served inference's)",
-        "| images | scenario | img/s | server | inference | I/O | main thread | other | client | ceiling "
+        "| images | scenario | img/s | server | host | inference | I/O | main thread | other | client | ceiling "
         "| of ceiling | CPUs busy | inference share | speed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r, b in budgets:
         cells = " | ".join(f"{b[k]:.2f}" if k in b else "-" for k in keys)
@@ -289,8 +302,8 @@ def readme_cpu(report: dict, images: str) -> Optional[str]:
     others = "".join(f", {name} {b['total']:.1f}" for name, b in found.items() if name != "chanseg")
     return (
         f"{images} c{CPU_LEVEL}, CPU per image: chanseg {mine['total']:.1f} ms (inference "
-        f"{mine['inference']:.1f}, I/O {mine['io']:.1f}, event loop {mine['main']:.1f}, other "
-        f"{mine['other']:.1f}){others}; load generator {mine['client']:.1f}. chanseg's "
+        f"{mine['inference']:.1f}; host {mine['host']:.2f}: I/O {mine['io']:.2f}, event loop {mine['main']:.2f}, "
+        f"other {mine['other']:.2f}){others}; load generator {mine['client']:.1f}. chanseg's "
         f"{mine['of_ceiling']:.2f} of the ceiling: the CPUs busy {mine['busy']:.2f} of the time, "
         f"inference's share of that {mine['share']:.2f}, and its speed against the ceiling's "
         f"forward passes ({mine['ceiling']:.1f} ms of CPU per image) {mine['speed']:.2f}"

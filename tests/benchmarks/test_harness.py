@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.cpu import ROLES, group_cpu
-from benchmarks.harness import cpu_budget, cpu_table, readme_cpu
+from benchmarks.harness import cpu_budget, cpu_table, host_ms, readme_cpu
 from benchmarks.servers import SCENARIOS, running
 from testbed.images import make_images
 
@@ -132,18 +132,22 @@ def test_cpu_budget_splits_a_rows_cpu_against_the_ceiling():
     assert mine["busy"] == pytest.approx(60 * 30.0 / 2000)  # 29.8 ms server + 0.2 client per image
     assert mine["share"] == pytest.approx(26.0 / 30.0) and mine["speed"] == pytest.approx(25.0 / 26.0)
     assert mine["busy"] * mine["share"] * mine["speed"] == pytest.approx(mine["of_ceiling"])
+    assert mine["host"] == pytest.approx(3.8)  # everything but inference: I/O, event loop, other
     theirs = cpu_budget(report, report["rows"][1])
     assert "share" not in theirs and theirs["total"] == pytest.approx(1.8)  # no named inference threads
+    assert "host" not in theirs and host_ms(theirs) is None
     assert cpu_budget(report, {**report["rows"][0], "server_cpu": None}) is None
     assert readme_cpu(report, "png256") == (
-        "png256 c16, CPU per image: chanseg 29.8 ms (inference 26.0, I/O 2.0, event loop 1.5, other 0.3), "
+        "png256 c16, CPU per image: chanseg 29.8 ms (inference 26.0; host 3.80: I/O 2.00, event loop 1.50, "
+        "other 0.30), "
         "naive 1.8; load generator 0.2. chanseg's 0.75 of the ceiling: the CPUs busy 0.90 of the time, "
         "inference's share of that 0.87, and its speed against the ceiling's forward passes (25.0 ms of CPU "
         "per image) 0.96"
     )
     assert cpu_table(report)[3:] == [
-        "| png256 | chanseg | 60.00 | 29.80 | 26.00 | 2.00 | 1.50 | 0.30 | 0.20 | 25.00 | 0.75 | 0.90 | 0.87 | 0.96 |",
-        "| png256 | naive | 60.00 | 1.80 | 0.00 | 0.00 | 1.50 | 0.30 | 0.20 | 25.00 | 0.75 | 0.06 | - | - |",
+        "| png256 | chanseg | 60.00 | 29.80 | 3.80 | 26.00 | 2.00 | 1.50 | 0.30 | 0.20 | 25.00 | 0.75 | 0.90 | 0.87 "
+        "| 0.96 |",
+        "| png256 | naive | 60.00 | 1.80 | - | 0.00 | 0.00 | 1.50 | 0.30 | 0.20 | 25.00 | 0.75 | 0.06 | - | - |",
     ]  # c16 only
 
 
