@@ -52,7 +52,7 @@ from torch import Tensor
 
 from .data import synthetic_sample
 from .imported import ModelImportError, import_torchscript
-from .keras_trace import Head, KerasLogits, check_output, head_of, remove_activation, trace
+from .keras_trace import KerasLogits, check_output, head_of, remove_activation, trace
 from .keras_unet import import_weights
 from .network import ModelConfig, check_identifier
 from .parity import PARITY_SEED, Batch, Proof, first_line, synthetic_inputs, write_proven
@@ -301,14 +301,19 @@ def _import_model(
             note = f"Keras's own model fails at {larger} ({first_line(exc)}): checked at {h}x{w} only"
             inputs = inputs[:-1]
     head = head_of(keras, kmodel, channels, sums_to_one)
-    batches = [_keras_batch(kmodel, size, x, head) for size, x in inputs]  # before the head is undone
+    own = [(at, x, _keras_nchw(kmodel, x)) for at, x in inputs]  # before the head is undone
     if head.remove is not None:
         remove_activation(keras, head.remove)
     wrapper = KerasLogits(kmodel, head).eval()
+    batches = []
+    for at, x, y in own:
+        with torch.no_grad():
+            logits = y if head.unchanged else wrapper(x)
+        masks = (y[:, 0] > head.threshold).long() if channels == 1 else y.argmax(1)
+        batches.append(Batch(at, x, logits, masks, y if head.was_probabilities else None))
     traced = trace(wrapper, example)
     proof = Proof(
         f"keras {keras.__version__}, torch backend",
-        wrapper,
         batches,
         head.probabilities if head.was_probabilities else None,
     )
@@ -327,13 +332,10 @@ def _import_model(
         return write_proven(write, out, proof, "the traced model", about, started)
 
 
-def _keras_batch(kmodel: Any, size: Tuple[int, int], x: Tensor, head: Head) -> Batch:
-    """Keras's own outputs for ``x`` and the masks its users take of them: the argmax over
-    the classes, or for one channel output > 0.5 (a sigmoid) or > 0 (a logit)."""
+def _keras_nchw(kmodel: Any, x: Tensor) -> Tensor:
+    """Keras's own output for a normalised ``(N, 3, H, W)`` batch, as ``(N, C, H, W)``."""
     with torch.no_grad():
-        y = kmodel(x.permute(0, 2, 3, 1), training=False).permute(0, 3, 1, 2)
-    masks = (y[:, 0] > head.threshold).long() if y.shape[1] == 1 else y.argmax(1)
-    return Batch(size, x, masks, y if head.was_probabilities else None)
+        return kmodel(x.permute(0, 2, 3, 1), training=False).permute(0, 3, 1, 2)
 
 
 def _config(fields: Dict[str, Any]) -> ModelConfig:

@@ -40,6 +40,11 @@ class Head:
     threshold: float = 0.0  # one channel: Keras's own mask is output > threshold
 
     @property
+    def unchanged(self) -> bool:
+        """The artifact's logits are Keras's outputs as they are."""
+        return self.remove is None and not self.binary and not self.log
+
+    @property
     def was_probabilities(self) -> bool:
         return self.code in ("softmax-removed", "sigmoid-removed", "probabilities-log")
 

@@ -244,18 +244,16 @@ def import_weights(
             f"the Keras twin does not map onto the network: missing {missing}, unexpected {unexpected}"
         )
 
-    def keras_logits(x: Tensor) -> Tensor:
-        return kmodel(x.permute(0, 2, 3, 1), training=False).permute(0, 3, 1, 2)
-
+    batches = []
     with torch.no_grad():
-        batches = [Batch(size, x, keras_logits(x).argmax(1)) for size, x in synthetic_inputs(config)]
+        for at, x in synthetic_inputs(config):
+            logits = kmodel(x.permute(0, 2, 3, 1), training=False).permute(0, 3, 1, 2)
+            batches.append(Batch(at, x, logits, logits.argmax(1)))
     activation = (
         "ReLU (the seed's)" if config.negative_slope == 0 else f"LeakyReLU({config.negative_slope:g})"
     )
     proof = Proof(
-        f"keras {keras.__version__}, torch backend (model.keras_unet's twin of the network)",
-        keras_logits,
-        batches,
+        f"keras {keras.__version__}, torch backend (model.keras_unet's twin of the network)", batches
     )
     about = {
         "head": "logits",

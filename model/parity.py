@@ -73,12 +73,14 @@ class Batch:
     Attributes:
         size: ``(H, W)``.
         x: the normalised batch ``(N, 3, H, W)``.
+        logits: the source's logits ``(N, C, H, W)`` for it (what the artifact must return).
         masks: the source's own masks ``(N, H, W)``, as its users compute them.
         outputs: the source's own outputs ``(N, C', H, W)`` where they were probabilities.
     """
 
     size: Tuple[int, int]
     x: Tensor
+    logits: Tensor
     masks: Tensor
     outputs: Optional[Tensor] = None
 
@@ -89,14 +91,12 @@ class Proof:
 
     Attributes:
         reference: the source, in words (``keras 3.15.1, torch backend``).
-        logits: the source's logits ``(N, C, H, W)`` for a normalised batch.
         batches: the check's batches.
         probabilities: the artifact's logits -> what the source's outputs were (its
             softmax or sigmoid), where they were probabilities; else None.
     """
 
     reference: str
-    logits: Callable[[Tensor], Tensor]
     batches: Sequence[Batch]
     probabilities: Optional[Callable[[Tensor], Tensor]] = None
 
@@ -116,7 +116,7 @@ def measure(candidate: Callable[[Tensor], Tensor], proof: Proof) -> Dict[str, An
                     f"the converted model fails on a {h}x{w} batch of {n} where the source runs "
                     f"({first_line(exc)}): a shape was fixed when it was converted; it cannot be imported"
                 ) from exc
-            want = proof.logits(batch.x)
+            want = batch.logits
             if got.shape != want.shape:
                 raise ModelImportError(
                     f"the converted model returns {tuple(got.shape)} for a {h}x{w} batch of {n}, the source "

@@ -384,7 +384,7 @@ def test_a_model_over_the_tolerance_is_refused():
     """The check itself: logits off by 1e-3, or a batch the converted model cannot run."""
     x = torch.randn(2, 3, 8, 8)
     logits = torch.randn(2, 3, 8, 8)
-    proof = Proof("keras 3, torch backend", lambda _: logits, [Batch((8, 8), x, logits.argmax(1))])
+    proof = Proof("keras 3, torch backend", [Batch((8, 8), x, logits, logits.argmax(1))])
     report = measure(lambda _: logits + 1e-3, proof)
     assert report["masks_identical"] and report["max_abs_diff"] == pytest.approx(1e-3, rel=1e-3)
     with pytest.raises(
@@ -399,4 +399,4 @@ def test_a_model_over_the_tolerance_is_refused():
     with pytest.raises(
         ModelImportError, match=r"fails on a 8x8 batch of 1 where the source runs .*a shape was fixed"
     ):
-        measure(fixed_batch, Proof("k", lambda t: t, [Batch((8, 8), x[:1], logits[:1].argmax(1))]))
+        measure(fixed_batch, Proof("k", [Batch((8, 8), x[:1], logits[:1], logits[:1].argmax(1))]))
