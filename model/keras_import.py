@@ -289,19 +289,22 @@ def _import_model(
         and y.max() <= 1
         and torch.allclose(y.sum(-1), torch.ones(()), atol=1e-4)
     )
-    inputs, note = synthetic_inputs(config, second_size=not fixed), None
-    if fixed:
-        note = f"the Keras model fixes its input at {h}x{w}: checked at that size, batches of 3 and 1"
-    else:  # a model that declares any size but cannot run at the larger one: checked at its own
-        try:
-            with torch.no_grad():
-                kmodel(inputs[-1][1].permute(0, 2, 3, 1), training=False)
-        except Exception as exc:
-            larger = "x".join(str(s) for s in inputs[-1][0])
-            note = f"Keras's own model fails at {larger} ({first_line(exc)}): checked at {h}x{w} only"
-            inputs = inputs[:-1]
     head = head_of(keras, kmodel, channels, sums_to_one)
-    own = [(at, x, _keras_nchw(kmodel, x)) for at, x in inputs]  # before the head is undone
+    note = (
+        f"the Keras model fixes its input at {h}x{w}: checked at that size, batches of 3 and 1"
+        if fixed
+        else None
+    )
+    own = []  # Keras's own outputs, before the head is undone
+    for at, x in synthetic_inputs(config, second_size=not fixed):
+        try:
+            own.append((at, x, _keras_nchw(kmodel, x)))
+        except Exception as exc:  # it declares any size but does not run at the larger one
+            if at == size:
+                raise ModelImportError(
+                    f"Keras's own model fails on a batch of {x.shape[0]}: {first_line(exc)}"
+                ) from exc
+            note = f"Keras's own model fails at {at[0]}x{at[1]} ({first_line(exc)}): checked at {h}x{w} only"
     if head.remove is not None:
         remove_activation(keras, head.remove)
     wrapper = KerasLogits(kmodel, head).eval()
