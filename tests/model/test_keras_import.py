@@ -30,6 +30,7 @@ from tests.keras_models import (
     softmax_head,
 )
 
+pytestmark = pytest.mark.real_part("keras 3 (torch backend)")  # the keras extra; dev has it
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["background", "cell", "nucleus"]
 

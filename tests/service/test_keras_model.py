@@ -18,7 +18,10 @@ from PIL import Image
 from tests.keras_models import encoder_decoder, keras_mask, need_keras, seed_unet, softmax_head
 from tests.service.conftest import ServerProcess, png_bytes
 
-pytestmark = pytest.mark.slow  # real servers: make test-all
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.real_part("keras 3 (torch backend)"),
+]  # real servers: make test-all
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = "background,cell,nucleus"
