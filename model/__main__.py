@@ -23,8 +23,10 @@ from .data import FolderDataset, SyntheticShapes, synthetic_sample
 from .devices import DEVICE_HELP, resolve_device
 from .export import build_network, export_torchscript, read_artifact
 from .imported import IMAGENET_MEAN, IMAGENET_STD, ModelImportError, exportable, import_torchscript
+from .keras_import import KERAS_MEAN, KERAS_STD, import_keras, is_keras_file
 from .loading import load
 from .network import ModelConfig
+from .parity import summary as parity_summary
 from .precision import PRECISIONS
 from .predictor import Segmenter
 from .pretrained import compile_default, default_artifact_path, default_package_path, precision_record_path
@@ -234,21 +236,45 @@ def cmd_sheet(args) -> int:
 
 
 def cmd_import(args) -> int:
-    """Someone else's TorchScript segmentation model -> a chanseg artifact."""
+    """Someone else's TorchScript or Keras segmentation model -> a chanseg artifact."""
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    path = import_torchscript(
-        args.file,
-        args.out,
-        classes,
-        args.input_size,
-        mean=args.mean,
-        std=args.std,
-        name=args.name,
-        version=args.version,
-        output_key=args.output_key,
-    )
-    print(f"{path}: {len(classes)} classes, input {args.input_size[0]}x{args.input_size[1]}")
+    keras = is_keras_file(args.file)
+    mean = args.mean or list(KERAS_MEAN if keras else IMAGENET_MEAN)
+    std = args.std or list(KERAS_STD if keras else IMAGENET_STD)
+    if not keras:
+        given = {option: getattr(args, dest) for option, dest in _KERAS_OPTIONS.items()}
+        unused = [option for option, value in given.items() if value is not None and value is not False]
+        if unused:
+            raise ModelImportError(f"{', '.join(unused)}: for Keras files only (.keras, .h5, .weights.h5)")
+        if args.input_size is None:
+            raise ModelImportError("--input-size H W is needed for a TorchScript model")
+        path = import_torchscript(
+            args.file, args.out, classes, args.input_size, mean=mean, std=std, name=args.name,
+            version=args.version, output_key=args.output_key,
+        )  # fmt: skip
+        print(f"{path}: {len(classes)} classes, input {args.input_size[0]}x{args.input_size[1]}")
+        return 0
+    if args.output_key is not None:
+        raise ModelImportError("--output-key is for TorchScript models: a Keras model has one output")
+    path = import_keras(
+        args.file, args.out, classes, args.input_size, mean=mean, std=std, name=args.name,
+        version=args.version, widths=args.widths, negative_slope=args.negative_slope,
+        complementary=args.complementary, keras_modules=args.keras_module or (),
+    )  # fmt: skip
+    artifact = read_artifact(path)
+    h, w = artifact.config.input_size
+    print(f"{path}: {len(classes)} classes, input {h}x{w}")
+    print(parity_summary(artifact.meta["parity"]))
     return 0
+
+
+# Options of `import` that only a Keras file takes: option -> argparse dest.
+_KERAS_OPTIONS = {
+    "--widths": "widths",
+    "--negative-slope": "negative_slope",
+    "--complementary": "complementary",
+    "--keras-module": "keras_module",
+}
 
 
 def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
@@ -282,20 +308,40 @@ def build_parser(prog: str = "python -m model") -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "import",
-        help="a TorchScript segmentation model of your own -> a chanseg artifact (served unchanged)",
+        help="a TorchScript or Keras segmentation model of your own -> a chanseg artifact (served unchanged)",
         description="FILE: a torch.jit.save file whose module maps a normalised float (N, 3, H, W) batch to "
-        "logits (N, classes, H, W), or to a dict holding them (--output-key).",
+        "logits (N, classes, H, W), or to a dict holding them (--output-key); or a Keras 3 model (.keras, "
+        ".h5) mapping (N, H, W, 3) to (N, H, W, classes), converted through Keras's torch backend with its "
+        "parity checked; or weights only (.weights.h5) of chanseg's network built in Keras "
+        "(model.keras_unet).",
     )
-    p.add_argument(
-        "file", help="the TorchScript file (torch.jit.script or torch.jit.trace, then torch.jit.save)"
-    )
+    p.add_argument("file", help="the TorchScript file, or the Keras file (.keras, .h5, .weights.h5)")
     p.add_argument("--classes", required=True, help="class names, comma-separated, one per output channel")
-    p.add_argument("--input-size", required=True, type=int, nargs=2, metavar=("H", "W"))
-    p.add_argument("--mean", type=float, nargs=3, default=list(IMAGENET_MEAN), help="default: ImageNet's")
-    p.add_argument("--std", type=float, nargs=3, default=list(IMAGENET_STD), help="default: ImageNet's")
+    p.add_argument(
+        "--input-size", type=int, nargs=2, metavar=("H", "W"),
+        help="the size images are resized to (needed for TorchScript; Keras: default the model's own input size)",
+    )  # fmt: skip
+    p.add_argument("--mean", type=float, nargs=3, help="default: ImageNet's; Keras files: 0 0 0")
+    p.add_argument(
+        "--std", type=float, nargs=3, help="default: ImageNet's; Keras files: 1 1 1 (pixels / 255)"
+    )
     p.add_argument("--name", help="the model's name (default: the file's stem)")
     p.add_argument("--version", default="1")
     p.add_argument("--output-key", help="the logits' key when the module returns a dict (torchvision: out)")
+    p.add_argument(
+        "--keras-module", action="append", metavar="FILE",
+        help="Keras: a Python file run first, defining and registering the model's custom layers (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--widths", type=int, nargs="+", help="weights only: the network's widths (default: 16 32 64 128 256)"
+    )
+    p.add_argument(
+        "--negative-slope", type=float,
+        help="weights only: 0 (default) for the seed's ReLU, else the LeakyReLU slope the network was trained with",
+    )  # fmt: skip
+    p.add_argument(
+        "--complementary", action="store_true", help="weights only: blocks mix a and 1 - a (AAU-Net)"
+    )
     p.add_argument("-o", "--out", required=True, help="the artifact to write")
     p.set_defaults(func=cmd_import)
 

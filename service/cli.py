@@ -28,7 +28,7 @@ commands:
   predict   masks and overlays for image files or folders
   compile   torch.export + AOTInductor package for this machine
   export    safetensors weights + config -> TorchScript artifact
-  import    your own TorchScript segmentation model -> chanseg artifact
+  import    your own TorchScript or Keras segmentation model -> chanseg artifact
   info      an artifact's metadata
   train     train the network (synthetic shapes or a folder)
   eval      per-class IoU, mIoU and pixel accuracy
