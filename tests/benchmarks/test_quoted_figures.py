@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from benchmarks.harness import find_row, readme_cell, readme_cpu, readme_rate, readme_tables, table
+from benchmarks.harness import find_row, host_ms, readme_cell, readme_cpu, readme_rate, readme_tables, table
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = (ROOT / "docs" / "performance.md").read_text()
@@ -86,3 +86,24 @@ def test_where_the_cpu_went_is_the_runs():
     assert quoted is not None, "the run has no CPU split for chanseg at c16"
     paragraphs = [" ".join(p.split()) for p in PAGE.split("\n\n")]
     assert any(quoted in p for p in paragraphs), quoted
+
+
+def test_host_work_figures_are_the_runs():
+    """The host-work section quotes the two back-to-back runs (before and after) as they are."""
+    section = PAGE.split("## Host work per image", 1)[1].split("\n## ", 1)[0]
+    runs = {
+        name: json.loads((ROOT / "benchmarks" / "results" / f"host-{name}.json").read_text())
+        for name in ("before", "after")
+    }
+    for images in runs["after"]["ceiling"]:
+        cells = []
+        for load in (16, 1):
+            rows = [find_row(run["rows"], "chanseg", images, load) for run in runs.values()]
+            before, after = (host_ms(row["server_cpu"]) for row in rows)
+            cells.append(f"{before:.2f} / {after:.2f}")
+        ratio = host_ms(rows_at_16(runs["after"], images)) / host_ms(rows_at_16(runs["before"], images))
+        assert f"| {images} | {cells[0]} ({ratio:.2f}) | {cells[1]} |" in section, images
+
+
+def rows_at_16(run: dict, images: str) -> dict:
+    return find_row(run["rows"], "chanseg", images, 16)["server_cpu"]
