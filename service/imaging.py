@@ -258,9 +258,32 @@ def _fast_decoder(fmt: str, mode: str, data: bytes, info: dict) -> str:
         and data[24] == 8
         and data[25] in (0, 2)
         and "transparency" not in info
+        and _plain_before_idat(data)
     ):
         return SPNG
     return PIL
+
+
+# Chunks libspng inflates and keeps while it decodes (it sets no limit on them): a file of
+# many small compressed texts would hold far more than ``decode_cost`` counts. PIL reads them
+# within its own limits, so such a file goes to PIL.
+_INFLATED_CHUNKS = (b"zTXt", b"iTXt", b"iCCP")
+_MAX_CHUNKS_BEFORE_IDAT = 32
+
+
+def _plain_before_idat(data: bytes) -> bool:
+    """Whether a PNG reaches its first IDAT within a few chunks, none of them compressed."""
+    at = 8
+    for _ in range(_MAX_CHUNKS_BEFORE_IDAT):
+        if at + 8 > len(data):
+            return False
+        length, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8]
+        if kind == b"IDAT":
+            return True
+        if kind in _INFLATED_CHUNKS:
+            return False
+        at += 12 + length
+    return False
 
 
 def decode_probed(probed: Probed) -> Image.Image:

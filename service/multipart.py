@@ -25,6 +25,9 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 __all__ = ["MultipartError", "TooManyFiles", "FilePart", "read_parts"]
 
 MAX_FIELD_BYTES = 1 << 20  # a part that is not a file (Starlette's max_part_size)
+# The charsets a part's name and filename are read in (as codecs.lookup names them); any other
+# is read as Latin-1, which never fails.
+_TEXT_CHARSETS = frozenset(("utf-8", "ascii", "iso8859-1", "cp1252", "utf-16", "utf-16-le", "utf-16-be"))
 
 
 class MultipartError(ValueError):
@@ -54,7 +57,7 @@ class _Reader:
     def _decode(self, raw: bytes) -> str:
         try:
             return raw.decode(self.charset)
-        except UnicodeDecodeError:
+        except UnicodeError:
             return raw.decode("latin-1")
 
     def on_part_begin(self) -> None:
@@ -118,6 +121,8 @@ async def read_parts(
     try:
         charset = codecs.lookup(charset).name
     except LookupError:
+        charset = "latin-1"
+    if charset not in _TEXT_CHARSETS:  # base64, zlib, idna...: codecs, not what names are written in
         charset = "latin-1"
     reader = _Reader(wanted, max_files, max_fields, charset)
     callbacks = {

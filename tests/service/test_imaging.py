@@ -440,3 +440,26 @@ def test_a_file_a_fast_decoder_refuses_is_pils_to_judge():
     for broken in (data[: len(data) // 2], png_bytes(random_image(3, 64, 64))[:-200]):
         with pytest.raises(BadImage, match="corrupt or truncated"):
             prepare_probed(probe_image(broken, BIG, 1, "x", (64, 64)), (64, 64))
+
+
+def test_a_png_with_compressed_chunks_before_its_pixels_goes_to_pil():
+    """libspng inflates and keeps every zTXt, iTXt and iCCP chunk before the pixels, with no
+    limit: a small file of many (an iTXt whose language tag PIL drops uncounted) would hold far
+    more memory than its cost. Such a PNG is PIL's to decode, within PIL's own limits."""
+    from PIL.PngImagePlugin import PngInfo
+
+    image = Image.fromarray(random_image(4, 16, 16))
+    compressed, plain = PngInfo(), PngInfo()
+    compressed.add_text("comment", "x" * 10_000, zip=True)
+    plain.add_text("comment", "short")
+    assert probe_image(encode(image, "PNG", pnginfo=compressed), BIG).decoder == imaging.PIL
+    assert probe_image(encode(image, "PNG", icc_profile=b"\0" * 200), BIG).decoder == imaging.PIL
+    assert probe_image(encode(image, "PNG", pnginfo=plain), BIG).decoder == imaging.SPNG
+    # the attack's shape: iTXt chunks PIL inflates and drops (a bad language tag), one per KiB
+    itxt = b"note\x00\x01\x00\xff\x00\x00" + zlib.compress(b"\xff" * (1 << 20))
+    chunk = struct.pack(">I", len(itxt)) + b"iTXt" + itxt + struct.pack(">I", zlib.crc32(b"iTXt" + itxt))
+    data = encode(image, "PNG")
+    crafted = data[:33] + chunk * 50 + data[33:]
+    probed = probe_image(crafted, BIG, 1, "x", (16, 16))
+    assert probed.decoder == imaging.PIL
+    np.testing.assert_array_equal(prepare_probed(probed, (16, 16)), np.asarray(image))

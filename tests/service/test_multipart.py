@@ -85,3 +85,9 @@ async def test_limits():
 async def test_malformed_bodies(data, content_type, message):
     with pytest.raises(MultipartError, match=message):
         await read(data, content_type=content_type)
+
+
+@pytest.mark.parametrize("charset", ["base64", "zlib", "idna", "no-such-charset"])
+async def test_a_charset_that_is_no_text_encoding_reads_names_as_latin1(charset):
+    data = body(file_part("file", "caf\u00e9.png", b"1")).replace("caf\u00e9".encode(), b"caf\xe9")
+    assert await read(data, content_type=f"{CT}; charset={charset}") == [("file", "caf\u00e9.png", b"1")]
