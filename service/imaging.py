@@ -26,7 +26,9 @@ The common images decode faster than PIL decodes them, with the same pixels
 - 8-bit RGB and grey JPEGs (not CMYK, not MPO) by libjpeg-turbo through
   ``simplejpeg``, scaled while decoding exactly as PIL's draft mode scales them,
   into PIL's own 4-byte layout, which PIL then uses in place;
-- 8-bit RGB and grey PNGs without transparency by libspng through ``imagecodecs``.
+- 8-bit RGB and grey PNGs without transparency by libspng through ``imagecodecs``, unless
+  compressed chunks (text, an ICC profile) come before the pixels: libspng would inflate and
+  keep them all, beyond what ``decode_cost`` counts, where PIL reads them within limits.
 
 Both let Python's interpreter lock go while they decode. A file either of them
 refuses is decoded by PIL, which decides as before whether it is corrupt. What
