@@ -24,8 +24,9 @@ The common images decode faster than PIL decodes them, with the same pixels
 (``decode_probed`` and ``prepare_probed`` choose, ``Probed.decoder`` says which):
 
 - 8-bit RGB and grey JPEGs (not CMYK, not MPO) by libjpeg-turbo through
-  ``simplejpeg``, scaled while decoding exactly as PIL's draft mode scales them,
-  into PIL's own 4-byte layout, which PIL then uses in place;
+  ``simplejpeg``, scaled while decoding exactly as PIL's draft mode scales them: RGB
+  when that is the model's input already, else PIL's own 4-byte layout, which PIL
+  then rotates or resizes in place;
 - 8-bit RGB and grey PNGs without transparency by libspng through ``imagecodecs``, unless
   compressed chunks (text, an ICC profile) come before the pixels: libspng would inflate and
   keep them all, beyond what ``decode_cost`` counts, where PIL reads them within limits.
