@@ -161,6 +161,34 @@ class ServerProcess(ServiceProcess):
         super().__init__({**settings, **env}, log=tmp / f"server-{port}.log", port=port, grpc=grpc)
 
 
+def served_masks(server: "ServerProcess", name: str) -> tuple:
+    """An imported model's answers from a ready real server, for its tests to hold against
+    the original's: three images of odd sizes (seeded) and their masks over
+    ``/predict?format=png``, two 40x30 images stacked and the response of v2 infer asking for
+    ``MASK``, and ``/v1/model``. Returns (info, images, masks, stacked, v2 response)."""
+    rng = np.random.default_rng(7)
+    images = [
+        rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((64, 64, 3), (120, 80, 3), (33, 190, 3))
+    ]
+    stacked = np.stack([rng.integers(0, 256, (40, 30, 3), dtype=np.uint8) for _ in range(2)])
+    info = httpx.get(server.url + "/v1/model").json()
+    masks = []
+    for image in images:
+        r = httpx.post(
+            server.url + "/predict?format=png",
+            content=png_bytes(image),
+            headers={"content-type": "image/png"},
+        )
+        assert r.status_code == 200, r.text
+        masks.append(np.asarray(Image.open(io.BytesIO(r.content))))
+    v2 = httpx.post(
+        server.url + f"/v2/models/{name}/infer",
+        json={"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": list(stacked.shape), "data": stacked.ravel().tolist()}],
+              "outputs": [{"name": "MASK"}]},
+    )  # fmt: skip
+    return info, images, masks, stacked, v2
+
+
 @pytest.fixture(scope="session")
 def shared_server(tiny_artifact, tmp_path_factory):
     """One real ``python -m service`` on the tiny model for the whole run, HTTP and gRPC

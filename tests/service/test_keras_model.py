@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from tests.keras_models import encoder_decoder, keras_mask, need_keras, seed_unet, softmax_head
-from tests.service.conftest import ServerProcess, png_bytes
+from tests.service.conftest import ServerProcess, png_bytes, served_masks
 
 pytestmark = [
     pytest.mark.slow,
@@ -66,35 +66,16 @@ def test_a_keras_model_is_served_without_keras(name, no_keras, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "masks identical: yes" in done.stdout, done.stdout
-    rng = np.random.default_rng(7)
-    images = [
-        rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((64, 64, 3), (120, 80, 3), (33, 190, 3))
-    ]
-    h, w = 40, 30
-    stacked = np.stack([rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(2)])
     server = ServerProcess(str(artifact), tmp_path, PYTHONPATH=no_keras)
     try:
         server.wait_ready()
-        info = httpx.get(server.url + "/v1/model").json()
-        masks = []
-        for image in images:
-            r = httpx.post(
-                server.url + "/predict?format=png",
-                content=png_bytes(image),
-                headers={"content-type": "image/png"},
-            )
-            assert r.status_code == 200, r.text
-            masks.append(np.asarray(Image.open(io.BytesIO(r.content))))
+        info, images, masks, stacked, v2 = served_masks(server, name)
         multipart = httpx.post(
             server.url + "/predict", files={"file": ("a.png", png_bytes(images[1]), "image/png")}
         )
-        v2 = httpx.post(
-            server.url + f"/v2/models/{name}/infer",
-            json={"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": list(stacked.shape), "data": stacked.ravel().tolist()}],
-                  "outputs": [{"name": "MASK"}]},
-        )  # fmt: skip
     finally:
         server.stop()
+    h, w = stacked.shape[1:3]
     assert info["name"] == name and info["classes"] == CLASSES.split(",")
     for mask, image in zip(masks, images):
         np.testing.assert_array_equal(mask, keras_mask(kmodel, image))
