@@ -141,3 +141,66 @@ def test_prometheus_scrapes_and_computes_p99(server, tmp_path):
         prom.wait(10)
     assert up["data"]["result"][0]["value"][1] == "1"
     assert p99 is not None and 0 < p99 < 30
+
+
+def _itxt_png(chunks: int) -> bytes:
+    """A 16x16 RGB PNG with ``chunks`` iTXt chunks before its pixels, each 1 MiB of text
+    deflated to ~1 KiB, with a language tag PIL cannot read (PIL inflates such a chunk and
+    drops it uncounted; libspng would inflate and keep every one)."""
+    import struct
+    import zlib
+
+    itxt = b"note\x00\x01\x00\xff\x00\x00" + zlib.compress(b"\xff" * (1 << 20))
+    chunk = struct.pack(">I", len(itxt)) + b"iTXt" + itxt + struct.pack(">I", zlib.crc32(b"iTXt" + itxt))
+    data = png_bytes(random_image(5, 16, 16))
+    return data[:33] + chunk * chunks + data[33:]
+
+
+@pytest.mark.slow
+def test_predict_surface_against_a_real_server(tiny_artifact, tmp_path):
+    """/predict as an attacker and a careless client send it, over real HTTP: no key on either
+    way in (the direct path and the route), malformed and odd multipart bodies, and PNGs built
+    to make a decoder hold memory their header does not declare. Each gets its 4xx or its
+    answer, the process's peak memory stays small, and the server goes on serving."""
+    proc = ServerProcess(tiny_artifact, tmp_path, CHANSEG_API_KEY="k3y")
+    key = {"x-api-key": "k3y"}
+    image = png_bytes(random_image(6, 40, 30))
+    try:
+        proc.wait_ready()
+        for query in ("?format=png", "?format=gif", "?format=png&format=png"):
+            r = httpx.post(
+                proc.url + "/predict" + query, content=image, headers={"content-type": "image/png"}
+            )
+            assert r.status_code == 401 and r.json()["detail"], (query, r.text)
+        garbage = httpx.post(
+            proc.url + "/predict", content=b"no parts here", headers={"content-type": "multipart/form-data; boundary=x", **key}
+        )  # fmt: skip
+        assert garbage.status_code == 400 and "malformed multipart body" in garbage.json()["detail"]
+        body = (
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="caf\xe9.png"\r\n\r\n'
+            + image
+            + b"\r\n--b--\r\n"
+        )
+        odd = httpx.post(
+            proc.url + "/predict", content=body, headers={"content-type": "multipart/form-data; boundary=b; charset=base64", **key}
+        )  # fmt: skip
+        assert odd.status_code == 200 and odd.json()["predictions"][0]["filename"] == "caf\u00e9.png", (
+            odd.text
+        )
+        status = Path(f"/proc/{proc.proc.pid}/status")
+        Path(f"/proc/{proc.proc.pid}/clear_refs").write_text("5")  # the peak starts again from here
+        before = int(status.read_text().split("VmHWM:")[1].split()[0])
+        crafted = _itxt_png(100)  # ~100 KiB, 100 MiB of text inflated
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(
+                lambda _: httpx.post(proc.url + "/predict?format=png", content=crafted,
+                                     headers={"content-type": "image/png", **key}, timeout=120),
+                range(16),
+            ))  # fmt: skip
+        grown_mib = (int(status.read_text().split("VmHWM:")[1].split()[0]) - before) / 1024
+        assert [r.status_code for r in answers] == [200] * 16
+        print(f"\npeak RSS grew {grown_mib:.0f} MiB")
+        assert grown_mib < 96, f"peak RSS grew {grown_mib:.0f} MiB"
+        assert httpx.get(proc.url + "/healthz").status_code == 200
+    finally:
+        proc.stop()
