@@ -27,7 +27,9 @@ The common images decode faster than PIL decodes them, with the same pixels
   ``simplejpeg``, scaled while decoding exactly as PIL's draft mode scales them: RGB
   when that is the model's input already, else PIL's own 4-byte layout, which PIL
   then rotates or resizes in place;
-- 8-bit RGB and grey PNGs without transparency by libspng through ``imagecodecs``, unless
+- 8-bit RGB and grey PNGs at the model's input size, unrotated, without transparency, by
+  libspng through ``imagecodecs`` (its array is then the input as it is; a PNG that must be
+  rotated or resized would need a copy beside PIL's, so PIL decodes it), unless
   compressed chunks (text, an ICC profile) come before the pixels: libspng would inflate and
   keep them all, beyond what ``decode_cost`` counts, where PIL reads them within limits.
 
@@ -241,7 +243,9 @@ def probe_image(
     )  # fmt: skip
     decoder = _fast_decoder(fmt, mode, data, image.info)
     if decoder == SPNG and (orientation is not None or target is None or (height, width) != tuple(target)):
-        cost += width * height * 3  # libspng's RGB array beside PIL's copy, which rotates or resizes
+        # libspng's array would be copied into PIL's layout to be rotated or resized: 7 bytes
+        # a pixel at the peak against PIL's 4 (the memory test's peak grew ~6%). PIL it is.
+        decoder = PIL
     elif decoder == SIMPLEJPEG:
         w, h = decoded_size or (width, height)
         cost += w * h  # its working buffers: measured ~0.8 bytes per decoded pixel above PIL's
@@ -337,7 +341,7 @@ def prepare_probed(probed: Probed, size: Sequence[int]) -> np.ndarray:
                 else np.repeat(pixels[..., None], 3, 2)
             )
         image = _as_pil(pixels)
-        del pixels  # PIL's image holds the pixels now (libjpeg-turbo's array in place, libspng's copied)
+        del pixels  # PIL's image holds libjpeg-turbo's pixels now, in place
         if probed.orientation is not None:
             image = image.transpose(probed.orientation)
         if image.mode == "RGBX":  # resized as RGBX, then made RGB: the same pixels, no full-size copy
@@ -396,10 +400,8 @@ def _decode_fast(probed: Probed, size: Tuple[int, int]) -> Optional[np.ndarray]:
 
 
 def _as_pil(pixels: np.ndarray) -> Image.Image:
-    """Decoded pixels as a PIL image: RGBX and grey arrays in place, RGB copied."""
+    """libjpeg-turbo's RGBX or grey pixels as a PIL image, in place (no copy)."""
     h, w = pixels.shape[:2]
     if pixels.ndim == 2:
         return Image.frombuffer("L", (w, h), pixels, "raw", "L", 0, 1)
-    if pixels.shape[2] == 4:
-        return Image.frombuffer("RGBX", (w, h), pixels, "raw", "RGBX", 0, 1)
-    return Image.fromarray(pixels)
+    return Image.frombuffer("RGBX", (w, h), pixels, "raw", "RGBX", 0, 1)

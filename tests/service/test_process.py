@@ -144,7 +144,7 @@ def test_prometheus_scrapes_and_computes_p99(server, tmp_path):
 
 
 def _itxt_png(chunks: int) -> bytes:
-    """A 16x16 RGB PNG with ``chunks`` iTXt chunks before its pixels, each 1 MiB of text
+    """A 64x64 RGB PNG with ``chunks`` iTXt chunks before its pixels, each 1 MiB of text
     deflated to ~1 KiB, with a language tag PIL cannot read (PIL inflates such a chunk and
     drops it uncounted; libspng would inflate and keep every one)."""
     import struct
@@ -152,7 +152,9 @@ def _itxt_png(chunks: int) -> bytes:
 
     itxt = b"note\x00\x01\x00\xff\x00\x00" + zlib.compress(b"\xff" * (1 << 20))
     chunk = struct.pack(">I", len(itxt)) + b"iTXt" + itxt + struct.pack(">I", zlib.crc32(b"iTXt" + itxt))
-    data = png_bytes(random_image(5, 16, 16))
+    data = png_bytes(
+        random_image(5, 64, 64)
+    )  # the tiny model's input size: libspng's to take but for its chunks
     return data[:33] + chunk * chunks + data[33:]
 
 
