@@ -90,11 +90,8 @@ def test_data_inside_a_string_is_not_cut():
     assert doc["id"] == text
 
 
-def test_reading_lets_the_lock_go():
-    """The loop waits for the lock: a thread ticking every ms sees gaps of a few ms, not the
-    whole parse (json.loads held it 150 ms, orjson 80 ms, for this image: benchmarks/json_parse.py)."""
-    image = np.random.default_rng(2).integers(0, 256, (1, 1024, 1024, 3), dtype=np.uint8)
-    body = _body(image.tolist(), list(image.shape))
+def _longest_hold(body: bytes, image: np.ndarray) -> float:
+    """The longest a thread ticking every ms waited for the lock while `body` was read."""
     gaps, stop = [], threading.Event()
 
     def tick():
@@ -112,7 +109,18 @@ def test_reading_lets_the_lock_go():
     finally:
         stop.set()
         ticker.join()
-    assert max(gaps) < 0.1, f"the lock was held {max(gaps) * 1000:.0f} ms at once"
+    return max(gaps)
+
+
+def test_reading_lets_the_lock_go():
+    """The loop waits for the lock: a thread ticking every ms sees gaps of a few ms (~22 here),
+    not the whole parse (json.loads held it 150 ms, orjson 80 ms, for this image:
+    benchmarks/json_parse.py). A parse that holds the lock does so on every read, while the OS
+    may stall the ticker once (CI saw one gap of 166 ms amid gaps of 7): the best of 3 reads."""
+    image = np.random.default_rng(2).integers(0, 256, (1, 1024, 1024, 3), dtype=np.uint8)
+    body = _body(image.tolist(), list(image.shape))
+    holds = [_longest_hold(body, image) for _ in range(3)]
+    assert min(holds) < 0.1, f"the lock was held {[round(h * 1000) for h in holds]} ms at once"
 
 
 def test_many_small_data_arrays_cost_little_and_are_refused():
