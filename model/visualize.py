@@ -10,9 +10,10 @@ took 0.141 ms and this 0.020 ms (1.67 KB against PIL's 1.79 KB), and on a
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
-from typing import List
+from typing import List, Tuple
 
 import numpy as np
 from isal import isal_zlib
@@ -28,11 +29,22 @@ _BASE = [
 
 def palette(num_classes: int) -> List[tuple]:
     """One RGB colour per class; class 0 (background) is black."""
+    return list(_palette(num_classes))
+
+
+@functools.lru_cache(maxsize=64)
+def _palette(num_classes: int) -> Tuple[tuple, ...]:
+    # Made once per class count: a random generator costs ~8 us, more than a small mask's PNG.
     colours = list(_BASE)
     rng = np.random.default_rng(0)
     while len(colours) < num_classes:
         colours.append(tuple(int(v) for v in rng.integers(0, 256, 3)))
-    return colours[:num_classes]
+    return tuple(colours[:num_classes])
+
+
+@functools.lru_cache(maxsize=64)
+def _palette_bytes(num_classes: int) -> bytes:
+    return bytes(v for colour in _palette(num_classes) for v in colour)
 
 
 def mask_to_image(mask: np.ndarray, num_classes: int) -> Image.Image:
@@ -46,8 +58,7 @@ def mask_to_image(mask: np.ndarray, num_classes: int) -> Image.Image:
 def mask_png_bytes(mask: np.ndarray, num_classes: int) -> bytes:
     """The ``(H, W)`` uint8 mask as an 8-bit palette PNG: pixel value = class id,
     the colours of :func:`palette`."""
-    colours = bytes(v for colour in palette(max(num_classes, 1)) for v in colour)
-    return png_bytes(mask, colours)
+    return png_bytes(mask, _palette_bytes(max(num_classes, 1)))
 
 
 def grey_png_bytes(values: np.ndarray) -> bytes:
