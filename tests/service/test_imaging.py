@@ -10,6 +10,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -417,6 +418,81 @@ def test_fast_decoders_give_pils_pixels(mode, orientation, fmt, save, size):
 )
 def test_which_decoder(image, fmt, decoder):
     assert probe_image(encode(image, fmt), BIG, 1, "x", (32, 32)).decoder == decoder
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png(
+    pixels: np.ndarray, stream: bytes = b"", pieces: int = 1, between: bytes = b"", interlace: int = 0
+) -> bytes:
+    """An 8-bit grey or RGB PNG of ``pixels`` (rows unfiltered), its zlib ``stream`` (by default
+    the scanlines') cut into ``pieces`` IDAT chunks, ``between`` after the first."""
+    h, w = pixels.shape[:2]
+    colour = 2 if pixels.ndim == 3 else 0
+    scanlines = np.concatenate([np.zeros((h, 1), np.uint8), pixels.reshape(h, -1)], axis=1)
+    stream = stream or zlib.compress(scanlines.tobytes(), 6)
+    cuts = [len(stream) * i // pieces for i in range(pieces + 1)]
+    idats = [_chunk(b"IDAT", stream[a:b]) for a, b in zip(cuts, cuts[1:])]
+    return (
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, interlace))
+        + idats[0] + between + b"".join(idats[1:]) + _chunk(b"IEND", b"")
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "image",
+    [random_image(0, 256, 256), random_image(1, 31, 70), random_image(2, 300, 257)[..., 0], np.zeros((1, 1, 3), np.uint8)],
+    ids=["256x256", "31x70", "grey", "one pixel"],
+)  # fmt: skip
+@pytest.mark.parametrize("writer", ["PIL", "two IDATs", "600 IDATs"])
+def test_pngs_pixel_data_inflated_by_isal_are_libspngs_own_pixels(image, writer):
+    """ISA-L inflates the pixel data, libspng reads it as stored blocks: the pixels are those
+    libspng decodes from the file itself (and PIL: test_fast_decoders_give_pils_pixels)."""
+    if writer == "PIL":
+        data = encode(Image.fromarray(image), "PNG", optimize=True)  # PIL's filters, level 9
+    else:
+        data = _png(image, pieces=2 if writer == "two IDATs" else 600)
+    stored = imaging._stored_png(data)
+    assert stored is not None and b"IDAT" in stored
+    pixels = imagecodecs.spng_decode(stored)
+    assert np.array_equal(pixels, imagecodecs.spng_decode(data))
+    assert np.array_equal(pixels.reshape(image.shape), image)
+    assert np.array_equal(imaging._spng_decode(data).reshape(image.shape), image)
+
+
+def test_pngs_the_isal_path_leaves_to_libspng_and_pil():
+    """What this path does not take as it is goes to libspng whole, as before: it refuses
+    or decodes, and then PIL decides. A stream that inflates past the image (a bomb in a
+    small file) is never inflated further than one byte past it."""
+    image = random_image(3, 40, 50)
+    scanlines = np.concatenate([np.zeros((40, 1), np.uint8), image.reshape(40, -1)], axis=1).tobytes()
+    good = _png(image, pieces=3)
+    bad_crc = bytearray(good)
+    bad_crc[good.index(b"IDAT") + 10] ^= 1
+    bomb = _png(image, stream=zlib.compress(scanlines + bytes(50 << 20), 9))  # +50 MiB in ~50 KB
+    cases = {
+        "interlaced": _png(image, interlace=1),
+        "an IDAT's CRC": bytes(bad_crc),
+        "a chunk between IDATs": _png(image, pieces=3, between=_chunk(b"tEXt", b"k\x00v")),
+        "data past the image": bomb,
+        "a stream too short": _png(image, stream=zlib.compress(scanlines[:-1])),
+        "bytes after the stream": _png(image, stream=zlib.compress(scanlines) + b"\x00"),
+        f"over {imaging._MAX_IDAT_CHUNKS} IDATs": _png(
+            random_image(4, 200, 200), pieces=imaging._MAX_IDAT_CHUNKS + 5
+        ),
+    }
+    for why, data in cases.items():
+        assert imaging._stored_png(data) is None, why
+        try:
+            expected = imagecodecs.spng_decode(data)
+        except Exception as exc:  # libspng's refusal, the same either way
+            with pytest.raises(type(exc)):
+                imaging._spng_decode(data)
+        else:
+            assert np.array_equal(imaging._spng_decode(data), expected), why
+    assert imaging._stored_png(good) is not None
 
 
 def test_16_bit_and_transparent_pngs_stay_with_pil():
