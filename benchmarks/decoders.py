@@ -15,7 +15,9 @@ ms per image (median over passes of ``--seconds``), and ``lock``: the share of i
 pure-Python thread beside it got to run (1.0: the decoder lets the interpreter lock go
 while it decodes; about 0.5: it holds it, and decoding threads would run one at a time).
 Then the mask PNG of one 256x256 and one 1024x1024 mask: PIL's encoder at zlib level 1
-(what the server used before) against ``model.visualize.mask_png_bytes``.
+(what the server used before) against ``model.visualize.mask_png_bytes``; and the PNG
+sets' pixel data (their IDAT streams) inflated by zlib (what libspng links) and by ISA-L
+(what the server inflates them with before libspng unfilters them).
 """
 
 from __future__ import annotations
@@ -25,9 +27,11 @@ import io
 import statistics
 import threading
 import time
+import zlib
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
+from isal import isal_zlib
 from PIL import Image
 
 from model.data import synthetic_sample
@@ -134,7 +138,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         for name, fn in (("PIL level 1", pil), ("chanseg", lambda mask=mask: mask_png_bytes(mask, 4))):
             ms = per_image(lambda _, fn=fn: fn(), [b""], args.seconds)
             print(f"{f'{side}x{side}':<10} {name:<12} {ms:>9.3f} {len(fn()):>8}")
+    print(f"\n{'images':<10} {'inflate':<12} {'ms/image':>9}")
+    for set_name, make in IMAGE_SETS.items():
+        if set_name.startswith("png"):
+            streams = [_idat(data) for data in make()]
+            for name, fn in (("zlib", zlib.decompress), ("ISA-L", isal_zlib.decompress)):
+                print(f"{set_name:<10} {name:<12} {per_image(fn, streams, args.seconds):>9.3f}")
     return 0
+
+
+def _idat(png: bytes) -> bytes:
+    """A PNG's pixel data: its IDAT chunks' contents, one zlib stream."""
+    at, out = 8, []
+    while at + 8 <= len(png):
+        length, kind = int.from_bytes(png[at : at + 4], "big"), png[at + 4 : at + 8]
+        if kind == b"IDAT":
+            out.append(png[at + 8 : at + 8 + length])
+        at += 12 + length
+    return b"".join(out)
 
 
 if __name__ == "__main__":
