@@ -52,7 +52,7 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import imagecodecs
 import numpy as np
@@ -414,11 +414,13 @@ def _as_pil(pixels: np.ndarray) -> Image.Image:
 
 
 # A PNG's pixel data inflated by ISA-L, then read by libspng as stored (uncompressed) deflate
-# blocks: libspng inflates with the zlib it links, at half ISA-L's speed (256x256 RGB, here:
-# the pixel data inflated by zlib 0.65 ms, by ISA-L 0.31; the whole decode 0.82 -> 0.62 ms).
-# The pixels are libspng's own either way. A file this path does not take as it is (interlaced,
-# a chunk's CRC wrong, a stream that is not exactly the image's scanlines) is decoded by libspng
-# as before, which refuses it or not, and then PIL decides.
+# blocks: libspng inflates with the zlib the system has, at half ISA-L's speed (the benchmark's
+# 256x256 PNGs: their pixel data inflated by zlib in 0.65 ms, by ISA-L in 0.31; the whole decode
+# 0.84 -> 0.56 ms). The pixels are libspng's own either way. A file this path does not take as it
+# is (interlaced, a chunk's CRC wrong, a stream that is not exactly the image's scanlines) is
+# decoded by libspng as before, which refuses it or not, and then PIL decides. ISA-L reads a few
+# streams zlib calls invalid (a Huffman code that does not fill its lengths): those decode to
+# what their codes say rather than being refused.
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_IDAT_CHUNKS = 4096  # encoders write 8-64 KiB each: a 3 MB PNG in ~400
 _STORED_BLOCK = 65535
@@ -438,11 +440,9 @@ def _spng_decode(data: bytes) -> np.ndarray:
     return imagecodecs.spng_decode(data if stored is None else stored)
 
 
-def _stored_png(data: bytes) -> Optional[bytes]:
-    """The same PNG with its scanlines in stored deflate blocks and no ancillary chunks,
-    or None when it is not taken as it is."""
-    if data[28] != 0:  # interlaced
-        return None
+def _idat_pieces(data: bytes) -> Optional[List[memoryview]]:
+    """The contents of a PNG's IDAT chunks, in place, each one's CRC checked (libspng checks
+    them too); None if one is wrong or cut short, or there are none or too many."""
     view, at, pieces = memoryview(data), 8, []
     while at + 8 <= len(data) and len(pieces) < _MAX_IDAT_CHUNKS:
         length, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8]
@@ -456,28 +456,61 @@ def _stored_png(data: bytes) -> Optional[bytes]:
             return None
         piece = view[at + 8 : end]
         if isal_zlib.crc32(piece, _IDAT_CRC) != int.from_bytes(data[end : end + 4], "big"):
-            return None  # libspng checks it too
+            return None
         pieces.append(piece)
         at = end + 4
-    if not pieces or len(pieces) >= _MAX_IDAT_CHUNKS:
+    return pieces if 0 < len(pieces) < _MAX_IDAT_CHUNKS else None
+
+
+def _stored_png(data: bytes) -> Optional[bytes]:
+    """The same PNG with its scanlines in stored deflate blocks and no ancillary chunks,
+    or None when it is not taken as it is. Beside the file it holds the scanlines once, in
+    pieces, then the new file: never the compressed stream copied."""
+    if data[28] != 0:  # interlaced
         return None
-    expected = _scanline_bytes(data)
-    inflate = isal_zlib.decompressobj()
-    try:  # at most one byte more than the image holds: a stream that inflates further is refused
-        raw = inflate.decompress(b"".join(pieces), expected + 1)
+    pieces = _idat_pieces(data)
+    if pieces is None:
+        return None
+    head = b""
+    for piece in pieces:  # the stream's first two bytes, across IDATs however short
+        head += bytes(piece[: 2 - len(head)])
+        if len(head) == 2:
+            break
+    if len(head) < 2 or head[0] & 0x0F != 8 or head[0] >> 4 > 7:  # deflate, a window of at most 32 KiB
+        return None  # as zlib refuses it (ISA-L would read a larger window's stream)
+    expected, produced, adler = _scanline_bytes(data), 0, 1
+    inflate, blocks = isal_zlib.decompressobj(), []
+    try:
+        for piece in (*pieces, b""):  # the empty one: what ISA-L still holds once the input is in
+            pending = piece
+            while True:
+                if inflate.eof:
+                    if pending:
+                        return None  # bytes after the stream
+                    break
+                block = inflate.decompress(pending, _STORED_BLOCK)
+                pending = inflate.unconsumed_tail
+                if not block:
+                    if pending:
+                        return None  # no progress: not a stream zlib would read either
+                    break
+                produced += len(block)
+                if produced > expected:
+                    return None  # more than the image: never inflated further than one block past it
+                adler = isal_zlib.adler32(block, adler)
+                blocks.append(block)
     except isal_zlib.error:
         return None
-    if len(raw) != expected or not inflate.eof or inflate.unused_data:
+    if produced != expected or not inflate.eof or inflate.unused_data:
         return None
-    parts, scanlines = [b"\x78\x01"], memoryview(raw)  # a zlib header: deflate, 32 KiB window
-    for start in range(0, expected, _STORED_BLOCK):
-        block = scanlines[start : start + _STORED_BLOCK]
-        final = start + _STORED_BLOCK >= expected  # a stored block: BFINAL, BTYPE 00; LEN, NLEN
+    parts = [b"\x78\x01"]  # a zlib header: deflate, 32 KiB window
+    for i, block in enumerate(blocks):  # stored blocks: BFINAL, BTYPE 00; LEN, NLEN; the bytes
+        final = i == len(blocks) - 1
         parts += [
             bytes([final]) + len(block).to_bytes(2, "little") + (len(block) ^ 0xFFFF).to_bytes(2, "little"),
             block,
         ]
-    parts.append(isal_zlib.adler32(raw).to_bytes(4, "big"))
+    parts.append(adler.to_bytes(4, "big"))
     crc = _IDAT_CRC
     for part in parts:
         crc = isal_zlib.crc32(part, crc)

@@ -495,6 +495,48 @@ def test_pngs_the_isal_path_leaves_to_libspng_and_pil():
     assert imaging._stored_png(good) is not None
 
 
+def _zlib_header(cinfo: int) -> bytes:
+    cmf = cinfo << 4 | 8
+    return bytes([cmf, 31 - (cmf << 8) % 31])  # FCHECK: the two bytes a multiple of 31
+
+
+def test_a_window_zlib_refuses_is_refused_here_too():
+    """ISA-L reads a stream whose header declares a window over 32 KiB; zlib, libspng and PIL
+    call it broken. So does this path (it leaves the file to libspng, which refuses it)."""
+    image = random_image(5, 16, 16)
+    scanlines = np.concatenate([np.zeros((16, 1), np.uint8), image.reshape(16, -1)], axis=1).tobytes()
+    body = zlib.compress(scanlines)[2:]
+    assert imaging._stored_png(_png(image, stream=_zlib_header(7) + body)) is not None
+    for cinfo in (8, 15):
+        data = _png(image, stream=_zlib_header(cinfo) + body)
+        assert imaging._stored_png(data) is None
+        with pytest.raises(Exception, match="(?i)idat|stream"):
+            imagecodecs.spng_decode(data)
+
+
+def test_the_compressed_stream_is_not_copied():
+    """An IDAT made long without adding pixels (empty stored blocks, 5 bytes each) was joined
+    into one copy of itself: memory that decode_cost does not count. It is read in place."""
+    import tracemalloc
+
+    image = random_image(6, 8, 8)
+    scanlines = np.concatenate([np.zeros((8, 1), np.uint8), image.reshape(8, -1)], axis=1).tobytes()
+    stream = (
+        _zlib_header(7) + b"\x00\x00\x00\xff\xff" * 1_000_000  # 5 MB of empty blocks
+        + b"\x01" + struct.pack("<HH", len(scanlines), len(scanlines) ^ 0xFFFF) + scanlines
+        + struct.pack(">I", zlib.adler32(scanlines))
+    )  # fmt: skip
+    data = _png(image, stream=stream)
+    tracemalloc.start()
+    try:
+        pixels = imaging._spng_decode(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert np.array_equal(pixels.reshape(image.shape), image)
+    assert peak < len(data) // 10, f"{peak} bytes allocated for a {len(data)}-byte file"
+
+
 def test_16_bit_and_transparent_pngs_stay_with_pil():
     """Mode RGB or L in PIL can still be 16 bits a sample, or carry a transparent colour."""
     rgb16 = bytearray(png_bytes(random_image(1, 20, 20)))
