@@ -465,7 +465,7 @@ def test_pngs_pixel_data_inflated_by_isal_are_libspngs_own_pixels(image, writer)
 def test_pngs_the_isal_path_leaves_to_libspng_and_pil():
     """What this path does not take as it is goes to libspng whole, as before: it refuses
     or decodes, and then PIL decides. A stream that inflates past the image (a bomb in a
-    small file) is never inflated further than one byte past it."""
+    small file) is never inflated further than one 64 KiB block past it."""
     image = random_image(3, 40, 50)
     scanlines = np.concatenate([np.zeros((40, 1), np.uint8), image.reshape(40, -1)], axis=1).tobytes()
     good = _png(image, pieces=3)
