@@ -141,21 +141,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"\n{'images':<10} {'inflate':<12} {'ms/image':>9}")
     for set_name, make in IMAGE_SETS.items():
         if set_name.startswith("png"):
-            streams = [_idat(data) for data in make()]
+            streams = [b"".join(imaging._idat_pieces(data)) for data in make()]
             for name, fn in (("zlib", zlib.decompress), ("ISA-L", isal_zlib.decompress)):
                 print(f"{set_name:<10} {name:<12} {per_image(fn, streams, args.seconds):>9.3f}")
     return 0
-
-
-def _idat(png: bytes) -> bytes:
-    """A PNG's pixel data: its IDAT chunks' contents, one zlib stream."""
-    at, out = 8, []
-    while at + 8 <= len(png):
-        length, kind = int.from_bytes(png[at : at + 4], "big"), png[at + 4 : at + 8]
-        if kind == b"IDAT":
-            out.append(png[at + 8 : at + 8 + length])
-        at += 12 + length
-    return b"".join(out)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import functools
 import struct
-import zlib
-from typing import List, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 from isal import isal_zlib
 from PIL import Image
 
-__all__ = ["palette", "mask_to_image", "mask_png_bytes", "grey_png_bytes", "overlay"]
+__all__ = ["palette", "mask_to_image", "mask_png_bytes", "grey_png_bytes", "png_chunk", "overlay"]
 
 _BASE = [
     (0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
@@ -66,7 +65,7 @@ def grey_png_bytes(values: np.ndarray) -> bytes:
     return png_bytes(values)
 
 
-_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ROWS_AT_ONCE = 256  # rows copied beside the mask at a time, with their filter bytes
 
 
@@ -89,15 +88,19 @@ def png_bytes(pixels: np.ndarray, palette_rgb: bytes = b"") -> bytes:
         rows[: len(block), 1:] = block  # casts to uint8 as it copies
         parts.append(deflate.compress(rows[: len(block)]))
     parts.append(deflate.flush())
-    chunks = [_chunk(b"IHDR", header)]
-    if palette_rgb:
-        chunks.append(_chunk(b"PLTE", palette_rgb))
-    chunks += [_chunk(b"IDAT", b"".join(parts)), _chunk(b"IEND", b"")]
-    return _SIGNATURE + b"".join(chunks)
+    return b"".join(
+        [PNG_SIGNATURE, *png_chunk(b"IHDR", [header]), *(png_chunk(b"PLTE", [palette_rgb]) if palette_rgb else []),
+         *png_chunk(b"IDAT", parts), *png_chunk(b"IEND", [])]
+    )  # fmt: skip
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+def png_chunk(kind: bytes, parts: Sequence[bytes]) -> List[bytes]:
+    """A PNG chunk whose data is ``parts`` joined, as pieces for the caller to join once
+    with the rest of the file: its length, ``kind``, the parts, its CRC."""
+    crc = isal_zlib.crc32(kind)
+    for part in parts:
+        crc = isal_zlib.crc32(part, crc)
+    return [struct.pack(">I", sum(len(part) for part in parts)), kind, *parts, struct.pack(">I", crc)]
 
 
 def overlay(

@@ -52,7 +52,7 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import imagecodecs
 import numpy as np
@@ -61,6 +61,7 @@ from isal import isal_zlib
 from PIL import ExifTags, Image
 
 from model.preprocess import prepare_image, to_rgb_array
+from model.visualize import PNG_SIGNATURE, png_chunk
 
 from .errors import BadImage, PayloadTooLarge
 
@@ -284,18 +285,24 @@ _INFLATED_CHUNKS = (b"zTXt", b"iTXt", b"iCCP")
 _MAX_CHUNKS_BEFORE_IDAT = 32
 
 
+def _png_chunks(data: bytes) -> Iterator[Tuple[bytes, int, int]]:
+    """``(kind, start, end)`` of each chunk's data in a PNG file, in order, as far as a
+    chunk's header is in the file (its data and CRC may not be)."""
+    at = 8
+    while at + 8 <= len(data):
+        start = at + 8
+        end = start + int.from_bytes(data[at : at + 4], "big")
+        yield data[at + 4 : start], start, end
+        at = end + 4
+
+
 def _plain_before_idat(data: bytes) -> bool:
     """Whether a PNG reaches its first IDAT within a few chunks, none of them compressed."""
-    at = 8
-    for _ in range(_MAX_CHUNKS_BEFORE_IDAT):
-        if at + 8 > len(data):
-            return False
-        length, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8]
+    for _, (kind, _, _) in zip(range(_MAX_CHUNKS_BEFORE_IDAT), _png_chunks(data)):
         if kind == b"IDAT":
             return True
         if kind in _INFLATED_CHUNKS:
             return False
-        at += 12 + length
     return False
 
 
@@ -421,10 +428,8 @@ def _as_pil(pixels: np.ndarray) -> Image.Image:
 # decoded by libspng as before, which refuses it or not, and then PIL decides. ISA-L reads a few
 # streams zlib calls invalid (a Huffman code that does not fill its lengths): those decode to
 # what their codes say rather than being refused.
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _MAX_IDAT_CHUNKS = 4096  # encoders write 8-64 KiB each: a 3 MB PNG in ~400
 _STORED_BLOCK = 65535
-_IDAT_CRC = isal_zlib.crc32(b"IDAT")
 
 
 def _scanline_bytes(data: bytes) -> int:
@@ -443,23 +448,18 @@ def _spng_decode(data: bytes) -> np.ndarray:
 def _idat_pieces(data: bytes) -> Optional[List[memoryview]]:
     """The contents of a PNG's IDAT chunks, in place, each one's CRC checked (libspng checks
     them too); None if one is wrong or cut short, or there are none or too many."""
-    view, at, pieces = memoryview(data), 8, []
-    while at + 8 <= len(data) and len(pieces) < _MAX_IDAT_CHUNKS:
-        length, kind = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8]
-        end = at + 8 + length
+    view, pieces, idat_crc = memoryview(data), [], isal_zlib.crc32(b"IDAT")
+    for kind, start, end in _png_chunks(data):
         if kind != b"IDAT":
             if pieces:
                 break  # the pixel data ends at the first other chunk after it, as for PIL
-            at = end + 4
             continue
-        if end + 4 > len(data):
+        if end + 4 > len(data) or len(pieces) == _MAX_IDAT_CHUNKS:
             return None
-        piece = view[at + 8 : end]
-        if isal_zlib.crc32(piece, _IDAT_CRC) != int.from_bytes(data[end : end + 4], "big"):
+        if isal_zlib.crc32(view[start:end], idat_crc) != int.from_bytes(data[end : end + 4], "big"):
             return None
-        pieces.append(piece)
-        at = end + 4
-    return pieces if 0 < len(pieces) < _MAX_IDAT_CHUNKS else None
+        pieces.append(view[start:end])
+    return pieces or None
 
 
 def _stored_png(data: bytes) -> Optional[bytes]:
@@ -511,11 +511,4 @@ def _stored_png(data: bytes) -> Optional[bytes]:
             block,
         ]
     parts.append(adler.to_bytes(4, "big"))
-    crc = _IDAT_CRC
-    for part in parts:
-        crc = isal_zlib.crc32(part, crc)
-    size = sum(len(part) for part in parts)
-    return b"".join(
-        [_PNG_SIGNATURE, data[8:33], size.to_bytes(4, "big"), b"IDAT", *parts, crc.to_bytes(4, "big"),
-         b"\x00\x00\x00\x00IEND\xaeB`\x82"]
-    )  # fmt: skip
+    return b"".join([PNG_SIGNATURE, data[8:33], *png_chunk(b"IDAT", parts), *png_chunk(b"IEND", [])])

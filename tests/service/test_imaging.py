@@ -32,6 +32,11 @@ def encode(image: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    """A PNG chunk, written here rather than by the code under test."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"])
 def test_formats(fmt):
     image = Image.fromarray(random_image(0, 30, 20))
@@ -117,15 +122,12 @@ def test_a_jpeg_within_twice_the_input_size_decodes_at_full_size():
 
 
 def _png_claiming(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 10))
-        + chunk(b"IEND", b"")
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + _chunk(b"IEND", b"")
     )
 
 
@@ -420,10 +422,6 @@ def test_which_decoder(image, fmt, decoder):
     assert probe_image(encode(image, fmt), BIG, 1, "x", (32, 32)).decoder == decoder
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 def _png(
     pixels: np.ndarray, stream: bytes = b"", pieces: int = 1, between: bytes = b"", interlace: int = 0
 ) -> bytes:
@@ -577,7 +575,7 @@ def test_a_png_with_compressed_chunks_before_its_pixels_goes_to_pil():
     assert probe_image(encode(image, "PNG", pnginfo=plain), BIG, 1, "x", (16, 16)).decoder == imaging.SPNG
     # the attack's shape: iTXt chunks PIL inflates and drops (a bad language tag), one per KiB
     itxt = b"note\x00\x01\x00\xff\x00\x00" + zlib.compress(b"\xff" * (1 << 20))
-    chunk = struct.pack(">I", len(itxt)) + b"iTXt" + itxt + struct.pack(">I", zlib.crc32(b"iTXt" + itxt))
+    chunk = _chunk(b"iTXt", itxt)
     data = encode(image, "PNG")
     crafted = data[:33] + chunk * 50 + data[33:]
     probed = probe_image(crafted, BIG, 1, "x", (16, 16))
