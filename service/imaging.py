@@ -478,16 +478,30 @@ def _stored_png(data: bytes) -> Optional[bytes]:
             break
     if len(head) < 2 or head[0] & 0x0F != 8 or head[0] >> 4 > 7:  # deflate, a window of at most 32 KiB
         return None  # as zlib refuses it (ISA-L would read a larger window's stream)
-    expected, produced, adler = _scanline_bytes(data), 0, 1
-    inflate, blocks = isal_zlib.decompressobj(), []
+    blocks = _inflated(pieces, _scanline_bytes(data))
+    if blocks is None:
+        return None
+    parts, adler = [b"\x78\x01"], 1  # a zlib header: deflate, 32 KiB window
+    for i, block in enumerate(blocks):  # stored blocks: BFINAL, BTYPE 00; LEN, NLEN; the bytes
+        final = i == len(blocks) - 1
+        parts += [
+            bytes([final]) + len(block).to_bytes(2, "little") + (len(block) ^ 0xFFFF).to_bytes(2, "little"),
+            block,
+        ]
+        adler = isal_zlib.adler32(block, adler)
+    parts.append(adler.to_bytes(4, "big"))
+    return b"".join([PNG_SIGNATURE, data[8:33], *png_chunk(b"IDAT", parts), *png_chunk(b"IEND", [])])
+
+
+def _inflated(pieces: List[memoryview], expected: int) -> Optional[List[bytes]]:
+    """The zlib stream cut into ``pieces``, inflated by ISA-L in blocks of at most 64 KiB
+    (what a stored block holds); None unless it is exactly ``expected`` bytes, ends, and
+    nothing follows it. Never inflated further than one block past ``expected``."""
+    inflate, blocks, produced = isal_zlib.decompressobj(), [], 0
     try:
         for piece in (*pieces, b""):  # the empty one: what ISA-L still holds once the input is in
             pending = piece
-            while True:
-                if inflate.eof:
-                    if pending:
-                        return None  # bytes after the stream
-                    break
+            while not inflate.eof:
                 block = inflate.decompress(pending, _STORED_BLOCK)
                 pending = inflate.unconsumed_tail
                 if not block:
@@ -496,19 +510,12 @@ def _stored_png(data: bytes) -> Optional[bytes]:
                     break
                 produced += len(block)
                 if produced > expected:
-                    return None  # more than the image: never inflated further than one block past it
-                adler = isal_zlib.adler32(block, adler)
+                    return None
                 blocks.append(block)
+            if pending:
+                return None  # bytes after the stream
     except isal_zlib.error:
         return None
     if produced != expected or not inflate.eof or inflate.unused_data:
         return None
-    parts = [b"\x78\x01"]  # a zlib header: deflate, 32 KiB window
-    for i, block in enumerate(blocks):  # stored blocks: BFINAL, BTYPE 00; LEN, NLEN; the bytes
-        final = i == len(blocks) - 1
-        parts += [
-            bytes([final]) + len(block).to_bytes(2, "little") + (len(block) ^ 0xFFFF).to_bytes(2, "little"),
-            block,
-        ]
-    parts.append(adler.to_bytes(4, "big"))
-    return b"".join([PNG_SIGNATURE, data[8:33], *png_chunk(b"IDAT", parts), *png_chunk(b"IEND", [])])
+    return blocks
