@@ -7,8 +7,10 @@ import gc
 import io
 import logging
 import os
+import struct
 import threading
 import time
+import zlib
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -47,6 +49,39 @@ def png_bytes(array: np.ndarray, fmt: str = "PNG", **save) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format=fmt, **save)
     return buf.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """A PNG chunk, written here rather than by the code under test."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def scanlines(pixels: np.ndarray) -> bytes:
+    """An 8-bit image's PNG scanlines, unfiltered: each row after a 0 filter byte."""
+    h = pixels.shape[0]
+    return np.concatenate([np.zeros((h, 1), np.uint8), pixels.reshape(h, -1)], axis=1).tobytes()
+
+
+def zlib_header(cinfo: int = 7) -> bytes:
+    """A zlib stream's header declaring a window of 2 ** (cinfo + 8) bytes (7: 32 KiB)."""
+    cmf = cinfo << 4 | 8
+    return bytes([cmf, 31 - (cmf << 8) % 31])
+
+
+def raw_png(
+    pixels: np.ndarray, stream: bytes = b"", pieces: int = 1, between: bytes = b"", interlace: int = 0
+) -> bytes:
+    """An 8-bit grey or RGB PNG of ``pixels``, its zlib ``stream`` (by default the unfiltered
+    scanlines') cut into ``pieces`` IDAT chunks, ``between`` after the first."""
+    h, w = pixels.shape[:2]
+    colour = 2 if pixels.ndim == 3 else 0
+    stream = stream or zlib.compress(scanlines(pixels), 6)
+    cuts = [len(stream) * i // pieces for i in range(pieces + 1)]
+    idats = [png_chunk(b"IDAT", stream[a:b]) for a, b in zip(cuts, cuts[1:])]
+    return (
+        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, interlace))
+        + idats[0] + between + b"".join(idats[1:]) + png_chunk(b"IEND", b"")
+    )  # fmt: skip
 
 
 def random_image(seed: int, h: int = 48, w: int = 40) -> np.ndarray:

@@ -20,7 +20,7 @@ from PIL import Image
 from service import imaging
 from service.errors import BadImage, PayloadTooLarge
 from service.imaging import decode_image, prepare_probed, probe_image
-from tests.service.conftest import png_bytes, random_image
+from tests.service.conftest import png_bytes, png_chunk, random_image, raw_png, scanlines, zlib_header
 
 BIG = 10**9
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,11 +30,6 @@ def encode(image: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format=fmt, **kw)
     return buf.getvalue()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    """A PNG chunk, written here rather than by the code under test."""
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"])
@@ -125,9 +120,9 @@ def _png_claiming(width: int, height: int) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n"
-        + _chunk(b"IHDR", ihdr)
-        + _chunk(b"IDAT", zlib.compress(b"\0" * 10))
-        + _chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 10))
+        + png_chunk(b"IEND", b"")
     )
 
 
@@ -422,23 +417,6 @@ def test_which_decoder(image, fmt, decoder):
     assert probe_image(encode(image, fmt), BIG, 1, "x", (32, 32)).decoder == decoder
 
 
-def _png(
-    pixels: np.ndarray, stream: bytes = b"", pieces: int = 1, between: bytes = b"", interlace: int = 0
-) -> bytes:
-    """An 8-bit grey or RGB PNG of ``pixels`` (rows unfiltered), its zlib ``stream`` (by default
-    the scanlines') cut into ``pieces`` IDAT chunks, ``between`` after the first."""
-    h, w = pixels.shape[:2]
-    colour = 2 if pixels.ndim == 3 else 0
-    scanlines = np.concatenate([np.zeros((h, 1), np.uint8), pixels.reshape(h, -1)], axis=1)
-    stream = stream or zlib.compress(scanlines.tobytes(), 6)
-    cuts = [len(stream) * i // pieces for i in range(pieces + 1)]
-    idats = [_chunk(b"IDAT", stream[a:b]) for a, b in zip(cuts, cuts[1:])]
-    return (
-        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, interlace))
-        + idats[0] + between + b"".join(idats[1:]) + _chunk(b"IEND", b"")
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize(
     "image",
     [random_image(0, 256, 256), random_image(1, 31, 70), random_image(2, 300, 257)[..., 0], np.zeros((1, 1, 3), np.uint8)],
@@ -451,7 +429,7 @@ def test_pngs_pixel_data_inflated_by_isal_are_libspngs_own_pixels(image, writer)
     if writer == "PIL":
         data = encode(Image.fromarray(image), "PNG", optimize=True)  # PIL's filters, level 9
     else:
-        data = _png(image, pieces=2 if writer == "two IDATs" else 600)
+        data = raw_png(image, pieces=2 if writer == "two IDATs" else 600)
     stored = imaging._stored_png(data)
     assert stored is not None and b"IDAT" in stored
     pixels = imagecodecs.spng_decode(stored)
@@ -465,19 +443,19 @@ def test_pngs_the_isal_path_leaves_to_libspng_and_pil():
     or decodes, and then PIL decides. A stream that inflates past the image (a bomb in a
     small file) is never inflated further than one 64 KiB block past it."""
     image = random_image(3, 40, 50)
-    scanlines = np.concatenate([np.zeros((40, 1), np.uint8), image.reshape(40, -1)], axis=1).tobytes()
-    good = _png(image, pieces=3)
+    rows = scanlines(image)
+    good = raw_png(image, pieces=3)
     bad_crc = bytearray(good)
     bad_crc[good.index(b"IDAT") + 10] ^= 1
-    bomb = _png(image, stream=zlib.compress(scanlines + bytes(50 << 20), 9))  # +50 MiB in ~50 KB
+    bomb = raw_png(image, stream=zlib.compress(rows + bytes(50 << 20), 9))  # +50 MiB in ~50 KB
     cases = {
-        "interlaced": _png(image, interlace=1),
+        "interlaced": raw_png(image, interlace=1),
         "an IDAT's CRC": bytes(bad_crc),
-        "a chunk between IDATs": _png(image, pieces=3, between=_chunk(b"tEXt", b"k\x00v")),
+        "a chunk between IDATs": raw_png(image, pieces=3, between=png_chunk(b"tEXt", b"k\x00v")),
         "data past the image": bomb,
-        "a stream too short": _png(image, stream=zlib.compress(scanlines[:-1])),
-        "bytes after the stream": _png(image, stream=zlib.compress(scanlines) + b"\x00"),
-        f"over {imaging._MAX_IDAT_CHUNKS} IDATs": _png(
+        "a stream too short": raw_png(image, stream=zlib.compress(rows[:-1])),
+        "bytes after the stream": raw_png(image, stream=zlib.compress(rows) + b"\x00"),
+        f"over {imaging._MAX_IDAT_CHUNKS} IDATs": raw_png(
             random_image(4, 200, 200), pieces=imaging._MAX_IDAT_CHUNKS + 5
         ),
     }
@@ -493,20 +471,15 @@ def test_pngs_the_isal_path_leaves_to_libspng_and_pil():
     assert imaging._stored_png(good) is not None
 
 
-def _zlib_header(cinfo: int) -> bytes:
-    cmf = cinfo << 4 | 8
-    return bytes([cmf, 31 - (cmf << 8) % 31])  # FCHECK: the two bytes a multiple of 31
-
-
 def test_a_window_zlib_refuses_is_refused_here_too():
     """ISA-L reads a stream whose header declares a window over 32 KiB; zlib, libspng and PIL
     call it broken. So does this path (it leaves the file to libspng, which refuses it)."""
     image = random_image(5, 16, 16)
-    scanlines = np.concatenate([np.zeros((16, 1), np.uint8), image.reshape(16, -1)], axis=1).tobytes()
-    body = zlib.compress(scanlines)[2:]
-    assert imaging._stored_png(_png(image, stream=_zlib_header(7) + body)) is not None
+    rows = scanlines(image)
+    body = zlib.compress(rows)[2:]
+    assert imaging._stored_png(raw_png(image, stream=zlib_header(7) + body)) is not None
     for cinfo in (8, 15):
-        data = _png(image, stream=_zlib_header(cinfo) + body)
+        data = raw_png(image, stream=zlib_header(cinfo) + body)
         assert imaging._stored_png(data) is None
         with pytest.raises(Exception, match="(?i)idat|stream"):
             imagecodecs.spng_decode(data)
@@ -518,13 +491,13 @@ def test_the_compressed_stream_is_not_copied():
     import tracemalloc
 
     image = random_image(6, 8, 8)
-    scanlines = np.concatenate([np.zeros((8, 1), np.uint8), image.reshape(8, -1)], axis=1).tobytes()
+    rows = scanlines(image)
     stream = (
-        _zlib_header(7) + b"\x00\x00\x00\xff\xff" * 1_000_000  # 5 MB of empty blocks
-        + b"\x01" + struct.pack("<HH", len(scanlines), len(scanlines) ^ 0xFFFF) + scanlines
-        + struct.pack(">I", zlib.adler32(scanlines))
+        zlib_header(7) + b"\x00\x00\x00\xff\xff" * 1_000_000  # 5 MB of empty blocks
+        + b"\x01" + struct.pack("<HH", len(rows), len(rows) ^ 0xFFFF) + rows
+        + struct.pack(">I", zlib.adler32(rows))
     )  # fmt: skip
-    data = _png(image, stream=stream)
+    data = raw_png(image, stream=stream)
     tracemalloc.start()
     try:
         pixels = imaging._spng_decode(data)
@@ -575,7 +548,7 @@ def test_a_png_with_compressed_chunks_before_its_pixels_goes_to_pil():
     assert probe_image(encode(image, "PNG", pnginfo=plain), BIG, 1, "x", (16, 16)).decoder == imaging.SPNG
     # the attack's shape: iTXt chunks PIL inflates and drops (a bad language tag), one per KiB
     itxt = b"note\x00\x01\x00\xff\x00\x00" + zlib.compress(b"\xff" * (1 << 20))
-    chunk = _chunk(b"iTXt", itxt)
+    chunk = png_chunk(b"iTXt", itxt)
     data = encode(image, "PNG")
     crafted = data[:33] + chunk * 50 + data[33:]
     probed = probe_image(crafted, BIG, 1, "x", (16, 16))
