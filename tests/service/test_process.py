@@ -4,8 +4,10 @@ a real HTTP client, SIGTERM draining, and a real Prometheus scraping it."""
 from __future__ import annotations
 
 import signal
+import struct
 import subprocess
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +20,16 @@ from model import ModelConfig
 from testbed.processes import free_port
 from tests.conftest import make_net
 from tests.real_parts import need_tool
-from tests.service.conftest import ServerProcess, decode_mask, png_bytes, random_image
+from tests.service.conftest import (
+    ServerProcess,
+    decode_mask,
+    png_bytes,
+    png_chunk,
+    random_image,
+    raw_png,
+    scanlines,
+    zlib_header,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -147,11 +158,8 @@ def _itxt_png(chunks: int) -> bytes:
     """A 64x64 RGB PNG with ``chunks`` iTXt chunks before its pixels, each 1 MiB of text
     deflated to ~1 KiB, with a language tag PIL cannot read (PIL inflates such a chunk and
     drops it uncounted; libspng would inflate and keep every one)."""
-    import struct
-    import zlib
-
     itxt = b"note\x00\x01\x00\xff\x00\x00" + zlib.compress(b"\xff" * (1 << 20))
-    chunk = struct.pack(">I", len(itxt)) + b"iTXt" + itxt + struct.pack(">I", zlib.crc32(b"iTXt" + itxt))
+    chunk = png_chunk(b"iTXt", itxt)
     data = png_bytes(
         random_image(5, 64, 64)
     )  # the tiny model's input size: libspng's to take but for its chunks
@@ -203,6 +211,26 @@ def test_predict_surface_against_a_real_server(tiny_artifact, tmp_path):
         assert [r.status_code for r in answers] == [200] * 16
         print(f"\npeak RSS grew {grown_mib:.0f} MiB")
         assert grown_mib < 96, f"peak RSS grew {grown_mib:.0f} MiB"
+        # PNGs at the model's size, whose pixel data ISA-L inflates: padded with 5 MB of empty
+        # deflate blocks, inflating 50 MiB past the image, a window zlib refuses.
+        plain = random_image(7, 64, 64)
+        rows = scanlines(plain)
+        for why, data, status in (
+            ("padded", raw_png(plain, stream=zlib_header(7) + b"\x00\x00\x00\xff\xff" * 1_000_000
+                                + b"\x01" + struct.pack("<HH", len(rows), len(rows) ^ 0xFFFF) + rows
+                                + struct.pack(">I", zlib.adler32(rows))), 200),
+            ("a bomb", raw_png(plain, stream=zlib.compress(rows + bytes(50 << 20), 9)), 200),
+            ("a 64 KiB window", raw_png(plain, stream=zlib_header(8) + zlib.compress(rows)[2:]), 400),
+        ):  # fmt: skip
+            r = httpx.post(proc.url + "/predict?format=png", content=data,
+                           headers={"content-type": "image/png", **key}, timeout=60)  # fmt: skip
+            assert r.status_code == status, (why, r.text)
+            if status == 200:
+                expected = httpx.post(proc.url + "/predict?format=png", content=png_bytes(plain),
+                                      headers={"content-type": "image/png", **key})  # fmt: skip
+                assert np.array_equal(decode_mask(r.content), decode_mask(expected.content)), why
+            else:
+                assert "corrupt or truncated image data" in r.json()["detail"], why
         assert httpx.get(proc.url + "/healthz").status_code == 200
     finally:
         proc.stop()
