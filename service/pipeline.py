@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ __all__ = [
     "pool_call",
 ]
 
+T = TypeVar("T")
 Source = Union[bytes, np.ndarray]  # encoded image file, or (H, W, 3) uint8 pixels
 # After work that took at least this much, the allocator hands freed memory back
 # to the OS before the reservation is released (resources.release_free_memory).
@@ -128,6 +129,15 @@ def pool_call(state, fn, *args):
     return asyncio.get_running_loop().run_in_executor(state.pool, fn, *args)
 
 
+async def _each(awaitables: Sequence[Awaitable[T]]) -> List[T]:
+    """``asyncio.gather``'s results, as a list. Most requests hold one image: that one is
+    awaited as it is, without the task gather makes of a coroutine and its gathering
+    future (the event loop's CPU per request, ``docs/performance.md``)."""
+    if len(awaitables) == 1:
+        return [await awaitables[0]]
+    return list(await asyncio.gather(*awaitables))
+
+
 async def _reserve(state, context: RequestContext, nbytes: int, what: str) -> Lease:
     """Work-ledger memory for ``what``, waiting at most until the request's deadline."""
     try:
@@ -197,7 +207,7 @@ async def preprocess(
     state.tracing.annotate(context.request_id)
     with announce:  # a forming batch waits for these rather than closing early
         started = time.perf_counter()
-        items = list(await asyncio.gather(*(pool_call(state, probe, name, src) for name, src in sources)))
+        items = await _each([pool_call(state, probe, name, src) for name, src in sources])
         if check is not None:
             check([_size(item) for item in items])
         total = sum(_pixels(item) for item in items)
@@ -206,9 +216,7 @@ async def preprocess(
                 f"{total} pixels in {len(items)} images is over the limit of {s.max_request_pixels} "
                 "pixels per request (MAX_REQUEST_PIXELS); send fewer or smaller images per request"
             )
-        return list(
-            await asyncio.gather(*(one(name, item, started) for (name, _), item in zip(sources, items)))
-        )
+        return await _each([one(name, item, started) for (name, _), item in zip(sources, items)])
 
 
 def _size(item: Union[Probed, np.ndarray]) -> Tuple[int, int]:
@@ -349,7 +357,7 @@ async def encode_masks(
             finally:
                 lease.release()
 
-    return list(await asyncio.gather(*(one(r, im) for r, im in zip(results, images))))
+    return await _each([one(r, im) for r, im in zip(results, images)])
 
 
 async def reserve_output(state, context: RequestContext, nbytes: int, what: str) -> Lease:
