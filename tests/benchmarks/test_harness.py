@@ -230,6 +230,21 @@ def test_ab_runs_an_earlier_commit_beside_the_working_tree(tiny_artifact, capsys
     assert "chanseg-ab-" not in worktrees  # the checkout is gone again
 
 
+@pytest.mark.slow
+def test_floor_measures_a_bare_asgi_app_beside_chanseg(tiny_artifact, capsys):
+    from benchmarks import floor
+
+    assert (
+        floor.main(["--requests", "40", "--rounds", "1", "--concurrency", "2", "--model", tiny_artifact]) == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[2:4] for line in lines[:2]] == [["bare", "ASGI"], ["chanseg", "ms/request:"]]
+    bare, ours = ({k: float(v) for k, v in (c.split() for c in line.split(": ")[1].split(";")[0].split(", "))}
+                  for line in lines[:2])  # fmt: skip
+    assert bare["io"] == 0 and ours["total"] > 0  # the bare app decodes nothing; chanseg's model ran
+    assert "chanseg's own" in lines[2]
+
+
 def test_formats_prints_each_format_at_both_sizes(capsys):
     from benchmarks import formats
 
