@@ -258,8 +258,26 @@ def _upsample(
     rows, cols = nearest_indices(h, int(size[0])), nearest_indices(w, int(size[1]))
     # Columns first, on the small array; then whole rows, each a contiguous copy. The other
     # order gathers every output pixel one by one: 23.4 against 3.1 ms for a 4032x3024 mask.
-    wide = np.take(array, cols, axis=axes[1])
+    factor = int(size[1]) // w
+    if (
+        array.dtype == np.uint8
+        and axes == (0, 1)
+        and array.ndim == 2
+        and factor * w == int(size[1])
+        and factor in _BYTES_TIMES
+    ):
+        # A mask 2, 4 or 8 times as wide (a 1024x1024 image's, from 256x256): each label's
+        # byte repeated by one multiply of the bytes read as wider integers, 0.03 against
+        # 0.14 ms for the gather. Those factors' nearest-exact indices are exactly i // factor.
+        kind, ones = _BYTES_TIMES[factor]
+        wide = (array.astype(kind, order="C") * kind(ones)).view(np.uint8)
+    else:
+        wide = np.take(array, cols, axis=axes[1])
     return np.take(wide, rows, axis=axes[0], out=out)
+
+
+# A byte repeated 2, 4 or 8 times: the byte times 0x01...01 in an integer that wide.
+_BYTES_TIMES = {2: (np.uint16, 0x0101), 4: (np.uint32, 0x01010101), 8: (np.uint64, 0x0101010101010101)}
 
 
 def _as_list(images) -> Tuple[list, bool]:

@@ -72,6 +72,29 @@ def test_masks_follow_nearest_upsampling_of_model_resolution(tiny_segmenter):
     np.testing.assert_array_equal(big, np.kron(small, np.ones((2, 2), np.uint8)))
 
 
+@pytest.mark.parametrize("factor", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("layout", ["C", "F", "strided"])
+def test_masks_restored_a_whole_number_of_times_wider_match_torch(factor, layout):
+    """2, 4 and 8 times as wide take the multiply path (_BYTES_TIMES), 3 and 16 the gather;
+    either way torch's nearest-exact, from any memory layout of the labels."""
+    from torch.nn import functional as F
+
+    from model import Segmenter
+
+    rng = np.random.default_rng(factor)
+    base = rng.integers(0, 256, (62, 80), dtype=np.uint8)  # every byte value, not just class ids
+    labels = {"C": base[:31, :40], "F": np.asfortranarray(base[:31, :40]), "strided": base[::2, ::2]}[layout]
+    size = (31 * 3 + 1, 40 * factor)
+    expected = F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(labels))[None, None], size=size, mode="nearest-exact"
+    )
+    restored = Segmenter.restore(torch.from_numpy(labels), size)
+    np.testing.assert_array_equal(restored, expected[0, 0].numpy())
+    out = np.empty(size, np.uint8)
+    assert Segmenter.restore(torch.from_numpy(labels), size, out=out) is out
+    np.testing.assert_array_equal(out, restored)
+
+
 @pytest.mark.parametrize("src", [1, 3, 64, 100, 255, 257])
 @pytest.mark.parametrize("dst", [1, 5, 64, 99, 256, 1000, 4001])
 def test_host_stages_match_torch_kernels(src, dst):
