@@ -265,10 +265,12 @@ def _upsample(
         and array.ndim == 2
         and factor * w == int(size[1])
         and factor in _BYTES_TIMES
+        and int(size[1]) <= 1 << 23
     ):
         # A mask 2, 4 or 8 times as wide (a 1024x1024 image's, from 256x256): each label's
         # byte repeated by one multiply of the bytes read as wider integers, 0.03 against
-        # 0.14 ms for the gather. Those factors' nearest-exact indices are exactly i // factor.
+        # 0.14 ms for the gather. Those factors' nearest-exact indices are exactly i // factor
+        # up to 2**23 columns (torch computes them in float32; past that they drift).
         kind, ones = _BYTES_TIMES[factor]
         wide = (array.astype(kind, order="C") * kind(ones)).view(np.uint8)
     else:

@@ -95,6 +95,20 @@ def test_masks_restored_a_whole_number_of_times_wider_match_torch(factor, layout
     np.testing.assert_array_equal(out, restored)
 
 
+@pytest.mark.parametrize("factor", [2, 4, 8])
+def test_masks_past_float32s_exact_columns_still_match_torch(factor):
+    """Past 2**23 columns torch's float32 indices are no longer i // factor: the gather again."""
+    from torch.nn import functional as F
+
+    from model import Segmenter
+
+    width = (1 << 23) // factor + 16  # columns past 2**23, not only the last (clamped to the edge)
+    labels = torch.from_numpy((np.arange(width) % 251).astype(np.uint8)[None])
+    size = (1, width * factor)
+    expected = F.interpolate(labels[None, None], size=size, mode="nearest-exact")[0, 0]
+    np.testing.assert_array_equal(Segmenter.restore(labels, size), expected.numpy())
+
+
 @pytest.mark.parametrize("src", [1, 3, 64, 100, 255, 257])
 @pytest.mark.parametrize("dst", [1, 5, 64, 99, 256, 1000, 4001])
 def test_host_stages_match_torch_kernels(src, dst):
