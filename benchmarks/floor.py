@@ -31,7 +31,7 @@ import httpx
 
 from benchmarks.ab import host_rounds
 from testbed.images import IMAGE_SETS
-from testbed.processes import ROOT, ServiceProcess, free_port
+from testbed.processes import ROOT, ServiceProcess, child_env, free_port, stop_group
 
 _ANSWER = b"\x89PNG\r\n\x1a\n" + bytes(2040)
 _HOLD_S = float(os.environ.get("FLOOR_HOLD_S", "0"))
@@ -57,18 +57,19 @@ def _bare_server(port: int, hold_s: float) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.floor", "--serve", str(port)],
         cwd=ROOT,
-        env={**os.environ, "FLOOR_HOLD_S": str(hold_s)},
+        env=child_env(None, {"FLOOR_HOLD_S": str(hold_s)}),  # as chanseg's: no LD_PRELOAD
         start_new_session=True,  # its process group is its own: benchmarks.cpu reads it
     )
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             if httpx.post(f"http://127.0.0.1:{port}/predict", content=b"x").status_code == 200:
                 return proc
         except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise TimeoutError("the bare server did not start")
+            pass
+        time.sleep(0.1)
+    stop_group(proc, 10)
+    raise RuntimeError(f"the bare server did not start (exit code {proc.returncode})")
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -106,10 +107,9 @@ def main(argv: List[str] | None = None) -> int:
                 pgids = {"bare ASGI app": bare.pid, "chanseg": chanseg.proc.pid}
                 found = host_rounds(urls, pgids, images, args.requests, args.rounds, c, "")
             finally:
-                bare.terminate()
-                bare.wait(10)
+                stop_group(bare, 10)
             for server, v in found.items():
-                cells = ", ".join(f"{role} {v[role]:.3f}" for role in ("main", "io", "other", "total"))
+                cells = ", ".join(f"{role} {v[role]:.3f}" for role in ("main", "io", "total"))
                 print(f"{name:10} c{c} {server:14} ms/request: {cells}; {v['img/s']:.1f} req/s")
             floor, ours = found["bare ASGI app"]["main"], found["chanseg"]["main"]
             print(
