@@ -30,10 +30,11 @@ from typing import List
 import httpx
 
 from benchmarks.ab import host_rounds
+from model.visualize import PNG_SIGNATURE
 from testbed.images import IMAGE_SETS
 from testbed.processes import ROOT, ServiceProcess, child_env, free_port, stop_group
 
-_ANSWER = b"\x89PNG\r\n\x1a\n" + bytes(2040)
+_ANSWER = PNG_SIGNATURE + bytes(2040)
 _HOLD_S = float(os.environ.get("FLOOR_HOLD_S", "0"))
 
 

@@ -242,9 +242,8 @@ def test_floor_measures_a_bare_asgi_app_beside_chanseg(tiny_artifact, capsys):
     assert [line.split()[2:4] for line in lines[:2]] == [["bare", "ASGI"], ["chanseg", "ms/request:"]]
     bare, ours = ({k: float(v) for k, v in (c.split() for c in line.split(": ")[1].split(";")[0].split(", "))}
                   for line in lines[:2])  # fmt: skip
-    assert (
-        bare["main"] > 0 and ours["io"] > 0
-    )  # both servers' CPU was read: the bare one's loop, chanseg's decoding
+    # Both servers' CPU was read: the bare one's event loop, chanseg's decoding.
+    assert bare["main"] > 0 and ours["io"] > 0
     rates = [float(line.split("; ")[1].split()[0]) for line in lines[:2]]
     assert 0 < rates[0] < 3 * rates[1] and rates[1] < 3 * rates[0]  # the bare app was paced to chanseg's rate
     assert "chanseg's own" in lines[2]
