@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service import multipart
 from service.multipart import MAX_FIELD_BYTES, MultipartError, TooManyFiles, read_parts
 
 B = "xyzzy"
@@ -91,3 +96,97 @@ async def test_malformed_bodies(data, content_type, message):
 async def test_a_charset_that_is_no_text_encoding_reads_names_as_latin1(charset):
     data = body(file_part("file", "caf\u00e9.png", b"1")).replace("caf\u00e9".encode(), b"caf\xe9")
     assert await read(data, content_type=f"{CT}; charset={charset}") == [("file", "caf\u00e9.png", b"1")]
+
+
+def _by_the_parser(data: bytes, max_files: int = 4, max_fields: int = 4):
+    """What python-multipart's parser alone reads from ``data`` (the parts, or the error)."""
+    reader = multipart._Reader("file", max_files, max_fields, "utf-8")
+    try:
+        parser = multipart.MultipartParser(B.encode(), multipart._callbacks(reader))
+        parser.write(data)
+        parser.finalize()
+    except multipart.FormParserError:
+        return MultipartError, "Invalid multipart data."
+    except MultipartError as exc:
+        return type(exc), str(exc)
+    return reader.parts
+
+
+async def _as_read(data: bytes, max_files: int = 4, max_fields: int = 4):
+    try:
+        return await read(data, max_files=max_files, max_fields=max_fields)
+    except MultipartError as exc:
+        return type(exc), str(exc)
+
+
+async def test_a_plain_body_is_cut_without_the_parser_into_the_same_parts():
+    payload = bytes(range(256)) * 40 + f"\r\n--{B}".encode()[:-1]  # almost a delimiter
+    data = body(
+        file_part("file", "a.png", payload),
+        (['Content-Disposition:   form-data; name="note"', "X-Other: 1"], b"text"),
+        (['content-disposition: form-data; name="file"; filename="b.png"', "Content-Type: image/png"], b""),
+    )
+    assert multipart._plain_parts(data, B.encode()) is not None
+    assert (
+        await _as_read(data) == _by_the_parser(data) == [("file", "a.png", payload), ("file", "b.png", b"")]
+    )
+
+
+_PLAIN_HEADERS = [
+    'Content-Disposition: form-data; name="file"; filename="a.png"',
+    'Content-Disposition: form-data; name="file"',
+    'content-disposition:form-data; name="f"; filename="x"',
+    "Content-Disposition: form-data",
+    "Content-Type: image/png",
+    "Trailing:  spaces  ",
+]
+_ODD_HEADERS = ["X-Long: " + "v" * 4200, "Bad Header: 1", "NoColon", "Lone: \r", "Lf: a\nb"]
+_HEADERS = st.sampled_from(_PLAIN_HEADERS * 8 + _ODD_HEADERS)  # mostly plain ones
+_DATA = st.sampled_from(
+    [b"", b"1", b"\r\n\r\n", b"x" * 100] * 3
+    + [f"\r\n--{B}".encode(), f"--{B}--".encode(), f"\r\n--{B}-".encode()]
+)
+
+
+def test_what_clients_send_is_cut_plainly():
+    """httpx's and the benchmark client's bodies (as requests' and curl's: a delimiter, the
+    part's header lines, its bytes) take the plain path."""
+    import httpx
+
+    from benchmarks.client import multipart as bench_multipart
+
+    image = bytes(range(256)) * 100
+    request = httpx.Request("POST", "http://x/predict", files=[("file", ("a.png", image, "image/png"))] * 2)
+    sent = request.read()
+    boundary = request.headers["content-type"].split("boundary=")[1].encode()
+    assert [sent[s:e] for _, s, e in multipart._plain_parts(sent, boundary)] == [image, image]
+    bench = bench_multipart(image)
+    boundary = bench.content_type.split("boundary=")[1].encode()
+    assert [bench.body[s:e] for _, s, e in multipart._plain_parts(bench.body, boundary)] == [image]
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    parts=st.lists(
+        st.tuples(
+            st.one_of(st.lists(_HEADERS, min_size=1, max_size=3), st.lists(_HEADERS, max_size=10)),
+            st.lists(_DATA, max_size=3),
+        ),
+        max_size=5,
+    ),
+    cuts=st.one_of(
+        st.just([]),
+        st.lists(st.tuples(st.integers(0, 10**6), st.binary(max_size=4), st.integers(0, 3)), max_size=3),
+    ),
+    tail=st.sampled_from([b"", b"\r\n", b"epilogue", b"\r\n\r\n"]),
+    limits=st.sampled_from([(4, 4), (1, 1)]),
+)
+def test_whatever_the_body_both_ways_read_the_same(parts, cuts, tail, limits):
+    """A differential check: every body, plain or not, reads as python-multipart's parser
+    alone reads it: the same parts, or the same error."""
+    data = body(*[(headers, b"".join(pieces)) for headers, pieces in parts])
+    data = data[: len(data) - 2] + tail if tail else data
+    for at, insert, drop in cuts:  # damage it here and there
+        at %= len(data) + 1
+        data = data[:at] + insert + data[at + drop :]
+    assert asyncio.run(_as_read(data, *limits)) == _by_the_parser(data, *limits)
