@@ -159,6 +159,8 @@ class DynamicBatcher:
         self.max_delay_s = max_delay_s
         self.max_queue = max_queue
         self.metrics = metrics
+        if metrics is not None:  # read when scraped, not set at every change (docs/performance.md)
+            metrics.queue_depth.set_function(lambda: self.depth)
         self._queue: Deque[Job] = deque()
         self._wakeup = asyncio.Event()
         self._waiting = 0  # in the queue or in the batch being collected
@@ -246,7 +248,6 @@ class DynamicBatcher:
         self._queue.extend(jobs)
         self._waiting += len(jobs)
         self._idle.clear()
-        self._set_depth()
         self._wakeup.set()
         return jobs
 
@@ -280,10 +281,6 @@ class DynamicBatcher:
         if self._executor is not None and self._owns_executor:
             self._executor.shutdown(wait=drained, cancel_futures=True)
         return drained
-
-    def _set_depth(self) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth.set(self.depth)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -320,7 +317,6 @@ class DynamicBatcher:
             job.started = now
             live.append(job)
         if not live:
-            self._set_depth()
             self._check_idle()
             return
         # Side by side while another batch runs, more images wait or are on their way,
@@ -332,7 +328,6 @@ class DynamicBatcher:
         executor = self._free.pop() if shared else self._take_first_stream()
         self._alone = not shared
         self._running += len(live)
-        self._set_depth()
         task = asyncio.create_task(self._stream(loop, live, executor, shared))
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
@@ -348,7 +343,6 @@ class DynamicBatcher:
             self._free.append(executor)
             self._alone = False
             self._running -= len(jobs)
-            self._set_depth()
             self._check_idle()
             self._finished.set()
 

@@ -79,12 +79,12 @@ class MemoryBudget:
         self.name, self.capacity = name, capacity
         self.in_use = 0
         self._waiters: Deque[Tuple[int, asyncio.Future]] = deque()
-        self._reserved_gauge = self._wait_histogram = None  # this ledger's children, looked up once
+        self._wait_histogram = None  # this ledger's child, looked up once
         if metrics is not None:
             metrics.memory_budget.labels(name).set(capacity)
-            self._reserved_gauge = metrics.memory_reserved.labels(name)
+            # Read when scraped, not set at every reservation (docs/performance.md).
+            metrics.memory_reserved.labels(name).set_function(lambda: self.in_use)
             self._wait_histogram = metrics.memory_wait.labels(name)
-            self._reserved_gauge.set(0)
 
     @property
     def waiting(self) -> int:
@@ -101,7 +101,7 @@ class MemoryBudget:
         if nbytes > self.capacity:
             raise BudgetExceeded(nbytes, self.capacity, self.name)
         if not self._waiters and self.in_use + nbytes <= self.capacity:
-            self._take(nbytes)
+            self.in_use += nbytes
             return Lease(self, nbytes)
         started = time.perf_counter()
         future = asyncio.get_running_loop().create_future()
@@ -132,14 +132,9 @@ class MemoryBudget:
         finally:
             lease.release()
 
-    def _take(self, nbytes: int) -> None:
-        self.in_use += nbytes
-        self._observe()
-
     def _give_back(self, nbytes: int) -> None:
         self.in_use -= nbytes
         self._grant()
-        self._observe()
 
     def _grant(self) -> None:
         while self._waiters:
@@ -153,6 +148,3 @@ class MemoryBudget:
             self.in_use += nbytes
             future.set_result(None)
 
-    def _observe(self) -> None:
-        if self._reserved_gauge is not None:
-            self._reserved_gauge.set(self.in_use)
