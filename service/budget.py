@@ -147,4 +147,3 @@ class MemoryBudget:
             self._waiters.popleft()
             self.in_use += nbytes
             future.set_result(None)
-

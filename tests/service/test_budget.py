@@ -87,6 +87,7 @@ async def test_shrink_gives_back_the_difference_and_wakes_a_waiter():
 async def test_metrics_follow_the_ledger():
     metrics = Metrics(4)
     budget = MemoryBudget("work", 1000, metrics)
+
     def sample(name):
         return metrics.registry.get_sample_value(name, {"ledger": "work"})
 
