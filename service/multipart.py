@@ -20,18 +20,22 @@ delimiter or after the last) is cut into its parts by :func:`_plain_parts`, whic
 the delimiters with ``bytes.find``; python-multipart's parser walks the body in Python
 and calls back per piece, ~0.05 ms of the event loop per 110 KB image against ~0.005
 (``docs/performance.md``, "Host work per image"). Any other body goes to that parser,
-which reads or refuses it as before; the same rules apply to the parts either way.
+which reads or refuses it as before; the same rules apply to the parts either way, part
+by part as each is cut (a body of a million parts is refused at the first one too many,
+before the rest is looked at). Only header blocks within that parser's limits are read
+here, and boundaries within its 256 bytes.
 """
 
 from __future__ import annotations
 
 import codecs
-from typing import AsyncIterator, List, Optional, Tuple
+from typing import AsyncIterator, Callable, Iterator, List, Optional, Tuple
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import (
     DEFAULT_MAX_HEADER_COUNT,
     DEFAULT_MAX_HEADER_SIZE,
+    MAX_BOUNDARY_LENGTH,
     TOKEN_CHARS,
     MultipartParser,
     parse_options_header,
@@ -122,32 +126,38 @@ class _Reader:
         self._data = []
 
 
-def _plain_parts(body: bytes, boundary: bytes) -> Optional[List[Tuple[bytes, int, int]]]:
-    """Each part's ``Content-Disposition`` value (b"" without one) and where its data starts
-    and ends in ``body``, when the body is laid out plainly (module docstring); else None,
-    and python-multipart's parser decides. Whatever this reads, that parser reads the same."""
+# A part's header block over this is more lines or longer lines than python-multipart takes.
+_MAX_HEADER_BLOCK = DEFAULT_MAX_HEADER_COUNT * (DEFAULT_MAX_HEADER_SIZE + 2)
+
+
+def _plain_parts(body: bytes, boundary: bytes) -> Iterator[Optional[Tuple[bytes, int, int]]]:
+    """Each part in turn, while ``body`` is laid out plainly (module docstring): its
+    ``Content-Disposition`` value (b"" without one) and where its data starts and ends in
+    ``body``. A None means the body is not plain after all: python-multipart's parser
+    decides then, from the start. Whatever this yields, that parser reads the same."""
     delimiter = b"\r\n--" + boundary
-    if not body.startswith(delimiter[2:] + b"\r\n"):
-        return None
-    parts, at = [], len(delimiter)
+    if len(boundary) > MAX_BOUNDARY_LENGTH or not body.startswith(delimiter[2:] + b"\r\n"):
+        yield None
+        return
+    at = len(delimiter)
     while True:
-        headers_end = body.find(b"\r\n\r\n", at)
-        if headers_end <= at:  # none, or a part without headers
-            return None
-        disposition = _disposition(body[at:headers_end])
-        if disposition is None:
-            return None
-        end = body.find(delimiter, headers_end + 4)
+        headers_end = body.find(b"\r\n\r\n", at, at + _MAX_HEADER_BLOCK + 4)
+        # Not found within the block a part's headers may take, or none at all: not plain.
+        disposition = _disposition(body[at:headers_end]) if headers_end > at else None
+        end = -1 if disposition is None else body.find(delimiter, headers_end + 4)
         if end < 0:
-            return None
-        parts.append((disposition, headers_end + 4, end))
+            yield None
+            return
         after = end + len(delimiter)
-        if body[after : after + 2] == b"\r\n":
-            at = after + 2
-        elif body[after : after + 2] == b"--" and body[after + 2 :] in (b"", b"\r\n"):
-            return parts
-        else:
-            return None
+        follows, rest = body[after : after + 2], len(body) - after - 2
+        last = follows == b"--" and (rest == 0 or (rest == 2 and body.endswith(b"\r\n")))  # no epilogue
+        if follows != b"\r\n" and not last:
+            yield None
+            return
+        yield disposition, headers_end + 4, end
+        if last:
+            return
+        at = after + 2
 
 
 def _disposition(block: bytes) -> Optional[bytes]:
@@ -169,23 +179,28 @@ def _disposition(block: bytes) -> Optional[bytes]:
     return found
 
 
-def _parts_of(body: bytes, boundary: bytes, reader: "_Reader") -> None:
-    """Feed ``reader`` the parts of ``body``, cut plainly or by python-multipart's parser."""
-    plain = _plain_parts(body, boundary)
-    if plain is None:
-        try:
-            parser = MultipartParser(boundary, _callbacks(reader))
-            parser.write(body)
-            parser.finalize()
-        except FormParserError:
-            raise MultipartError("Invalid multipart data.") from None
-        return
-    for disposition, start, end in plain:
+def _read(body: bytes, boundary: bytes, new_reader: Callable[[], "_Reader"]) -> "_Reader":
+    """A reader fed the parts of ``body``, cut plainly as far as the body goes plainly (its
+    rules apply part by part: a body of many parts is refused at the first one too many), or
+    by python-multipart's parser into a fresh reader once it does not."""
+    reader = new_reader()
+    for part in _plain_parts(body, boundary):
+        if part is None:
+            reader = new_reader()  # the parts kept so far go: the parser keeps its own
+            try:
+                parser = MultipartParser(boundary, _callbacks(reader))
+                parser.write(body)
+                parser.finalize()
+            except FormParserError:
+                raise MultipartError("Invalid multipart data.") from None
+            return reader
+        disposition, start, end = part
         reader.on_part_begin()
         reader.on_disposition(disposition)
         reader.on_headers_finished()
         reader.on_part_data(body, start, end)
         reader.on_part_end()
+    return reader
 
 
 def _callbacks(reader: "_Reader") -> dict:
@@ -218,9 +233,8 @@ async def read_parts(
         charset = "latin-1"
     if charset not in _TEXT_CHARSETS:  # base64, zlib, idna...: codecs, not what names are written in
         charset = "latin-1"
-    reader = _Reader(wanted, max_files, max_fields, charset)
     received = [chunk async for chunk in chunks]
-    body = received[0] if len(received) == 1 else b"".join(received)
+    one = len(received) == 1 and type(received[0]) is bytes
+    body = received[0] if one else b"".join(received)  # bytes, whatever the chunks were
     del received
-    _parts_of(body, boundary, reader)
-    return reader.parts
+    return _read(body, boundary, lambda: _Reader(wanted, max_files, max_fields, charset)).parts

@@ -16,14 +16,18 @@ CT = f"multipart/form-data; boundary={B}"
 pytestmark = pytest.mark.anyio
 
 
-def body(*parts: tuple) -> bytes:
+def body(*parts: tuple, boundary: str = B) -> bytes:
     """(headers, data) parts into one multipart body."""
     out = b""
     for headers, data in parts:
         out += (
-            f"--{B}\r\n".encode() + b"".join(h.encode() + b"\r\n" for h in headers) + b"\r\n" + data + b"\r\n"
+            f"--{boundary}\r\n".encode()
+            + b"".join(h.encode() + b"\r\n" for h in headers)
+            + b"\r\n"
+            + data
+            + b"\r\n"
         )
-    return out + f"--{B}--\r\n".encode()
+    return out + f"--{boundary}--\r\n".encode()
 
 
 def file_part(name: str, filename: str, data: bytes) -> tuple:
@@ -98,11 +102,11 @@ async def test_a_charset_that_is_no_text_encoding_reads_names_as_latin1(charset)
     assert await read(data, content_type=f"{CT}; charset={charset}") == [("file", "caf\u00e9.png", b"1")]
 
 
-def _by_the_parser(data: bytes, max_files: int = 4, max_fields: int = 4):
+def _by_the_parser(data: bytes, max_files: int = 4, max_fields: int = 4, boundary: str = B):
     """What python-multipart's parser alone reads from ``data`` (the parts, or the error)."""
     reader = multipart._Reader("file", max_files, max_fields, "utf-8")
     try:
-        parser = multipart.MultipartParser(B.encode(), multipart._callbacks(reader))
+        parser = multipart.MultipartParser(boundary.encode(), multipart._callbacks(reader))
         parser.write(data)
         parser.finalize()
     except multipart.FormParserError:
@@ -112,9 +116,14 @@ def _by_the_parser(data: bytes, max_files: int = 4, max_fields: int = 4):
     return reader.parts
 
 
-async def _as_read(data: bytes, max_files: int = 4, max_fields: int = 4):
+async def _as_read(data: bytes, max_files: int = 4, max_fields: int = 4, boundary: str = B):
     try:
-        return await read(data, max_files=max_files, max_fields=max_fields)
+        return await read(
+            data,
+            max_files=max_files,
+            max_fields=max_fields,
+            content_type=f"multipart/form-data; boundary={boundary}",
+        )
     except MultipartError as exc:
         return type(exc), str(exc)
 
@@ -126,7 +135,7 @@ async def test_a_plain_body_is_cut_without_the_parser_into_the_same_parts():
         (['Content-Disposition:   form-data; name="note"', "X-Other: 1"], b"text"),
         (['content-disposition: form-data; name="file"; filename="b.png"', "Content-Type: image/png"], b""),
     )
-    assert multipart._plain_parts(data, B.encode()) is not None
+    assert None not in list(multipart._plain_parts(data, B.encode()))
     assert (
         await _as_read(data) == _by_the_parser(data) == [("file", "a.png", payload), ("file", "b.png", b"")]
     )
@@ -142,9 +151,8 @@ _PLAIN_HEADERS = [
 ]
 _ODD_HEADERS = ["X-Long: " + "v" * 4200, "Bad Header: 1", "NoColon", "Lone: \r", "Lf: a\nb"]
 _HEADERS = st.sampled_from(_PLAIN_HEADERS * 8 + _ODD_HEADERS)  # mostly plain ones
-_DATA = st.sampled_from(
-    [b"", b"1", b"\r\n\r\n", b"x" * 100] * 3
-    + [f"\r\n--{B}".encode(), f"--{B}--".encode(), f"\r\n--{B}-".encode()]
+_DATA = st.sampled_from(  # {} is the boundary
+    [b"", b"1", b"\r\n\r\n", b"x" * 100] * 3 + [b"\r\n--{}", b"--{}--", b"\r\n--{}-", b"\r\n--{}\r\n"]
 )
 
 
@@ -159,7 +167,7 @@ def test_what_clients_send_is_cut_plainly():
     request = httpx.Request("POST", "http://x/predict", files=[("file", ("a.png", image, "image/png"))] * 2)
     sent = request.read()
     boundary = request.headers["content-type"].split("boundary=")[1].encode()
-    assert [sent[s:e] for _, s, e in multipart._plain_parts(sent, boundary)] == [image, image]
+    assert [sent[s:e] for _, s, e in multipart._plain_parts(sent, boundary)] == [image, image]  # no None
     bench = bench_multipart(image)
     boundary = bench.content_type.split("boundary=")[1].encode()
     assert [bench.body[s:e] for _, s, e in multipart._plain_parts(bench.body, boundary)] == [image]
@@ -179,14 +187,58 @@ def test_what_clients_send_is_cut_plainly():
         st.lists(st.tuples(st.integers(0, 10**6), st.binary(max_size=4), st.integers(0, 3)), max_size=3),
     ),
     tail=st.sampled_from([b"", b"\r\n", b"epilogue", b"\r\n\r\n"]),
-    limits=st.sampled_from([(4, 4), (1, 1)]),
+    limits=st.sampled_from([(4, 4), (1, 1), (0, 1), (1, 0)]),
+    boundary=st.sampled_from([B, "-", "a-b", "x" * 256, "y" * 257]),  # python-multipart takes 256 at most
 )
-def test_whatever_the_body_both_ways_read_the_same(parts, cuts, tail, limits):
+def test_whatever_the_body_both_ways_read_the_same(parts, cuts, tail, limits, boundary):
     """A differential check: every body, plain or not, reads as python-multipart's parser
     alone reads it: the same parts, or the same error."""
-    data = body(*[(headers, b"".join(pieces)) for headers, pieces in parts])
+    pieces_of = [(headers, b"".join(pieces).replace(b"{}", boundary.encode())) for headers, pieces in parts]
+    data = body(*pieces_of, boundary=boundary)
     data = data[: len(data) - 2] + tail if tail else data
     for at, insert, drop in cuts:  # damage it here and there
         at %= len(data) + 1
         data = data[:at] + insert + data[at + drop :]
-    assert asyncio.run(_as_read(data, *limits)) == _by_the_parser(data, *limits)
+    read_here = asyncio.run(_as_read(data, *limits, boundary=boundary))
+    assert read_here == _by_the_parser(data, *limits, boundary=boundary)
+
+
+async def test_a_body_of_many_parts_is_refused_at_the_first_one_too_many(monkeypatch):
+    """The rules apply part by part, as the body is cut: 2.5 million nameless parts (or
+    fields past the limit) are refused at the first, not after all of them are cut
+    (an attacker's 32 MiB body cost seconds and ~300 MiB when they were cut first)."""
+    cut = []  # the header blocks read
+    disposition = multipart._disposition
+    monkeypatch.setattr(multipart, "_disposition", lambda block: cut.append(block) or disposition(block))
+    nameless = b"--b\r\n" + b"a:\r\n\r\n\r\n--b\r\n" * (32 << 20 >> 4) + b"a:\r\n\r\n\r\n--b--"
+    with pytest.raises(MultipartError, match='"name" must be provided'):
+        await read(nameless, content_type="multipart/form-data; boundary=b")
+    assert len(cut) == 1
+    cut.clear()
+    fields = body(*[(['Content-Disposition: form-data; name="n"'], b"1")] * 10_000)
+    with pytest.raises(MultipartError, match="Maximum number of fields is 4"):
+        await read(fields)
+    assert len(cut) == 5
+
+
+async def test_a_long_header_block_is_left_to_the_parser_unsplit(monkeypatch):
+    """A part's header block longer than python-multipart takes (8 lines of 4 KiB) is not
+    copied and split into lines here: 32 MiB of 2-byte lines took ~480 MiB that way."""
+    blocks = []
+    disposition = multipart._disposition
+    monkeypatch.setattr(
+        multipart, "_disposition", lambda block: blocks.append(len(block)) or disposition(block)
+    )
+    data = b"--b\r\n" + b"ab\r\n" * (8 << 20) + b"\r\nx\r\n--b--"
+    assert await _as_read(data, boundary="b") == _by_the_parser(data, boundary="b")
+    assert blocks == []
+
+
+@pytest.mark.parametrize("kind", [bytearray, memoryview])
+async def test_a_body_in_one_chunk_of_any_bytes_like_type_reads_as_bytes(kind):
+    data = body(file_part("file", "a.png", b"IMG"))
+
+    async def one_chunk():
+        yield kind(data)
+
+    assert await read_parts(CT, one_chunk(), "file", 4, 4) == [("file", "a.png", b"IMG")]
