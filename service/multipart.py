@@ -18,8 +18,8 @@ The body is read whole first (its memory is reserved by then: twice its size,
 line break, each part's header lines ``Name: value``, nothing before the first
 delimiter or after the last) is cut into its parts by :func:`_plain_parts`, which finds
 the delimiters with ``bytes.find``; python-multipart's parser walks the body in Python
-and calls back per piece, ~0.05 ms of the event loop per 110 KB image against ~0.005
-(``docs/performance.md``, "Host work per image"). Any other body goes to that parser,
+and calls back per piece: reading a 110 KB image's body took the event loop ~0.05 ms
+that way, ~0.035 this way (``docs/performance.md``, "Host work per image"). Any other body goes to that parser,
 which reads or refuses it as before; the same rules apply to the parts either way, part
 by part as each is cut (a body of a million parts is refused at the first one too many,
 before the rest is looked at). Only header blocks within that parser's limits are read
@@ -172,7 +172,7 @@ def _disposition(block: bytes) -> Optional[bytes]:
         name, colon, value = line.partition(b":")
         if not colon or not name or name.translate(None, TOKEN_CHARS) or b"\r" in value:
             return None
-        if len(line) > DEFAULT_MAX_HEADER_SIZE:
+        if len(line) > DEFAULT_MAX_HEADER_SIZE:  # python-multipart refuses it
             return None
         if name.lower() == b"content-disposition":
             found = value.lstrip(b" ")
@@ -187,12 +187,7 @@ def _read(body: bytes, boundary: bytes, new_reader: Callable[[], "_Reader"]) -> 
     for part in _plain_parts(body, boundary):
         if part is None:
             reader = new_reader()  # the parts kept so far go: the parser keeps its own
-            try:
-                parser = MultipartParser(boundary, _callbacks(reader))
-                parser.write(body)
-                parser.finalize()
-            except FormParserError:
-                raise MultipartError("Invalid multipart data.") from None
+            _parse(body, boundary, reader)
             return reader
         disposition, start, end = part
         reader.on_part_begin()
@@ -203,14 +198,21 @@ def _read(body: bytes, boundary: bytes, new_reader: Callable[[], "_Reader"]) -> 
     return reader
 
 
-def _callbacks(reader: "_Reader") -> dict:
-    return {
+def _parse(body: bytes, boundary: bytes, reader: "_Reader") -> None:
+    """Feed ``reader`` the parts of ``body`` as python-multipart's parser reads them."""
+    callbacks = {
         name: getattr(reader, name)
         for name in (
             "on_part_begin", "on_part_data", "on_part_end", "on_header_field", "on_header_value",
             "on_header_end", "on_headers_finished",
         )
     }  # fmt: skip
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except FormParserError:
+        raise MultipartError("Invalid multipart data.") from None
 
 
 async def read_parts(
