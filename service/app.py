@@ -30,7 +30,6 @@ import asyncio
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Optional
 
@@ -44,6 +43,7 @@ from .batching import DynamicBatcher, inference_pool
 from .budget import MIB, MemoryBudget
 from .errors import register_handlers
 from .interface import ServedModel
+from .iopool import IOPool
 from .logs import configure_logging
 from .metrics import Metrics
 from .middleware import RequestMiddleware
@@ -54,26 +54,12 @@ from .routes import docs, health, metrics, model_info, page, predict, repository
 from .runner import BatchRunner
 from .settings import Settings
 from .state import ServerState
-from .threads import inference_streams, name_os_thread, stream_threads
+from .threads import inference_streams, stream_threads
 from .tracing import start_tracing
 
 log = logging.getLogger("chanseg.app")
 
 __all__ = ["create_app", "io_threads"]
-
-
-def _started_pool(workers: int) -> ThreadPoolExecutor:
-    """The I/O pool with all its threads running now: the executor would otherwise start
-    them one by one as load first needs them, and a server's thread count should be
-    flat from readiness on (the soak test holds it to that)."""
-    pool = ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix="chanseg-io", initializer=name_os_thread
-    )
-    barrier = threading.Barrier(workers + 1)
-    for _ in range(workers):
-        pool.submit(barrier.wait)  # each task holds its thread until all have one
-    barrier.wait(timeout=30)
-    return pool
 
 
 def io_threads(setting: int | str) -> int:
@@ -153,7 +139,7 @@ async def _start(state: ServerState, segmenter: Optional[ServedModel]) -> None:
     loop = asyncio.get_running_loop()
     state.inference_thread = await loop.run_in_executor(state.inference, threading.get_ident)
     segmenter = await state.repository.first_load(segmenter)  # as every later load, and its batch size chosen
-    state.pool = _started_pool(io_threads(s.io_threads))
+    state.pool = IOPool(io_threads(s.io_threads))
     state.threads = await loop.run_in_executor(state.inference, torch.get_num_threads)  # as loading used them
     state.streams = inference_streams(s.inference_streams, segmenter.device, state.threads)
     state.batcher = DynamicBatcher(

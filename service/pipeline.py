@@ -126,7 +126,7 @@ def overloaded(exc: QueueFull) -> Overloaded:
 
 def pool_call(state, fn, *args):
     """Run ``fn`` on the I/O pool (PIL and numpy only: no torch kernels there)."""
-    return asyncio.get_running_loop().run_in_executor(state.pool, fn, *args)
+    return state.pool.call(fn, *args)
 
 
 async def _each(awaitables: Sequence[Awaitable[T]]) -> List[T]:

@@ -21,6 +21,7 @@ import torch
 from .batching import DynamicBatcher
 from .budget import MemoryBudget
 from .interface import ServedModel
+from .iopool import IOPool
 from .metrics import Metrics
 from .settings import Settings
 from .statistics import Statistics
@@ -50,7 +51,7 @@ class ServerState:
     statistics: Statistics = field(default_factory=Statistics)  # per model version (service.statistics)
     tracing: Tracing = OFF  # service.tracing: spans, or nothing when TRACING is off
     batcher: Optional[DynamicBatcher] = None
-    pool: Optional[ThreadPoolExecutor] = None  # decoding, encoding: PIL and numpy only
+    pool: Optional[IOPool] = None  # decoding, encoding: PIL and numpy only
     inference: Optional[ThreadPoolExecutor] = None  # the thread that loads models and runs lone batches
     body_budget: Optional[MemoryBudget] = None  # request bodies in flight
     work_budget: Optional[MemoryBudget] = None  # decoding, parsing, outputs in flight

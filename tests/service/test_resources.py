@@ -48,7 +48,7 @@ async def test_server_uses_the_io_threads_setting(tiny_artifact):
     from tests.service.conftest import make_settings, serve
 
     async with serve(make_settings(tiny_artifact, io_threads=5)) as client:
-        assert client.app.state.chanseg.pool._max_workers == 5
+        assert client.app.state.chanseg.pool.workers == 5
 
 
 def test_inference_streams_follow_the_device_and_threads():
