@@ -90,7 +90,7 @@ class RequestMiddleware:
         declared = headers.get("content-length", "")
         chunked = "chunked" in headers.get("transfer-encoding", "").lower()
         has_body = chunked or (declared.isdigit() and int(declared) > 0)
-        body: dict = {"received": 0, "done": not has_body}
+        body: dict = {"received": 0, "done": not has_body, "reader": None, "expired": False}
         body["deadline"] = connection.get("first_byte", time.monotonic()) + self.read_timeout_s
 
         async def send_wrapper(message: Message) -> None:
@@ -119,18 +119,38 @@ class RequestMiddleware:
                 raise Overloaded("server busy: no memory free for request bodies; retry later") from None
             body["deadline"] += time.monotonic() - waited  # our wait is not the client's slowness
 
+        def too_slow() -> RequestTimeout:
+            return RequestTimeout(
+                f"the request did not arrive within {self.read_timeout_s:g} s (READ_TIMEOUT_S); "
+                "send it faster or in smaller pieces"
+            )
+
+        def expire() -> None:  # the body's deadline: a read waiting now is cancelled
+            body["expired"] = True
+            if body["reader"] is not None:
+                body["reader"].cancel()
+
         async def receive_wrapper() -> Message:
             if body["done"]:
                 return await receive()
             if self.body_budget is not None and "lease" not in body:
                 await reserve_body()
+            if body["expired"] or time.monotonic() >= body["deadline"]:
+                raise too_slow()
+            if "timer" not in body:  # one timer for the whole body, not one (and a task) per read
+                loop = asyncio.get_running_loop()
+                body["timer"] = loop.call_at(loop.time() + body["deadline"] - time.monotonic(), expire)
+            body["reader"] = task = asyncio.current_task()
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, body["deadline"] - time.monotonic()))
-            except asyncio.TimeoutError:
-                raise RequestTimeout(
-                    f"the request did not arrive within {self.read_timeout_s:g} s (READ_TIMEOUT_S); "
-                    "send it faster or in smaller pieces"
-                ) from None
+                message = await receive()
+            except asyncio.CancelledError:
+                if not body["expired"]:
+                    raise
+                if hasattr(task, "uncancel"):  # Python 3.11+: the cancellation was ours, and is spent
+                    task.uncancel()
+                raise too_slow() from None
+            finally:
+                body["reader"] = None
             if message["type"] == "http.disconnect":
                 raise ClientGone("client disconnected while sending its request")
             if message["type"] == "http.request":
@@ -139,6 +159,7 @@ class RequestMiddleware:
                     raise PayloadTooLarge(f"request body over the limit of {limit} bytes")
                 if not message.get("more_body", False):
                     body["done"] = True
+                    body["timer"].cancel()
                     if chunked and "lease" in body:
                         body["lease"].shrink(2 * body["received"])
             return message
@@ -169,6 +190,8 @@ class RequestMiddleware:
             if not status["started"]:
                 await self._refuse(send_wrapper, 500, "internal server error", scope.get("path", ""))
         finally:
+            if "timer" in body:
+                body["timer"].cancel()
             context.release()
             context.finish(status["code"] < 400)
             self._observe(scope, context, status["code"], started)
