@@ -141,6 +141,30 @@ def test_a_connection_that_sends_nothing_is_closed(server):
     assert time.monotonic() - started < 8
 
 
+def test_responses_on_one_connection_arrive_whole_and_in_order(server):
+    """The transport sends a response's head and body as one write (server.py); a head
+    with no body after it (HEAD), a large body and the next request's answer all arrive."""
+    with connect(server) as sock:
+        sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(5)
+        head = b""
+        while b"\r\n\r\n" not in head:  # no body follows a HEAD's head: it must come alone
+            head += sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 ") and head.endswith(b"\r\n\r\n")
+        sock.sendall(b"GET /docs/assets/swagger-ui.css HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, headers, body, _ = read_response(sock, check_closed=False)
+        assert status == 200 and len(body) == int(headers["content-length"]) > 64 * 1024
+        assert body == httpx.get(server.url + "/docs/assets/swagger-ui.css", timeout=5).content
+        image = png_bytes(random_image(1))
+        sock.sendall(
+            b"POST /predict?format=png HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            + f"Content-Length: {len(image)}\r\n\r\n".encode()
+            + image
+        )
+        status, headers, body, _ = read_response(sock, check_closed=False)
+        assert status == 200 and body.startswith(b"\x89PNG") and len(body) == int(headers["content-length"])
+
+
 def test_connections_beyond_the_bound_get_503_then_room_again(server):
     held = []
     for _ in range(6):  # the bound: keep-alive connections that each served a request
