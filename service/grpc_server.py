@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from typing import Any, Awaitable, Callable, Dict
 
 import grpc
@@ -55,7 +54,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 
 from . import dataplane
-from .context import RequestContext
+from .context import RequestContext, new_request_id
 from .deps import check_admin, check_api_key, check_ready, check_room
 from .errors import (
     ApiError,
@@ -132,7 +131,7 @@ def _request_context(state, rpc: grpc.aio.ServicerContext, metadata: Dict[str, A
     safe = isinstance(given, str) and SAFE_REQUEST_ID.fullmatch(given) is not None
     ended = asyncio.Event()
     context = RequestContext(
-        given if safe else uuid.uuid4().hex,
+        given if safe else new_request_id(),
         state.settings.request_timeout_s,
         wait_gone=ended.wait,
         id_given=safe,

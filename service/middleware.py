@@ -37,13 +37,12 @@ import json
 import logging
 import re
 import time
-import uuid
 from typing import Optional
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .budget import MemoryBudget
-from .context import RequestContext
+from .context import RequestContext, new_request_id
 from .errors import ClientGone, Overloaded, PayloadTooLarge, RequestTimeout, error_body
 from .metrics import Metrics
 
@@ -84,7 +83,7 @@ class RequestMiddleware:
         connection = scope.get(CONNECTION_SCOPE_KEY) or {}
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         given = headers.get("x-request-id", "")
-        request_id = given if SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if SAFE_REQUEST_ID.fullmatch(given) else new_request_id()
         status = {"code": 500, "started": False}
         limit = self.max_upload_bytes
         declared = headers.get("content-length", "")

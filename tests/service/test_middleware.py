@@ -1,16 +1,19 @@
 """The request middleware's body deadline, in-process (the real server's 408s are in
 test_guards.py): one timer for the whole body cuts a read that waits past it and
-refuses a read asked for after it, and leaves the task free to answer."""
+refuses a read asked for after it, and leaves the task free to answer; and the ids it
+makes for requests that bring none."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from service.context import new_request_id
 from service.errors import RequestTimeout
 from service.metrics import Metrics
 from service.middleware import RequestMiddleware
@@ -111,3 +114,19 @@ def test_a_cancellation_from_elsewhere_is_not_taken_for_the_deadline():
 
     with pytest.raises(asyncio.CancelledError):
         serve(app, chunks(0.0, 30.0), read_timeout_s=5)
+
+
+def test_made_request_ids_are_32_hex_digits_unique_and_differ_in_a_forked_child():
+    ids = {new_request_id() for _ in range(10_000)}
+    assert len(ids) == 10_000 and all(len(i) == 32 and int(i, 16) >= 0 and i == i.lower() for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: what a worker forked after start-up would make next
+        os.write(write, new_request_id().encode())
+        os._exit(0)
+    os.close(write)
+    mine = new_request_id()
+    with os.fdopen(read, "rb") as pipe:
+        child = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert len(child) == 32 and child != mine
