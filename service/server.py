@@ -294,12 +294,12 @@ class _LingeringTransport:
     event loop leave as one; everything else is the transport's own.
 
     uvicorn writes a response's head and its body separately, and uvloop sends each
-    write at once: two syscalls and, on TCP, two segments per response, each paid on
-    the event loop (on loopback, with the receiver's side of the delivery: ~12% of its
-    CPU per ``/predict``, docs/performance.md). So a write of up to :data:`JOINED_BYTES`
-    is held until the next write, which takes it along, or the end of this step of the
-    loop (``call_soon``), whichever comes first; ``close`` sends it first, ``abort``
-    drops it."""
+    write at once: two syscalls and, on TCP, two segments per response, both on the
+    event loop. So a write of up to :data:`JOINED_BYTES` is held until the next write,
+    which takes it along, or the end of this step of the loop (``call_soon``), whichever
+    comes first; ``close`` sends it first, ``abort`` drops it. One syscall and one segment
+    per response now; on loopback the loop's CPU hardly moved, since a write's cost there
+    is mostly delivering it into the client's socket (docs/performance.md)."""
 
     def __init__(self, inner: asyncio.Transport, protocol: GuardedProtocol) -> None:
         self.inner, self._protocol, self._lingering = inner, protocol, False
