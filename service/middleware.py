@@ -140,13 +140,15 @@ class RequestMiddleware:
                 loop = asyncio.get_running_loop()
                 body["timer"] = loop.call_at(loop.time() + body["deadline"] - time.monotonic(), expire)
             body["reader"] = task = asyncio.current_task()
+            before = task.cancelling() if hasattr(task, "cancelling") else 0  # Python 3.11+
             try:
                 message = await receive()
             except asyncio.CancelledError:
                 if not body["expired"]:
                     raise
-                if hasattr(task, "uncancel"):  # Python 3.11+: the cancellation was ours, and is spent
-                    task.uncancel()
+                # Ours, and spent; if someone else cancelled the task as well, theirs stands.
+                if hasattr(task, "uncancel") and task.uncancel() > before:
+                    raise
                 raise too_slow() from None
             finally:
                 body["reader"] = None

@@ -106,6 +106,27 @@ def test_a_read_asked_for_after_the_deadline_is_refused():
     assert seen == ["refused"] and sent[0]["status"] == 408
 
 
+def test_a_cancellation_from_elsewhere_in_the_deadlines_own_step_still_stands():
+    """The deadline's timer and another cancellation land together: the read ends with
+    CancelledError (the other one's), not a 408 that would swallow it."""
+    calls = []
+
+    async def receive():
+        calls.append(1)
+        if len(calls) == 1:
+            return {"type": "http.request", "body": b"x" * 10, "more_body": True}
+        time.sleep(0.5)  # the loop is held: both timers below are due when it next looks
+        await asyncio.sleep(30)
+
+    async def app(scope, receive, send):
+        await receive()
+        asyncio.get_running_loop().call_later(0.3, asyncio.current_task().cancel)  # after the deadline's
+        await receive()
+
+    with pytest.raises(asyncio.CancelledError):
+        serve(app, receive, read_timeout_s=0.2)
+
+
 def test_a_cancellation_from_elsewhere_is_not_taken_for_the_deadline():
     async def app(scope, receive, send):
         await receive()
