@@ -12,7 +12,10 @@ What ``run_in_executor`` promised still holds: a job whose future was cancelled 
 a worker took it does not run; one cancelled while it runs finishes and its result is
 dropped; ``shutdown(cancel_futures=True)`` cancels what has not started. A worker drops
 its job, arguments and result before it waits for the next, so an idle thread holds no
-image.
+image. Two differences: a job that raises ``StopIteration`` fails with a ``RuntimeError``
+(``run_in_executor`` left its future unsettled for ever), and the threads are daemons: a
+job still running when the interpreter exits is not waited for (the server's shutdown
+has drained its requests by then).
 """
 
 from __future__ import annotations
@@ -103,5 +106,7 @@ def _settle(future: asyncio.Future, result, error) -> None:
         return
     if error is None:
         future.set_result(result)
+    elif isinstance(error, StopIteration):  # a future cannot hold one: it would never settle
+        future.set_exception(RuntimeError(f"the job raised StopIteration: {error!r}"))
     else:
         future.set_exception(error)

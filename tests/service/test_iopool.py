@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 import weakref
 
 import pytest
@@ -45,6 +46,17 @@ def test_results_and_exceptions_reach_the_awaiting_task(pool):
 
     worker, total = run(main())
     assert worker.startswith("test-io_") and total == 6
+
+
+def test_a_job_raising_stop_iteration_fails_instead_of_hanging(pool):
+    def stop():
+        raise StopIteration("done")
+
+    async def main():
+        with pytest.raises(RuntimeError, match="StopIteration"):
+            await asyncio.wait_for(pool.call(stop), 5)
+
+    run(main())
 
 
 def test_jobs_run_side_by_side(pool):
@@ -142,7 +154,10 @@ def test_an_idle_worker_holds_nothing_of_its_last_job(pool):
             await pool.call(fail, failing)
 
     run(main())
-    gc.collect()
+    deadline = time.monotonic() + 2  # the worker lets go just after it hands the result over
+    while any(ref() is not None for ref in held) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
     assert [ref() for ref in held] == [None, None]
 
 
