@@ -130,6 +130,13 @@ class GuardedProtocol(HttpToolsProtocol):
             return
         super().data_received(data)
 
+    def eof_received(self) -> None:
+        # uvloop closes the transport itself after this (uvicorn returns None), past the
+        # wrapper's close: a response still held for the end of this step goes out first.
+        if isinstance(self.transport, _LingeringTransport):
+            self.transport._flush()
+        return super().eof_received()
+
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._stall_timer is None:

@@ -165,6 +165,20 @@ def test_responses_on_one_connection_arrive_whole_and_in_order(server):
         assert status == 200 and body.startswith(b"\x89PNG") and len(body) == int(headers["content-length"])
 
 
+def test_a_request_then_a_half_close_still_gets_an_answer_written_at_once(server):
+    """A client that sends its request and then its FIN (shutdown(SHUT_WR)) still reads an
+    answer the server writes at once: uvloop closes the transport when it reads the FIN,
+    and a response the transport holds for the end of that step goes out first
+    (server.py). A FIN that comes before a slower answer is taken for the client leaving,
+    as nginx takes it (the 499 above)."""
+    for _ in range(50):
+        with connect(server) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            status, headers, body, _ = read_response(sock, check_closed=False)
+            assert status == 200 and len(body) == int(headers["content-length"])
+
+
 def test_connections_beyond_the_bound_get_503_then_room_again(server):
     held = []
     for _ in range(6):  # the bound: keep-alive connections that each served a request
