@@ -2,7 +2,7 @@
 
 ``loop.run_in_executor`` on a ``ThreadPoolExecutor`` makes two futures per call, a
 ``concurrent.futures`` one with its condition variable and an asyncio one chained to
-it, and the event loop pays ~40 Python calls to make, chain and settle them. A request
+it, and the event loop pays ~70 Python calls to make, chain and settle them. A request
 hands off three or more jobs, and on a GPU host the event loop is the thread that
 bounds the request rate (``docs/performance.md``, "Host work per image"). Here a call
 is one asyncio future and one queue entry: the worker runs the job and settles the
@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from queue import SimpleQueue
+from queue import Empty, SimpleQueue
 from typing import Callable, List
 
 from .threads import name_os_thread
@@ -68,7 +68,7 @@ class IOPool:
             while True:
                 try:
                     item = self._queue.get_nowait()
-                except Exception:  # queue.Empty
+                except Empty:
                     break
                 if item is not _STOP:
                     item[1].cancel()

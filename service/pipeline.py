@@ -258,7 +258,8 @@ async def segment(
         raise overloaded(exc) from None
     context.model_stats = state.statistics.of(served.name, served.version)  # in the queue: it counts
     # One image (nearly every request): its job's own future, without a gathering one.
-    gathered = jobs[0].future if len(jobs) == 1 else asyncio.gather(*(job.future for job in jobs))
+    single = len(jobs) == 1
+    gathered = jobs[0].future if single else asyncio.gather(*(job.future for job in jobs))
     watcher = asyncio.create_task(context.wait_gone())
     try:
         done, _ = await asyncio.wait(
@@ -275,7 +276,7 @@ async def segment(
             raise ClientGone("client disconnected")
         raise DeadlineExceeded("request deadline passed before its result (REQUEST_TIMEOUT_S)")
     try:
-        labels = [gathered.result()] if len(jobs) == 1 else gathered.result()
+        labels = [gathered.result()] if single else gathered.result()
     except DeadlineExpired:
         batcher.cancel(jobs)
         raise DeadlineExceeded("request deadline passed while queued (REQUEST_TIMEOUT_S)") from None
