@@ -165,6 +165,41 @@ def test_responses_on_one_connection_arrive_whole_and_in_order(server):
         assert status == 200 and body.startswith(b"\x89PNG") and len(body) == int(headers["content-length"])
 
 
+def test_pipelined_requests_are_answered_whole_and_in_their_order(server):
+    """Three requests in one send: three whole answers, in order, each with its own id
+    (the transport joins writes made in one step of the loop: never across answers' order)."""
+    ids = ["first-1", "second-2", "third-3"]
+    image = png_bytes(random_image(1))
+    requests = [
+        f"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: {ids[0]}\r\n\r\n".encode(),
+        b"POST /predict?format=png HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        + f"X-Request-Id: {ids[1]}\r\nContent-Length: {len(image)}\r\n\r\n".encode()
+        + image,
+        f"GET /docs/assets/swagger-ui.css HTTP/1.1\r\nHost: x\r\nX-Request-Id: {ids[2]}\r\n\r\n".encode(),
+    ]
+    with connect(server) as sock:
+        sock.sendall(b"".join(requests))
+        sock.settimeout(10)
+        stream, answers = b"", []
+        while len(answers) < len(ids):  # the answers may share a recv: cut them from one stream
+            head_end = stream.find(b"\r\n\r\n")
+            if head_end >= 0:
+                lines = stream[:head_end].decode("latin-1").split("\r\n")
+                headers = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+                end = head_end + 4 + int(headers["content-length"])
+                if len(stream) >= end:
+                    answers.append((int(lines[0].split()[1]), headers, stream[head_end + 4 : end]))
+                    stream = stream[end:]
+                    continue
+            chunk = sock.recv(65536)
+            assert chunk, f"closed after {len(answers)} answers"
+            stream += chunk
+        assert stream == b""  # nothing more than the three answers
+    assert [a[1]["x-request-id"] for a in answers] == ids
+    assert all(a[0] == 200 and len(a[2]) == int(a[1]["content-length"]) for a in answers)
+    assert answers[1][2].startswith(b"\x89PNG") and len(answers[2][2]) > 64 * 1024
+
+
 def test_a_request_then_a_half_close_still_gets_an_answer_written_at_once(server):
     """A client that sends its request and then its FIN (shutdown(SHUT_WR)) still reads an
     answer the server writes at once: uvloop closes the transport when it reads the FIN,
