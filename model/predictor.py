@@ -183,6 +183,8 @@ class Segmenter:
         small = labels.numpy()
         h, w = small.shape
         if (h, w) == (int(size[0]), int(size[1])):  # the mask is the labels: count them
+            if num_classes <= _COMPARED_CLASSES:
+                return np.array([np.count_nonzero(small == c) for c in range(num_classes)], np.int64)
             return np.bincount(small.ravel(), minlength=num_classes)[:num_classes].astype(np.int64)
         rows = np.bincount(nearest_indices(h, int(size[0])), minlength=h)
         cols = np.bincount(nearest_indices(w, int(size[1])), minlength=w)
@@ -279,6 +281,10 @@ def _upsample(
 
 
 # A byte repeated 2, 4 or 8 times: the byte times 0x01...01 in an integer that wide.
+# Up to this many classes, labels at the image's size are counted by one comparison per
+# class (~5 us each on a 256x256 mask) rather than by np.bincount (~85 us: it widens
+# every label to 64 bits first).
+_COMPARED_CLASSES = 12
 _BYTES_TIMES = {2: (np.uint16, 0x0101), 4: (np.uint32, 0x01010101), 8: (np.uint64, 0x0101010101010101)}
 
 

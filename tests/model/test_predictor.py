@@ -95,6 +95,21 @@ def test_masks_restored_a_whole_number_of_times_wider_match_torch(factor, layout
     np.testing.assert_array_equal(out, restored)
 
 
+@pytest.mark.parametrize("num_classes", [1, 2, 4, 12, 13, 21])
+def test_class_counts_are_the_restored_masks_pixels_per_class(num_classes):
+    """Counted by comparisons (up to _COMPARED_CLASSES) or by np.bincount, at the labels'
+    size or another, they are the restored mask's; labels past the classes are not counted."""
+    from model import Segmenter
+
+    rng = np.random.default_rng(num_classes)
+    labels = torch.from_numpy(rng.integers(0, num_classes + 2, (37, 53), dtype=np.uint8))
+    for size in [(37, 53), (100, 70), (20, 200), (1, 1)]:
+        mask = Segmenter.restore(labels, size)
+        expected = [int((mask == c).sum()) for c in range(num_classes)]
+        counts = Segmenter.class_counts(labels, size, num_classes)
+        assert counts.dtype == np.int64 and counts.tolist() == expected, size
+
+
 @pytest.mark.parametrize("factor", [2, 4, 8])
 def test_masks_past_float32s_exact_columns_still_match_torch(factor):
     """Past 2**23 columns torch's float32 indices are no longer i // factor: the gather again."""

@@ -48,6 +48,19 @@ def test_regions_equal_scipy_on_the_restored_mask_at_any_size():
         assert got == expected, (trial, size)
 
 
+def test_regions_of_a_model_sized_mask_equal_scipy():
+    """256x256 labels (a served model's size) of blobs, shapes and stray pixels, restored
+    to the size of a phone photo, the same size and a thumbnail."""
+    rng = np.random.default_rng(7)
+    labels = np.kron(rng.integers(0, 4, (16, 16), dtype=np.uint8), np.ones((16, 16), np.uint8))
+    labels[rng.random((256, 256)) < 0.01] = 2
+    labels[100:180, 30:60] = 3
+    for size in [(256, 256), (3024, 4032), (90, 120)]:
+        got, total = found(labels, size)
+        expected = reference(Segmenter.restore(torch.from_numpy(labels), size))
+        assert (got, total) == (expected, len(expected)), size
+
+
 def test_diagonal_touch_joins_and_background_is_left_out():
     labels = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 2]], np.uint8)
     got, total = found(labels, (3, 3))
