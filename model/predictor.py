@@ -38,6 +38,7 @@ from .preprocess import (
     prepare_image,
     to_rgb_tensor,
 )
+from .regions import label_runs
 
 __all__ = ["Segmenter", "top_probability"]
 
@@ -188,8 +189,14 @@ class Segmenter:
             return np.bincount(small.ravel(), minlength=num_classes)[:num_classes].astype(np.int64)
         rows = np.bincount(nearest_indices(h, int(size[0])), minlength=h)
         cols = np.bincount(nearest_indices(w, int(size[1])), minlength=w)
-        weights = np.outer(rows, cols).ravel()
-        counts = np.bincount(small.ravel(), weights=weights, minlength=num_classes)[:num_classes]
+        runs = label_runs(small, limit=small.size // 8)
+        if runs is not None:  # a mask's few runs: each weighs its row's and columns' repeats
+            run_rows, starts, ends, values = runs
+            col_edge = np.concatenate(([0], np.cumsum(cols)))
+            weights = rows[run_rows] * (col_edge[ends] - col_edge[starts])
+        else:  # noise: each label weighs its own repeats
+            values, weights = small.ravel(), np.outer(rows, cols).ravel()
+        counts = np.bincount(values, weights=weights, minlength=num_classes)[:num_classes]
         return np.rint(counts).astype(np.int64)
 
     # -- one call ---------------------------------------------------------------

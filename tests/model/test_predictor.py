@@ -97,17 +97,20 @@ def test_masks_restored_a_whole_number_of_times_wider_match_torch(factor, layout
 
 @pytest.mark.parametrize("num_classes", [1, 2, 4, 12, 13, 21])
 def test_class_counts_are_the_restored_masks_pixels_per_class(num_classes):
-    """Counted by comparisons (up to _COMPARED_CLASSES) or by np.bincount, at the labels'
-    size or another, they are the restored mask's; labels past the classes are not counted."""
+    """At the labels' size counted by comparisons (up to _COMPARED_CLASSES) or by
+    np.bincount; at another size by the labels' runs (a mask's blobs) or label by label
+    (noise): each way they are the restored mask's. Labels past the classes are not counted."""
     from model import Segmenter
 
     rng = np.random.default_rng(num_classes)
-    labels = torch.from_numpy(rng.integers(0, num_classes + 2, (37, 53), dtype=np.uint8))
-    for size in [(37, 53), (100, 70), (20, 200), (1, 1)]:
-        mask = Segmenter.restore(labels, size)
-        expected = [int((mask == c).sum()) for c in range(num_classes)]
-        counts = Segmenter.class_counts(labels, size, num_classes)
-        assert counts.dtype == np.int64 and counts.tolist() == expected, size
+    noise = rng.integers(0, num_classes + 2, (61, 93), dtype=np.uint8)
+    blobs = np.kron(noise[:4, :6], np.ones((16, 16), np.uint8))[:61, :93]  # at most 6 runs a row
+    for labels in map(torch.from_numpy, (noise, np.ascontiguousarray(blobs))):
+        for size in [(61, 93), (100, 70), (20, 200), (1, 1), (3000, 4000)]:
+            mask = Segmenter.restore(labels, size)
+            expected = [int(np.count_nonzero(mask == c)) for c in range(num_classes)]
+            counts = Segmenter.class_counts(labels, size, num_classes)
+            assert counts.dtype == np.int64 and counts.tolist() == expected, size
 
 
 @pytest.mark.parametrize("factor", [2, 4, 8])
