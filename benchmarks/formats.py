@@ -5,7 +5,8 @@
 
 Formats: the palette PNG (``/predict``'s ``mask_png``), COCO RLE
 (``format=rle``, the JSON text of ``mask_rle``), the confidence map (8-bit grey
-PNG, ``format=confidence``) and the connected regions (``regions``, JSON). Each
+PNG, ``format=confidence``), the connected regions (``regions``, JSON) and the
+pixels per class (``class_pixels``, JSON's other per-image detail). Each
 starts from the labels (or confidence) at the model's input size, as the server's
 encoder does: the nearest upsampling to the image's size is part of the time.
 Medians of ``--repeat`` runs.
@@ -25,8 +26,8 @@ import model
 from model.data import synthetic_sample
 from model.predictor import top_probability
 from model.regions import regions
-from model.rle import class_rles
 from model.visualize import grey_png_bytes, mask_png_bytes
+from service.pipeline import mask_rles
 
 
 def timed(fn: Callable[[], bytes], repeat: int) -> tuple:
@@ -56,9 +57,12 @@ def main(argv: List[str] | None = None) -> int:
         size = (side, side)
         formats = {
             "mask PNG": lambda size=size: mask_png_bytes(seg.restore(labels, size), classes),
-            "RLE (JSON)": lambda size=size: json.dumps(class_rles(seg.restore(labels, size), names)).encode(),
+            "RLE (JSON)": lambda size=size: json.dumps(mask_rles(seg, labels, size)).encode(),
             "confidence PNG": lambda size=size: grey_png_bytes(seg.restore(confidence, size)),
             "regions (JSON)": lambda size=size: json.dumps(regions(labels.numpy(), size, names)[0]).encode(),
+            "class pixels": lambda size=size: json.dumps(
+                seg.class_counts(labels, size, classes).tolist()
+            ).encode(),
         }
         for name, fn in formats.items():
             nbytes, ms = timed(fn, args.repeat)

@@ -27,7 +27,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 import model
-from model.rle import class_rles
 
 from .budget import MIB
 from .context import RequestContext
@@ -44,7 +43,7 @@ from .interface import (
     v2_inputs,
     v2_outputs,
 )
-from .pipeline import mask_encode_cost, pool_call, preprocess, reserve_output, segment
+from .pipeline import mask_encode_cost, mask_rles, pool_call, preprocess, reserve_output, segment
 from .v2_codec import DTYPES, InferRequest, Output, Tensor, V2Error, V2TooLarge
 
 __all__ = [
@@ -344,12 +343,7 @@ def _filled(upsample, tensors: list, size: Tuple[int, int]):
 
 def rle_documents(seg, results: list, size: Tuple[int, int]) -> List[bytes]:
     """Per image, its classes' COCO RLEs as one JSON document (``MASK_RLE``); one full-size mask at a time."""
-    return [
-        json.dumps(
-            class_rles(seg.restore(r.labels, size), seg.config.class_names), separators=(",", ":")
-        ).encode()
-        for r in results
-    ]
+    return [json.dumps(mask_rles(seg, r.labels, size), separators=(",", ":")).encode() for r in results]
 
 
 def _output_cost(outputs: List[Output]) -> int:

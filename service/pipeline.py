@@ -303,6 +303,14 @@ async def segment(
     return labels, timing
 
 
+def mask_rles(served: ServedModel, labels: torch.Tensor, size: Tuple[int, int]) -> Dict[str, dict]:
+    """Per class present in the mask restored to ``size``, its COCO RLE. The mask is
+    restored column by column, as COCO reads it (the labels' transpose to ``(W, H)``:
+    nearest restoring works on each axis alone), so it is never transposed."""
+    columns = served.restore(labels.T, (size[1], size[0]))
+    return class_rles(columns, served.config.class_names, transposed=True)
+
+
 def mask_encode_cost(size: Tuple[int, int]) -> int:
     """Peak bytes to restore and PNG-encode one full-size mask: the mask, and the
     encoder's output (a mask upsampled from the input size compresses far below that)."""
@@ -334,12 +342,11 @@ async def encode_masks(
             done.counts = counts.tolist()
             done.fractions = (counts / max(1, int(size[0]) * int(size[1]))).tolist()
             done.regions, done.region_count = regions(result.labels.numpy(), size, names)
-        if mask is not None:
+        if mask == "rle":
+            done.rle = mask_rles(segmenter, result.labels, size)
+        elif mask is not None:
             full = segmenter.restore(result.labels, size)
-            if mask == "rle":
-                done.rle = class_rles(full, names)
-            else:
-                done.png = mask_png_bytes(full, num_classes)
+            done.png = mask_png_bytes(full, num_classes)
             del full
         if result.confidence is not None:
             done.confidence_png = grey_png_bytes(segmenter.restore(result.confidence, size))

@@ -255,7 +255,9 @@ def test_formats_prints_each_format_at_both_sizes(capsys):
     assert formats.main(["--repeat", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [(r[0], r[1]) for r in rows] == [
-        (size, fmt) for size in ("256x256", "2048x2048") for fmt in ("mask", "RLE", "confidence", "regions")
+        (size, fmt)
+        for size in ("256x256", "2048x2048")
+        for fmt in ("mask", "RLE", "confidence", "regions", "class")
     ]
     assert all(int(r[-2]) > 0 and float(r[-1]) > 0 for r in rows)
 

@@ -113,6 +113,18 @@ def test_class_counts_are_the_restored_masks_pixels_per_class(num_classes):
             assert counts.dtype == np.int64 and counts.tolist() == expected, size
 
 
+def test_restoring_the_transposed_labels_gives_the_transposed_mask():
+    """Nearest restoring works on each axis alone, so the labels' transpose restored to
+    (W, H) is the mask's transpose (the server's RLE path relies on it), through the
+    multiply path (2, 4, 8 times as wide), the gather and downsampling alike."""
+    from model import Segmenter
+
+    labels = torch.from_numpy(np.random.default_rng(5).integers(0, 4, (32, 48), dtype=np.uint8))
+    for size in [(64, 96), (128, 384), (96, 64), (33, 47), (10, 200), (200, 10), (32, 48)]:
+        mask = Segmenter.restore(labels, size)
+        np.testing.assert_array_equal(Segmenter.restore(labels.T, size[::-1]), mask.T)
+
+
 @pytest.mark.parametrize("factor", [2, 4, 8])
 def test_masks_past_float32s_exact_columns_still_match_torch(factor):
     """Past 2**23 columns torch's float32 indices are no longer i // factor: the gather again."""
