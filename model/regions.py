@@ -38,6 +38,9 @@ def label_runs(labels: np.ndarray, limit: Optional[int] = None) -> Optional[Tupl
     (row, column) pairs, 12 times slower on a 256x256 mask."""
     h, w = labels.shape
     flat = np.ascontiguousarray(labels).reshape(-1)
+    if flat.size == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty, flat
     change = np.empty(flat.size, bool)
     change[0] = True
     np.not_equal(flat[1:], flat[:-1], out=change[1:])

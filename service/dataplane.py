@@ -43,7 +43,7 @@ from .interface import (
     v2_inputs,
     v2_outputs,
 )
-from .pipeline import mask_encode_cost, mask_rles, pool_call, preprocess, reserve_output, segment
+from .pipeline import mask_rles, mask_rles_cost, pool_call, preprocess, reserve_output, segment
 from .v2_codec import DTYPES, InferRequest, Output, Tensor, V2Error, V2TooLarge
 
 __all__ = [
@@ -225,8 +225,9 @@ async def infer(state, seg: ServedModel, context: RequestContext, req: InferRequ
         state, seg, context, prepared, probabilities=PROBABILITIES in wanted, confidence=CONFIDENCE in wanted
     )
     rles = None
-    if MASK_RLE in wanted:  # one full-size mask, one class's copy of it and the runs at a time
-        await reserve_output(state, context, 2 * mask_encode_cost(prepared[0].size), "the masks' RLE")
+    if MASK_RLE in wanted:  # each image's mask and runs in turn, their texts kept (at most its cost each)
+        rle_cost = sum(mask_rles_cost(r.labels, prepared[0].size) for r in results)
+        await reserve_output(state, context, rle_cost, "the masks' RLE")
         rles = await pool_call(state, rle_documents, seg, results, prepared[0].size)
     outputs = outputs_for(seg, wanted, results, prepared[0].size, rles)
     await reserve_output(state, context, _output_cost(outputs), "the response")

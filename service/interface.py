@@ -15,7 +15,9 @@ start torch's parallel CPU kernels, see ``model.preprocess.resize_image``):
 2. ``logits(prepared)``: a batch -> ``(N, classes, h, w)`` logits on the device;
    ``labels(logits)`` -> ``(N, h, w)`` uint8 class ids on the CPU; ``infer`` is
    the two together (warm-up and the batch-size measurement time it).
-3. ``restore(labels, size, out)`` -> the ``(H, W)`` mask at the image's size;
+3. ``restore(labels, size, out)`` -> the ``(H, W)`` mask at the image's size
+   (for RLE the server asks for the mask's transpose: ``restore(labels.T, (W, H))``,
+   a transposed, non-contiguous tensor, which nearest restoring gives exactly);
    (``restore`` also upsamples the ``(h, w)`` uint8 confidence map the server makes
    from the logits with ``model.predictor.top_probability``);
    ``probabilities(logits, size, out)`` -> ``(classes, H, W)`` float32 softmax;

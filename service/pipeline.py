@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from model.regions import regions
-from model.rle import class_rles
+from model.rle import RLE_BYTES_PER_RUN, class_rles, column_runs
 from model.visualize import grey_png_bytes, mask_png_bytes
 
 from .batching import BatchFailed, DeadlineExpired, DynamicBatcher, QueueFull
@@ -311,6 +311,14 @@ def mask_rles(served: ServedModel, labels: torch.Tensor, size: Tuple[int, int]) 
     return class_rles(columns, served.config.class_names, transposed=True)
 
 
+def mask_rles_cost(labels: torch.Tensor, size: Tuple[int, int]) -> int:
+    """Peak bytes of :func:`mask_rles`: the mask, a byte a pixel while its runs are found,
+    and ``RLE_BYTES_PER_RUN`` for each run the labels allow the mask (``column_runs``):
+    a mask of stripes has a run a pixel, a mask of blobs a few per column."""
+    pixels = int(size[0]) * int(size[1])
+    return 2 * pixels + RLE_BYTES_PER_RUN * column_runs(labels.numpy(), size) + MIB
+
+
 def mask_encode_cost(size: Tuple[int, int]) -> int:
     """Peak bytes to restore and PNG-encode one full-size mask: the mask, and the
     encoder's output (a mask upsampled from the input size compresses far below that)."""
@@ -356,9 +364,10 @@ async def encode_masks(
         return done
 
     async def one(result: Inferred, image: Prepared) -> Segmented:
-        # The mask and its PNG; RLE: one class's copy and the runs too; a confidence map: its own mask and PNG.
-        copies = (mask is not None) + (mask == "rle") + (result.confidence is not None)
-        cost = mask_encode_cost(image.size) * max(1, copies)
+        # The mask and its PNG, or its RLE (by its runs); a confidence map: its own mask and PNG.
+        cost = mask_rles_cost(result.labels, image.size) if mask == "rle" else mask_encode_cost(image.size)
+        if result.confidence is not None and mask is not None:
+            cost += mask_encode_cost(image.size)
         with state.tracing.span("encode", **{"chanseg.image": image.name}):
             lease = await _reserve(state, context, cost, f"the mask of {image.name}")
             try:

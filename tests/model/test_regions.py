@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.predictor import Segmenter
-from model.regions import regions
+from model.regions import label_runs, regions
 
 NAMES = ("background", "circle", "rectangle", "triangle")
 
@@ -77,6 +77,11 @@ def test_the_largest_regions_are_kept_and_all_counted():
     got, total = regions(labels, (10, 10), NAMES, limit=2)
     assert total == 6
     assert [(r["class"], r["pixels"]) for r in got] == [("triangle", 16), ("circle", 1)]
+
+
+def test_an_empty_mask_has_no_runs():
+    for shape in [(0, 5), (5, 0), (0, 0)]:
+        assert [len(part) for part in label_runs(np.zeros(shape, np.uint8))] == [0, 0, 0, 0]
 
 
 def test_no_regions_in_an_all_background_mask():

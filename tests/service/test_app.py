@@ -100,6 +100,38 @@ async def test_a_png_response_skips_what_only_json_carries(tiny_artifact, monkey
     assert sum(as_json.json()["predictions"][0]["class_pixels"].values()) == 40 * 30
 
 
+async def test_an_rle_answer_reserves_for_its_runs(tmp_path, monkeypatch):
+    """A wide image of stripes one pixel high has a run per pixel read column by column, as
+    RLE reads it: its RLE needs ~200 MiB where its PNG needs ~7, and a server with 96 MiB for
+    its work refuses it (413, with what it needs) while it answers the same image's PNG, and
+    the RLE of an image of three bands (3 runs a column)."""
+    from tests.service.fake_model import FakeModel
+
+    mask_api = pytest.importorskip("pycocotools.mask", reason="pycocotools is in the dev extra")
+    monkeypatch.setenv("CHANSEG_CACHE_DIR", str(tmp_path))
+    stripes = np.zeros((32, 100_000, 3), np.uint8)
+    stripes[1::2] = 255  # dark and light rows: the fake model's classes 0 and 2
+    bands = np.zeros((30, 100_000, 3), np.uint8)
+    bands[10:20], bands[20:] = 128, 255
+    settings = Settings(device="cpu", max_batch_size=2, log_level="warning", memory_budget_mb=128)
+    async with serve(settings, segmenter=FakeModel()) as client:
+        send = [("file", ("stripes.png", png_bytes(stripes), "image/png"))]
+        as_rle = await client.post("/predict?format=rle", files=send)
+        as_png = await client.post("/predict?format=png", files=send)
+        banded = await client.post(
+            "/predict?format=rle", files=[("file", ("bands.png", png_bytes(bands), "image/png"))]
+        )
+    assert as_rle.status_code == 413, as_rle.text
+    assert re.search(r"the mask of stripes\.png needs \d+ MiB", as_rle.json()["detail"]), as_rle.text
+    assert as_png.status_code == 200 and decode_mask(as_png.content)[:4, 0].tolist() == [0, 2, 0, 2]
+    assert banded.status_code == 200, banded.text
+    rles = banded.json()["predictions"][0]["mask_rle"]
+    assert set(rles) == {"dark", "mid", "light"}
+    for c, name in enumerate(("dark", "mid", "light")):
+        mask = mask_api.decode({"size": rles[name]["size"], "counts": rles[name]["counts"].encode()})
+        assert mask.shape == (30, 100_000) and mask[c * 10 : c * 10 + 10].all() and mask.sum() == 10 * 100_000
+
+
 async def test_a_large_rotated_jpeg_gets_its_mask_at_its_own_size(tiny_artifact, tiny_segmenter):
     """A phone photo (EXIF orientation 6) decodes at 1/8 for the 64x64 model; the mask
     is restored to the photo as shown, and agrees with one from the full-size pixels."""

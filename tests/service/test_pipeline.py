@@ -4,10 +4,15 @@ in test_app and test_predict_direct)."""
 from __future__ import annotations
 
 import asyncio
+import tracemalloc
 
+import numpy as np
 import pytest
+import torch
 
-from service.pipeline import _each
+from model.rle import column_runs
+from service.pipeline import _each, mask_rles, mask_rles_cost
+from tests.service.fake_model import FakeModel
 
 
 async def _where(caller: asyncio.Task, i: int, delay: float):
@@ -49,3 +54,47 @@ def test_an_error_reaches_the_caller_and_the_others_finish(count):
 
     asyncio.run(main())
     assert sorted(finished) == list(range(1, count))
+
+
+def _rows_alternate(h: int, w: int) -> np.ndarray:
+    return np.tile(np.array([[0], [2]], np.uint8), (h // 2, w))
+
+
+@pytest.mark.parametrize("kind", ["rows alternate", "noise", "blobs", "one class"])
+def test_an_rle_answers_reservation_covers_what_it_holds(kind):
+    """mask_rles_cost, from the labels alone, is at least what mask_rles holds at its peak
+    (tracemalloc: numpy's arrays and the strings), the mask included: for a mask of
+    stripes (a run a pixel, column by column) as for blobs, restored larger and smaller."""
+    rng = np.random.default_rng(11)
+    labels = {
+        "rows alternate": _rows_alternate(32, 32),
+        "noise": rng.integers(0, 3, (32, 32), dtype=np.uint8),
+        "blobs": np.kron(rng.integers(0, 3, (4, 4), dtype=np.uint8), np.ones((8, 8), np.uint8)),
+        "one class": np.ones((32, 32), np.uint8),
+    }[kind]
+    fake = FakeModel()
+    mask_rles(fake, torch.from_numpy(labels), (8, 8))  # numpy's first calls import and cache
+    for size in [(32, 32), (64, 9000), (700, 300), (20, 20), (3, 5000)]:
+        tensor = torch.from_numpy(labels)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            rles = mask_rles(fake, tensor, size)
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+        assert peak <= mask_rles_cost(tensor, size), (size, peak, mask_rles_cost(tensor, size))
+        assert all(rle["size"] == list(size) for rle in rles.values())
+
+
+def test_column_runs_bounds_the_restored_masks_runs():
+    rng = np.random.default_rng(12)
+    for labels in (
+        _rows_alternate(32, 32),
+        rng.integers(0, 3, (17, 23), dtype=np.uint8),
+        np.zeros((5, 1), np.uint8),
+    ):
+        for size in [labels.shape, (64, 9000), (7, 3), (1, 1), (1000, 2)]:
+            columns = FakeModel().restore(torch.from_numpy(labels).T, (size[1], size[0])).ravel()
+            runs = 1 + int(np.count_nonzero(columns[1:] != columns[:-1]))
+            assert runs <= column_runs(labels, size), (labels.shape, size)
