@@ -97,3 +97,43 @@ def test_load_arguments_checked():
         asyncio.run(measure("http://127.0.0.1:1", [multipart(b"x")], concurrency=2, rate=3))
     with pytest.raises(ValueError):
         asyncio.run(measure("http://127.0.0.1:1", [multipart(b"x")]))
+
+
+def test_the_servers_cpu_per_image_leaves_out_the_scrapes(monkeypatch):
+    """Each window's end scrapes /metrics, and what the server spends answering that is
+    the benchmark's, not the images': a server that spends 1 ms of its event loop per
+    request and 1 s per scrape shows 1 ms per image."""
+    from benchmarks import loadgen
+
+    cpu = {"inference": 0.0, "io": 0.0, "main": 0.0, "other": 0.0, "total": 0.0}
+
+    def spend(seconds: float) -> None:
+        cpu["main"] += seconds
+        cpu["total"] += seconds
+
+    async def scrape(client):
+        spend(1.0)
+        return None
+
+    class Server:
+        def prepare(self, payload):
+            return payload
+
+        async def send(self, request):
+            await asyncio.sleep(0.002)
+            spend(0.001)
+            return "200", False
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(loadgen, "_scrape", scrape)
+    monkeypatch.setattr(loadgen, "group_cpu", lambda pgid: dict(cpu))
+    m = asyncio.run(
+        measure(
+            "http://127.0.0.1:1", [multipart(b"x")], concurrency=2, window_s=0.2, warmup_s=0.05,
+            max_windows=3, stability=float("inf"), client=Server(), server_pgid=1,
+        )
+    )  # fmt: skip
+    assert len(m.windows) == 3 and m.ok > 30
+    assert m.server_cpu["main"] == pytest.approx(1.0) and m.server_cpu["total"] == pytest.approx(1.0)
