@@ -114,9 +114,7 @@ class _Mark:
     answered: int  # requests answered so far
     cpu_s: float  # the client's CPU time so far
     scrape: Optional[dict]  # chanseg's histogram sums and counts
-    server_cpu: Optional[dict] = (
-        None  # the server's CPU time so far but our scrapes', by role (benchmarks.cpu)
-    )
+    server_cpu: Optional[dict] = None  # the server's CPU so far, less our scrapes', by role
 
 
 _SERVER_METRICS = {

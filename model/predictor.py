@@ -287,11 +287,11 @@ def _upsample(
     return np.take(wide, nearest_indices(h, height), axis=axes[0], out=out)
 
 
-# A byte repeated 2, 4 or 8 times: the byte times 0x01...01 in an integer that wide.
 # Up to this many classes, labels at the image's size are counted by one comparison per
 # class (~5 us each on a 256x256 mask) rather than by np.bincount (~85 us: it widens
 # every label to 64 bits first).
 _COMPARED_CLASSES = 12
+# A byte repeated 2, 4 or 8 times: the byte times 0x01...01 in an integer that wide.
 _BYTES_TIMES = {2: (np.uint16, 0x0101), 4: (np.uint32, 0x01010101), 8: (np.uint64, 0x0101010101010101)}
 
 

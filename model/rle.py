@@ -60,9 +60,9 @@ def _written(counts: np.ndarray, start: int, stop: int) -> str:
     return chars[position < groups[:, None]].tobytes().decode("ascii")
 
 
-# What class_rles holds per run of the mask beside the mask (measured with tracemalloc in
-# tests/service/test_pipeline.py: up to ~35 at the peak): the runs' bounds and labels, one class's runs and
-# counts at a time, and the strings, 1-8 characters a count.
+# What class_rles holds per run of the mask beside the mask, with room (tracemalloc in
+# tests/service/test_pipeline.py measured up to ~35 at the peak): the runs' bounds and
+# labels, one class's runs and counts at a time, and the strings, 1-8 characters a count.
 RLE_BYTES_PER_RUN = 64
 
 
