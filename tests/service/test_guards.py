@@ -12,7 +12,9 @@ import struct
 import time
 
 import httpx
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.reliability.conftest import Server
@@ -385,3 +387,48 @@ def test_hostile_v2_json_is_refused_fast_while_healthz_answers(server, body, sta
     print(
         f"\n{len(body) / 1e6:.1f} MB x3: {time.perf_counter() - started:.2f} s, /healthz worst {worst_ms:.0f} ms"
     )
+
+
+class _Stripes(torch.nn.Module):
+    """Logits whose top class alternates row by row, whatever the image: a mask of
+    one-pixel stripes, a run a pixel when read column by column as RLE is."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        odd = (torch.arange(x.shape[2], device=x.device) % 2).to(x.dtype)
+        stripe = odd.view(1, 1, -1, 1).expand(x.shape[0], 1, x.shape[2], x.shape[3])
+        return torch.cat([1 - stripe, stripe], dim=1)
+
+
+@pytest.fixture(scope="module")
+def stripes_server(tmp_path_factory):
+    import model
+
+    tmp = tmp_path_factory.mktemp("stripes")
+    config = model.ModelConfig(
+        input_size=(32, 32), num_classes=2, class_names=("background", "stripe"), network="imported",
+        name="stripes",
+    )  # fmt: skip
+    artifact = model.export_torchscript(_Stripes(), tmp / "stripes.pt", config=config)
+    s = Server(str(artifact), tmp, CHANSEG_MEMORY_BUDGET_MB="128")
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def test_an_rle_of_stripes_is_refused_for_its_memory_not_let_run(stripes_server):
+    """A wide image whose mask is one-pixel stripes: as RLE it needs ~200 MiB (a run a
+    pixel), more than a 128 MB budget's work ledger, and the real server says so (413)
+    instead of taking it on ~15 MiB; the same image's PNG is answered, and so is the
+    server's next request."""
+    image = png_bytes(np.zeros((32, 100_000, 3), np.uint8))
+    files = {"file": ("wide.png", image, "image/png")}
+    with httpx.Client(base_url=stripes_server.url, timeout=60) as client:
+        as_rle = client.post("/predict?format=rle", files=files)
+        as_png = client.post("/predict?format=png", files=files)
+        health = client.get("/healthz")
+    assert as_rle.status_code == 413, as_rle.text[:300]
+    assert "the mask of wide.png needs" in as_rle.json()["detail"]
+    assert as_png.status_code == 200 and as_png.headers["content-type"] == "image/png"
+    assert health.status_code == 200
