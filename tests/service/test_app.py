@@ -100,6 +100,42 @@ async def test_a_png_response_skips_what_only_json_carries(tiny_artifact, monkey
     assert sum(as_json.json()["predictions"][0]["class_pixels"].values()) == 40 * 30
 
 
+async def test_a_small_png_answer_is_encoded_on_the_event_loop(tiny_artifact, tiny_segmenter, monkeypatch):
+    """An answer that is one PNG (the mask, or the confidence map) of at most
+    INLINE_PNG_PIXELS is encoded on the event loop: its request hands the I/O pool its
+    probe and decode only. A larger one, an RLE and a JSON answer (whose regions can take
+    milliseconds) still go to the pool, and every answer is the mask it was."""
+    from service.iopool import IOPool
+    from service.pipeline import INLINE_PNG_PIXELS
+
+    jobs = []
+    call = IOPool.call
+    monkeypatch.setattr(
+        IOPool, "call", lambda self, fn, *args: jobs.append(fn.__name__) or call(self, fn, *args)
+    )
+    at_limit, over = random_image(8, 256, 256), random_image(9, 257, 256)
+    assert at_limit.shape[0] * at_limit.shape[1] == INLINE_PNG_PIXELS < over.shape[0] * over.shape[1]
+    asked = [
+        ("png", at_limit), ("confidence", at_limit), ("png", over), ("rle", at_limit), ("json", at_limit),
+    ]  # fmt: skip
+    answers, seen = [], []
+    async with serve(make_settings(tiny_artifact)) as client:
+        for fmt, image in asked:
+            jobs.clear()
+            answers.append(await client.post(f"/predict?format={fmt}", files=files(image)))
+            seen.append(list(jobs))
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    assert seen == [["probe", "prepare"]] * 2 + [["probe", "prepare", "encode"]] * 3
+    for r, (fmt, image) in zip(answers, asked):
+        if fmt == "png":
+            np.testing.assert_array_equal(decode_mask(r.content), tiny_segmenter.predict(image))
+        elif fmt == "json":
+            mask = decode_mask(base64.b64decode(r.json()["predictions"][0]["mask_png"]))
+            np.testing.assert_array_equal(mask, tiny_segmenter.predict(image))
+    expected = np.rint(tiny_segmenter.predict_proba(at_limit).max(0) * 255)
+    np.testing.assert_allclose(np.asarray(Image.open(io.BytesIO(answers[1].content))), expected, atol=1)
+
+
 async def test_an_rle_answer_reserves_for_its_runs(tmp_path, monkeypatch):
     """A wide image of stripes one pixel high has a run per pixel read column by column, as
     RLE reads it: its RLE needs ~200 MiB where its PNG needs ~7, and a server with 96 MiB for
