@@ -5,7 +5,7 @@ Request lifecycle (``POST /predict`` and v2 infer):
     read body (size-limited, its memory reserved, within READ_TIMEOUT_S)
     -> read headers, reserve decoding memory, decode + convert + resize on the I/O pool
     -> DynamicBatcher queue -> one batched forward on the inference thread
-    -> mask resize + PNG encode on the I/O pool -> JSON or PNG response
+    -> mask resize + PNG encode on the I/O pool (one small PNG: on the loop) -> JSON or PNG response
 
 What requests in flight may hold together is bounded by ``MEMORY_BUDGET_MB``
 (:mod:`service.budget`); a batch that runs far longer than warm-up measured

@@ -3,7 +3,7 @@
 ``loop.run_in_executor`` on a ``ThreadPoolExecutor`` makes two futures per call, a
 ``concurrent.futures`` one with its condition variable and an asyncio one chained to
 it, and the event loop pays ~70 Python calls to make, chain and settle them. A request
-hands off three or more jobs, and on a GPU host the event loop is the thread that
+hands off two or more jobs, and on a GPU host the event loop is the thread that
 bounds the request rate (``docs/performance.md``, "Host work per image"). Here a call
 is one asyncio future and one queue entry: the worker runs the job and settles the
 future with one ``call_soon_threadsafe``.
