@@ -63,7 +63,8 @@ LARGE = 32 * MIB
 # and deflating a 256x256 mask takes 0.04-0.07 ms (0.33 at most, a mask of noise), while the
 # hand-off cost the I/O threads ~0.27 ms per image (waking one, the interpreter lock, a cold
 # cache) and the loop as much as the encoding (docs/performance.md, "Host work per image").
-# A JSON answer's regions can take ~17 ms on a mask of noise: those stay on the I/O pool.
+# A JSON answer's regions can take ~17 ms on a mask of noise: those stay on the I/O pool. The
+# labels are bounded too: restoring reads every row of them (an imported model's may be large).
 INLINE_PNG_PIXELS = 1 << 16
 
 
@@ -345,7 +346,8 @@ async def encode_masks(
     per-class COCO RLE (``"rle"``) or not at all (None); with ``details`` (JSON
     responses) its pixels per class and connected regions too; the confidence map as
     a grey PNG when the batch computed it. Each full-size mask exists only while it
-    is encoded. One PNG of at most ``INLINE_PNG_PIXELS`` is encoded on the event loop."""
+    is encoded. One PNG of at most ``INLINE_PNG_PIXELS``, from labels no larger, is encoded on
+    the event loop."""
     segmenter, hist = served, state.metrics.postprocess
     num_classes, names = segmenter.config.num_classes, segmenter.config.class_names
 
@@ -375,7 +377,11 @@ async def encode_masks(
         cost = mask_rles_cost(result.labels, image.size) if mask == "rle" else mask_encode_cost(image.size)
         if result.confidence is not None and mask is not None:
             cost += mask_encode_cost(image.size)
-        inline = not details and mask != "rle" and image.size[0] * image.size[1] <= INLINE_PNG_PIXELS
+        inline = (
+            not details
+            and mask != "rle"
+            and max(image.size[0] * image.size[1], result.labels.numel()) <= INLINE_PNG_PIXELS
+        )
         with state.tracing.span("encode", **{"chanseg.image": image.name}):
             lease = await _reserve(state, context, cost, f"the mask of {image.name}")
             try:

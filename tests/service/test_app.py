@@ -103,10 +103,12 @@ async def test_a_png_response_skips_what_only_json_carries(tiny_artifact, monkey
 async def test_a_small_png_answer_is_encoded_on_the_event_loop(tiny_artifact, tiny_segmenter, monkeypatch):
     """An answer that is one PNG (the mask, or the confidence map) of at most
     INLINE_PNG_PIXELS is encoded on the event loop: its request hands the I/O pool its
-    probe and decode only. A larger one, an RLE and a JSON answer (whose regions can take
-    milliseconds) still go to the pool, and every answer is the mask it was."""
+    probe and decode only. A larger one, one from labels larger than that (a model whose
+    input is 512x512), an RLE and a JSON answer (whose regions can take milliseconds)
+    still go to the pool, and every answer is the mask it was."""
     from service.iopool import IOPool
     from service.pipeline import INLINE_PNG_PIXELS
+    from tests.service.fake_model import FakeModel
 
     jobs = []
     call = IOPool.call
@@ -124,6 +126,16 @@ async def test_a_small_png_answer_is_encoded_on_the_event_loop(tiny_artifact, ti
             jobs.clear()
             answers.append(await client.post(f"/predict?format={fmt}", files=files(image)))
             seen.append(list(jobs))
+    small = np.zeros((64, 48, 3), np.uint8)
+    small[21:42], small[42:] = 128, 255  # the fake model's classes 0, 1, 2 by rows
+    fake = FakeModel(input_size=(512, 512))
+    async with serve(make_settings(tiny_artifact), segmenter=fake) as client:
+        jobs.clear()
+        from_large = await client.post("/predict?format=png", files=files(small))
+    assert from_large.status_code == 200, from_large.text
+    assert jobs == ["probe", "prepare", "encode"]
+    bands = np.repeat(np.array([0] * 21 + [1] * 21 + [2] * 22, np.uint8)[:, None], 48, 1)
+    assert (decode_mask(from_large.content) == bands).mean() > 0.95
     assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
     assert seen == [["probe", "prepare"]] * 2 + [["probe", "prepare", "encode"]] * 3
     for r, (fmt, image) in zip(answers, asked):
