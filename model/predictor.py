@@ -265,8 +265,26 @@ def _upsample(
         out[...] = array
         return out
     height, width = int(size[0]), int(size[1])
+    if height < h:
+        # Fewer rows than the array (a wide, flat image's mask): those rows first, so that the
+        # columns are gathered on them alone, not on every row (8x8192 from 256x256 labels:
+        # 1.4 ms and a 256x8192 array in between otherwise). Nearest is the same either way.
+        rows = np.take(array, nearest_indices(h, height), axis=axes[0])
+        wide = _widen(rows, width, axes)
+        if out is None:
+            return wide
+        out[...] = wide
+        return out
     # Columns first, on the small array; then whole rows, each a contiguous copy. The other
     # order gathers every output pixel one by one: 23.4 against 3.1 ms for a 4032x3024 mask.
+    return np.take(_widen(array, width, axes), nearest_indices(h, height), axis=axes[0], out=out)
+
+
+def _widen(array: np.ndarray, width: int, axes: Tuple[int, int]) -> np.ndarray:
+    """``array`` resized to ``width`` along ``axes[1]`` (nearest-exact)."""
+    w = array.shape[axes[1]]
+    if w == width:
+        return array
     factor = width // w
     if (
         array.dtype == np.uint8
@@ -281,10 +299,8 @@ def _upsample(
         # 0.14 ms for the gather. Those factors' nearest-exact indices are exactly i // factor
         # up to 2**23 columns (torch computes them in float32; past that they drift).
         kind, ones = _BYTES_TIMES[factor]
-        wide = (array.astype(kind, order="C") * kind(ones)).view(np.uint8)
-    else:
-        wide = np.take(array, nearest_indices(w, width), axis=axes[1])
-    return np.take(wide, nearest_indices(h, height), axis=axes[0], out=out)
+        return (array.astype(kind, order="C") * kind(ones)).view(np.uint8)
+    return np.take(array, nearest_indices(w, width), axis=axes[1])
 
 
 # Up to this many classes, labels at the image's size are counted by one comparison per

@@ -95,6 +95,39 @@ def test_masks_restored_a_whole_number_of_times_wider_match_torch(factor, layout
     np.testing.assert_array_equal(out, restored)
 
 
+@pytest.mark.parametrize(
+    "shape, size",
+    [
+        ((256, 256), (8, 8192)), ((256, 256), (1, 65536)), ((256, 256), (65536, 1)), ((1024, 64), (8, 8192)),
+        ((4096, 16), (8, 8192)), ((31, 40), (7, 100)), ((31, 40), (5, 20)), ((31, 40), (30, 160)),
+    ],
+)  # fmt: skip
+def test_a_mask_with_fewer_rows_than_its_labels_is_restored_from_those_rows(shape, size):
+    """A wide, flat image's mask picks its rows from the labels before gathering their columns:
+    torch's nearest-exact as before, and nothing in between larger than the labels or the
+    mask (an 8x8192 mask from 256x256 labels held a 256x8192 array in between before)."""
+    import tracemalloc
+
+    from torch.nn import functional as F
+
+    from model import Segmenter
+
+    labels = np.random.default_rng(shape[0]).integers(0, 256, shape, dtype=np.uint8)
+    expected = F.interpolate(torch.from_numpy(labels)[None, None], size=size, mode="nearest-exact")[0, 0]
+    tracemalloc.start()
+    try:
+        restored = Segmenter.restore(torch.from_numpy(labels), size)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(restored, expected.numpy())
+    indices = 24 * (size[0] + size[1])  # nearest_indices' int64 rows and columns, and its float temporaries
+    assert peak <= max(size[0] * size[1], labels.size) + indices + (64 << 10), peak
+    out = np.empty(size, np.uint8)
+    assert Segmenter.restore(torch.from_numpy(labels), size, out=out) is out
+    np.testing.assert_array_equal(out, restored)
+
+
 @pytest.mark.parametrize("num_classes", [1, 2, 4, 12, 13, 21])
 def test_class_counts_are_the_restored_masks_pixels_per_class(num_classes):
     """At the labels' size counted by comparisons (up to _COMPARED_CLASSES) or by
