@@ -60,11 +60,12 @@ Source = Union[bytes, np.ndarray]  # encoded image file, or (H, W, 3) uint8 pixe
 LARGE = 32 * MIB
 # An answer that is one PNG (the mask, or the confidence map) of at most this many pixels is
 # encoded on the event loop: handing it to an I/O thread costs more than the work. Restoring
-# and deflating a 256x256 mask takes 0.04-0.07 ms (0.33 at most, a mask of noise), while the
-# hand-off cost the I/O threads ~0.27 ms per image (waking one, the interpreter lock, a cold
-# cache) and the loop as much as the encoding (docs/performance.md, "Host work per image").
-# A JSON answer's regions can take ~17 ms on a mask of noise: those stay on the I/O pool. The
-# labels are bounded too: restoring reads every row of them (an imported model's may be large).
+# and deflating a model's 256x256 mask takes 0.04-0.07 ms, a mask of noise of any shape ~0.2
+# (0.6 for 65536x1, which MIN_IMAGE_SIDE=1 lets in), while the hand-off cost the I/O threads
+# ~0.27 ms per image (waking one, the interpreter lock, a cold cache) and the loop as much as
+# the encoding (docs/performance.md, "Host work per image"). A JSON answer's regions can take
+# ~17 ms on a mask of noise: those stay on the I/O pool. The labels are bounded too: a mask
+# flatter than they are reads a row of them per row it has (an imported model's may be wide).
 INLINE_PNG_PIXELS = 1 << 16
 
 

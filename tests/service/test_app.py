@@ -115,10 +115,11 @@ async def test_a_small_png_answer_is_encoded_on_the_event_loop(tiny_artifact, ti
     monkeypatch.setattr(
         IOPool, "call", lambda self, fn, *args: jobs.append(fn.__name__) or call(self, fn, *args)
     )
-    at_limit, over = random_image(8, 256, 256), random_image(9, 257, 256)
+    at_limit, over, flat = random_image(8, 256, 256), random_image(9, 257, 256), random_image(11, 8, 8192)
     assert at_limit.shape[0] * at_limit.shape[1] == INLINE_PNG_PIXELS < over.shape[0] * over.shape[1]
     asked = [
-        ("png", at_limit), ("confidence", at_limit), ("png", over), ("rle", at_limit), ("json", at_limit),
+        ("png", at_limit), ("confidence", at_limit), ("png", flat),
+        ("png", over), ("rle", at_limit), ("json", at_limit),
     ]  # fmt: skip
     answers, seen = [], []
     async with serve(make_settings(tiny_artifact)) as client:
@@ -137,7 +138,7 @@ async def test_a_small_png_answer_is_encoded_on_the_event_loop(tiny_artifact, ti
     bands = np.repeat(np.array([0] * 21 + [1] * 21 + [2] * 22, np.uint8)[:, None], 48, 1)
     assert (decode_mask(from_large.content) == bands).mean() > 0.95
     assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
-    assert seen == [["probe", "prepare"]] * 2 + [["probe", "prepare", "encode"]] * 3
+    assert seen == [["probe", "prepare"]] * 3 + [["probe", "prepare", "encode"]] * 3
     for r, (fmt, image) in zip(answers, asked):
         if fmt == "png":
             np.testing.assert_array_equal(decode_mask(r.content), tiny_segmenter.predict(image))
