@@ -260,24 +260,25 @@ def _upsample(
     into ``out`` when given."""
     h, w = array.shape[axes[0]], array.shape[axes[1]]
     if (h, w) == tuple(size):
-        if out is None:
-            return array
-        out[...] = array
-        return out
+        return _into(array, out)
     height, width = int(size[0]), int(size[1])
     if height < h:
         # Fewer rows than the array (a wide, flat image's mask): those rows first, so that the
         # columns are gathered on them alone, not on every row (8x8192 from 256x256 labels:
         # 1.4 ms and a 256x8192 array in between otherwise). Nearest is the same either way.
         rows = np.take(array, nearest_indices(h, height), axis=axes[0])
-        wide = _widen(rows, width, axes)
-        if out is None:
-            return wide
-        out[...] = wide
-        return out
+        return _into(_widen(rows, width, axes), out)
     # Columns first, on the small array; then whole rows, each a contiguous copy. The other
     # order gathers every output pixel one by one: 23.4 against 3.1 ms for a 4032x3024 mask.
     return np.take(_widen(array, width, axes), nearest_indices(h, height), axis=axes[0], out=out)
+
+
+def _into(array: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``array``, or ``out`` with it copied in when given."""
+    if out is None:
+        return array
+    out[...] = array
+    return out
 
 
 def _widen(array: np.ndarray, width: int, axes: Tuple[int, int]) -> np.ndarray:
