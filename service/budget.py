@@ -100,9 +100,9 @@ class MemoryBudget:
         nbytes = max(0, int(nbytes))
         if nbytes > self.capacity:
             raise BudgetExceeded(nbytes, self.capacity, self.name)
-        if not self._waiters and self.in_use + nbytes <= self.capacity:
-            self.in_use += nbytes
-            return Lease(self, nbytes)
+        lease = self.try_reserve(nbytes)
+        if lease is not None:
+            return lease
         started = time.perf_counter()
         future = asyncio.get_running_loop().create_future()
         entry = (nbytes, future)
@@ -121,6 +121,14 @@ class MemoryBudget:
         finally:
             if self._wait_histogram is not None:
                 self._wait_histogram.observe(time.perf_counter() - started)
+        return Lease(self, nbytes)
+
+    def try_reserve(self, nbytes: int) -> Optional[Lease]:
+        """``nbytes`` now, when they fit and nobody is waiting (no jumping the queue); else None."""
+        nbytes = max(0, int(nbytes))
+        if self._waiters or self.in_use + nbytes > self.capacity:
+            return None
+        self.in_use += nbytes
         return Lease(self, nbytes)
 
     @contextlib.asynccontextmanager

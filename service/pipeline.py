@@ -67,6 +67,7 @@ LARGE = 32 * MIB
 # ~17 ms on a mask of noise: those stay on the I/O pool. The labels are bounded too: a mask
 # flatter than they are reads a row of them per row it has (an imported model's may be wide).
 INLINE_PNG_PIXELS = 1 << 16
+DECODE_AHEAD = 16 * MIB
 
 
 @dataclass
@@ -200,23 +201,12 @@ async def preprocess(
         hist.observe(time.perf_counter() - started)
         return Prepared(name, size, tensor)
 
-    async def one(name: str, item: Union[Probed, np.ndarray], started: float) -> Prepared:
+    def cost(item: Union[Probed, np.ndarray]) -> int:
         if isinstance(item, np.ndarray):
-            h, w = item.shape[:2]
-            cost, what = decode_cost(w, h, "RGB", "RAW", target=target), f"{name} ({w}x{h} pixels)"
-        else:
-            cost, what = item.cost, f"decoding {name} ({item.width}x{item.height} {item.mode})"
-        with state.tracing.span("decode", **{"chanseg.image": name}):
-            lease = await _reserve(state, context, cost, what)
-            try:
-                return await pool_call(state, prepare, name, item, started, cost >= LARGE)
-            finally:
-                lease.release()
+            return decode_cost(item.shape[1], item.shape[0], "RGB", "RAW", target=target)
+        return item.cost
 
-    state.tracing.annotate(context.request_id)
-    with announce:  # a forming batch waits for these rather than closing early
-        started = time.perf_counter()
-        items = await _each([pool_call(state, probe, name, src) for name, src in sources])
+    def checked(items: List[Union[Probed, np.ndarray]]) -> None:
         if check is not None:
             check([_size(item) for item in items])
         total = sum(_pixels(item) for item in items)
@@ -225,6 +215,42 @@ async def preprocess(
                 f"{total} pixels in {len(items)} images is over the limit of {s.max_request_pixels} "
                 "pixels per request (MAX_REQUEST_PIXELS); send fewer or smaller images per request"
             )
+
+    def probe_and_prepare(
+        name: str, source: Source, started: float, room: int
+    ) -> Union[Prepared, Probed, np.ndarray]:
+        item = probe(name, source)
+        checked([item])
+        return prepare(name, item, started, False) if cost(item) <= room else item
+
+    async def one(name: str, item: Union[Probed, np.ndarray], started: float) -> Prepared:
+        if isinstance(item, np.ndarray):
+            h, w = item.shape[:2]
+            what = f"{name} ({w}x{h} pixels)"
+        else:
+            what = f"decoding {name} ({item.width}x{item.height} {item.mode})"
+        nbytes = cost(item)
+        with state.tracing.span("decode", **{"chanseg.image": name}):
+            lease = await _reserve(state, context, nbytes, what)
+            try:
+                return await pool_call(state, prepare, name, item, started, nbytes >= LARGE)
+            finally:
+                lease.release()
+
+    state.tracing.annotate(context.request_id)
+    with announce:  # a forming batch waits for these rather than closing early
+        started = time.perf_counter()
+        ahead = state.work_budget.try_reserve(DECODE_AHEAD) if len(sources) == 1 else None
+        if ahead is not None:
+            ((name, source),) = sources
+            try:
+                with state.tracing.span("decode", **{"chanseg.image": name}):
+                    item = await pool_call(state, probe_and_prepare, name, source, started, ahead.nbytes)
+            finally:
+                ahead.release()
+            return [item if isinstance(item, Prepared) else await one(name, item, started)]
+        items = await _each([pool_call(state, probe, name, src) for name, src in sources])
+        checked(items)
         return await _each([one(name, item, started) for (name, _), item in zip(sources, items)])
 
 

@@ -100,10 +100,63 @@ async def test_a_png_response_skips_what_only_json_carries(tiny_artifact, monkey
     assert sum(as_json.json()["predictions"][0]["class_pixels"].values()) == 40 * 30
 
 
+async def test_one_image_is_probed_and_decoded_in_one_job_within_a_reservation_of_its_cost(
+    tiny_artifact, tiny_segmenter, monkeypatch
+):
+    """A request of one image takes DECODE_AHEAD from the work ledger if it is free at once,
+    and its image is probed and decoded in one I/O job when the probe finds its decoding
+    costs no more. A larger image, the images of a request of several, and an image that
+    finds the ledger full go as before: probe, reserve the image's cost, decode. Every
+    decoding runs with at least its cost reserved, and every answer is the mask it was."""
+    from service import pipeline
+    from service.iopool import IOPool
+
+    jobs, decoded = [], []
+    call = IOPool.call
+    monkeypatch.setattr(
+        IOPool, "call", lambda self, fn, *args: jobs.append(fn.__name__) or call(self, fn, *args)
+    )
+    prepare = pipeline.prepare_probed
+
+    def recording(probed, target):
+        decoded.append((probed.cost, budget.in_use))
+        return prepare(probed, target)
+
+    monkeypatch.setattr(pipeline, "prepare_probed", recording)
+    small = random_image(5, 64, 80)
+    large = np.zeros((2100, 2100, 3), np.uint8)
+    large[:, 700:1400], large[1050:] = 120, 250  # costs more than DECODE_AHEAD to decode (PIL, full size)
+    answers, seen = [], []
+    async with serve(make_settings(tiny_artifact)) as client:
+        budget = client.app.state.chanseg.work_budget
+        for images in ([small], [large], [small, small]):
+            jobs.clear()
+            answers.append((images, await client.post("/predict", files=files(*images))))
+            seen.append([job for job in jobs if job != "encode"])
+        held = await budget.reserve(budget.capacity)  # the ledger is full when the next one comes
+        jobs.clear()
+        waiting = asyncio.create_task(client.post("/predict", files=files(small)))
+        while "probe" not in jobs:
+            await asyncio.sleep(0.01)
+        held.release()
+        answers.append(([small], await waiting))
+        seen.append([job for job in jobs if job != "encode"])
+        assert budget.in_use == 0
+    assert seen == [["probe_and_prepare"], ["probe_and_prepare", "prepare"], ["probe"] * 2 + ["prepare"] * 2,
+                    ["probe", "prepare"]]  # fmt: skip
+    assert decoded[1][0] > pipeline.DECODE_AHEAD >= decoded[0][0]
+    assert len(decoded) == 5 and all(reserved >= cost for cost, reserved in decoded), decoded
+    for images, r in answers:
+        assert r.status_code == 200, r.text
+        for image, prediction in zip(images, r.json()["predictions"]):
+            mask = decode_mask(base64.b64decode(prediction["mask_png"]))
+            np.testing.assert_array_equal(mask, tiny_segmenter.predict(image))
+
+
 async def test_a_small_png_answer_is_encoded_on_the_event_loop(tiny_artifact, tiny_segmenter, monkeypatch):
     """An answer that is one PNG (the mask, or the confidence map) of at most
     INLINE_PNG_PIXELS is encoded on the event loop: its request hands the I/O pool its
-    probe and decode only. A larger one, one from labels larger than that (a model whose
+    probe and decode only (one job). A larger one, one from labels larger than that (a model whose
     input is 512x512), an RLE and a JSON answer (whose regions can take milliseconds)
     still go to the pool, and every answer is the mask it was."""
     from service.iopool import IOPool
@@ -134,11 +187,11 @@ async def test_a_small_png_answer_is_encoded_on_the_event_loop(tiny_artifact, ti
         jobs.clear()
         from_large = await client.post("/predict?format=png", files=files(small))
     assert from_large.status_code == 200, from_large.text
-    assert jobs == ["probe", "prepare", "encode"]
+    assert jobs == ["probe_and_prepare", "encode"]
     bands = np.repeat(np.array([0] * 21 + [1] * 21 + [2] * 22, np.uint8)[:, None], 48, 1)
     assert (decode_mask(from_large.content) == bands).mean() > 0.95
     assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
-    assert seen == [["probe", "prepare"]] * 3 + [["probe", "prepare", "encode"]] * 3
+    assert seen == [["probe_and_prepare"]] * 3 + [["probe_and_prepare", "encode"]] * 3
     for r, (fmt, image) in zip(answers, asked):
         if fmt == "png":
             np.testing.assert_array_equal(decode_mask(r.content), tiny_segmenter.predict(image))

@@ -53,6 +53,25 @@ async def test_waiters_are_served_in_arrival_order():
     assert budget.in_use == 0
 
 
+async def test_try_reserve_takes_room_now_or_nothing_and_never_jumps_the_queue():
+    budget = MemoryBudget("work", 100)
+    held = budget.try_reserve(60)
+    assert held is not None and held.nbytes == 60 and budget.in_use == 60
+    assert budget.try_reserve(41) is None and budget.in_use == 60  # no room: nothing taken, nothing waits
+    assert budget.waiting == 0
+    waiter = asyncio.create_task(budget.reserve(50))
+    await asyncio.sleep(0.01)
+    assert budget.waiting == 1
+    assert budget.try_reserve(10) is None  # it would fit, but someone came first
+    held.release()
+    lease = await asyncio.wait_for(waiter, 1)
+    small = budget.try_reserve(10)
+    assert small is not None and budget.in_use == 60
+    small.release()
+    lease.release()
+    assert budget.in_use == 0
+
+
 async def test_timeout_and_cancel_leave_nothing_behind():
     budget = MemoryBudget("work", 100)
     held = await budget.reserve(100)
