@@ -4,6 +4,7 @@ in test_app and test_predict_direct)."""
 from __future__ import annotations
 
 import asyncio
+import time
 import tracemalloc
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from model.rle import column_runs
-from service.pipeline import _each, mask_rles, mask_rles_cost
+from service.pipeline import _each, _first, mask_rles, mask_rles_cost
 from tests.service.fake_model import FakeModel
 
 
@@ -34,6 +35,41 @@ def test_one_awaitable_runs_in_the_callers_task_and_many_keep_their_order():
     one, many = asyncio.run(main())
     assert one == [(0, True)]
     assert many == [(0, False), (1, False), (2, False)]
+
+
+def test_first_returns_at_the_first_of_two_or_the_timeout_and_leaves_both_as_they_are():
+    """segment's wait for its result, the client going away or the deadline (as
+    ``asyncio.wait(FIRST_COMPLETED)`` waits): whichever comes first ends it, the other future
+    is untouched, and a caller cancelled while it waits leaves both pending and usable."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        result, gone = loop.create_future(), loop.create_future()
+        loop.call_later(0.02, gone.set_result, None)
+        started = time.monotonic()
+        await _first(result, gone, 5)
+        by_gone = (time.monotonic() - started, result.done(), gone.done())
+        result, gone = loop.create_future(), loop.create_future()
+        loop.call_later(0.02, result.set_result, 7)
+        await _first(result, gone, 5)
+        by_result = (result.result(), gone.done())
+        started = time.monotonic()
+        await _first(result := loop.create_future(), gone := loop.create_future(), 0.05)
+        by_timeout = (time.monotonic() - started, result.done(), gone.done())
+        waiting = asyncio.create_task(_first(result, gone, 5))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        result.set_result(1)  # neither was cancelled; both still take a result
+        gone.set_result(2)
+        return by_gone, by_result, by_timeout, (result.result(), gone.result())
+
+    by_gone, by_result, by_timeout, after_cancel = asyncio.run(main())
+    assert by_gone[0] < 1 and by_gone[1:] == (False, True)
+    assert by_result == (7, False)
+    assert 0.04 <= by_timeout[0] < 1 and by_timeout[1:] == (False, False)
+    assert after_cancel == (1, 2)
 
 
 @pytest.mark.parametrize("count", [1, 3])
