@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from service import multipart
@@ -238,3 +239,100 @@ async def test_a_body_in_one_chunk_of_any_bytes_like_type_reads_as_bytes(kind):
         yield kind(data)
 
     assert await read_parts(CT, one_chunk(), "file", 4, 4) == [("file", "a.png", b"IMG")]
+
+
+def test_the_headers_clients_send_are_read_without_the_parameter_parser(monkeypatch):
+    """httpx's, curl's, requests' and browsers' Content-Type and Content-Disposition take the
+    regular expressions (the parser is never called) and read as the parser reads them."""
+    import httpx
+    from python_multipart.multipart import parse_options_header
+
+    def refuse(value):
+        raise AssertionError(f"parsed with python-multipart: {value!r}")
+
+    monkeypatch.setattr(multipart, "parse_options_header", refuse)
+    request = httpx.Request("POST", "http://x/predict", files=[("file", ("a b.png", b"x", "image/png"))])
+    dispositions = [
+        b'form-data; name="file"; filename="a b.png"',
+        b'form-data; name="file"; filename="img.png"',
+        b'form-data; name="file"',  # a text field
+        b'FORM-DATA;name="f";FILENAME="x"',
+        b'form-data; name=""; filename=""',
+    ]
+    for value in dispositions:
+        assert multipart.options(value) == parse_options_header(value)[1]
+    for content_type in [
+        request.headers["content-type"],
+        "multipart/form-data; boundary=------------------------a1b2c3d4e5f6",  # curl
+        "multipart/form-data; boundary=----WebKitFormBoundary7MA4YWxkTrZu0gW",  # browsers
+        "Multipart/Form-Data;boundary='()+_,-./:=?",
+    ]:
+        expected = parse_options_header(content_type)[1][b"boundary"]
+        assert multipart.boundary_and_charset(content_type) == (expected, "utf-8")
+
+
+_PARAM_TEXT = st.lists(
+    st.sampled_from(list("aZ09 \t;\"\\=*:/-_.'()+,?é") + ["\\\\", '\\"', "C:\\", "\\\\srv\\", "a.png"]),
+    max_size=6,
+).map("".join)  # single characters, and what the parser unescapes or cuts (IE6's full paths)
+_EQUALS = st.sampled_from(["=", "=", "=", " =", "= "])
+_SEPARATOR = st.sampled_from(["; ", "; ", ";", ";\t", " ;", ";;"])
+
+
+def _param(key: str, equals: str, quoted: bool, text: str) -> str:
+    return f"{key}{equals}" + (f'"{text}"' if quoted else text)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    head=st.sampled_from(["form-data", "FORM-data", "attachment", "form-data "]),
+    name=st.tuples(st.sampled_from(["name", "NAME", "name*", "x"]), _EQUALS, st.booleans(), _PARAM_TEXT),
+    filename=st.one_of(
+        st.none(),
+        st.tuples(
+            st.sampled_from(["filename", "Filename", "filename*", "name"]),
+            _EQUALS,
+            st.booleans(),
+            _PARAM_TEXT,
+        ),
+    ),
+    separators=st.tuples(_SEPARATOR, _SEPARATOR),
+    tail=st.sampled_from(["", "", " ", ";", '; x="y"']),
+)
+@example("form-data", ("name", "=", True, "f"), ("filename", "=", True, "C:\\x\\a.png"), ("; ", "; "), "")
+@example("form-data", ("name", "=", True, "a\\\\b"), ("filename", "=", True, "a\\\\b"), ("; ", "; "), "")
+def test_whatever_the_disposition_both_ways_read_the_same(head, name, filename, separators, tail):
+    """A differential check of ``options`` against python-multipart's ``parse_options_header``,
+    on dispositions near the plain shape."""
+    from python_multipart.multipart import parse_options_header
+
+    value = head + separators[0] + _param(*name)
+    if filename is not None:
+        value += separators[1] + _param(*filename)
+    raw = (value + tail).encode("latin-1")
+    assert multipart.options(raw) == parse_options_header(raw)[1]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    head=st.sampled_from(["multipart/form-data", "Multipart/Form-Data", "multipart/mixed", "multipart/form-data "]),
+    boundary=st.tuples(st.sampled_from(["boundary", "BOUNDARY", "boundary*", "charset"]), _EQUALS, st.booleans(),
+                       _PARAM_TEXT),
+    separator=_SEPARATOR,
+    tail=st.sampled_from(["", "", " ", ";", "; charset=latin-1", '; charset="utf-16"', "; charset=base64",
+                          "; charset=nonesuch", "; boundary=second"]),
+)  # fmt: skip
+def test_whatever_the_content_type_both_ways_read_the_same(head, boundary, separator, tail):
+    """A differential check of ``boundary_and_charset`` against python-multipart's
+    ``parse_options_header`` and the charset rules read_parts had, on types near the plain shape."""
+    from python_multipart.multipart import parse_options_header
+
+    value = head + separator + _param(*boundary) + tail
+    parsed = parse_options_header(value)[1]
+    named = parsed.get(b"charset", b"utf-8").decode("latin-1")
+    try:
+        named = codecs.lookup(named).name
+    except LookupError:
+        named = "latin-1"
+    expected = (parsed.get(b"boundary") or None, named if named in multipart._TEXT_CHARSETS else "latin-1")
+    assert multipart.boundary_and_charset(value) == expected
