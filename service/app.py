@@ -109,6 +109,10 @@ def create_app(
         docs_url=None,  # service.routes.docs: the same pages, their assets served from here
         redoc_url=None,
         default_response_class=JSONResponse,  # orjson (service.responses)
+        # FastAPI's own OpenTelemetry (0.142 on) traces every request once any global provider
+        # exists, and reads the global providers on every request to learn whether one does (~3%
+        # of the event loop per /predict). Traces are TRACING's, metrics /metrics' alone.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.chanseg = state
     register_handlers(app)

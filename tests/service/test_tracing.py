@@ -81,3 +81,32 @@ async def test_off_by_default(tiny_artifact):
         assert (
             await client.post("/predict", files={"file": ("a.png", png_bytes(random_image(1)))})
         ).status_code == 200
+
+
+async def test_fastapis_own_telemetry_stays_off_when_a_global_provider_is_set(
+    tiny_artifact, exporter, monkeypatch
+):
+    """FastAPI (0.142 and later) traces every request itself once a global tracer provider
+    exists (``opentelemetry-instrument``, or an SDK set up by the host process), and reads the
+    global providers on every request to learn whether one does. chanseg's traces are
+    ``TRACING``'s alone: with a global provider set, and ``TRACING`` off or on, no span comes
+    from FastAPI."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    image = {"file": ("a.png", png_bytes(random_image(1)))}
+    async with serve(make_settings(tiny_artifact)) as client:
+        answers = [await client.post("/predict", files=image), await client.get("/healthz")]
+    assert [r.status_code for r in answers] == [200, 200]
+    assert exporter.get_finished_spans() == ()
+    ours = pytest.importorskip(
+        "opentelemetry.sdk.trace.export.in_memory_span_exporter"
+    ).InMemorySpanExporter()
+    async with serve(make_settings(tiny_artifact, tracing=True), span_exporter=ours) as client:
+        assert (await client.post("/predict", files=image)).status_code == 200
+    assert exporter.get_finished_spans() == ()
+    assert {span.name for span in ours.get_finished_spans()} >= {"POST /predict", "read", "decode", "encode"}
