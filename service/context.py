@@ -5,7 +5,7 @@ brought it. The HTTP middleware (:mod:`service.middleware`) and the gRPC service
 It holds the request's id (for logs and traces), when it started and so its deadline,
 the memory reservations it holds until its response is sent (``hold``; the protocol's
 entry releases them at the end, ``release``), how to learn that the client went away
-(``wait_gone``), and what the access log reports of it (images, queue and inference time).
+(``gone``, or ``wait_gone``), and what the access log reports of it (images, queue and inference time).
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ class RequestContext:
     timeout_s: float  # REQUEST_TIMEOUT_S: from ``started`` to the deadline
     started: float = field(default_factory=time.monotonic)  # time.monotonic()
     wait_gone: Callable[[], Awaitable[None]] = _never  # returns once the client has gone away
+    # Settled once the client has gone away, where the protocol tells (service.server: the
+    # connection is lost); None: ask wait_gone, in a task of its own.
+    gone: Optional[asyncio.Future] = None
     id_given: bool = False  # request_id is the client's (X-Request-ID, gRPC x-request-id), not made here
     leases: List[Lease] = field(default_factory=list)
     released: bool = False

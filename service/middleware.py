@@ -54,7 +54,8 @@ SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _DRAINED_REMAINDER = 1 << 20  # an unread remainder up to this is drained, not a reason to close
 _LOGGED_PATH = 200  # characters of an unmatched path in the access log
 # What service.server's protocol tells about the connection: when the request's
-# first byte arrived, and whether the connection is over MAX_CONNECTIONS.
+# first byte arrived, whether the connection is over MAX_CONNECTIONS, and a future
+# settled once it is lost (the client gone: RequestContext.gone).
 CONNECTION_SCOPE_KEY = "chanseg.connection"
 
 
@@ -171,7 +172,11 @@ class RequestMiddleware:
 
         # Not scope["state"]: that dict is shared with the lifespan state by some servers.
         context = scope["chanseg"] = RequestContext(
-            request_id, self.request_timeout_s, wait_gone=wait_gone, id_given=request_id == given
+            request_id,
+            self.request_timeout_s,
+            wait_gone=wait_gone,
+            gone=connection.get("lost"),
+            id_given=request_id == given,
         )
         try:
             if connection.get("over_capacity"):

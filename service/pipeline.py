@@ -318,18 +318,21 @@ async def segment(
     # One image (nearly every request): its job's own future, without a gathering one.
     single = len(jobs) == 1
     gathered = jobs[0].future if single else asyncio.gather(*(job.future for job in jobs))
-    watcher = asyncio.create_task(context.wait_gone())
+    gone, watcher = context.gone, None
+    if gone is None:  # the protocol does not tell: a task learns it from the request's messages
+        gone = watcher = asyncio.create_task(context.wait_gone())
     try:
-        await _first(gathered, watcher, context.remaining())
-        gone = watcher.done()
+        await _first(gathered, gone, context.remaining())
+        went = gone.done()
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
     if not gathered.done():
         # Its jobs are skipped, not computed. Cancelling them leaves the gather with a
         # CancelledError that nobody awaits; asyncio would log it as a traceback.
         gathered.add_done_callback(_retrieve)
         batcher.cancel(jobs)
-        if gone:
+        if went:
             raise ClientGone("client disconnected")
         raise DeadlineExceeded("request deadline passed before its result (REQUEST_TIMEOUT_S)")
     try:

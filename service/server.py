@@ -100,6 +100,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._in_headers = False
         self._over_capacity = False
         self._refused = False
+        self._lost: Optional[asyncio.Future] = None  # settled when the connection is lost (the "lost" below)
 
     # -- connection ------------------------------------------------------------
 
@@ -109,6 +110,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self._arm(self.timeout_keep_alive, self._idle)
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
+        if self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
         self._disarm()
         for timer in self._linger_timers:
             timer.cancel()
@@ -171,9 +174,12 @@ class GuardedProtocol(HttpToolsProtocol):
         self._in_headers = False
         self._in_body = True
         self._disarm()
+        if self._lost is None:
+            self._lost = self.loop.create_future()
         self.scope[CONNECTION_SCOPE_KEY] = {  # type: ignore[literal-required]
             "first_byte": self._first_byte,
             "over_capacity": self._over_capacity,
+            "lost": self._lost,  # every request of this connection: its client is gone once it is lost
         }
         super().on_headers_complete()
 

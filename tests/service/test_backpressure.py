@@ -248,8 +248,13 @@ async def test_not_ready_and_draining_refuse_work(tiny_artifact):
     assert live.status_code == 200
 
 
-async def test_disconnected_client_is_not_computed(tiny_artifact, tiny_segmenter):
-    """A client that goes away while its image is queued costs no inference."""
+@pytest.mark.parametrize("told_by", ["receive", "protocol"])
+async def test_disconnected_client_is_not_computed(tiny_artifact, tiny_segmenter, told_by):
+    """A client that goes away while its image is queued costs no inference: learnt from its
+    request's messages (``http.disconnect``), or from the future service.server's protocol
+    settles when the connection is lost, where nothing ever comes from ``receive``."""
+    from service.middleware import CONNECTION_SCOPE_KEY
+
     slow = SlowSegmenter(tiny_segmenter, delay=0.4)
     async with serve(
         make_settings(tiny_artifact, max_batch_size=1, max_batch_delay_ms=0), segmenter=slow
@@ -261,10 +266,13 @@ async def test_disconnected_client_is_not_computed(tiny_artifact, tiny_segmenter
         body = png_bytes(random_image(2))
         messages = [{"type": "http.request", "body": body, "more_body": False}]
         sent = []
+        lost = asyncio.get_running_loop().create_future()
 
         async def receive():
             if messages:
                 return messages.pop(0)
+            if told_by == "protocol":
+                await asyncio.Event().wait()  # never: only the connection's future tells
             await asyncio.sleep(0.05)  # then the client hangs up, while its image waits
             return {"type": "http.disconnect"}
 
@@ -277,6 +285,13 @@ async def test_disconnected_client_is_not_computed(tiny_artifact, tiny_segmenter
             "root_path": "", "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(body)).encode())],
             "client": ("127.0.0.1", 1234), "server": ("chanseg", 80),
         }  # fmt: skip
+        if told_by == "protocol":
+            scope[CONNECTION_SCOPE_KEY] = {
+                "first_byte": time.monotonic(),
+                "over_capacity": False,
+                "lost": lost,
+            }
+            asyncio.get_running_loop().call_later(0.05, lost.set_result, None)
         await app(scope, receive, send)
         assert (await blocker).status_code == 200
         await asyncio.sleep(0.5)
