@@ -17,6 +17,8 @@ the same model with the same settings, side by side.
   per image, the host's (everything but the inference threads: decoding, encoding,
   HTTP, the event loop), the I/O threads', the event loop's and inference's, and
   img/s. Prints the median of the rounds and the ratio of the hosts' figures.
+- ``--model small`` or ``--model null``: both servers run a stand-in whose inference
+  leaves the host's work in view (``benchmarks.hostbound``), made in the temporary folder.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Dict, List
 import httpx
 import numpy as np
 
+from benchmarks import hostbound
 from benchmarks.client import Client, multipart
 from benchmarks.cpu import group_cpu
 from testbed.images import IMAGE_SETS
@@ -110,7 +113,11 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--images", nargs="+", choices=list(IMAGE_SETS), default=["png256"])
     parser.add_argument("--requests", type=int, default=200, help="per server and image set")
     parser.add_argument("--query", default="", help="appended to /predict, e.g. '?format=rle'")
-    parser.add_argument("--model", help="CHANSEG_MODEL_PATH (default: the bundled model)")
+    parser.add_argument(
+        "--model",
+        help="CHANSEG_MODEL_PATH (default: the bundled model), or small or null: the stand-ins "
+        "benchmarks.hostbound makes, for the host's work as on a GPU host",
+    )
     parser.add_argument(
         "--host", type=int, metavar="N", help="host CPU per image at concurrency N, not latency"
     )
@@ -121,9 +128,11 @@ def main(argv: List[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     env = {"CHANSEG_DEVICE": "cpu", "CHANSEG_MAX_BATCH_SIZE": "4", "CHANSEG_LOG_LEVEL": "warning"}
-    if args.model:
-        env["CHANSEG_MODEL_PATH"] = args.model
     with tempfile.TemporaryDirectory(prefix="chanseg-ab-") as tmp:
+        if args.model in hostbound.KINDS:
+            env["CHANSEG_MODEL_PATH"] = str(hostbound.make(args.model, Path(tmp) / f"{args.model}.pt"))
+        elif args.model:
+            env["CHANSEG_MODEL_PATH"] = args.model
         before = Path(tmp) / "before"
         subprocess.run(
             ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(before), args.before],
