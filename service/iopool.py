@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import threading
 from queue import Empty, SimpleQueue
-from typing import Callable, List
+from typing import Callable, List, Set
 
 from .threads import name_os_thread
 
@@ -43,6 +43,7 @@ class IOPool:
         self.workers = workers
         self._queue: SimpleQueue = SimpleQueue()
         self._threads: List[threading.Thread] = []
+        self._waiting: Set[int] = set()  # the workers waiting for a job (set.add and discard are atomic)
         self._closed = False
         started = threading.Barrier(workers + 1)
         for i in range(workers):
@@ -50,6 +51,12 @@ class IOPool:
             thread.start()
             self._threads.append(thread)
         started.wait(timeout=30)
+
+    @property
+    def idle(self) -> int:
+        """Workers waiting for a job now: a job handed over at once is taken at once
+        (unless another caller's takes that worker first)."""
+        return len(self._waiting)
 
     def call(self, fn: Callable, *args) -> asyncio.Future:
         """``fn(*args)`` on a worker; its result (or exception) as a future of the running loop."""
@@ -81,9 +88,11 @@ class IOPool:
     def _work(self, started: threading.Barrier) -> None:
         name_os_thread()
         started.wait()
-        get = self._queue.get
+        get, me = self._queue.get, threading.get_ident()
         while True:
+            self._waiting.add(me)
             item = get()
+            self._waiting.discard(me)
             if item is _STOP:
                 return
             loop, future, fn, args = item

@@ -67,7 +67,12 @@ LARGE = 32 * MIB
 # ~17 ms on a mask of noise: those stay on the I/O pool. The labels are bounded too: a mask
 # flatter than they are reads a row of them per row it has (an imported model's may be wide).
 INLINE_PNG_PIXELS = 1 << 16
-DECODE_AHEAD = 16 * MIB
+# A request of one image reserves this much for its decoding before its header is read, when
+# an I/O thread is free to take it at once, and is read and decoded in one job if its decoding
+# costs no more (the benchmark's images cost 8.7-9.5 MiB, 8 of it the fixed allowance): one
+# hand-off to the I/O pool instead of two (docs/performance.md, "The event loop's own work,
+# less"). Only while a thread is idle, so that this is not held by jobs waiting in the queue.
+DECODE_AHEAD = 12 * MIB
 
 
 @dataclass
@@ -223,32 +228,37 @@ async def preprocess(
         checked([item])
         return prepare(name, item, started, False) if cost(item) <= room else item
 
-    async def one(name: str, item: Union[Probed, np.ndarray], started: float) -> Prepared:
+    async def decode(name: str, item: Union[Probed, np.ndarray], started: float) -> Prepared:
         if isinstance(item, np.ndarray):
             h, w = item.shape[:2]
             what = f"{name} ({w}x{h} pixels)"
         else:
             what = f"decoding {name} ({item.width}x{item.height} {item.mode})"
         nbytes = cost(item)
+        lease = await _reserve(state, context, nbytes, what)
+        try:
+            return await pool_call(state, prepare, name, item, started, nbytes >= LARGE)
+        finally:
+            lease.release()
+
+    async def one(name: str, item: Union[Probed, np.ndarray], started: float) -> Prepared:
         with state.tracing.span("decode", **{"chanseg.image": name}):
-            lease = await _reserve(state, context, nbytes, what)
-            try:
-                return await pool_call(state, prepare, name, item, started, nbytes >= LARGE)
-            finally:
-                lease.release()
+            return await decode(name, item, started)
 
     state.tracing.annotate(context.request_id)
     with announce:  # a forming batch waits for these rather than closing early
         started = time.perf_counter()
-        ahead = state.work_budget.try_reserve(DECODE_AHEAD) if len(sources) == 1 else None
+        ahead = None
+        if len(sources) == 1 and state.pool.idle:
+            ahead = state.work_budget.try_reserve(DECODE_AHEAD)
         if ahead is not None:
             ((name, source),) = sources
-            try:
-                with state.tracing.span("decode", **{"chanseg.image": name}):
+            with state.tracing.span("decode", **{"chanseg.image": name}):  # its header read too
+                try:
                     item = await pool_call(state, probe_and_prepare, name, source, started, ahead.nbytes)
-            finally:
-                ahead.release()
-            return [item if isinstance(item, Prepared) else await one(name, item, started)]
+                finally:
+                    ahead.release()
+                return [item if isinstance(item, Prepared) else await decode(name, item, started)]
         items = await _each([pool_call(state, probe, name, src) for name, src in sources])
         checked(items)
         return await _each([one(name, item, started) for (name, _), item in zip(sources, items)])

@@ -105,8 +105,9 @@ async def test_one_image_is_probed_and_decoded_in_one_job_within_a_reservation_o
 ):
     """A request of one image takes DECODE_AHEAD from the work ledger if it is free at once,
     and its image is probed and decoded in one I/O job when the probe finds its decoding
-    costs no more. A larger image, the images of a request of several, and an image that
-    finds the ledger full go as before: probe, reserve the image's cost, decode. Every
+    costs no more, and an I/O thread is idle to take it (else the reservation would wait in
+    the queue). A larger image, the images of a request of several, and an image that finds
+    the ledger full or no thread idle go as before: probe, reserve the image's cost, decode. Every
     decoding runs with at least its cost reserved, and every answer is the mask it was."""
     from service import pipeline
     from service.iopool import IOPool
@@ -141,11 +142,16 @@ async def test_one_image_is_probed_and_decoded_in_one_job_within_a_reservation_o
         held.release()
         answers.append(([small], await waiting))
         seen.append([job for job in jobs if job != "encode"])
+        with monkeypatch.context() as busy:
+            busy.setattr(IOPool, "idle", property(lambda self: 0))
+            jobs.clear()
+            answers.append(([small], await client.post("/predict", files=files(small))))
+            seen.append([job for job in jobs if job != "encode"])
         assert budget.in_use == 0
     assert seen == [["probe_and_prepare"], ["probe_and_prepare", "prepare"], ["probe"] * 2 + ["prepare"] * 2,
-                    ["probe", "prepare"]]  # fmt: skip
+                    ["probe", "prepare"], ["probe", "prepare"]]  # fmt: skip
     assert decoded[1][0] > pipeline.DECODE_AHEAD >= decoded[0][0]
-    assert len(decoded) == 5 and all(reserved >= cost for cost, reserved in decoded), decoded
+    assert len(decoded) == 6 and all(reserved >= cost for cost, reserved in decoded), decoded
     for images, r in answers:
         assert r.status_code == 200, r.text
         for image, prediction in zip(images, r.json()["predictions"]):

@@ -36,6 +36,39 @@ def test_all_threads_run_named_before_the_first_job(pool):
         IOPool(0)
 
 
+def _until(condition, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return condition()
+
+
+def test_idle_counts_the_workers_waiting_for_a_job(pool):
+    """What preprocess asks before it reserves a decoding ahead: a worker free to take a job now."""
+    assert _until(lambda: pool.idle == 2)
+    held, running = threading.Event(), threading.Event()
+
+    def job():
+        running.set()
+        held.wait(5)
+
+    async def main():
+        first = pool.call(job)
+        assert await asyncio.to_thread(running.wait, 5)
+        during_one = pool.idle
+        running.clear()
+        second = pool.call(job)
+        assert await asyncio.to_thread(running.wait, 5)
+        during_two = pool.idle
+        held.set()
+        await first
+        await second
+        return during_one, during_two
+
+    assert run(main()) == (1, 0)
+    assert _until(lambda: pool.idle == 2)
+
+
 def test_results_and_exceptions_reach_the_awaiting_task(pool):
     async def main():
         worker = await pool.call(lambda: threading.current_thread().name)

@@ -59,6 +59,27 @@ async def test_one_request_is_one_trace_with_a_span_per_stage(tiny_artifact, exp
     assert server.start_time <= queue.start_time and inference.end_time <= server.end_time
 
 
+async def test_one_image_has_one_decode_span_whichever_way_it_is_decoded(tiny_artifact, exporter):
+    """A request of one image is read and decoded in one I/O job when its decoding fits
+    DECODE_AHEAD, else in two (test_app): one "decode" span either way, its header read within."""
+    import numpy as np
+
+    from service.pipeline import DECODE_AHEAD
+
+    large = np.zeros((2100, 2100, 3), np.uint8)
+    large[:, 700:1400] = 200  # PIL decodes it at full size: more than DECODE_AHEAD
+    async with serve(make_settings(tiny_artifact, tracing=True), span_exporter=exporter) as client:
+        for image in (random_image(3, 60, 70), large):
+            r = await client.post("/predict?format=png", files={"file": ("a.png", png_bytes(image))})
+            assert r.status_code == 200
+    spans = exporter.get_finished_spans()
+    servers = [s for s in spans if s.name == "POST /predict"]
+    assert len(servers) == 2 and DECODE_AHEAD < 2100 * 2100 * 4
+    for server in servers:
+        children = [s for s in spans if s.parent is not None and s.parent.span_id == server.context.span_id]
+        assert sorted(s.name for s in children) == ["decode", "encode", "inference", "queue", "read"]
+
+
 async def test_v2_infer_is_traced_too(tiny_artifact, exporter):
     body = {"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [1, 16, 16, 3], "data": [0] * 768}]}
     async with serve(make_settings(tiny_artifact, tracing=True), span_exporter=exporter) as client:
