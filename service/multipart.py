@@ -133,7 +133,9 @@ class _Reader:
 # without a quote, backslash or semicolon in them. Each reads as that parser reads it (its
 # parameter names in any case; tests/service/test_multipart.py compares the two); anything else
 # goes to it.
-_PLAIN_CONTENT_TYPE = re.compile(r"multipart/form-data;[ \t]*boundary=([0-9A-Za-z'()+_,./:=?-]+)", re.I)
+_PLAIN_CONTENT_TYPE = re.compile(
+    r"multipart/form-data;[ \t]*boundary=([0-9A-Za-z'()+_,./:=?-]+)", re.I | re.ASCII
+)  # ASCII: Unicode's case folding would take U+0131 for i, and U+212A for K
 _PLAIN_DISPOSITION = re.compile(rb'form-data;[ \t]*name="([^"\\;]*)"(?:;[ \t]*filename="([^"\\;]*)")?', re.I)
 
 

@@ -315,7 +315,9 @@ def test_whatever_the_disposition_both_ways_read_the_same(head, name, filename, 
 
 @settings(max_examples=1000, deadline=None)
 @given(
-    head=st.sampled_from(["multipart/form-data", "Multipart/Form-Data", "multipart/mixed", "multipart/form-data "]),
+    head=st.sampled_from(
+        ["multipart/form-data", "Multipart/Form-Data", "multipart/mixed", "multipart/form-data ", "multıpart/form-data"]
+    ),  # U+0131, dotless i: Unicode's case folding takes it for i, ASCII's does not
     boundary=st.tuples(st.sampled_from(["boundary", "BOUNDARY", "boundary*", "charset"]), _EQUALS, st.booleans(),
                        _PARAM_TEXT),
     separator=_SEPARATOR,
@@ -328,7 +330,12 @@ def test_whatever_the_content_type_both_ways_read_the_same(head, boundary, separ
     from python_multipart.multipart import parse_options_header
 
     value = head + separator + _param(*boundary) + tail
-    parsed = parse_options_header(value)[1]
+    try:
+        parsed = parse_options_header(value)[1]
+    except UnicodeEncodeError:  # what is not Latin-1: the same error both ways
+        with pytest.raises(UnicodeEncodeError):
+            multipart.boundary_and_charset(value)
+        return
     named = parsed.get(b"charset", b"utf-8").decode("latin-1")
     try:
         named = codecs.lookup(named).name
