@@ -35,7 +35,6 @@ from typing import Dict, List
 import httpx
 import numpy as np
 
-from benchmarks import hostbound
 from benchmarks.client import Client, multipart
 from benchmarks.cpu import group_cpu
 from testbed.images import IMAGE_SETS
@@ -129,10 +128,12 @@ def main(argv: List[str] | None = None) -> int:
     args = parser.parse_args(argv)
     env = {"CHANSEG_DEVICE": "cpu", "CHANSEG_MAX_BATCH_SIZE": "4", "CHANSEG_LOG_LEVEL": "warning"}
     with tempfile.TemporaryDirectory(prefix="chanseg-ab-") as tmp:
-        if args.model in hostbound.KINDS:
-            env["CHANSEG_MODEL_PATH"] = str(hostbound.make(args.model, Path(tmp) / f"{args.model}.pt"))
-        elif args.model:
-            env["CHANSEG_MODEL_PATH"] = args.model
+        if args.model:
+            from benchmarks import hostbound  # torch: only when a model is named
+
+            stand_in = args.model in hostbound.KINDS
+            path = hostbound.make(args.model, Path(tmp) / f"{args.model}.pt") if stand_in else args.model
+            env["CHANSEG_MODEL_PATH"] = str(path)
         before = Path(tmp) / "before"
         subprocess.run(
             ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(before), args.before],

@@ -105,6 +105,7 @@ class GuardedProtocol(HttpToolsProtocol):
     # -- connection ------------------------------------------------------------
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
+        self._lost = None  # this connection's, made with its first request
         super().connection_made(_LingeringTransport(transport, self))
         self._over_capacity = len(self.connections) > self.guards.max_connections
         self._arm(self.timeout_keep_alive, self._idle)
