@@ -4,6 +4,7 @@ Request lifecycle (``POST /predict`` and v2 infer):
 
     read body (size-limited, its memory reserved, within READ_TIMEOUT_S)
     -> read headers, reserve decoding memory, decode + convert + resize on the I/O pool
+       (one image, while an I/O thread is idle: DECODE_AHEAD reserved first, one job for both)
     -> DynamicBatcher queue -> one batched forward on the inference thread
     -> mask resize + PNG encode on the I/O pool (one small PNG: on the loop) -> JSON or PNG response
 
