@@ -100,18 +100,19 @@ class GuardedProtocol(HttpToolsProtocol):
         self._in_headers = False
         self._over_capacity = False
         self._refused = False
-        self._lost: Optional[asyncio.Future] = None  # settled when the connection is lost (the "lost" below)
+        # Settled when the connection is lost: every request of it learns its client is gone
+        # (scope[CONNECTION_SCOPE_KEY]["lost"]). uvicorn makes a protocol per connection.
+        self._lost: asyncio.Future = self.loop.create_future()
 
     # -- connection ------------------------------------------------------------
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        self._lost = None  # this connection's, made with its first request
         super().connection_made(_LingeringTransport(transport, self))
         self._over_capacity = len(self.connections) > self.guards.max_connections
         self._arm(self.timeout_keep_alive, self._idle)
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        if self._lost is not None and not self._lost.done():
+        if not self._lost.done():
             self._lost.set_result(None)
         self._disarm()
         for timer in self._linger_timers:
@@ -175,12 +176,10 @@ class GuardedProtocol(HttpToolsProtocol):
         self._in_headers = False
         self._in_body = True
         self._disarm()
-        if self._lost is None:
-            self._lost = self.loop.create_future()
         self.scope[CONNECTION_SCOPE_KEY] = {  # type: ignore[literal-required]
             "first_byte": self._first_byte,
             "over_capacity": self._over_capacity,
-            "lost": self._lost,  # every request of this connection: its client is gone once it is lost
+            "lost": self._lost,
         }
         super().on_headers_complete()
 

@@ -100,8 +100,21 @@ async def test_a_png_response_skips_what_only_json_carries(tiny_artifact, monkey
     assert sum(as_json.json()["predictions"][0]["class_pixels"].values()) == 40 * 30
 
 
+@pytest.fixture
+def pool_jobs(monkeypatch):
+    """The names of the jobs requests hand the I/O pool, in order."""
+    from service.iopool import IOPool
+
+    jobs = []
+    call = IOPool.call
+    monkeypatch.setattr(
+        IOPool, "call", lambda self, fn, *args: jobs.append(fn.__name__) or call(self, fn, *args)
+    )
+    return jobs
+
+
 async def test_one_image_is_probed_and_decoded_in_one_job_within_a_reservation_of_its_cost(
-    tiny_artifact, tiny_segmenter, monkeypatch
+    tiny_artifact, tiny_segmenter, monkeypatch, pool_jobs
 ):
     """A request of one image takes DECODE_AHEAD from the work ledger if it is free at once,
     and its image is probed and decoded in one I/O job when the probe finds its decoding
@@ -112,11 +125,7 @@ async def test_one_image_is_probed_and_decoded_in_one_job_within_a_reservation_o
     from service import pipeline
     from service.iopool import IOPool
 
-    jobs, decoded = [], []
-    call = IOPool.call
-    monkeypatch.setattr(
-        IOPool, "call", lambda self, fn, *args: jobs.append(fn.__name__) or call(self, fn, *args)
-    )
+    jobs, decoded = pool_jobs, []
     prepare = pipeline.prepare_probed
 
     def recording(probed, target):
@@ -159,21 +168,16 @@ async def test_one_image_is_probed_and_decoded_in_one_job_within_a_reservation_o
             np.testing.assert_array_equal(mask, tiny_segmenter.predict(image))
 
 
-async def test_a_small_png_answer_is_encoded_on_the_event_loop(tiny_artifact, tiny_segmenter, monkeypatch):
+async def test_a_small_png_answer_is_encoded_on_the_event_loop(tiny_artifact, tiny_segmenter, pool_jobs):
     """An answer that is one PNG (the mask, or the confidence map) of at most
     INLINE_PNG_PIXELS is encoded on the event loop: its request hands the I/O pool its
     probe and decode only (one job). A larger one, one from labels larger than that (a model whose
     input is 512x512), an RLE and a JSON answer (whose regions can take milliseconds)
     still go to the pool, and every answer is the mask it was."""
-    from service.iopool import IOPool
     from service.pipeline import INLINE_PNG_PIXELS
     from tests.service.fake_model import FakeModel
 
-    jobs = []
-    call = IOPool.call
-    monkeypatch.setattr(
-        IOPool, "call", lambda self, fn, *args: jobs.append(fn.__name__) or call(self, fn, *args)
-    )
+    jobs = pool_jobs
     at_limit, over, flat = random_image(8, 256, 256), random_image(9, 257, 256), random_image(11, 8, 8192)
     assert at_limit.shape[0] * at_limit.shape[1] == INLINE_PNG_PIXELS < over.shape[0] * over.shape[1]
     asked = [
