@@ -432,3 +432,57 @@ def test_an_rle_of_stripes_is_refused_for_its_memory_not_let_run(stripes_server)
     assert "the mask of wide.png needs" in as_rle.json()["detail"]
     assert as_png.status_code == 200 and as_png.headers["content-type"] == "image/png"
     assert health.status_code == 200
+
+
+def _multipart(content_type: bytes, disposition: bytes, data: bytes, boundary: bytes = b"b0undary") -> bytes:
+    body = (
+        b"--" + boundary + b"\r\nContent-Disposition: " + disposition
+        + b"\r\nContent-Type: image/png\r\n\r\n" + data + b"\r\n--" + boundary + b"--\r\n"
+    )  # fmt: skip
+    return (
+        b"POST /predict?format=png HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type
+        + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )  # fmt: skip
+
+
+PLAIN_DISPOSITION = b'form-data; name="file"; filename="a.png"'
+# The multipart headers the regular expressions read (service/multipart.py), sent as an
+# attacker shapes them: each is answered as python-multipart's parser reads it.
+MULTIPART_HEADER_ATTACKS = {
+    "a boundary of 60 KB": (b"multipart/form-data; boundary=" + b"b" * 60_000, PLAIN_DISPOSITION, 400, "multipart"),
+    "a boundary in UTF-8 bytes": (b"multipart/form-data; boundary=\xc4\xb1", PLAIN_DISPOSITION, 400, "multipart"),
+    "no boundary": (b"multipart/form-data; charset=utf-8", PLAIN_DISPOSITION, 400, "boundary"),
+    "a name of 40 KB": (b"multipart/form-data; boundary=b0undary", b'form-data; name="' + b"n" * 40_000 + b'"', 400, ""),
+    "a quoted semicolon and backslash in the name": (
+        b"multipart/form-data; boundary=b0undary", b'form-data; name="fi;le\\\\"; filename="a.png"', 422, "'file'",
+    ),
+    "no name": (b"multipart/form-data; boundary=b0undary", b'form-data; filename="a.png"', 400, "name"),
+    "a quoted boundary, as the parser reads it": (
+        b'multipart/form-data; boundary="b0undary"', PLAIN_DISPOSITION, 200, "",
+    ),
+    "IE6's full path as the filename": (
+        b"multipart/form-data; boundary=b0undary", b'form-data; name="file"; filename="C:\\\\x\\\\a.png"', 200, "",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "content_type, disposition, status, words",
+    MULTIPART_HEADER_ATTACKS.values(),
+    ids=MULTIPART_HEADER_ATTACKS.keys(),
+)
+def test_hostile_multipart_headers_get_a_clear_answer_and_the_server_goes_on(
+    server, content_type, disposition, status, words
+):
+    image = png_bytes(random_image(7, 40, 30))
+    with connect(server) as sock:
+        sock.sendall(_multipart(content_type, disposition, image))
+        got, headers, body, _ = read_response(sock, check_closed=False)
+    assert got == status, body[:300]
+    if status != 200:
+        assert words in json.loads(body)["detail"], body[:300]
+    else:
+        assert headers["content-type"] == "image/png"
+    assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+    good = httpx.post(server.url + "/predict", files={"file": ("a.png", image)}, timeout=60)
+    assert good.status_code == 200
