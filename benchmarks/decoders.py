@@ -17,7 +17,9 @@ while it decodes; about 0.5: it holds it, and decoding threads would run one at 
 Then the mask PNG of one 256x256 and one 1024x1024 mask: PIL's encoder at zlib level 1
 (what the server used before) against ``model.visualize.mask_png_bytes``; and the PNG
 sets' pixel data (their IDAT streams) inflated by zlib (what libspng links) and by ISA-L
-(what the server inflates them with before libspng unfilters them).
+(what the server inflates them with before libspng unfilters them); and libspng reading
+the file of stored blocks made of them, its checksums checked (imagecodecs) or not
+(``service.libspng``, what the server does).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ import time
 import zlib
 from typing import Callable, Dict, List, Optional
 
+import imagecodecs
 import numpy as np
 from isal import isal_zlib
 from PIL import Image
 
 from model.data import synthetic_sample
 from model.visualize import mask_png_bytes, mask_to_image
-from service import imaging
+from service import imaging, libspng
 from testbed.images import IMAGE_SETS
 
 TARGET = (256, 256)
@@ -97,7 +100,6 @@ def candidates(set_name: str) -> Dict[str, Callable[[bytes], object]]:
             out["pyspng"] = pyspng.load
         except ImportError:
             print("(pyspng not installed: pip install pyspng)")
-        import imagecodecs
 
         out["imagecodecs"] = imagecodecs.spng_decode
     else:
@@ -144,7 +146,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             streams = [b"".join(imaging._idat_pieces(data)) for data in make()]
             for name, fn in (("zlib", zlib.decompress), ("ISA-L", isal_zlib.decompress)):
                 print(f"{set_name:<10} {name:<12} {per_image(fn, streams, args.seconds):>9.3f}")
+    if libspng.decode_unchecked is not None:
+        print(f"\n{'images':<10} {'stored file':<12} {'ms/image':>9}")
+        for set_name, make in IMAGE_SETS.items():
+            if set_name.startswith("png"):
+                images = make()
+                checked = [imaging._stored_png(data) for data in images]
+                unchecked = {imaging._stored_png(data, checksums=False): _shape(data) for data in images}
+                for name, fn in (
+                    ("checked", imagecodecs.spng_decode),
+                    ("unchecked", lambda png, shapes=unchecked: libspng.decode_unchecked(png, *shapes[png])),
+                ):
+                    files = checked if name == "checked" else list(unchecked)
+                    print(f"{set_name:<10} {name:<12} {per_image(fn, files, args.seconds):>9.3f}")
     return 0
+
+
+def _shape(png: bytes) -> tuple:
+    """(height, width, channels) of an 8-bit grey or RGB PNG, from its IHDR."""
+    return int.from_bytes(png[20:24], "big"), int.from_bytes(png[16:20], "big"), 3 if png[25] == 2 else 1
 
 
 if __name__ == "__main__":

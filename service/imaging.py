@@ -63,6 +63,7 @@ from PIL import ExifTags, Image
 from model.preprocess import prepare_image, to_rgb_array
 from model.visualize import PNG_SIGNATURE, png_chunk
 
+from . import libspng
 from .errors import BadImage, PayloadTooLarge
 
 __all__ = [
@@ -440,9 +441,16 @@ def _scanline_bytes(data: bytes) -> int:
 
 def _spng_decode(data: bytes) -> np.ndarray:
     """An 8-bit grey or RGB PNG (``_fast_decoder`` checked its IHDR) by libspng, its pixel
-    data inflated by ISA-L (see above)."""
-    stored = _stored_png(data)
-    return imagecodecs.spng_decode(data if stored is None else stored)
+    data inflated by ISA-L (see above); through libspng's own API without its checksums
+    checked again where it is reachable (:mod:`service.libspng`)."""
+    unchecked = libspng.decode_unchecked
+    stored = _stored_png(data, checksums=unchecked is None)
+    if stored is None:
+        return imagecodecs.spng_decode(data)
+    if unchecked is None:
+        return imagecodecs.spng_decode(stored)
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return unchecked(stored, height, width, 3 if data[25] == 2 else 1)
 
 
 def _idat_pieces(data: bytes) -> Optional[List[memoryview]]:
@@ -462,10 +470,12 @@ def _idat_pieces(data: bytes) -> Optional[List[memoryview]]:
     return pieces or None
 
 
-def _stored_png(data: bytes) -> Optional[bytes]:
+def _stored_png(data: bytes, checksums: bool = True) -> Optional[bytes]:
     """The same PNG with its scanlines in stored deflate blocks and no ancillary chunks,
     or None when it is not taken as it is. Beside the file it holds the scanlines once, in
-    pieces, then the new file: never the compressed stream copied."""
+    pieces, then the new file: never the compressed stream copied. Without ``checksums``
+    the new IDAT's CRC and the stream's Adler-32 are zeros, for a decoder told not to read
+    them (:mod:`service.libspng`): the file's own were checked on the way."""
     if data[28] != 0:  # interlaced
         return None
     pieces = _idat_pieces(data)
@@ -488,9 +498,14 @@ def _stored_png(data: bytes) -> Optional[bytes]:
             bytes([final]) + len(block).to_bytes(2, "little") + (len(block) ^ 0xFFFF).to_bytes(2, "little"),
             block,
         ]
-        adler = isal_zlib.adler32(block, adler)
-    parts.append(adler.to_bytes(4, "big"))
-    return b"".join([PNG_SIGNATURE, data[8:33], *png_chunk(b"IDAT", parts), *png_chunk(b"IEND", [])])
+        if checksums:
+            adler = isal_zlib.adler32(block, adler)
+    parts.append(adler.to_bytes(4, "big") if checksums else bytes(4))
+    if checksums:
+        idat = png_chunk(b"IDAT", parts)
+    else:
+        idat = [sum(map(len, parts)).to_bytes(4, "big"), b"IDAT", *parts, bytes(4)]
+    return b"".join([PNG_SIGNATURE, data[8:33], *idat, *png_chunk(b"IEND", [])])
 
 
 def _inflated(pieces: List[memoryview], expected: int) -> Optional[List[bytes]]:

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service import imaging
+from service import imaging, libspng
 from service.errors import BadImage, PayloadTooLarge
 from service.imaging import decode_image, prepare_probed, probe_image
 from tests.service.conftest import png_bytes, png_chunk, random_image, raw_png, scanlines, zlib_header
@@ -436,6 +436,42 @@ def test_pngs_pixel_data_inflated_by_isal_are_libspngs_own_pixels(image, writer)
     assert np.array_equal(pixels, imagecodecs.spng_decode(data))
     assert np.array_equal(pixels.reshape(image.shape), image)
     assert np.array_equal(imaging._spng_decode(data).reshape(image.shape), image)
+    # Without its checksums, by libspng's own API: the same pixels.
+    unchecked = imaging._stored_png(data, checksums=False)
+    h, w = image.shape[:2]
+    channels = 3 if image.ndim == 3 else 1
+    assert np.array_equal(libspng.decode_unchecked(unchecked, h, w, channels).reshape(image.shape), image)
+    with pytest.raises(Exception, match="(?i)crc|stream"):  # the zeros: why a decoder must be told
+        imagecodecs.spng_decode(unchecked)
+
+
+def test_libspngs_own_api_is_reachable_here():
+    """The pinned imagecodecs exports libspng 0.7's functions; when a build stops doing so,
+    PNGs decode through imagecodecs with their checksums (slower, same pixels): this says so."""
+    assert libspng.decode_unchecked is not None and libspng.version.startswith("0.7.")
+
+
+def test_without_libspngs_own_api_pngs_decode_the_same(monkeypatch):
+    image = random_image(7, 40, 33)
+    data = raw_png(image, pieces=3)
+    fast = imaging._spng_decode(data)
+    monkeypatch.setattr(libspng, "decode_unchecked", None)
+    assert np.array_equal(imaging._spng_decode(data), fast)
+    assert np.array_equal(fast.reshape(image.shape), image)
+
+
+def test_libspngs_own_api_refuses_what_is_not_the_image_it_was_told():
+    """A file cut short, or not the size the header said, is a ValueError (which sends the
+    image to PIL, as any fast decoder's refusal does), never pixels past the array."""
+    image = random_image(8, 20, 30)
+    unchecked = imaging._stored_png(raw_png(image), checksums=False)
+    with pytest.raises(ValueError, match="libspng"):
+        libspng.decode_unchecked(unchecked[: len(unchecked) // 2], 20, 30, 3)
+    for shape in ((19, 30, 3), (20, 30, 1), (40, 30, 3)):
+        with pytest.raises(ValueError, match="not"):
+            libspng.decode_unchecked(unchecked, *shape)
+    with pytest.raises(ValueError, match="libspng"):
+        libspng.decode_unchecked(b"not a png at all", 1, 1, 3)
 
 
 def test_pngs_the_isal_path_leaves_to_libspng_and_pil():
@@ -455,6 +491,7 @@ def test_pngs_the_isal_path_leaves_to_libspng_and_pil():
         "data past the image": bomb,
         "a stream too short": raw_png(image, stream=zlib.compress(rows[:-1])),
         "bytes after the stream": raw_png(image, stream=zlib.compress(rows) + b"\x00"),
+        "the stream's Adler-32": raw_png(image, stream=zlib.compress(rows)[:-4] + b"\x00\x00\x00\x01"),
         f"over {imaging._MAX_IDAT_CHUNKS} IDATs": raw_png(
             random_image(4, 200, 200), pieces=imaging._MAX_IDAT_CHUNKS + 5
         ),
