@@ -488,9 +488,14 @@ def _stored_png(data: bytes, checksums: bool = True) -> Optional[bytes]:
             break
     if len(head) < 2 or head[0] & 0x0F != 8 or head[0] >> 4 > 7:  # deflate, a window of at most 32 KiB
         return None  # as zlib refuses it (ISA-L would read a larger window's stream)
-    blocks = _inflated(pieces, _scanline_bytes(data))
-    if blocks is None:
+    chunks = _inflated(pieces, _scanline_bytes(data))
+    if chunks is None:
         return None
+    blocks = [
+        view[at : at + _STORED_BLOCK]
+        for view in map(memoryview, chunks)
+        for at in range(0, len(view), _STORED_BLOCK)
+    ]
     parts, adler = [b"\x78\x01"], 1  # a zlib header: deflate, 32 KiB window
     for i, block in enumerate(blocks):  # stored blocks: BFINAL, BTYPE 00; LEN, NLEN; the bytes
         final = i == len(blocks) - 1
@@ -509,28 +514,29 @@ def _stored_png(data: bytes, checksums: bool = True) -> Optional[bytes]:
 
 
 def _inflated(pieces: List[memoryview], expected: int) -> Optional[List[bytes]]:
-    """The zlib stream cut into ``pieces``, inflated by ISA-L in blocks of at most 64 KiB
-    (what a stored block holds); None unless it is exactly ``expected`` bytes, ends, and
-    nothing follows it. Never inflated further than one block past ``expected``."""
-    inflate, blocks, produced = isal_zlib.decompressobj(), [], 0
+    """The zlib stream cut into ``pieces``, inflated by ISA-L, one call per piece (each
+    call lets the interpreter lock go and takes it back: under load, a thread switch);
+    None unless it is exactly ``expected`` bytes, ends, and nothing follows it. Never
+    inflated further than one byte past ``expected``."""
+    inflate, chunks, produced = isal_zlib.decompressobj(), [], 0
     try:
         for piece in (*pieces, b""):  # the empty one: what ISA-L still holds once the input is in
             pending = piece
             while not inflate.eof:
-                block = inflate.decompress(pending, _STORED_BLOCK)
+                chunk = inflate.decompress(pending, expected - produced + 1)  # 0 would be "no limit"
                 pending = inflate.unconsumed_tail
-                if not block:
+                if not chunk:
                     if pending:
                         return None  # no progress: not a stream zlib would read either
                     break
-                produced += len(block)
+                produced += len(chunk)
                 if produced > expected:
                     return None
-                blocks.append(block)
+                chunks.append(chunk)
             if pending:
                 return None  # bytes after the stream
     except isal_zlib.error:
         return None
     if produced != expected or not inflate.eof or inflate.unused_data:
         return None
-    return blocks
+    return chunks

@@ -477,7 +477,7 @@ def test_libspngs_own_api_refuses_what_is_not_the_image_it_was_told():
 def test_pngs_the_isal_path_leaves_to_libspng_and_pil():
     """What this path does not take as it is goes to libspng whole, as before: it refuses
     or decodes, and then PIL decides. A stream that inflates past the image (a bomb in a
-    small file) is never inflated further than one 64 KiB block past it."""
+    small file) is never inflated further than one byte past it."""
     image = random_image(3, 40, 50)
     rows = scanlines(image)
     good = raw_png(image, pieces=3)
