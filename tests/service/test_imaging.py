@@ -417,6 +417,105 @@ def test_which_decoder(image, fmt, decoder):
     assert probe_image(encode(image, fmt), BIG, 1, "x", (32, 32)).decoder == decoder
 
 
+def _through_pil(data: bytes, target, max_pixels: int = BIG, min_side: int = 1):
+    """probe_image as it reads any file but a plain PNG: PIL opens it."""
+    plain, imaging._plain_png = imaging._plain_png, lambda *args: None
+    try:
+        return probe_image(data, max_pixels, min_side, "x", target)
+    finally:
+        imaging._plain_png = plain
+
+
+def _fields(probed) -> tuple:
+    return (
+        probed.width,
+        probed.height,
+        probed.orientation,
+        probed.cost,
+        probed.mode,
+        probed.decoded_size,
+        probed.decoder,
+    )
+
+
+def _direct(data: bytes, target, max_pixels: int = BIG, min_side: int = 1):
+    return probe_image(data, max_pixels, min_side, "x", target)
+
+
+def _outcome(probe, data: bytes, target, max_pixels: int = BIG, min_side: int = 1) -> tuple:
+    """What the server makes of a file, probed by ``probe``: the model's input, or the error
+    the client gets."""
+    try:
+        probed = probe(data, target, max_pixels, min_side)
+        return "pixels", _fields(probed), prepare_probed(probed, target).tobytes()
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+
+
+@pytest.mark.parametrize(
+    "data,target",
+    [
+        (encode(Image.fromarray(random_image(10, 256, 256)), "PNG"), (256, 256)),
+        (encode(Image.fromarray(random_image(11, 64, 80)[..., 0]), "PNG", optimize=True), (64, 80)),
+        (raw_png(random_image(12, 31, 7), pieces=3), (31, 7)),
+        (raw_png(random_image(13, 1, 1)), (1, 1)),
+    ],
+    ids=["PIL rgb", "PIL grey", "three IDATs", "one pixel"],
+)
+def test_a_plain_png_is_probed_without_pil_as_pil_probes_it(data, target):
+    """Its first two chunks say all the probe needs (docs/performance.md, "Host work per image")."""
+    fast = probe_image(data, BIG, 1, "x", target)
+    assert fast.image is None and fast.decoder == imaging.SPNG
+    assert _fields(fast) == _fields(_through_pil(data, target))
+    assert _outcome(lambda *_: fast, data, target) == _outcome(_through_pil, data, target)
+
+
+def test_what_the_plain_png_read_does_not_take_pil_probes_as_before():
+    image = random_image(14, 20, 30)
+    plain = raw_png(image)
+    ihdr_end = 8 + 8 + 13 + 4
+    bad_ihdr_crc = bytearray(plain)
+    bad_ihdr_crc[ihdr_end - 1] ^= 1
+    sixteen_bit = bytearray(plain)
+    sixteen_bit[24] = 16
+    cases = {
+        "another size: PIL resizes it": (plain, (20, 31), BIG, 1),
+        "interlaced": (raw_png(image, interlace=1), (20, 30), BIG, 1),
+        "grey": (raw_png(image[..., 0]), (20, 30), BIG, 1),  # taken: the control
+        "a chunk before the pixels": (
+            plain[:ihdr_end] + png_chunk(b"gAMA", struct.pack(">I", 45455)) + plain[ihdr_end:],
+            (20, 30),
+            BIG,
+            1,
+        ),
+        "transparency": (encode(Image.fromarray(image), "PNG", transparency=(1, 2, 3)), (20, 30), BIG, 1),
+        "palette": (encode(Image.fromarray(image).convert("P"), "PNG"), (20, 30), BIG, 1),
+        "16 bits, as declared": (bytes(sixteen_bit), (20, 30), BIG, 1),
+        "the IHDR's checksum": (bytes(bad_ihdr_crc), (20, 30), BIG, 1),
+        "cut short": (plain[:40], (20, 30), BIG, 1),
+        "over max_pixels": (plain, (20, 30), 599, 1),
+        "under min_side": (plain, (20, 30), BIG, 21),
+    }
+    for why, (data, target, max_pixels, min_side) in cases.items():
+        taken = imaging._plain_png(data, "x", max_pixels, min_side, target) is not None
+        assert taken == (why == "grey"), why
+        fast = _outcome(_direct, data, target, max_pixels, min_side)
+        assert fast == _outcome(_through_pil, data, target, max_pixels, min_side), why
+
+
+def test_every_bit_of_a_plain_pngs_head_flipped_reads_as_through_pil():
+    """Each of the first 48 bytes (signature, IHDR, the IDAT's header and first bytes) with
+    one bit flipped: the same pixels or the same error either way."""
+    data = raw_png(random_image(15, 12, 9))
+    target = (12, 9)
+    for at in range(48):
+        for bit in range(8):
+            flipped = bytearray(data)
+            flipped[at] ^= 1 << bit
+            flipped = bytes(flipped)
+            assert _outcome(_direct, flipped, target) == _outcome(_through_pil, flipped, target), (at, bit)
+
+
 @pytest.mark.parametrize(
     "image",
     [random_image(0, 256, 256), random_image(1, 31, 70), random_image(2, 300, 257)[..., 0], np.zeros((1, 1, 3), np.uint8)],
