@@ -28,13 +28,16 @@ The common images decode faster than PIL decodes them, with the same pixels
   when that is the model's input already, else PIL's own 4-byte layout, which PIL
   then rotates or resizes in place;
 - 8-bit RGB and grey PNGs at the model's input size, unrotated, without transparency, by
-  libspng through ``imagecodecs`` (its array is then the input as it is; a PNG that must be
+  libspng (its array is then the input as it is; a PNG that must be
   rotated or resized would need a copy beside PIL's, so PIL decodes it), unless
   compressed chunks (text, an ICC profile) come before the pixels: libspng would inflate and
   keep them all, beyond what ``decode_cost`` counts, where PIL reads them within limits.
   Their pixel data is inflated by ISA-L (``isal``: twice as fast as the zlib libspng links)
   and handed to libspng as stored deflate blocks, which it copies and unfilters
-  (:func:`_spng_decode`).
+  (:func:`_spng_decode`), through its own API where reachable (:mod:`service.libspng`:
+  the checksums already checked are not checked again), else through ``imagecodecs``. When
+  such a PNG's IHDR is followed by its pixels, its header is read from those two chunks
+  without PIL (:func:`_plain_png`).
 
 Both let Python's interpreter lock go while they decode. A file either of them
 refuses is decoded by PIL, which decides as before whether it is corrupt. What
@@ -122,6 +125,7 @@ class Probed:
     )
     decoder: str = PIL  # SIMPLEJPEG, SPNG or PIL: what decodes it (module docstring)
     data: bytes = b""  # the encoded file, for a decoder other than PIL
+    opened: bool = True  # False: its header was read without PIL (_plain_png), which opens it if needed
 
     @property
     def pixels(self) -> int:
@@ -250,7 +254,7 @@ def probe_image(
         progressive=bool(image.info.get("progressive") or image.info.get("progression")),
         transparent="transparency" in image.info, target=target or (256, 256), decoded_size=decoded_size,
     )  # fmt: skip
-    decoder = _fast_decoder(fmt, mode, data, image.info)
+    decoder = _fast_decoder(fmt, mode, data, image.info, image.size)
     if decoder == SPNG and (orientation is not None or target is None or (height, width) != tuple(target)):
         # libspng's array would be copied into PIL's layout to be rotated or resized: 7 bytes
         # a pixel at the peak against PIL's 4 (the memory test's peak grew ~6%). PIL it is.
@@ -290,19 +294,23 @@ def _plain_png(
         return None  # PIL resizes it (or the probe refuses it), as for any other file
     mode = "RGB" if data[25] == 2 else "L"
     cost = decode_cost(width, height, mode, "PNG", target=target) + _scanline_bytes(data)
-    return Probed(None, name, width, height, None, cost, mode, None, SPNG, data)
+    return Probed(None, name, width, height, None, cost, mode, None, SPNG, data, opened=False)
 
 
-def _fast_decoder(fmt: str, mode: str, data: bytes, info: dict) -> str:
-    """Which decoder takes an image PIL has read the header of (module docstring)."""
+def _fast_decoder(fmt: str, mode: str, data: bytes, info: dict, size: Tuple[int, int]) -> str:
+    """Which decoder takes an image PIL has read the header of, at ``size`` (width, height)
+    (module docstring)."""
     if mode not in ("RGB", "L"):
         return PIL
     if fmt == "JPEG":
         return SIMPLEJPEG
-    # IHDR is the first chunk: bit depth at byte 24, colour type (0 grey, 2 RGB) at 25.
+    # IHDR is the first chunk: its size at bytes 16-23, bit depth at 24, colour type (0 grey,
+    # 2 RGB) at 25. PIL reads the last IHDR of a file that has two, libspng the first: a file
+    # whose first IHDR is not the size PIL read (and the limits checked) is PIL's.
     if (
         fmt == "PNG"
         and data[12:16] == b"IHDR"
+        and data[16:24] == size[0].to_bytes(4, "big") + size[1].to_bytes(4, "big")
         and data[24] == 8
         and data[25] in (0, 2)
         and "transparency" not in info
@@ -351,8 +359,9 @@ def decode_probed(probed: Probed) -> Image.Image:
     """
     image, probed.image = probed.image, None
     if image is None:
-        if not probed.data:
+        if probed.opened:
             raise RuntimeError(f"{probed.name}: already decoded")
+        probed.opened = True
         image = _open_plain(probed)
     try:
         image.seek(0)  # first frame of an animation

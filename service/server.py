@@ -191,12 +191,15 @@ class GuardedProtocol(HttpToolsProtocol):
         # benchmark, which arrives as one chunk per receive). A chunk that finds nothing
         # pending goes on as the bytes it is (``b"" + chunk`` is ``chunk``, and so is
         # ``bytes(chunk)``); a second one before the app has read the first is appended
-        # to a bytearray from there, as uvicorn does.
-        pending = self.cycle.body
-        if not pending:
-            self.cycle.body = b""
-        elif type(pending) is bytes:
-            self.cycle.body = bytearray(pending)
+        # to a bytearray from there, as uvicorn does. Where uvicorn drops the chunk (no
+        # request cycle: an upgrade; a response already sent) it is left to uvicorn.
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete and not self.parser.should_upgrade():
+            pending = cycle.body
+            if not pending:
+                cycle.body = b""
+            elif type(pending) is bytes:
+                cycle.body = bytearray(pending)
         super().on_body(body)
 
     def on_message_complete(self) -> None:

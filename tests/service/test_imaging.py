@@ -503,6 +503,33 @@ def test_what_the_plain_png_read_does_not_take_pil_probes_as_before():
         assert fast == _outcome(_through_pil, data, target, max_pixels, min_side), why
 
 
+def test_a_probe_is_decoded_once_whoever_read_its_header():
+    image = random_image(16, 20, 30)
+    plain = probe_image(raw_png(image), BIG, 1, "x", (20, 30))
+    assert plain.image is None  # its header read without PIL
+    assert np.array_equal(np.asarray(imaging.decode_probed(plain)), image)  # PIL opens it then
+    through_pil = probe_image(raw_png(image), BIG, 1, "x", (40, 60))  # resized: PIL read it
+    imaging.decode_probed(through_pil)
+    for probed in (plain, through_pil):
+        with pytest.raises(RuntimeError, match="already decoded"):
+            imaging.decode_probed(probed)
+
+
+def test_a_png_whose_first_ihdr_is_not_the_one_pil_reads_is_pils():
+    """PIL reads the last IHDR of a file with two, libspng the first: the size PIL read (and
+    the limits were checked on) must be the one libspng would decode, else a small header in
+    front of a large image's pixels would decode far past what was reserved."""
+    small, large = random_image(17, 20, 30), np.zeros((300, 400, 3), np.uint8)
+    ihdr_end = 8 + 8 + 13 + 4
+    second = raw_png(small)[8:ihdr_end]
+    data = raw_png(large)[:ihdr_end] + second + raw_png(large)[ihdr_end:]
+    probed = probe_image(data, BIG, 1, "x", (20, 30))
+    assert (probed.height, probed.width) == (20, 30)  # what PIL read
+    assert probed.decoder == imaging.PIL
+    assert imaging._plain_png(data, "x", BIG, 1, (20, 30)) is None
+    assert imaging._plain_png(data, "x", BIG, 1, (300, 400)) is None  # an IHDR, not IDAT, follows
+
+
 def test_every_bit_of_a_plain_pngs_head_flipped_reads_as_through_pil():
     """Each of the first 48 bytes (signature, IHDR, the IDAT's header and first bytes) with
     one bit flipped: the same pixels or the same error either way."""
@@ -650,7 +677,7 @@ def test_16_bit_and_transparent_pngs_stay_with_pil():
     grey = Image.fromarray(random_image(2, 20, 20)[..., 0])
     assert probe_image(encode(grey, "PNG", transparency=7), BIG).decoder == imaging.PIL
     rgb16[24] = 16  # the IHDR's bit depth, as a 16-bit file declares it
-    assert imaging._fast_decoder("PNG", "RGB", bytes(rgb16), {}) == imaging.PIL
+    assert imaging._fast_decoder("PNG", "RGB", bytes(rgb16), {}, (20, 20)) == imaging.PIL
 
 
 def test_a_file_a_fast_decoder_refuses_is_pils_to_judge():

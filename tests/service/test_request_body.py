@@ -8,6 +8,7 @@ import asyncio
 from typing import List
 
 import pytest
+from httptools import HttpParserUpgrade
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
@@ -112,3 +113,24 @@ def test_a_chunk_the_app_reads_on_its_own_is_not_copied(monkeypatch):
     messages = serve([b"a" * 120_000], reads_between=True)
     bodies = [m["body"] for m in messages if m["body"]]
     assert len(seen) == 1 and len(bodies) == 1 and bodies[0] is seen[0]
+
+
+def test_a_body_with_no_request_cycle_is_left_to_uvicorn():
+    # An upgrade request (WebSocket) has no cycle, and uvicorn drops a body that comes with it.
+    # httptools 0.9 stops before such a body (below), but a parser that hands it on must find
+    # it dropped, not an AttributeError that the parser would turn into a 400 for the handshake.
+    async def main():
+        config = Config(app=lambda *args: None, lifespan="off", log_level="warning")
+        config.load()
+        protocol = protocol_class(60.0, 10)(config=config, server_state=ServerState(), app_state={})
+        protocol.connection_made(Transport())
+        assert protocol.cycle is None
+        request = b"POST / HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\ncontent-length: 1\r\n\r\nA"
+        with pytest.raises(HttpParserUpgrade):  # the parser stops for uvicorn's upgrade
+            protocol.parser.feed_data(request)
+        assert protocol.cycle is None
+        protocol.on_body(b"A")
+        assert protocol.cycle is None
+        protocol.connection_lost(None)
+
+    asyncio.run(main())
