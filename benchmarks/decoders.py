@@ -152,19 +152,25 @@ def main(argv: Optional[List[str]] = None) -> int:
             if set_name.startswith("png"):
                 images = make()
                 checked = [imaging._stored_png(data) for data in images]
-                unchecked = {imaging._stored_png(data, checksums=False): _shape(data) for data in images}
+                unchecked = {
+                    imaging._stored_png(data, checksums=False): imaging._ihdr(data) for data in images
+                }
                 for name, fn in (
                     ("checked", imagecodecs.spng_decode),
-                    ("unchecked", lambda png, shapes=unchecked: libspng.decode_unchecked(png, *shapes[png])),
+                    (
+                        "unchecked",
+                        lambda png, ihdr=unchecked: libspng.decode_unchecked(png, *_shape(ihdr[png])),
+                    ),
                 ):
                     files = checked if name == "checked" else list(unchecked)
                     print(f"{set_name:<10} {name:<12} {per_image(fn, files, args.seconds):>9.3f}")
     return 0
 
 
-def _shape(png: bytes) -> tuple:
-    """(height, width, channels) of an 8-bit grey or RGB PNG, from its IHDR."""
-    return int.from_bytes(png[20:24], "big"), int.from_bytes(png[16:20], "big"), 3 if png[25] == 2 else 1
+def _shape(ihdr: tuple) -> tuple:
+    """(height, width, channels) from ``imaging._ihdr``'s (width, height, channels)."""
+    width, height, channels = ihdr
+    return height, width, channels
 
 
 if __name__ == "__main__":

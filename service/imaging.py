@@ -287,7 +287,7 @@ def _plain_png(
         or isal_zlib.crc32(data[12:29]) != int.from_bytes(data[29:33], "big")
     ):
         return None
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    width, height, _ = _ihdr(data)
     if (height, width) != (int(target[0]), int(target[1])) or size_problem(
         width, height, max_pixels, min_side
     ):
@@ -310,7 +310,7 @@ def _fast_decoder(fmt: str, mode: str, data: bytes, info: dict, size: Tuple[int,
     if (
         fmt == "PNG"
         and data[12:16] == b"IHDR"
-        and data[16:24] == size[0].to_bytes(4, "big") + size[1].to_bytes(4, "big")
+        and _ihdr(data)[:2] == tuple(size)
         and data[24] == 8
         and data[25] in (0, 2)
         and "transparency" not in info
@@ -358,12 +358,12 @@ def decode_probed(probed: Probed) -> Image.Image:
         BadImage: corrupt or truncated pixel data.
     """
     image, probed.image = probed.image, None
-    if image is None:
-        if probed.opened:
-            raise RuntimeError(f"{probed.name}: already decoded")
-        probed.opened = True
-        image = _open_plain(probed)
+    if image is None and probed.opened:
+        raise RuntimeError(f"{probed.name}: already decoded")
     try:
+        if image is None:  # its header was read without PIL (_plain_png): PIL opens it now
+            probed.opened = True
+            image = Image.open(io.BytesIO(probed.data))
         image.seek(0)  # first frame of an animation
         image.load()
         if probed.orientation is not None:
@@ -373,17 +373,6 @@ def decode_probed(probed: Probed) -> Image.Image:
     if image.size != (
         probed.decoded_size or (probed.width, probed.height)
     ):  # a decoder that disagrees with its header
-        raise BadImage(f"{probed.name}: corrupt image (its size changed while decoding)")
-    return image
-
-
-def _open_plain(probed: Probed) -> Image.Image:
-    """PIL's image of a file whose header :func:`_plain_png` read (libspng refused its pixels)."""
-    try:
-        image = Image.open(io.BytesIO(probed.data))
-    except Exception as exc:
-        raise _bad(probed.name, "corrupt or truncated image data", exc) from None
-    if image.size != (probed.width, probed.height):  # it read the same IHDR
         raise BadImage(f"{probed.name}: corrupt image (its size changed while decoding)")
     return image
 
@@ -488,10 +477,15 @@ _MAX_IDAT_CHUNKS = 4096  # encoders write 8-64 KiB each: a 3 MB PNG in ~400
 _STORED_BLOCK = 65535
 
 
+def _ihdr(data: bytes) -> Tuple[int, int, int]:
+    """(width, height, channels) of an 8-bit grey or RGB PNG, from its first chunk's IHDR."""
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), 3 if data[25] == 2 else 1
+
+
 def _scanline_bytes(data: bytes) -> int:
     """The bytes of an 8-bit grey or RGB PNG's scanlines (its filter byte first), from IHDR."""
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return height * (1 + width * (3 if data[25] == 2 else 1))
+    width, height, channels = _ihdr(data)
+    return height * (1 + width * channels)
 
 
 def _spng_decode(data: bytes) -> np.ndarray:
@@ -504,8 +498,8 @@ def _spng_decode(data: bytes) -> np.ndarray:
         return imagecodecs.spng_decode(data)
     if unchecked is None:
         return imagecodecs.spng_decode(stored)
-    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    return unchecked(stored, height, width, 3 if data[25] == 2 else 1)
+    width, height, channels = _ihdr(data)
+    return unchecked(stored, height, width, channels)
 
 
 def _idat_pieces(data: bytes) -> Optional[List[memoryview]]:
