@@ -10,6 +10,7 @@ import json
 import socket
 import struct
 import time
+import zlib
 
 import httpx
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from tests.reliability.conftest import Server
-from tests.service.conftest import png_bytes, random_image
+from tests.service.conftest import png_bytes, png_chunk, random_image, raw_png, scanlines
 
 pytestmark = pytest.mark.slow  # a real server, a real part or a compile: make test-all
 
@@ -486,3 +487,81 @@ def test_hostile_multipart_headers_get_a_clear_answer_and_the_server_goes_on(
     assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
     good = httpx.post(server.url + "/predict", files={"file": ("a.png", image)}, timeout=60)
     assert good.status_code == 200
+
+
+def _hostile_pngs() -> dict:
+    """PNGs at the tiny model's size (64x64: the ones whose header is read without PIL and
+    whose pixels libspng decodes through its own API, service/libspng.py), shaped by an attacker."""
+    image = random_image(8, 64, 64)
+    plain = raw_png(image)
+    ihdr_end = 8 + 8 + 13 + 4
+    bad_ihdr = bytearray(plain)
+    bad_ihdr[ihdr_end - 1] ^= 1
+    idat_at = plain.index(b"IDAT") - 4
+    garbage = np.random.default_rng(9).integers(0, 256, 5000, dtype=np.uint8).tobytes()
+    huge_length = bytearray(plain)
+    huge_length[idat_at : idat_at + 4] = struct.pack(">I", 0x7FFFFFFF)
+    large = np.zeros((4000, 4000, 3), np.uint8)  # 48 MB of pixels in a ~50 KB stream
+    return {
+        "plain": (plain, 200, ""),
+        "the IHDR's checksum wrong": (bytes(bad_ihdr), 400, "not a decodable image"),
+        "garbage for pixel data": (plain[:ihdr_end] + png_chunk(b"IDAT", garbage) + png_chunk(b"IEND", b""), 400, "corrupt"),
+        # libspng refuses it; PIL reads the pixel data up to the file's end and decodes it, as before
+        "an IDAT as long as 2 GB": (bytes(huge_length), 200, ""),
+        "cut in the middle of its pixels": (plain[: len(plain) // 2], 400, "corrupt"),
+        "pixel data that inflates to 48 MB": (
+            plain[:ihdr_end] + png_chunk(b"IDAT", zlib.compress(scanlines(large), 9)) + png_chunk(b"IEND", b""), 200, "",
+        ),
+        "a 64x64 IHDR after a 4000x4000 one, before its pixels": (
+            raw_png(large)[:ihdr_end] + plain[8:ihdr_end] + raw_png(large)[ihdr_end:], 200, "",
+        ),
+    }  # fmt: skip
+
+
+HOSTILE_PNGS = _hostile_pngs()
+
+
+@pytest.mark.parametrize("data, status, words", HOSTILE_PNGS.values(), ids=HOSTILE_PNGS.keys())
+def test_hostile_pngs_get_a_clear_answer_and_the_server_goes_on(server, data, status, words):
+    with connect(server) as sock:
+        sock.sendall(_multipart(b"multipart/form-data; boundary=b0undary", PLAIN_DISPOSITION, data))
+        got, headers, body, _ = read_response(sock, check_closed=False)
+    assert got == status, body[:300]
+    if status != 200:
+        assert words in json.loads(body)["detail"], body[:300]
+    assert httpx.get(server.url + "/healthz", timeout=10).status_code == 200
+    good = httpx.post(
+        server.url + "/predict", files={"file": ("a.png", HOSTILE_PNGS["plain"][0])}, timeout=60
+    )
+    assert good.status_code == 200
+
+
+def _responses(reader, count: int) -> list:
+    """(status, body) of the next ``count`` responses on a connection's buffered reader."""
+    out = []
+    for _ in range(count):
+        status = int(reader.readline().split()[1])
+        headers = {}
+        while (line := reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.lower()] = value.strip()
+        out.append((status, reader.read(int(headers["content-length"]))))
+    return out
+
+
+def test_a_body_in_many_pieces_and_pipelined_requests_read_as_one(server):
+    """The request body on its way to the app (service/server.py's on_body): sent a kilobyte
+    at a time, or two requests in one write, each answer is the one of the body sent whole."""
+    request = _multipart(
+        b"multipart/form-data; boundary=b0undary", PLAIN_DISPOSITION, HOSTILE_PNGS["plain"][0]
+    )
+    with connect(server) as sock, sock.makefile("rb") as reader:
+        sock.sendall(request)
+        ((status, whole),) = _responses(reader, 1)
+        assert status == 200
+        for at in range(0, len(request), 1024):
+            sock.sendall(request[at : at + 1024])
+            time.sleep(0.002)
+        assert _responses(reader, 1) == [(200, whole)]
+        sock.sendall(request + request)
+        assert _responses(reader, 2) == [(200, whole), (200, whole)]
